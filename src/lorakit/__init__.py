@@ -1,0 +1,55 @@
+"""lorakit: LoRA (Hu et al., 2021, arXiv:2106.09685) for any PyTorch / Hugging Face model.
+
+    import lorakit
+    cfg = lorakit.LoraConfig(r=8, alpha=16, target_modules=["query", "value"], modules_to_save=["classifier"])
+    model = lorakit.add_lora(model, cfg)
+    lorakit.save_adapter(model, "out/adapter")
+"""
+
+from .config import LoraConfig
+from .io import adapter_state_dict, load_adapter, save_adapter
+from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
+from .model import (
+    active_adapters,
+    adapter_config,
+    adapter_names,
+    add_lora,
+    default_target_modules,
+    delete_adapter,
+    disable_adapters,
+    lora_layers,
+    lora_parameters,
+    merge,
+    merge_and_unload,
+    set_adapter,
+    trainable_parameters,
+    unmerge,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoraConfig",
+    "add_lora",
+    "trainable_parameters",
+    "save_adapter",
+    "load_adapter",
+    "adapter_state_dict",
+    "merge",
+    "unmerge",
+    "merge_and_unload",
+    "set_adapter",
+    "delete_adapter",
+    "disable_adapters",
+    "adapter_names",
+    "active_adapters",
+    "adapter_config",
+    "default_target_modules",
+    "lora_layers",
+    "lora_parameters",
+    "LoraLayer",
+    "LoraLinear",
+    "LoraEmbedding",
+    "LoraConv",
+    "ModulesToSave",
+]

@@ -1,0 +1,190 @@
+"""LoRA configuration: a small frozen dataclass, validated on construction.
+
+The on-disk form is PEFT's ``adapter_config.json`` (``peft_type: "LORA"``,
+``r``, ``lora_alpha``, ``target_modules``, ...), so adapter folders written by
+lorakit load in ``peft.PeftModel.from_pretrained`` and the other way round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = ["LoraConfig", "CONFIG_NAME"]
+
+CONFIG_NAME = "adapter_config.json"
+
+Bias = Literal["none", "all", "lora_only"]
+Init = Literal["kaiming", "gaussian"]
+
+# PEFT field name -> lorakit field name, for the fields whose names differ.
+_PEFT_NAMES = {"lora_alpha": "alpha", "lora_dropout": "dropout", "init_lora_weights": "init"}
+_REQUIRED_PEFT_FIELDS = ("peft_type", "r", "lora_alpha", "target_modules")
+# PEFT options that change the maths; lorakit refuses them rather than ignore them.
+_UNSUPPORTED_PEFT_OPTIONS = {
+    "use_dora": False,
+    "layers_to_transform": None,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "layer_replication": None,
+    "lora_bias": False,
+    "trainable_token_indices": None,
+    "target_parameters": None,
+}
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Hyper-parameters of one LoRA adapter (paper section 4.1).
+
+    A layer with frozen weight ``W0: (out, in)`` computes
+    ``h = W0 x + scaling * B A dropout(x)`` with ``A: (r, in)``, ``B: (out, r)``,
+    ``B = 0`` at initialisation and ``scaling = alpha / r``
+    (``alpha / sqrt(r)`` with ``use_rslora``).
+    """
+
+    r: int = 8
+    """Rank of the update ``B A``."""
+    alpha: float = 8.0
+    """Numerator of the scaling ``alpha / r`` (PEFT's ``lora_alpha``)."""
+    target_modules: tuple[str, ...] | str | None = None
+    """Module-name suffixes, one full-match regex, ``"all-linear"``, or None for
+    the model's attention query/value projections."""
+    dropout: float = 0.0
+    """Dropout probability on the input of the LoRA branch."""
+    bias: Bias = "none"
+    """Which biases train: none, all biases of the model, or those of adapted layers."""
+    init: Init = "kaiming"
+    """Initialisation of ``A``: Kaiming-uniform (PEFT/loralib) or Gaussian (paper text)."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling ``alpha / sqrt(r)``."""
+    modules_to_save: tuple[str, ...] = ()
+    """Module-name suffixes of whole modules trained and saved with the adapter."""
+    enable_lora: Mapping[str, tuple[bool, ...]] = field(default_factory=dict)
+    """Fused projections adapted on some output slices only, e.g.
+    ``{"c_attn": (True, False, True)}`` adapts GPT-2's q and v, not k
+    (``loralib.MergedLinear``). lorakit-only: PEFT cannot load such adapters."""
+    base_model_name_or_path: str | None = None
+    """Recorded in the adapter file, as PEFT does."""
+    task_type: str | None = None
+    """PEFT's task type, recorded so PEFT picks the right model class."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"r must be a positive integer, got r={self.r!r}")
+        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not self.alpha > 0:
+            raise ValueError(f"alpha must be a positive number, got alpha={self.alpha!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got dropout={self.dropout!r}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got bias={self.bias!r}")
+        if self.init not in ("kaiming", "gaussian"):
+            raise ValueError(f"init must be 'kaiming' or 'gaussian', got init={self.init!r}")
+        _freeze(self, "target_modules", _names(self.target_modules, "target_modules", allow_str=True))
+        _freeze(self, "modules_to_save", _names(self.modules_to_save, "modules_to_save") or ())
+        masks = {}
+        for name, mask in dict(self.enable_lora).items():
+            mask = tuple(mask)
+            if not mask or not all(isinstance(m, bool) for m in mask) or not any(mask):
+                raise ValueError(
+                    f"enable_lora[{name!r}] must be a non-empty sequence of booleans with at least "
+                    f"one True, e.g. (True, False, True); got {mask!r}"
+                )
+            masks[name] = mask
+        _freeze(self, "enable_lora", masks)
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    # ---- PEFT's adapter_config.json -------------------------------------------------
+
+    def to_peft_dict(self) -> dict[str, Any]:
+        """The fields of PEFT's ``LoraConfig`` that describe this adapter."""
+        d: dict[str, Any] = {
+            "peft_type": "LORA",
+            "task_type": self.task_type,
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "r": self.r,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "target_modules": (
+                self.target_modules if isinstance(self.target_modules, str) or self.target_modules is None
+                else list(self.target_modules)
+            ),
+            "bias": self.bias,
+            "init_lora_weights": True if self.init == "kaiming" else "gaussian",
+            "use_rslora": self.use_rslora,
+            "modules_to_save": list(self.modules_to_save) or None,
+            "fan_in_fan_out": False,
+            "inference_mode": True,
+            **_UNSUPPORTED_PEFT_OPTIONS,
+        }
+        if self.enable_lora:
+            d["enable_lora"] = {k: list(v) for k, v in self.enable_lora.items()}
+        return d
+
+    @classmethod
+    def from_peft_dict(cls, d: Mapping[str, Any], source: str = "adapter config") -> LoraConfig:
+        """Build from a PEFT ``adapter_config.json`` dict; refuse what lorakit cannot honour."""
+        missing = [k for k in _REQUIRED_PEFT_FIELDS if k not in d]
+        if missing:
+            raise ValueError(f"{source} is missing required field(s) {missing}; a PEFT LoRA config needs {list(_REQUIRED_PEFT_FIELDS)}")
+        if d["peft_type"] != "LORA":
+            raise ValueError(f"{source} has peft_type={d['peft_type']!r}; lorakit reads only 'LORA' adapters")
+        for key, default in _UNSUPPORTED_PEFT_OPTIONS.items():
+            if d.get(key) not in (None, default):
+                raise ValueError(f"{source} sets {key}={d[key]!r}, which lorakit does not support")
+        init = d.get("init_lora_weights", True)
+        if init not in (True, "gaussian"):
+            raise ValueError(f"{source} has init_lora_weights={init!r}; lorakit supports true or 'gaussian'")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {_PEFT_NAMES.get(k, k): v for k, v in d.items() if _PEFT_NAMES.get(k, k) in fields}
+        kwargs["init"] = "kaiming" if init is True else "gaussian"
+        if kwargs.get("modules_to_save") is None:
+            kwargs["modules_to_save"] = ()
+        if kwargs.get("enable_lora") is None:
+            kwargs["enable_lora"] = {}
+        return cls(**kwargs)
+
+    def to_json(self) -> str:
+        """PEFT's ``adapter_config.json`` text, keys sorted."""
+        return json.dumps(self.to_peft_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def load(cls, directory: str | Path) -> LoraConfig:
+        path = Path(directory) / CONFIG_NAME
+        if not path.is_file():
+            raise ValueError(f"no {CONFIG_NAME} in {str(directory)!r}; expected a PEFT/lorakit adapter folder")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path} must hold a JSON object, got {type(d).__name__}")
+        return cls.from_peft_dict(d, source=str(path))
+
+
+def _names(value: Any, arg: str, allow_str: bool = False) -> tuple[str, ...] | str | None:
+    if value is None or (allow_str and isinstance(value, str)):
+        if isinstance(value, str) and not value:
+            raise ValueError(f"{arg} must not be an empty string")
+        return value
+    if isinstance(value, str) or not isinstance(value, Sequence | set | frozenset):
+        raise TypeError(f"{arg} must be a list of module names, got {value!r}")
+    names = tuple(sorted(value)) if isinstance(value, set | frozenset) else tuple(value)
+    if not all(isinstance(n, str) and n for n in names):
+        raise TypeError(f"{arg} must hold non-empty strings, got {value!r}")
+    if allow_str and not names:
+        raise ValueError(f"{arg} must not be empty; pass None for the model's query/value projections")
+    return names
+
+
+def _freeze(cfg: LoraConfig, name: str, value: Any) -> None:
+    object.__setattr__(cfg, name, value)

@@ -1,0 +1,133 @@
+"""Adapter files in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Tensor keys are ``base_model.model.<module path>.<factor>``, where ``<factor>`` is
+``lora_A.weight`` / ``lora_B.weight`` (``lora_embedding_A`` / ``lora_embedding_B``
+for embeddings); trained biases are ``<path>.base_layer.bias`` inside LoRA layers
+and ``<path>.bias`` elsewhere; saved modules keep their own state-dict keys.
+Only safetensors is read or written: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .config import CONFIG_NAME, LoraConfig
+from .layers import LoraLayer, ModulesToSave
+from .model import active_adapters, adapter_config, add_lora, outside_saved_modules, remove_adapter
+
+__all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "WEIGHTS_NAME", "PREFIX"]
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+def adapter_state_dict(model: nn.Module, adapter: str) -> dict[str, Tensor]:
+    """The live tensors of ``adapter``, under PEFT's file keys (with ``PREFIX``)."""
+    bias = adapter_config(model, adapter).bias
+    out: dict[str, Tensor] = {}
+    for name, module in outside_saved_modules(model):
+        path = PREFIX + name
+        if isinstance(module, LoraLayer) and adapter in module.adapters:
+            key_a, key_b = module.file_keys
+            out[f"{path}.{key_a}"] = module.lora_A[adapter]
+            out[f"{path}.{key_b}"] = module.lora_B[adapter]
+            if bias != "none" and getattr(module, "bias", None) is not None:
+                out[f"{path}.base_layer.bias"] = module.bias
+        elif isinstance(module, ModulesToSave) and adapter in module.copies:
+            out.update({f"{path}.{k}": v for k, v in module.copies[adapter].state_dict(keep_vars=True).items()})
+        elif bias == "all" and module._parameters.get("bias") is not None:
+            out[f"{path}.bias"] = module._parameters["bias"]
+    return out
+
+
+def save_adapter(model: nn.Module, directory: str | Path, adapter: str | None = None) -> Path:
+    """Write ``adapter`` (default: the active one) to ``directory`` in PEFT's format.
+
+    Both files are written to temporary names and renamed into place, so a crash
+    never leaves a half-written adapter behind.
+    """
+    if adapter is None:
+        active = active_adapters(model)
+        if len(active) != 1:
+            raise ValueError(f"name the adapter to save: the model has active adapters {list(active)}")
+        adapter = active[0]
+    config = adapter_config(model, adapter)
+    tensors = {k: v.detach().contiguous() for k, v in adapter_state_dict(model, adapter).items()}
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(config.to_json()))
+    return directory
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_weights(directory: str | Path) -> dict[str, Tensor]:
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.is_file():
+        others = sorted(p.name for p in Path(directory).glob("adapter_model.*")) if Path(directory).is_dir() else []
+        hint = f" (found {others}; lorakit reads safetensors only, never pickles)" if others else ""
+        raise ValueError(f"no {WEIGHTS_NAME} in {str(directory)!r}{hint}")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
+def load_adapter(model: nn.Module, directory: str | Path, adapter: str = "default") -> nn.Module:
+    """Attach the adapter stored in ``directory`` (PEFT or lorakit) to ``model`` as ``adapter``.
+
+    Loading is strict: if the file's tensors do not match the model's adapter
+    exactly, one ``ValueError`` lists every missing and unexpected key and every
+    shape mismatch, and the model is left as it was.
+    """
+    config = LoraConfig.load(directory)
+    tensors = read_weights(directory)
+    try:
+        add_lora(model, config, adapter)
+    except ValueError as e:
+        raise ValueError(f"the adapter in {str(directory)!r} does not fit this model: {e}") from None
+    try:
+        _copy_strict(adapter_state_dict(model, adapter), tensors, str(directory))
+    except BaseException:
+        remove_adapter(model, adapter)
+        raise
+    return model
+
+
+def _copy_strict(expected: dict[str, Tensor], found: dict[str, Tensor], source: str) -> None:
+    if found and not any(k.startswith(PREFIX) for k in found):
+        found = {PREFIX + k: v for k, v in found.items()}
+    missing = sorted(expected.keys() - found.keys())
+    unexpected = sorted(found.keys() - expected.keys())
+    shapes = sorted(
+        f"{k}: file {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected.keys() & found.keys()
+        if found[k].shape != expected[k].shape
+    )
+    problems = [
+        f"{len(items)} {what}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
+        for what, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
+        if items
+    ]
+    if problems:
+        raise ValueError(f"adapter in {source!r} does not match the model; " + "; ".join(problems))
+    with torch.no_grad():
+        for key, tensor in expected.items():
+            tensor.copy_(found[key])

@@ -1,0 +1,343 @@
+"""LoRA layers (paper section 4.1): wrappers that own a frozen layer's weight and add ``B A``.
+
+Each wrapper takes over the wrapped module's ``weight`` and ``bias`` Parameters
+(the same objects, under the same state-dict names) and keeps a stripped copy of
+the module only to know its hyper-parameters and to rebuild it on unload.
+Any number of adapters live side by side, keyed by name; ``active`` says which
+ones the forward adds.
+
+For an adapter with factors ``A: (r, in)``, ``B: (out, r)`` and ``scaling = alpha / r``::
+
+    h = W0 x + b + scaling * B A dropout(x)
+    delta_weight() = scaling * B A          # float32, in W0's layout
+
+Merging adds ``delta_weight()`` to ``W0`` once and keeps a copy of ``W0`` so that
+``unmerge`` restores it bit for bit in any dtype.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import LoraConfig
+
+__all__ = [
+    "LoraLayer",
+    "LoraLinear",
+    "LoraEmbedding",
+    "LoraConv",
+    "ModulesToSave",
+    "lora_class_for",
+]
+
+
+def _gpt2_conv1d() -> type | None:
+    """transformers' ``Conv1D`` if transformers is loaded (no instance can exist otherwise)."""
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None)
+
+
+def lora_class_for(module: nn.Module) -> type[LoraLayer] | None:
+    """The LoRA wrapper class for ``module``, or None if lorakit cannot adapt it."""
+    conv1d = _gpt2_conv1d()
+    if isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d)):
+        return LoraLinear
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding
+    if isinstance(module, nn.Conv1d | nn.Conv2d) and module.groups == 1:
+        return LoraConv
+    return None
+
+
+class LoraLayer(nn.Module):
+    """Base class: owns the wrapped layer's parameters and the adapters' factors.
+
+    Subclasses define the base computation, the LoRA branch and ``delta_weight``.
+    """
+
+    # Names of the factors in PEFT's files, after ``<module path>.``.
+    file_keys: tuple[str, str] = ("lora_A.weight", "lora_B.weight")
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self._param_names = tuple(base._parameters)
+        for name in self._param_names:
+            self.register_parameter(name, base._parameters[name])
+        template = copy.copy(base)
+        template._parameters = {}
+        # A plain attribute, not a submodule: it holds hyper-parameters only.
+        object.__setattr__(self, "base_template", template)
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.configs: dict[str, LoraConfig] = {}
+        self.active: tuple[str, ...] = ()
+        self.disabled = False
+        self.merged = False
+        self.register_buffer("unmerged_weight", None, persistent=False)
+
+    # ---- adapters --------------------------------------------------------------------
+
+    def add_adapter(self, name: str, config: LoraConfig, enable: tuple[bool, ...] | None = None) -> None:
+        """Create the factors of adapter ``name``: ``B = 0`` so the output is unchanged."""
+        if enable is not None:
+            raise ValueError(f"enable_lora applies to linear layers only, not {type(self.base_template).__name__}")
+        a_shape, b_shape = self.factor_shapes(config.r)
+        self._add_factors(name, config, a_shape, b_shape)
+
+    def _add_factors(self, name: str, config: LoraConfig, a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> None:
+        dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        A = torch.empty(a_shape, dtype=dtype, device=self.weight.device)
+        B = torch.zeros(b_shape, dtype=dtype, device=self.weight.device)
+        if config.init == "gaussian":
+            nn.init.normal_(A, std=1.0 / config.r)
+        else:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        self.lora_A[name] = nn.Parameter(A)
+        self.lora_B[name] = nn.Parameter(B)
+        self.lora_dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.configs[name] = config
+
+    def remove_adapter(self, name: str) -> None:
+        del self.lora_A[name], self.lora_B[name], self.lora_dropout[name], self.configs[name]
+        self.active = tuple(a for a in self.active if a != name)
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        return tuple(self.configs)
+
+    def scaling(self, name: str) -> float:
+        return self.configs[name].scaling
+
+    # ---- maths -----------------------------------------------------------------------
+
+    def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        raise NotImplementedError
+
+    def base_forward(self, x: Tensor, weight: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def lora_forward(self, x: Tensor, name: str) -> Tensor:
+        """``scaling * B A dropout(x)`` for adapter ``name``."""
+        raise NotImplementedError
+
+    def delta_weight(self, name: str) -> Tensor:
+        """``scaling * B A`` in float32 (float64 for float64 layers), shaped like ``weight``."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.disabled:
+            return self.base_forward(x, self.original_weight)
+        out = self.base_forward(x, self.weight)
+        if not self.merged:
+            for name in self.active:
+                out = out + self.lora_forward(x, name).to(out.dtype)
+        return out
+
+    # ---- merging ---------------------------------------------------------------------
+
+    @property
+    def original_weight(self) -> Tensor:
+        """The wrapped layer's weight without any adapter merged in."""
+        return self.unmerged_weight if self.merged else self.weight
+
+    @torch.no_grad()
+    def merge(self, keep_original: bool = True) -> None:
+        """Add the active adapters' ``delta_weight`` to ``weight``; a no-op if merged already.
+
+        The sum is formed in float32 and rounded to the weight's dtype once. With
+        ``keep_original`` a copy of the weight is kept so that ``unmerge`` is exact.
+        """
+        if self.merged or not self.active:
+            return
+        delta = sum(self.delta_weight(name) for name in self.active)
+        if keep_original:
+            self.unmerged_weight = self.weight.detach().clone()
+        self.weight.copy_((self.weight.to(delta.dtype) + delta).to(self.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the weight saved by ``merge``, bit for bit; a no-op if not merged."""
+        if not self.merged:
+            return
+        if self.unmerged_weight is None:
+            raise RuntimeError("this layer was merged without keeping its original weight; it cannot unmerge")
+        self.weight.copy_(self.unmerged_weight)
+        self.unmerged_weight = None
+        self.merged = False
+
+    def unwrap(self) -> nn.Module:
+        """A plain module of the wrapped type holding this layer's current parameters."""
+        plain = copy.copy(self.base_template)
+        plain._parameters = {name: self._parameters[name] for name in self._param_names}
+        plain.train(self.training)
+        return plain
+
+    def extra_repr(self) -> str:
+        ranks = {name: cfg.r for name, cfg in self.configs.items()}
+        return f"{self.base_template!r}, adapters={ranks}, active={list(self.active)}, merged={self.merged}"
+
+
+class LoraLinear(LoraLayer):
+    """LoRA on ``nn.Linear`` (weight ``(out, in)``) or transformers' GPT-2 ``Conv1D``
+    (weight stored transposed, ``(in, out)``).
+
+    An adapter may cover only some equal output slices of a fused projection
+    (``enable=(True, False, True)`` on GPT-2's ``c_attn`` = q|k|v adapts q and v):
+    then ``A: (k r, in)`` and ``B: (k out/n, r)`` for the ``k`` enabled of ``n`` slices,
+    slice ``i`` being updated by ``B_i A_i`` (``loralib.MergedLinear``).
+    """
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__(base)
+        self.fan_in_fan_out = not isinstance(base, nn.Linear)
+        rows, cols = self.weight.shape
+        self.in_features, self.out_features = (rows, cols) if self.fan_in_fan_out else (cols, rows)
+        self.enable: dict[str, tuple[bool, ...] | None] = {}
+
+    def add_adapter(self, name: str, config: LoraConfig, enable: tuple[bool, ...] | None = None) -> None:
+        if enable is not None and self.out_features % len(enable):
+            raise ValueError(
+                f"enable_lora={enable!r} splits {self.out_features} output features into "
+                f"{len(enable)} slices, which does not divide evenly"
+            )
+        self.enable[name] = enable
+        k = 1 if enable is None else sum(enable)
+        rows = self.out_features if enable is None else self.out_features // len(enable) * k
+        self._add_factors(name, config, (k * config.r, self.in_features), (rows, config.r))
+
+    def remove_adapter(self, name: str) -> None:
+        super().remove_adapter(name)
+        del self.enable[name]
+
+    def full_B(self, name: str) -> Tensor:
+        """``B`` as an ``(out, k r)`` matrix: block-diagonal over the enabled slices."""
+        B, enable = self.lora_B[name], self.enable[name]
+        if enable is None:
+            return B
+        size = self.out_features // len(enable)
+        rows = torch.cat([torch.arange(i * size, (i + 1) * size) for i, on in enumerate(enable) if on])
+        blocks = torch.block_diag(*B.split(size))  # (k size, k r)
+        return blocks.new_zeros(self.out_features, blocks.shape[1]).index_copy(0, rows.to(B.device), blocks)
+
+    def base_forward(self, x: Tensor, weight: Tensor) -> Tensor:
+        if not self.fan_in_fan_out:
+            return F.linear(x, weight, self.bias)
+        out = x.reshape(-1, x.shape[-1]) @ weight  # Conv1D: (N, in) @ (in, out)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def lora_forward(self, x: Tensor, name: str) -> Tensor:
+        A = self.lora_A[name]
+        h = F.linear(self.lora_dropout[name](x.to(A.dtype)), A)  # (..., k r)
+        return F.linear(h, self.full_B(name)) * self.scaling(name)
+
+    def delta_weight(self, name: str) -> Tensor:
+        dtype = self.lora_A[name].dtype
+        delta = (self.full_B(name).to(dtype) @ self.lora_A[name]) * self.scaling(name)  # (out, in)
+        return delta.T if self.fan_in_fan_out else delta
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA on ``nn.Embedding`` (weight ``(num, dim)``): ``A: (r, num)``, ``B: (dim, r)``.
+
+    As in loralib and PEFT, ``A`` starts at zero and ``B`` Gaussian, and no dropout
+    is applied to token ids. ``delta_weight = scaling * (B A)^T``.
+    """
+
+    file_keys = ("lora_embedding_A", "lora_embedding_B")
+
+    def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        num, dim = self.weight.shape
+        return (r, num), (dim, r)
+
+    def add_adapter(self, name: str, config: LoraConfig, enable: tuple[bool, ...] | None = None) -> None:
+        super().add_adapter(name, config, enable)
+        with torch.no_grad():
+            nn.init.zeros_(self.lora_A[name])
+            nn.init.normal_(self.lora_B[name])
+
+    def _embed(self, ids: Tensor, table: Tensor) -> Tensor:
+        t = self.base_template
+        return F.embedding(ids, table, t.padding_idx, t.max_norm, t.norm_type, t.scale_grad_by_freq, t.sparse)
+
+    def base_forward(self, x: Tensor, weight: Tensor) -> Tensor:
+        return self._embed(x, weight)
+
+    def lora_forward(self, x: Tensor, name: str) -> Tensor:
+        h = self._embed(x, self.lora_A[name].T)  # (..., r)
+        return h @ self.lora_B[name].T * self.scaling(name)
+
+    def delta_weight(self, name: str) -> Tensor:
+        return (self.lora_B[name] @ self.lora_A[name]).T * self.scaling(name)
+
+
+class LoraConv(LoraLayer):
+    """LoRA on ``nn.Conv1d`` / ``nn.Conv2d`` (``groups=1``), weight ``(out, in, *k)``.
+
+    ``A: (r, in, *k)`` is a convolution with the base layer's kernel, stride,
+    padding and dilation; ``B: (out, r, 1...)`` a 1x1 convolution (PEFT's layout).
+    ``delta_weight = scaling * (B.flatten(1) @ A.flatten(1)).view(W.shape)``.
+    """
+
+    def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        out, inp, *kernel = self.weight.shape
+        return (r, inp, *kernel), (out, r, *[1] * len(kernel))
+
+    def base_forward(self, x: Tensor, weight: Tensor) -> Tensor:
+        return self.base_template._conv_forward(x, weight, self.bias)
+
+    def lora_forward(self, x: Tensor, name: str) -> Tensor:
+        A, B = self.lora_A[name], self.lora_B[name]
+        h = self.base_template._conv_forward(self.lora_dropout[name](x.to(A.dtype)), A, None)
+        conv = F.conv1d if B.dim() == 3 else F.conv2d
+        return conv(h, B) * self.scaling(name)
+
+    def delta_weight(self, name: str) -> Tensor:
+        A, B = self.lora_A[name], self.lora_B[name]
+        return (B.flatten(1) @ A.flatten(1)).view(self.weight.shape) * self.scaling(name)
+
+
+class ModulesToSave(nn.Module):
+    """A whole module trained with an adapter (e.g. a classifier head): each adapter
+    gets its own trainable copy; the original stays frozen and runs when no adapter
+    with a copy is active, or under ``disable_adapters``."""
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        self.original = original
+        self.copies = nn.ModuleDict()
+        self.active: str | None = None
+        self.disabled = False
+
+    def add_adapter(self, name: str) -> None:
+        self.copies[name] = copy.deepcopy(self.original)
+
+    def remove_adapter(self, name: str) -> None:
+        del self.copies[name]
+        if self.active == name:
+            self.active = None
+
+    @property
+    def current(self) -> nn.Module:
+        if self.disabled or self.active is None:
+            return self.original
+        return self.copies[self.active]
+
+    def forward(self, *args, **kwargs):
+        return self.current(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # Model code may read attributes of the module it expects here.
+            return getattr(self.current, name)

@@ -1,0 +1,326 @@
+"""Model-level LoRA operations: attach, freeze, switch, disable, merge, unload.
+
+All of them walk the model for lorakit's layer types (never parameter-name
+substrings) and change it in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import NamedTuple
+
+from torch import nn
+
+from .config import LoraConfig
+from .layers import LoraLayer, LoraLinear, ModulesToSave, lora_class_for
+
+__all__ = [
+    "add_lora",
+    "trainable_parameters",
+    "ParameterCount",
+    "set_adapter",
+    "delete_adapter",
+    "disable_adapters",
+    "merge",
+    "unmerge",
+    "merge_and_unload",
+    "lora_layers",
+    "lora_parameters",
+    "adapter_names",
+    "active_adapters",
+    "adapter_config",
+    "default_target_modules",
+]
+
+# Attention query/value projections by the names common model families give them.
+_QUERY_VALUE_NAMES = (("query", "value"), ("q", "v"), ("q_proj", "v_proj"), ("q_lin", "v_lin"), ("c_attn",))
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
+
+
+class ParameterCount(NamedTuple):
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}"
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    """``(name, layer)`` for every LoRA layer of ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield name, module
+
+
+def _saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSave):
+            yield name, module
+
+
+def lora_parameters(model: nn.Module, adapter: str | None = None) -> Iterator[tuple[str, nn.Parameter]]:
+    """The LoRA factors of ``adapter`` (all adapters if None), with their state-dict names."""
+    for name, layer in lora_layers(model):
+        for which in ("lora_A", "lora_B"):
+            for key, param in getattr(layer, which).items():
+                if adapter is None or key == adapter:
+                    yield f"{name}.{which}.{key}", param
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of the adapters attached to ``model``, in the order they were added."""
+    names: dict[str, None] = {}
+    for _, layer in lora_layers(model):
+        names.update(dict.fromkeys(layer.adapters))
+    return list(names)
+
+
+def active_adapters(model: nn.Module) -> tuple[str, ...]:
+    return next((layer.active for _, layer in lora_layers(model)), ())
+
+
+def adapter_config(model: nn.Module, adapter: str) -> LoraConfig:
+    """The configuration ``adapter`` was attached with (target modules resolved)."""
+    for _, layer in lora_layers(model):
+        if adapter in layer.configs:
+            return layer.configs[adapter]
+    raise ValueError(f"no adapter named {adapter!r}; the model has {adapter_names(model)}")
+
+
+def trainable_parameters(model: nn.Module) -> ParameterCount:
+    """Trainable and total parameter counts (shared parameters counted once)."""
+    params = {id(p): p for p in model.parameters()}.values()
+    return ParameterCount(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+
+
+# ---- attaching ---------------------------------------------------------------------------
+
+
+def _matches(name: str, patterns: Sequence[str] | str) -> bool:
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def _kind(module: nn.Module) -> type[LoraLayer] | None:
+    return type(module) if isinstance(module, LoraLayer) else lora_class_for(module)
+
+
+def _adaptable(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules lorakit can wrap (or has wrapped), by name; the root itself is excluded."""
+    return {name: module for name, module in model.named_modules() if name and _kind(module) is not None}
+
+
+def _leaf_names(names: Sequence[str]) -> str:
+    return ", ".join(sorted({n.rsplit(".", 1)[-1] for n in names}))
+
+
+def default_target_modules(model: nn.Module) -> tuple[str, ...]:
+    """The model's attention query and value projections, whatever they are called."""
+    leaves = {name.rsplit(".", 1)[-1] for name in _adaptable(model)}
+    for names in _QUERY_VALUE_NAMES:
+        if set(names) <= leaves:
+            return names
+    raise ValueError(
+        "could not find query/value projections in this model; pass target_modules "
+        f"(module names found: {_leaf_names(list(_adaptable(model)))})"
+    )
+
+
+def _resolve_targets(model: nn.Module, config: LoraConfig) -> tuple[LoraConfig, dict[str, nn.Module]]:
+    targets = config.target_modules
+    if targets is None:
+        targets = default_target_modules(model)
+        config = dataclasses.replace(config, target_modules=targets)
+    saved = [n for n, m in model.named_modules() if isinstance(m, ModulesToSave) or _matches(n, config.modules_to_save)]
+    candidates = {
+        name: module
+        for name, module in _adaptable(model).items()
+        if not any(name == s or name.startswith(s + ".") for s in saved)
+    }
+    if targets == "all-linear":
+        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        chosen = {n: m for n, m in candidates.items() if _kind(m) is LoraLinear and m is not output}
+    else:
+        chosen = {n: m for n, m in candidates.items() if _matches(n, targets)}
+    if not chosen:
+        raise ValueError(
+            f"target_modules={targets!r} matched no adaptable module; adaptable module names are: "
+            f"{_leaf_names(list(candidates))}"
+        )
+    return config, chosen
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, new)
+
+
+def _check_not_merged(model: nn.Module, action: str) -> None:
+    if any(layer.merged for _, layer in lora_layers(model)):
+        raise ValueError(f"cannot {action} while adapters are merged; call lorakit.unmerge(model) first")
+
+
+def add_lora(model: nn.Module, config: LoraConfig, adapter: str = "default") -> nn.Module:
+    """Attach a new LoRA adapter to ``model`` in place and return ``model``.
+
+    Matching layers are replaced by LoRA wrappers (their weights untouched, ``B = 0``
+    so outputs do not change). The first adapter of a model becomes active; later
+    ones are activated with :func:`set_adapter`. Only active adapters' factors,
+    ``modules_to_save`` copies and biases per ``config.bias`` stay trainable.
+    """
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"config must be a lorakit.LoraConfig, got {type(config).__name__}")
+    if not isinstance(adapter, str) or not _ADAPTER_NAME.fullmatch(adapter):
+        raise ValueError(f"adapter name must be letters, digits, '_' or '-', got {adapter!r}")
+    existing = adapter_names(model)
+    if adapter in existing:
+        raise ValueError(f"the model already has an adapter named {adapter!r}; pick another name or delete it first")
+    _check_not_merged(model, "add an adapter")
+    config, targets = _resolve_targets(model, config)
+    unknown = [k for k in config.enable_lora if not any(_matches(n, [k]) for n in targets)]
+    if unknown:
+        raise ValueError(f"enable_lora keys {unknown} match none of the target modules {sorted(targets)}")
+    for name, module in targets.items():
+        if not isinstance(module, LoraLayer):
+            module = lora_class_for(module)(module)
+            _replace(model, name, module)
+        enable = next((mask for key, mask in config.enable_lora.items() if _matches(name, [key])), None)
+        module.add_adapter(adapter, config, enable)
+    _add_saved_modules(model, config, adapter)
+    set_adapter(model, active_adapters(model) if existing else adapter)
+    return model
+
+
+def _add_saved_modules(model: nn.Module, config: LoraConfig, adapter: str) -> None:
+    for pattern in config.modules_to_save:
+        found = [(n, m) for n, m in model.named_modules() if n and _matches(n, [pattern])]
+        if not found:
+            raise ValueError(f"modules_to_save entry {pattern!r} matches no module of the model")
+        for name, module in found:
+            if not isinstance(module, ModulesToSave):
+                module = ModulesToSave(module)
+                _replace(model, name, module)
+            module.add_adapter(adapter)
+
+
+# ---- switching ---------------------------------------------------------------------------
+
+
+def set_adapter(model: nn.Module, adapter: str | Sequence[str]) -> None:
+    """Make ``adapter`` (or several, whose updates add up) the active one(s) and the
+    only trainable LoRA factors."""
+    names = (adapter,) if isinstance(adapter, str) else tuple(adapter)
+    known = adapter_names(model)
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise ValueError(f"unknown adapter(s) {unknown or names!r}; the model has {known}")
+    if active_adapters(model) != names:
+        _check_not_merged(model, "switch adapters")
+    for _, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            module.active = tuple(n for n in names if n in module.adapters)
+        elif isinstance(module, ModulesToSave):
+            with_copy = [n for n in names if n in module.copies]
+            if len(with_copy) > 1:
+                raise ValueError(f"adapters {with_copy} each have their own copy of a saved module; activate one of them")
+            module.active = with_copy[0] if with_copy else None
+    _mark_trainable(model, names)
+
+
+def outside_saved_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``named_modules()`` without what lies inside a :class:`ModulesToSave`."""
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in inside):
+            continue
+        if isinstance(module, ModulesToSave):
+            inside.append(name + ".")
+        yield name, module
+
+
+def _mark_trainable(model: nn.Module, active: Sequence[str]) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    biases = {adapter_config(model, n).bias for n in active}
+    for _, module in outside_saved_modules(model):
+        bias = module._parameters.get("bias")
+        if bias is not None and ("all" in biases or ("lora_only" in biases and isinstance(module, LoraLayer))):
+            bias.requires_grad_(True)
+        if isinstance(module, LoraLayer):
+            for n in module.active:
+                module.lora_A[n].requires_grad_(True)
+                module.lora_B[n].requires_grad_(True)
+        elif isinstance(module, ModulesToSave) and module.active is not None:
+            module.copies[module.active].requires_grad_(True)
+
+
+def delete_adapter(model: nn.Module, adapter: str) -> None:
+    """Remove ``adapter``; layers left without adapters become plain modules again."""
+    if adapter not in adapter_names(model):
+        raise ValueError(f"no adapter named {adapter!r}; the model has {adapter_names(model)}")
+    if adapter in active_adapters(model):
+        raise ValueError(f"cannot delete the active adapter {adapter!r}; call set_adapter with another one first")
+    remove_adapter(model, adapter)
+
+
+def remove_adapter(model: nn.Module, adapter: str) -> None:
+    """Remove ``adapter`` whatever its state (used to undo a failed load)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer) and adapter in module.adapters:
+            module.remove_adapter(adapter)
+            if not module.adapters:
+                _replace(model, name, module.unwrap())
+        elif isinstance(module, ModulesToSave) and adapter in module.copies:
+            module.remove_adapter(adapter)
+            if not module.copies:
+                _replace(model, name, module.original)
+
+
+@contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model: no LoRA branch, original weights, original saved modules."""
+    modules = [m for _, m in model.named_modules() if isinstance(m, LoraLayer | ModulesToSave)]
+    before = [m.disabled for m in modules]
+    for m in modules:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, state in zip(modules, before):
+            m.disabled = state
+
+
+# ---- merging -----------------------------------------------------------------------------
+
+
+def merge(model: nn.Module) -> None:
+    """Merge the active adapters into the base weights (idempotent, exact to unmerge)."""
+    for _, layer in lora_layers(model):
+        layer.merge()
+
+
+def unmerge(model: nn.Module) -> None:
+    """Restore the base weights exactly as they were before :func:`merge`."""
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge the active adapters and return ``model`` with only plain torch modules:
+    LoRA wrappers become the layers they wrapped, saved modules their active copy."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge(keep_original=False)  # a no-op if merged already
+            _replace(model, name, module.unwrap())
+        elif isinstance(module, ModulesToSave):
+            _replace(model, name, module.current)
+    return model
+
