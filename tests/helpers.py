@@ -44,12 +44,16 @@ def tiny_gpt2(seed: int = 0):
 
 
 class ConvNet(nn.Module):
-    """Conv2d (padded), Conv2d (strided, dilated), Conv1d and Linear, 8x8 RGB in, 5 logits out."""
+    """Conv2d (padded), Conv2d (strided), Conv1d and Linear, 8x8 RGB in, 5 logits out.
+
+    No dilation: PEFT 0.21 builds its LoRA conv without the base layer's dilation, so
+    as an oracle it only agrees on undilated convolutions (see docs/PEFT.md).
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 8, 3, stride=2, dilation=2, padding=2)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
         self.seq = nn.Conv1d(8, 6, 3, padding=1)
         self.head = nn.Linear(6, 5)
 

@@ -142,11 +142,12 @@ class LoraConfig:
             if d.get(key) not in (None, default):
                 raise ValueError(f"{source} sets {key}={d[key]!r}, which lorakit does not support")
         init = d.get("init_lora_weights", True)
-        if init not in (True, "gaussian"):
-            raise ValueError(f"{source} has init_lora_weights={init!r}; lorakit supports true or 'gaussian'")
+        # False (random B) only matters before loading; PiSSA-style inits change the base weights.
+        if init not in (True, False, "gaussian"):
+            raise ValueError(f"{source} has init_lora_weights={init!r}; lorakit supports true, false or 'gaussian'")
         fields = {f.name for f in dataclasses.fields(cls)}
         kwargs = {_PEFT_NAMES.get(k, k): v for k, v in d.items() if _PEFT_NAMES.get(k, k) in fields}
-        kwargs["init"] = "kaiming" if init is True else "gaussian"
+        kwargs["init"] = "gaussian" if init == "gaussian" else "kaiming"
         if kwargs.get("modules_to_save") is None:
             kwargs["modules_to_save"] = ()
         if kwargs.get("enable_lora") is None:

@@ -182,7 +182,8 @@ class LoraLayer(nn.Module):
 
     def extra_repr(self) -> str:
         ranks = {name: cfg.r for name, cfg in self.configs.items()}
-        return f"{self.base_template!r}, adapters={ranks}, active={list(self.active)}, merged={self.merged}"
+        kind = type(self.base_template).__name__
+        return f"{kind}{tuple(self.weight.shape)}, ranks={ranks}, active={list(self.active)}, merged={self.merged}"
 
 
 class LoraLinear(LoraLayer):

@@ -83,7 +83,9 @@ def adapter_names(model: nn.Module) -> list[str]:
 
 
 def active_adapters(model: nn.Module) -> tuple[str, ...]:
-    return next((layer.active for _, layer in lora_layers(model)), ())
+    """The adapters whose updates the model's forward adds, in the order they were added."""
+    active = {name for _, layer in lora_layers(model) for name in layer.active}
+    return tuple(name for name in adapter_names(model) if name in active)
 
 
 def adapter_config(model: nn.Module, adapter: str) -> LoraConfig:

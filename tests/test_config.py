@@ -1,0 +1,68 @@
+import json
+import math
+
+import pytest
+
+from lorakit import LoraConfig
+
+
+def test_scaling_is_alpha_over_r_or_sqrt_r():
+    assert LoraConfig(r=8, alpha=16).scaling == 2.0
+    assert LoraConfig(r=16, alpha=8, use_rslora=True).scaling == 8 / math.sqrt(16)
+
+
+def test_lists_are_normalised_to_tuples_and_regex_stays_a_string():
+    cfg = LoraConfig(target_modules=["query", "value"], modules_to_save=["classifier"])
+    assert cfg.target_modules == ("query", "value") and cfg.modules_to_save == ("classifier",)
+    assert LoraConfig(target_modules=r".*\.(query|value)").target_modules == r".*\.(query|value)"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(r=0), r"r must be a positive integer, got r=0"),
+        (dict(r=-2), r"r must be a positive integer, got r=-2"),
+        (dict(r=2.5), r"r must be a positive integer, got r=2.5"),
+        (dict(alpha=0), r"alpha must be a positive number, got alpha=0"),
+        (dict(alpha=-1.0), r"alpha must be a positive number, got alpha=-1.0"),
+        (dict(dropout=1.0), r"dropout must be in \[0, 1\), got dropout=1.0"),
+        (dict(dropout=-0.1), r"dropout must be in \[0, 1\), got dropout=-0.1"),
+        (dict(bias="some"), r"bias must be 'none', 'all' or 'lora_only', got bias='some'"),
+        (dict(init="xavier"), r"init must be 'kaiming' or 'gaussian', got init='xavier'"),
+        (dict(target_modules=[]), r"target_modules must not be empty"),
+        (dict(enable_lora={"c_attn": [False, False]}), r"enable_lora\['c_attn'\] must be a non-empty sequence"),
+    ],
+)
+def test_bad_values_raise_value_error_naming_the_argument(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LoraConfig(**kwargs)
+
+
+def test_bad_types_raise_type_error():
+    with pytest.raises(TypeError, match="target_modules must hold non-empty strings"):
+        LoraConfig(target_modules=["query", 3])
+    with pytest.raises(TypeError, match="modules_to_save must be a list of module names"):
+        LoraConfig(modules_to_save="classifier")
+
+
+def test_peft_dict_round_trip():
+    cfg = LoraConfig(r=4, alpha=32, target_modules=("q", "v"), dropout=0.1, bias="lora_only",
+                     init="gaussian", use_rslora=True, modules_to_save=("classifier",),
+                     enable_lora={"c_attn": (True, False, True)})
+    d = json.loads(cfg.to_json())
+    assert d["peft_type"] == "LORA" and d["lora_alpha"] == 32 and d["init_lora_weights"] == "gaussian"
+    assert LoraConfig.from_peft_dict(d) == cfg
+
+
+def test_from_peft_dict_refuses_missing_fields_and_unsupported_options():
+    d = json.loads(LoraConfig(target_modules=("q",)).to_json())
+    for field in ("r", "lora_alpha", "target_modules", "peft_type"):
+        broken = {k: v for k, v in d.items() if k != field}
+        with pytest.raises(ValueError, match=rf"missing required field\(s\) \['{field}'\]"):
+            LoraConfig.from_peft_dict(broken)
+    with pytest.raises(ValueError, match="peft_type='IA3'; lorakit reads only 'LORA'"):
+        LoraConfig.from_peft_dict({**d, "peft_type": "IA3"})
+    with pytest.raises(ValueError, match="sets use_dora=True, which lorakit does not support"):
+        LoraConfig.from_peft_dict({**d, "use_dora": True})
+    with pytest.raises(ValueError, match="sets rank_pattern"):
+        LoraConfig.from_peft_dict({**d, "rank_pattern": {"q": 2}})

@@ -1,0 +1,122 @@
+"""Adapter files: round trip, strict loading, every bad input named."""
+
+import json
+
+import pytest
+import torch
+from helpers import TOL, ids, output, randomize, tiny_bert, tiny_gpt2
+from safetensors.torch import load_file, save_file
+
+import lorakit
+from lorakit import LoraConfig
+from lorakit.layers import LoraLayer, ModulesToSave
+
+QV = LoraConfig(r=4, alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"])
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = lorakit.add_lora(tiny_bert(), QV)
+    randomize(model)
+    with torch.no_grad():
+        model.classifier.copies["default"].weight.add_(1.0)
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    return model, tmp_path / "adapter"
+
+
+def test_round_trip_gives_the_same_outputs(saved):
+    model, path = saved
+    assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    config = json.loads((path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
+    keys = load_file(path / "adapter_model.safetensors")
+    assert "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight" in keys
+    assert "base_model.model.classifier.weight" in keys and len(keys) == 2 * 2 * 2 + 2
+    loaded = lorakit.load_adapter(tiny_bert(), path)
+    torch.testing.assert_close(output(loaded, ids()), output(model, ids()), **TOL[torch.float32])
+    assert lorakit.adapter_config(loaded, "default") == lorakit.adapter_config(model, "default")
+
+
+def test_load_as_second_adapter_and_sliced_gpt2_round_trip(saved, tmp_path):
+    model, path = saved
+    other = lorakit.add_lora(tiny_bert(), LoraConfig(target_modules=["key"]))
+    lorakit.load_adapter(other, path, adapter="mrpc")
+    lorakit.set_adapter(other, "mrpc")
+    torch.testing.assert_close(output(other, ids()), output(model, ids()), **TOL[torch.float32])
+
+    gpt2 = lorakit.add_lora(tiny_gpt2(), LoraConfig(r=2, target_modules=["c_attn"], enable_lora={"c_attn": (True, False, True)}))
+    randomize(gpt2)
+    lorakit.save_adapter(gpt2, tmp_path / "gpt2")
+    back = lorakit.load_adapter(tiny_gpt2(), tmp_path / "gpt2")
+    torch.testing.assert_close(output(back, ids()), output(gpt2, ids()), **TOL[torch.float32])
+
+
+def _assert_untouched(model):
+    assert not any(isinstance(m, LoraLayer | ModulesToSave) for m in model.modules())
+
+
+def test_adapter_for_another_architecture_names_keys_and_shapes(saved):
+    _, path = saved
+    wider = tiny_bert(hidden=48)
+    with pytest.raises(ValueError, match=r"does not match the model; 9 shape mismatches: "
+                       r"base_model\.model\.bert\.encoder\.layer\.0\.attention\.self\.query\.lora_A\.weight: file \(4, 32\) vs model \(4, 48\)"):
+        lorakit.load_adapter(wider, path)
+    _assert_untouched(wider)
+    gpt2 = tiny_gpt2()
+    with pytest.raises(ValueError, match=r"does not fit this model: target_modules=\('query', 'value'\) matched no adaptable module"):
+        lorakit.load_adapter(gpt2, path)
+    _assert_untouched(gpt2)
+
+
+def test_missing_and_unexpected_keys_are_listed_together(saved):
+    _, path = saved
+    tensors = load_file(path / "adapter_model.safetensors")
+    del tensors["base_model.model.bert.encoder.layer.1.attention.self.value.lora_B.weight"]
+    tensors["base_model.model.bert.pooler.dense.lora_A.weight"] = torch.zeros(4, 32)
+    save_file(tensors, path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"1 missing keys: .*layer\.1\.attention\.self\.value\.lora_B\.weight; "
+                       r"1 unexpected keys: .*pooler\.dense\.lora_A\.weight"):
+        lorakit.load_adapter(tiny_bert(), path)
+
+
+def test_truncated_file_is_reported(saved):
+    _, path = saved
+    f = path / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(ValueError, match="is not a readable safetensors file"):
+        lorakit.load_adapter(tiny_bert(), path)
+    f.write_bytes(b"")
+    with pytest.raises(ValueError, match="is not a readable safetensors file"):
+        lorakit.load_adapter(tiny_bert(), path)
+
+
+def test_missing_or_broken_config_and_pickles_are_refused(saved, tmp_path):
+    _, path = saved
+    config = json.loads((path / "adapter_config.json").read_text())
+    del config["r"]
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"adapter_config.json is missing required field\(s\) \['r'\]"):
+        lorakit.load_adapter(tiny_bert(), path)
+    (path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="adapter_config.json is not valid JSON"):
+        lorakit.load_adapter(tiny_bert(), path)
+    with pytest.raises(ValueError, match="no adapter_config.json in"):
+        lorakit.load_adapter(tiny_bert(), tmp_path / "nowhere")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "adapter_config.json").write_text(QV.to_json())
+    (pickled / "adapter_model.bin").write_bytes(b"\x80")
+    with pytest.raises(ValueError, match=r"found \['adapter_model.bin'\]; lorakit reads safetensors only"):
+        lorakit.load_adapter(tiny_bert(), pickled)
+
+
+def test_duplicate_name_on_load_and_ambiguous_save(saved, tmp_path):
+    model, path = saved
+    with pytest.raises(ValueError, match="already has an adapter named 'default'"):
+        lorakit.load_adapter(model, path)
+    lorakit.add_lora(model, LoraConfig(target_modules=["query"]), adapter="b")
+    lorakit.set_adapter(model, ["default", "b"])
+    with pytest.raises(ValueError, match=r"name the adapter to save: the model has active adapters \['default', 'b'\]"):
+        lorakit.save_adapter(model, tmp_path / "x")
+    lorakit.save_adapter(model, tmp_path / "b", adapter="b")
+    assert not list((tmp_path / "b").glob(".*tmp"))  # no temporary files left behind
