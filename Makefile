@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml requirements.txt
 	touch $@
 
 demo: install
-	$(PY) -m lorakit demo
+	$(PY) -m lorakit train --task mrpc --preset demo
 
 test: install
 	$(PY) -m pytest -q

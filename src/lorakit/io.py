@@ -22,7 +22,7 @@ from .config import CONFIG_NAME, LoraConfig
 from .layers import LoraLayer, ModulesToSave
 from .model import active_adapters, adapter_config, add_lora, outside_saved_modules, remove_adapter
 
-__all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "WEIGHTS_NAME", "PREFIX"]
+__all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "read_weights", "copy_strict", "WEIGHTS_NAME", "PREFIX"]
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -104,14 +104,14 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter: str = "defaul
     except ValueError as e:
         raise ValueError(f"the adapter in {str(directory)!r} does not fit this model: {e}") from None
     try:
-        _copy_strict(adapter_state_dict(model, adapter), tensors, str(directory))
+        copy_strict(adapter_state_dict(model, adapter), tensors, str(directory))
     except BaseException:
         remove_adapter(model, adapter)
         raise
     return model
 
 
-def _copy_strict(expected: dict[str, Tensor], found: dict[str, Tensor], source: str) -> None:
+def copy_strict(expected: dict[str, Tensor], found: dict[str, Tensor], source: str) -> None:
     if found and not any(k.startswith(PREFIX) for k in found):
         found = {PREFIX + k: v for k, v in found.items()}
     missing = sorted(expected.keys() - found.keys())

