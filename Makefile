@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo test test-slow bench bench-quick clean
 
 install: $(VENV)/.installed
 
@@ -25,3 +25,22 @@ test-slow: install
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
+
+# Benchmarks (not tests): each script writes bench/results/<name>.json; report.py makes docs/BENCH.md.
+BENCH_ENV := OMP_NUM_THREADS=$(shell nproc)
+bench: install
+	$(BENCH_ENV) $(PY) bench/files.py
+	$(BENCH_ENV) $(PY) bench/train_step.py
+	$(BENCH_ENV) $(PY) bench/memory.py
+	$(BENCH_ENV) $(PY) bench/latency.py
+	$(BENCH_ENV) $(PY) bench/scaling.py
+	$(BENCH_ENV) $(PY) bench/e2e.py --epochs 2
+	$(PY) bench/report.py
+
+bench-quick: install
+	$(BENCH_ENV) $(PY) bench/train_step.py --quick
+	$(BENCH_ENV) $(PY) bench/memory.py --quick
+	$(BENCH_ENV) $(PY) bench/latency.py --quick
+	$(BENCH_ENV) $(PY) bench/scaling.py --quick
+	$(BENCH_ENV) $(PY) bench/e2e.py --quick
+	$(PY) bench/report.py

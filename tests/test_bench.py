@@ -1,0 +1,73 @@
+"""The benchmark harness on tiny configs: runs, writes a valid record, refuses to time
+cases whose outputs differ. No timing is asserted."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lorakit
+from lorakit import benchtools
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+pytest.importorskip("peft")
+
+
+def test_interleave_and_ratios():
+    calls = []
+    samples = benchtools.interleave({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then rotated rounds
+    assert all(len(s) == 3 for s in samples.values())
+    assert benchtools.median_ratio({"a": [2.0, 4.0, 9.0], "b": [1.0, 1.0, 3.0]}, "a", "b") == 3.0
+
+
+def test_check_close_refuses_different_outputs():
+    benchtools.check_close(torch.ones(3), torch.ones(3), "same")
+    with pytest.raises(benchtools.BenchmarkMismatch, match="x vs y: outputs differ .* refusing to report timings"):
+        benchtools.check_close(torch.ones(3), torch.zeros(3), "x vs y")
+
+
+def test_train_step_writes_a_record(tmp_path):
+    import train_step
+
+    results = train_step.run(["tiny"], [0.1], ["fp32"], repeats=1, batch=2, seq=8, out_dir=str(tmp_path))
+    record = json.loads((tmp_path / "train_step.json").read_text())
+    assert record["environment"]["versions"]["torch"] and record["environment"]["threads"] >= 1
+    key = "tiny/dropout=0.1/fp32"
+    assert set(record["results"][key]["cases"]) == {"lorakit", "peft", "full"}
+    assert record["results"][key]["ratios"]["lorakit/peft"] == results[key]["ratios"]["lorakit/peft"] > 0
+
+
+def test_train_step_refuses_when_lorakit_and_peft_differ(tmp_path, monkeypatch):
+    import train_step
+
+    real = train_step.lora_pair
+
+    def broken(base, r, dropout):
+        ours, theirs = real(base, r, dropout)
+        with torch.no_grad():
+            for _, p in lorakit.lora_parameters(ours):
+                p.add_(0.5)
+        return ours, theirs
+
+    monkeypatch.setattr(train_step, "lora_pair", broken)
+    with pytest.raises(benchtools.BenchmarkMismatch, match="lorakit vs PEFT logits"):
+        train_step.run(["tiny"], [0.0], ["fp32"], repeats=1, batch=2, seq=8, out_dir=str(tmp_path))
+    assert not (tmp_path / "train_step.json").exists()
+
+
+def test_latency_scaling_memory_and_report(tmp_path):
+    import latency
+    import memory
+    import report
+    import scaling
+
+    latency.run("tiny", [1], repeats=1, seq=8, out_dir=str(tmp_path))
+    scaling.run("tiny", [1, 8], [8], [1, 2], repeats=1, out_dir=str(tmp_path))
+    memory.run("tiny", steps=1, batch=2, seq=8, out_dir=str(tmp_path))
+    text = report.build(tmp_path)
+    for title in ("Inference latency", "Scaling with rank", "Peak memory"):
+        assert f"## {title}" in text
+    assert "| batch=1 | lorakit_merged |" in text
