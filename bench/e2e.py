@@ -89,7 +89,10 @@ def run(epochs: int, model: str = "minilm", max_train_examples: int | None = Non
                                    data_dir=data_dir)
         ours = lorakit_run(cfg, 0)
     theirs = peft_loop(cfg, 0, data_dir)
-    epoch_ratio = statistics.median(e["seconds"] for e in ours["epochs"]) / statistics.median(e["seconds"] for e in theirs["epochs"])
+    def epoch_median(run: dict) -> float:
+        return statistics.median(e["seconds"] for e in run["epochs"])
+
+    epoch_ratio = epoch_median(ours) / epoch_median(theirs)
     results = {"lorakit": ours, "peft_loop": theirs, "wall_ratio": ours["wall_seconds"] / theirs["wall_seconds"],
                "epoch_time_ratio": epoch_ratio}
     print(f"lorakit {ours['wall_seconds']:.0f}s best {ours['best']}; PEFT loop {theirs['wall_seconds']:.0f}s best "

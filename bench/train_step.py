@@ -21,8 +21,8 @@ from contextlib import nullcontext
 import torch
 
 import lorakit
-from lorakit.models import resolve_model
 from lorakit.benchtools import check_close, interleave, median_ratio, summarize, write_record
+from lorakit.models import resolve_model
 
 TARGETS = ["query", "value"]
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 from torch import nn
+
+GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
 
 # torch.testing.assert_close's defaults, by dtype. Whole-model comparisons use
 # MODEL_TOL: a few layers of float32 arithmetic in a different order drift by ~1e-6.

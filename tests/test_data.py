@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
+from helpers import GLUE
 from lorakit import data
 
-GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
 needs_glue = pytest.mark.skipif(not GLUE.is_dir(), reason="../shared/data/glue not present")
 
 

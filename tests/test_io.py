@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
-from helpers import TOL, ids, output, randomize, tiny_bert, tiny_gpt2
 from safetensors.torch import load_file, save_file
 
 import lorakit
+from helpers import TOL, ids, output, randomize, tiny_bert, tiny_gpt2
 from lorakit import LoraConfig
 from lorakit.layers import LoraLayer, ModulesToSave
 

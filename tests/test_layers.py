@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
-from helpers import TOL
 from torch import nn
 
+from helpers import TOL
 from lorakit import LoraConfig
 from lorakit.layers import LoraConv, LoraEmbedding, LoraLinear, lora_class_for
 

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from helpers import TOL, MODEL_TOL, ids, output, randomize, tiny_bert, tiny_gpt2
 from torch import nn
 
 import lorakit
+from helpers import MODEL_TOL, TOL, ids, output, randomize, tiny_bert, tiny_gpt2
 from lorakit import LoraConfig
 from lorakit.layers import LoraLayer, ModulesToSave
 

@@ -3,9 +3,9 @@ adapter files cross-load both ways (lorakit -> PEFT, PEFT -> lorakit)."""
 
 import pytest
 import torch
-from helpers import MODEL_TOL, clone, conv_net, ids, output, randomize, tiny_bert, tiny_gpt2, tiny_roberta
 
 import lorakit
+from helpers import MODEL_TOL, clone, conv_net, ids, output, randomize, tiny_bert, tiny_gpt2, tiny_roberta
 
 peft = pytest.importorskip("peft")
 

