@@ -35,10 +35,9 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _git_sha() -> str | None:
+def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(["git", *args], capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent)
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
@@ -54,8 +53,10 @@ def environment() -> dict[str, Any]:
             versions[name] = version(name)
         except PackageNotFoundError:
             versions[name] = None
-    return {"git_sha": _git_sha(), "versions": versions, "python": platform.python_version(),
-            "cpu": _cpu_model(), "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    return {"git_sha": _git("rev-parse", "HEAD"), "git_dirty": None if dirty is None else bool(dirty),
+            "versions": versions, "python": platform.python_version(), "cpu": _cpu_model(),
+            "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
 
 
 def interleave(cases: dict[str, Callable[[], Any]], repeats: int = 5, warmup: int = 1) -> dict[str, list[float]]:
