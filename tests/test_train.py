@@ -37,6 +37,7 @@ def test_presets_and_overrides():
     (dict(lr=0.0), "lr must be positive, got 0.0"),
     (dict(task="mnli2"), "unknown task 'mnli2'"),
     (dict(seeds=()), "seeds must name at least one seed"),
+    (dict(precision="fp16"), "precision must be 'fp32' or 'bf16', got 'fp16'"),
 ])
 def test_bad_config(kw, message):
     with pytest.raises(ValueError, match=message):
@@ -124,3 +125,16 @@ def test_init_adapter_copies_factors_but_not_the_head(tiny_model, tmp_path):
 def test_freeze_for_rejects_unknown_method():
     with pytest.raises(ValueError, match="unknown method 'lora2'"):
         freeze_for(torch.nn.Linear(2, 2), "lora2", "classifier")
+
+
+def test_fast_dropout_and_bf16_runs(tiny_model, tmp_path):
+    from lorakit.fastops import FastDropout
+
+    summary = train.train(_cfg(tiny_model, tmp_path, task="stsb", epochs=1, fast_dropout=True, precision="bf16"), seed=0)
+    assert summary["config"]["fast_dropout"] and summary["config"]["precision"] == "bf16"
+    assert -1.0 <= summary["best"]["dev"]["pearson"] <= 1.0
+    _, model = train.load_classifier(tiny_model, data.get_task("mrpc"))
+    train.attach_method(model, _cfg(tiny_model, tmp_path))
+    from lorakit.fastops import use_fast_dropout
+
+    assert use_fast_dropout(model) > 0 and any(isinstance(m, FastDropout) for m in model.modules())

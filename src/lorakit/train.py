@@ -9,6 +9,7 @@ atomically) so that ``--resume`` continues a killed run where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -28,6 +29,7 @@ from torch import nn
 
 from . import baselines, data
 from .config import LoraConfig
+from .fastops import use_fast_dropout
 from .io import PREFIX, adapter_state_dict, copy_strict, read_weights, save_adapter
 from .metrics import compute_metrics
 from .model import add_lora, lora_layers, trainable_parameters
@@ -68,6 +70,8 @@ class TrainConfig:
     max_train_examples: int | None = _opt(None, "use only the first N training examples (quick runs, tests)")
     max_eval_examples: int | None = _opt(None, "use only the first N dev examples")
     progress: bool = _opt(True, "show progress bars")
+    fast_dropout: bool = _opt(False, "CPU fast dropout (lorakit.fastops) for LoRA and the model's own dropout")
+    precision: str = _opt("fp32", "fp32, or bf16 (autocast: bfloat16 matmuls, fp32 weights and optimizer)")
 
     def __post_init__(self) -> None:
         data.get_task(self.task)
@@ -80,6 +84,8 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if not self.seeds:
             raise ValueError("seeds must name at least one seed")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
 
     @property
     def run_dir(self) -> Path:
@@ -210,7 +216,7 @@ def evaluate(model: nn.Module, task: data.Task, split: Split, batch_size: int, p
     for idx in data.sequential_batches(len(split.labels), batch_size, split.lengths):
         batch = data.collate([split.features[i] for i in idx], [split.labels[i] for i in idx], pad_id, task.labels is None)
         batch.pop("labels")
-        logits = model(**batch).logits
+        logits = model(**batch).logits.float()
         values = logits.squeeze(-1) if task.labels is None else logits.argmax(-1)
         for i, v in zip(idx, values.tolist()):
             predictions[i] = v
@@ -235,6 +241,11 @@ def _optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int):
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def _autocast(precision: str):
+    """bf16 autocast on the CPU (AMX/AVX-512 bf16 matmuls) or nothing."""
+    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -283,6 +294,8 @@ def train(cfg: TrainConfig, seed: int) -> dict[str, Any]:
     random.seed(seed)
     tokenizer, model = load_classifier(cfg.model, task)
     adapted = attach_method(model, cfg)
+    if cfg.fast_dropout:
+        use_fast_dropout(model)
     params = trainable_parameters(model)
     if adapted:
         print(f"{cfg.method}: adapted {len(adapted)} modules: {', '.join(sorted({n.rsplit('.', 1)[-1] for n in adapted}))}")
@@ -325,7 +338,8 @@ def train(cfg: TrainConfig, seed: int) -> dict[str, Any]:
         bar = tqdm(_batches(train_split, order, pad_id, regression), total=len(order), disable=not cfg.progress,
                    desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
         for batch in bar:
-            loss = model(**batch).loss
+            with _autocast(cfg.precision):
+                loss = model(**batch).loss
             loss.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
@@ -336,7 +350,8 @@ def train(cfg: TrainConfig, seed: int) -> dict[str, Any]:
             total_loss, seen = total_loss + loss.item() * n, seen + n
             bar.set_postfix(loss=f"{total_loss / seen:.4f}", ex_s=f"{seen / (time.perf_counter() - started):.1f}")
         train_time = time.perf_counter() - started
-        metrics = {s: evaluate(model, task, split, cfg.eval_batch_size, pad_id) for s, split in dev.items()}
+        with _autocast(cfg.precision):
+            metrics = {s: evaluate(model, task, split, cfg.eval_batch_size, pad_id) for s, split in dev.items()}
         wall += time.perf_counter() - started
         record = {"epoch": epoch + 1, "train_loss": total_loss / seen, "dev": metrics, "train_seconds": train_time,
                   "examples_per_second": seen / train_time, "lr": scheduler.get_last_lr()[0]}
