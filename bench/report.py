@@ -16,13 +16,19 @@ def _ms(case: dict) -> str:
 
 
 def train_step(r: dict) -> list[str]:
-    rows = ["| model / dropout / precision | lorakit ms | PEFT ms | full ms | lorakit/PEFT | LoRA/full (lorakit) |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| model / dropout / precision | lorakit ms | lorakit fast ms | PEFT ms | full ms | lorakit/PEFT | "
+            "fast/PEFT | LoRA/full (lorakit) | fast/full |", "|---|---|---|---|---|---|---|---|---|"]
     for key, v in r["results"].items():
-        c = v["cases"]
-        rows.append(f"| {key} | {_ms(c['lorakit'])} | {_ms(c['peft'])} | {_ms(c['full'])} | "
-                    f"{v['ratios']['lorakit/peft']:.3f} | {v['ratios']['lorakit/full']:.3f} |")
+        c, q = v["cases"], v["ratios"]
+        fast = _ms(c["lorakit_fast"]) if "lorakit_fast" in c else "—"
+        rows.append(f"| {key} | {_ms(c['lorakit'])} | {fast} | {_ms(c['peft'])} | {_ms(c['full'])} | "
+                    f"{q['lorakit/peft']:.3f} | {_ratio(q, 'lorakit_fast/peft')} | {q['lorakit/full']:.3f} | "
+                    f"{_ratio(q, 'lorakit_fast/full')} |")
     return rows
+
+
+def _ratio(ratios: dict, key: str) -> str:
+    return f"{ratios[key]:.3f}" if key in ratios else "—"
 
 
 def memory(r: dict) -> list[str]:

@@ -22,6 +22,7 @@ import torch
 
 import lorakit
 from lorakit.benchtools import check_close, interleave, median_ratio, summarize, write_record
+from lorakit.fastops import use_fast_dropout
 from lorakit.models import resolve_model
 
 TARGETS = ["query", "value"]
@@ -116,18 +117,28 @@ def run(models: list[str], dropouts: list[float], precisions: list[str], repeats
         ours, theirs = lora_pair(base, r, dropout)
         check_same_logits(ours, theirs, data)
         full = copy.deepcopy(base)
+        fast = None
+        if dropout > 0:  # the fast path: lorakit with fast dropout in LoRA and in the model
+            fast = copy.deepcopy(ours)
+            use_fast_dropout(fast)
+            check_same_logits(fast, theirs, data)
         for precision in precisions:
             cases = {"lorakit": step_fn(ours, data, precision), "peft": step_fn(theirs, data, precision),
                      "full": step_fn(full, data, precision)}
+            if fast is not None:
+                cases["lorakit_fast"] = step_fn(fast, data, precision)
             samples = interleave(cases, repeats=repeats)
             key = f"{kind}/dropout={dropout}/{precision}"
             results[key] = {"cases": summarize(samples),
                             "ratios": {"lorakit/peft": median_ratio(samples, "lorakit", "peft"),
                                        "lorakit/full": median_ratio(samples, "lorakit", "full"),
                                        "peft/full": median_ratio(samples, "peft", "full")}}
+            if fast is not None:
+                results[key]["ratios"]["lorakit_fast/peft"] = median_ratio(samples, "lorakit_fast", "peft")
+                results[key]["ratios"]["lorakit_fast/full"] = median_ratio(samples, "lorakit_fast", "full")
             ms = {k: f"{1000 * v['median_s']:.0f}" for k, v in results[key]["cases"].items()}
-            print(f"{key}: ms/step {ms}, lorakit/peft {results[key]['ratios']['lorakit/peft']:.3f}, "
-                  f"lorakit/full {results[key]['ratios']['lorakit/full']:.3f}", flush=True)
+            ratios = {k: round(v, 3) for k, v in results[key]["ratios"].items()}
+            print(f"{key}: ms/step {ms}, ratios {ratios}", flush=True)
     config = dict(models=models, dropouts=dropouts, precisions=precisions, repeats=repeats, batch=batch, seq=seq, r=r)
     write_record(name, config, results, out_dir)
     return results

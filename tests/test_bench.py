@@ -36,7 +36,7 @@ def test_train_step_writes_a_record(tmp_path):
     record = json.loads((tmp_path / "train_step.json").read_text())
     assert record["environment"]["versions"]["torch"] and record["environment"]["threads"] >= 1
     key = "tiny/dropout=0.1/fp32"
-    assert set(record["results"][key]["cases"]) == {"lorakit", "peft", "full"}
+    assert set(record["results"][key]["cases"]) == {"lorakit", "lorakit_fast", "peft", "full"}
     assert record["results"][key]["ratios"]["lorakit/peft"] == results[key]["ratios"]["lorakit/peft"] > 0
 
 
