@@ -59,12 +59,6 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
             yield name, module
 
 
-def _saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
-    for name, module in model.named_modules():
-        if isinstance(module, ModulesToSave):
-            yield name, module
-
-
 def lora_parameters(model: nn.Module, adapter: str | None = None) -> Iterator[tuple[str, nn.Parameter]]:
     """The LoRA factors of ``adapter`` (all adapters if None), with their state-dict names."""
     for name, layer in lora_layers(model):
@@ -226,14 +220,15 @@ def set_adapter(model: nn.Module, adapter: str | Sequence[str]) -> None:
         raise ValueError(f"unknown adapter(s) {unknown or names!r}; the model has {known}")
     if active_adapters(model) != names:
         _check_not_merged(model, "switch adapters")
-    for _, module in model.named_modules():
-        if isinstance(module, LoraLayer):
-            module.active = tuple(n for n in names if n in module.adapters)
-        elif isinstance(module, ModulesToSave):
-            with_copy = [n for n in names if n in module.copies]
-            if len(with_copy) > 1:
-                raise ValueError(f"adapters {with_copy} each have their own copy of a saved module; activate one of them")
-            module.active = with_copy[0] if with_copy else None
+    saved = [m for m in model.modules() if isinstance(m, ModulesToSave)]
+    for module in saved:
+        with_copy = [n for n in names if n in module.copies]
+        if len(with_copy) > 1:
+            raise ValueError(f"adapters {with_copy} each have their own copy of a saved module; activate one of them")
+    for module in saved:
+        module.active = next((n for n in names if n in module.copies), None)
+    for _, layer in lora_layers(model):
+        layer.active = tuple(n for n in names if n in layer.adapters)
     _mark_trainable(model, names)
 
 
