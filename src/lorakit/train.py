@@ -281,101 +281,132 @@ def _versions() -> dict[str, str]:
             "threads": str(torch.get_num_threads())}
 
 
+@dataclass
+class _Progress:
+    """What a checkpoint restores: finished epochs, their records, time spent."""
+
+    epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    wall: float = 0.0
+
+
+def _prepare(cfg: TrainConfig, task: data.Task):
+    """Tokenizer and model with the method attached (and fast dropout if asked)."""
+    tokenizer, model = load_classifier(cfg.model, task)
+    adapted = attach_method(model, cfg)
+    if cfg.fast_dropout:
+        use_fast_dropout(model)
+    if adapted:
+        print(f"{cfg.method}: adapted {len(adapted)} modules: {', '.join(sorted({n.rsplit('.', 1)[-1] for n in adapted}))}")
+    print(trainable_parameters(model))
+    return tokenizer, model
+
+
+def _load_splits(cfg: TrainConfig, task: data.Task, tokenizer) -> tuple[Split, dict[str, Split]]:
+    data_dir = cfg.data_dir if cfg.data_dir is not None else data.default_data_dir()
+    train_examples = data.read_split(task, "train", data_dir)[: cfg.max_train_examples]
+    dev = {s: _tokenize(tokenizer, data.read_split(task, s, data_dir)[: cfg.max_eval_examples], cfg.max_length)
+           for s in task.dev_splits}
+    return _tokenize(tokenizer, train_examples, cfg.max_length), dev
+
+
+def _resume(path: Path, record: dict[str, Any], model: nn.Module, optimizer, scheduler) -> _Progress:
+    """Restore trainable weights, optimizer and schedule from a checkpoint of the same run."""
+    state = torch.load(path, weights_only=True)
+    same_run = {k: v for k, v in record.items() if k not in ("resume", "progress")}
+    if {k: v for k, v in state["config"].items() if k in same_run} != same_run:
+        raise ValueError(f"{path} belongs to a run with another configuration; use another --out or remove it")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in state["trainable"].items():
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    print(f"resumed from {path} after epoch {state['epoch']}")
+    return _Progress(state["epoch"], state["history"], state["wall_time"])
+
+
+def _train_epoch(model: nn.Module, cfg: TrainConfig, split: Split, order: list[list[int]], pad_id: int,
+                 regression: bool, optimizer, scheduler, desc: str) -> tuple[float, int]:
+    """One pass over ``order``; returns (mean loss, examples seen)."""
+    from tqdm.auto import tqdm
+
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    started, total_loss, seen = time.perf_counter(), 0.0, 0
+    bar = tqdm(_batches(split, order, pad_id, regression), total=len(order), disable=not cfg.progress, desc=desc, leave=False)
+    for batch in bar:
+        with _autocast(cfg.precision):
+            loss = model(**batch).loss
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        n = len(batch["labels"])
+        total_loss, seen = total_loss + loss.item() * n, seen + n
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}", ex_s=f"{seen / (time.perf_counter() - started):.1f}")
+    return total_loss / seen, seen
+
+
 def train(cfg: TrainConfig, seed: int) -> dict[str, Any]:
     """One training run; returns (and writes) its summary."""
     task = data.get_task(cfg.task)
     run = cfg.run_dir / f"seed{seed}"
     run.mkdir(parents=True, exist_ok=True)
-    checkpoint_path = run / "checkpoint.pt"
-    config_record = {**dataclasses.asdict(cfg), "seed": seed}
-    same_run = {k: v for k, v in config_record.items() if k not in ("resume", "progress")}
-
+    record = {**dataclasses.asdict(cfg), "seed": seed}
     torch.manual_seed(seed)
     random.seed(seed)
-    tokenizer, model = load_classifier(cfg.model, task)
-    adapted = attach_method(model, cfg)
-    if cfg.fast_dropout:
-        use_fast_dropout(model)
-    params = trainable_parameters(model)
-    if adapted:
-        print(f"{cfg.method}: adapted {len(adapted)} modules: {', '.join(sorted({n.rsplit('.', 1)[-1] for n in adapted}))}")
-    print(params)
-
-    data_dir = cfg.data_dir if cfg.data_dir is not None else data.default_data_dir()
-    train_examples = data.read_split(task, "train", data_dir)[: cfg.max_train_examples]
-    dev = {s: _tokenize(tokenizer, data.read_split(task, s, data_dir)[: cfg.max_eval_examples], cfg.max_length)
-           for s in task.dev_splits}
-    train_split = _tokenize(tokenizer, train_examples, cfg.max_length)
-    steps_per_epoch = math.ceil(len(train_split.labels) / cfg.batch_size)
-    optimizer, scheduler = _optimizer(model, cfg, steps_per_epoch * cfg.epochs)
-
-    history: list[dict[str, Any]] = []
-    start_epoch, wall = 0, 0.0
-    if cfg.resume and checkpoint_path.is_file():
-        state = torch.load(checkpoint_path, weights_only=True)
-        if {k: v for k, v in state["config"].items() if k in same_run} != same_run:
-            raise ValueError(f"{checkpoint_path} belongs to a run with another configuration; use another --out or remove it")
-        trainable = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, tensor in state["trainable"].items():
-                trainable[name].copy_(tensor)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        history, start_epoch, wall = state["history"], state["epoch"], state["wall_time"]
-        print(f"resumed from {checkpoint_path} after epoch {start_epoch}")
+    tokenizer, model = _prepare(cfg, task)
+    train_split, dev = _load_splits(cfg, task, tokenizer)
+    optimizer, scheduler = _optimizer(model, cfg, math.ceil(len(train_split.labels) / cfg.batch_size) * cfg.epochs)
+    checkpoint = run / "checkpoint.pt"
+    progress = _Progress()
+    if cfg.resume and checkpoint.is_file():
+        progress = _resume(checkpoint, record, model, optimizer, scheduler)
     elif not cfg.resume:
         (run / "log.jsonl").unlink(missing_ok=True)
 
-    from tqdm.auto import tqdm
-
-    pad_id = tokenizer.pad_token_id or 0
-    regression = task.labels is None
-    for epoch in range(start_epoch, cfg.epochs):
+    pad_id, main = tokenizer.pad_token_id or 0, (task.dev_splits[0], task.main_metric)
+    for epoch in range(progress.epoch, cfg.epochs):
         torch.manual_seed(seed * 1_000 + epoch)  # dropout masks depend on (seed, epoch) only: resumable
-        model.train()
         order = data.length_grouped_batches(train_split.lengths, cfg.batch_size, seed, epoch)
-        started, total_loss, seen = time.perf_counter(), 0.0, 0
-        bar = tqdm(_batches(train_split, order, pad_id, regression), total=len(order), disable=not cfg.progress,
-                   desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
-        for batch in bar:
-            with _autocast(cfg.precision):
-                loss = model(**batch).loss
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            n = len(batch["labels"])
-            total_loss, seen = total_loss + loss.item() * n, seen + n
-            bar.set_postfix(loss=f"{total_loss / seen:.4f}", ex_s=f"{seen / (time.perf_counter() - started):.1f}")
+        started = time.perf_counter()
+        loss, seen = _train_epoch(model, cfg, train_split, order, pad_id, task.labels is None, optimizer, scheduler,
+                                  desc=f"epoch {epoch + 1}/{cfg.epochs}")
         train_time = time.perf_counter() - started
         with _autocast(cfg.precision):
             metrics = {s: evaluate(model, task, split, cfg.eval_batch_size, pad_id) for s, split in dev.items()}
-        wall += time.perf_counter() - started
-        record = {"epoch": epoch + 1, "train_loss": total_loss / seen, "dev": metrics, "train_seconds": train_time,
-                  "examples_per_second": seen / train_time, "lr": scheduler.get_last_lr()[0]}
-        best = max((h["dev"][task.dev_splits[0]][task.main_metric] for h in history), default=-math.inf)
-        history.append(record)
+        progress.wall += time.perf_counter() - started
+        best = max((h["dev"][main[0]][main[1]] for h in progress.history), default=-math.inf)
+        progress.history.append({"epoch": epoch + 1, "train_loss": loss, "dev": metrics, "train_seconds": train_time,
+                                 "examples_per_second": seen / train_time, "lr": scheduler.get_last_lr()[0]})
         with (run / "log.jsonl").open("a") as log:
-            log.write(json.dumps(record) + "\n")
-        score = metrics[task.dev_splits[0]][task.main_metric]
-        if score > best:
+            log.write(json.dumps(progress.history[-1]) + "\n")
+        if metrics[main[0]][main[1]] > best:
             _save_weights(model, cfg, run)
-        print(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}, dev {_fmt(metrics)}, {train_time:.0f}s")
-        _atomic_save({"config": config_record, "epoch": epoch + 1, "history": history, "wall_time": wall,
+        print(f"epoch {epoch + 1}: train loss {loss:.4f}, dev {_fmt(metrics)}, {train_time:.0f}s")
+        _atomic_save({"config": record, "epoch": epoch + 1, "history": progress.history, "wall_time": progress.wall,
                       "trainable": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
-                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, checkpoint_path)
+                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, checkpoint)
+    return _summarize(cfg, task, run, record, model, progress)
 
-    best_index = max(range(len(history)), key=lambda i: history[i]["dev"][task.dev_splits[0]][task.main_metric])
+
+def _summarize(cfg: TrainConfig, task: data.Task, run: Path, record: dict[str, Any], model: nn.Module,
+               progress: _Progress) -> dict[str, Any]:
+    """Write summary.json and the learning curve of a finished run."""
+    history, (split, metric) = progress.history, (task.dev_splits[0], task.main_metric)
+    best = max(range(len(history)), key=lambda i: history[i]["dev"][split][metric])
     weights = run / "adapter" / "adapter_model.safetensors" if cfg.method == "lora" else run / "trainable.safetensors"
+    params = trainable_parameters(model)
     summary = {
-        "config": config_record, "task": task.name, "best_epoch": best_index + 1, "best": history[best_index]["dev"],
-        "epochs": history, "trainable_params": params.trainable, "total_params": params.total,
-        "weights_bytes": weights.stat().st_size, "wall_seconds": wall, "versions": _versions(),
+        "config": record, "task": task.name, "best_epoch": best + 1, "best": history[best]["dev"], "epochs": history,
+        "trainable_params": params.trainable, "total_params": params.total, "weights_bytes": weights.stat().st_size,
+        "wall_seconds": progress.wall, "versions": _versions(),
     }
     (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot_curve(history, task, run / "curve.png", title=f"{cfg.model} {cfg.method} {task.name} seed {seed}")
+    plot_curve(history, task, run / "curve.png", title=f"{cfg.model} {cfg.method} {task.name} seed {record['seed']}")
     return summary
 
 
