@@ -186,3 +186,14 @@ def test_unwrap_gives_back_the_same_parameters():
     plain = layer.unwrap()
     assert type(plain) is nn.Linear and plain.weight is base.weight and plain.bias is base.bias
     assert plain.in_features == 3 and not plain._modules
+
+
+def test_delta_weight_is_float32_even_for_bf16_factors():
+    layer = _layer(nn.Linear(16, 16))
+    _randomize_B(layer)
+    original = layer.weight.detach().to(torch.bfloat16)
+    layer.to(torch.bfloat16)  # factors too
+    assert layer.delta_weight("a").dtype == torch.float32
+    layer.merge()
+    A, B = layer.lora_A["a"].float(), layer.lora_B["a"].float()
+    assert torch.equal(layer.weight, (original.float() + 2.0 * B @ A).to(torch.bfloat16))

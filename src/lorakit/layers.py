@@ -43,6 +43,11 @@ def _gpt2_conv1d() -> type | None:
     return getattr(module, "Conv1D", None)
 
 
+def _f32(t: Tensor) -> Tensor:
+    """``t`` in float32 at least (float64 stays), where ``delta_weight`` is computed."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def lora_class_for(module: nn.Module) -> type[LoraLayer] | None:
     """The LoRA wrapper class for ``module``, or None if lorakit cannot adapt it."""
     conv1d = _gpt2_conv1d()
@@ -242,8 +247,7 @@ class LoraLinear(LoraLayer):
         return F.linear(h, self.full_B(name)) * self.scaling(name)
 
     def delta_weight(self, name: str) -> Tensor:
-        dtype = self.lora_A[name].dtype
-        delta = (self.full_B(name).to(dtype) @ self.lora_A[name]) * self.scaling(name)  # (out, in)
+        delta = (_f32(self.full_B(name)) @ _f32(self.lora_A[name])) * self.scaling(name)  # (out, in)
         return delta.T if self.fan_in_fan_out else delta
 
 
@@ -278,7 +282,7 @@ class LoraEmbedding(LoraLayer):
         return h @ self.lora_B[name].T * self.scaling(name)
 
     def delta_weight(self, name: str) -> Tensor:
-        return (self.lora_B[name] @ self.lora_A[name]).T * self.scaling(name)
+        return (_f32(self.lora_B[name]) @ _f32(self.lora_A[name])).T * self.scaling(name)
 
 
 class LoraConv(LoraLayer):
@@ -303,7 +307,7 @@ class LoraConv(LoraLayer):
         return conv(h, B) * self.scaling(name)
 
     def delta_weight(self, name: str) -> Tensor:
-        A, B = self.lora_A[name], self.lora_B[name]
+        A, B = _f32(self.lora_A[name]), _f32(self.lora_B[name])
         return (B.flatten(1) @ A.flatten(1)).view(self.weight.shape) * self.scaling(name)
 
 
