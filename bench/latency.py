@@ -70,7 +70,8 @@ def run(size: str, batches: list[int], repeats: int, seq: int = 128, adapter_dim
             def forward(model):
                 return lambda: model(ids)
 
-            samples = interleave({k: forward(m) for k, m in models.items()}, repeats=repeats)
+            # a 16 x 128 forward takes seconds: the rotated rounds absorb first-call effects, no warm-up round
+            samples = interleave({k: forward(m) for k, m in models.items()}, repeats=repeats, warmup=1 if batch == 1 else 0)
         results[f"batch={batch}"] = {
             "cases": summarize(samples),
             "overhead_vs_base": {k: median_ratio(samples, k, "base") - 1 for k in models if k != "base"},
