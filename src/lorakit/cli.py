@@ -71,14 +71,14 @@ def _load_adapted(args: argparse.Namespace):
 
 def _eval(args: argparse.Namespace) -> int:
     from . import data
-    from .train import _tokenize, evaluate
+    from .train import evaluate, tokenize
 
     task, tokenizer, model = _load_adapted(args)
     data_dir = args.data_dir if args.data_dir is not None else data.default_data_dir()
     results = {}
     for split in task.dev_splits:
         examples = data.read_split(task, split, data_dir)
-        results[split] = evaluate(model, task, _tokenize(tokenizer, examples, args.max_length), 64, tokenizer.pad_token_id or 0)
+        results[split] = evaluate(model, task, tokenize(tokenizer, examples, args.max_length), 64, tokenizer.pad_token_id or 0)
     print(json.dumps(results, indent=2))
     return 0
 

@@ -35,7 +35,7 @@ from .metrics import compute_metrics
 from .model import add_lora, lora_layers, trainable_parameters
 from .models import resolve_model
 
-__all__ = ["TrainConfig", "PRESETS", "resolve_config", "train", "train_seeds", "evaluate", "load_classifier"]
+__all__ = ["TrainConfig", "PRESETS", "resolve_config", "train", "train_seeds", "evaluate", "load_classifier", "tokenize"]
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -192,7 +192,8 @@ class Split:
         return [len(f["input_ids"]) for f in self.features]
 
 
-def _tokenize(tokenizer, examples: list[data.Example], max_length: int) -> Split:
+def tokenize(tokenizer, examples: list[data.Example], max_length: int) -> Split:
+    """Tokenise examples (pairs as two segments), truncated to ``max_length``."""
     columns = list(zip(*(e.texts for e in examples)))
     enc = tokenizer(*columns, truncation=True, max_length=max_length)
     keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
@@ -305,9 +306,9 @@ def _prepare(cfg: TrainConfig, task: data.Task):
 def _load_splits(cfg: TrainConfig, task: data.Task, tokenizer) -> tuple[Split, dict[str, Split]]:
     data_dir = cfg.data_dir if cfg.data_dir is not None else data.default_data_dir()
     train_examples = data.read_split(task, "train", data_dir)[: cfg.max_train_examples]
-    dev = {s: _tokenize(tokenizer, data.read_split(task, s, data_dir)[: cfg.max_eval_examples], cfg.max_length)
+    dev = {s: tokenize(tokenizer, data.read_split(task, s, data_dir)[: cfg.max_eval_examples], cfg.max_length)
            for s in task.dev_splits}
-    return _tokenize(tokenizer, train_examples, cfg.max_length), dev
+    return tokenize(tokenizer, train_examples, cfg.max_length), dev
 
 
 def _resume(path: Path, record: dict[str, Any], model: nn.Module, optimizer, scheduler) -> _Progress:
