@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-CASES = ("lorakit", "peft", "full")
+CASES = ("lorakit", "lorakit_fast", "peft", "full")  # lorakit_fast: with fast dropout, as `lorakit train` runs
 
 
 def child(case: str, model_kind: str, steps: int, batch: int, seq: int) -> dict:
@@ -28,7 +28,11 @@ def child(case: str, model_kind: str, steps: int, batch: int, seq: int) -> dict:
 
     base = base_model(model_kind, 0.1)
     data = make_batch(base, batch, seq)
-    model = attach(case, base, 8, 0.1)
+    model = attach(case.removesuffix("_fast"), base, 8, 0.1)
+    if case == "lorakit_fast":
+        from lorakit.fastops import use_fast_dropout
+
+        use_fast_dropout(model)
     step = step_fn(model, data, "fp32")
     for _ in range(steps):
         step()
@@ -49,7 +53,7 @@ def run(model_kind: str, steps: int = 3, batch: int = 16, seq: int = 128, name: 
         done = subprocess.run(cmd, capture_output=True, text=True, check=True)
         results[case] = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"{model_kind} {case}: peak RSS {results[case]['peak_rss_mb']:.0f} MB", flush=True)
-    ratios = {f"{a}/full": results[a]["peak_rss_mb"] / results["full"]["peak_rss_mb"] for a in ("lorakit", "peft")}
+    ratios = {f"{a}/full": results[a]["peak_rss_mb"] / results["full"]["peak_rss_mb"] for a in CASES[:-1]}
     write_record(name, dict(model=model_kind, steps=steps, batch=batch, seq=seq), {"cases": results, "ratios": ratios}, out_dir)
     print(f"ratios: {ratios}")
     return {"cases": results, "ratios": ratios}

@@ -5,6 +5,8 @@ r=8 alpha=16 on query/value, classifier head trained. Models: the embedded MiniL
 random-init RoBERTa-base (``RobertaConfig()``); with the models' dropout 0.1 and LoRA
 dropout 0.1, and with all dropout 0; fp32 and bf16 autocast. The cases of each setting
 are timed in alternation; before timing, lorakit's and PEFT's logits are checked equal.
+``lorakit_fast`` is lorakit with fast dropout (what ``lorakit train`` runs when dropout
+applies); ``trainer_bf16`` is that step under ``--precision bf16``, timed with the fp32 cases.
 
     python bench/train_step.py [--quick] [--repeats 5]
 """
@@ -127,6 +129,9 @@ def run(models: list[str], dropouts: list[float], precisions: list[str], repeats
                      "full": step_fn(full, data, precision)}
             if fast is not None:
                 cases["lorakit_fast"] = step_fn(fast, data, precision)
+            trainer = fast if fast is not None else ours  # what `lorakit train` runs
+            if precision == "fp32":  # the --precision bf16 option against it, interleaved
+                cases["trainer_bf16"] = step_fn(copy.deepcopy(trainer), data, "bf16")
             samples = interleave(cases, repeats=repeats)
             key = f"{kind}/dropout={dropout}/{precision}"
             results[key] = {"cases": summarize(samples),
@@ -136,6 +141,9 @@ def run(models: list[str], dropouts: list[float], precisions: list[str], repeats
             if fast is not None:
                 results[key]["ratios"]["lorakit_fast/peft"] = median_ratio(samples, "lorakit_fast", "peft")
                 results[key]["ratios"]["lorakit_fast/full"] = median_ratio(samples, "lorakit_fast", "full")
+            if "trainer_bf16" in cases:
+                results[key]["ratios"]["trainer bf16/fp32"] = median_ratio(
+                    samples, "trainer_bf16", "lorakit_fast" if fast is not None else "lorakit")
             ms = {k: f"{1000 * v['median_s']:.0f}" for k, v in results[key]["cases"].items()}
             ratios = {k: round(v, 3) for k, v in results[key]["ratios"].items()}
             print(f"{key}: ms/step {ms}, ratios {ratios}", flush=True)

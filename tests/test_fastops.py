@@ -79,7 +79,7 @@ def test_identity_when_off_and_module_matches_nn_dropout():
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "additive", "causal"])
 def test_math_attention_equals_sdpa_without_dropout(mask_kind):
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 5, 4) for _ in range(3))
+    q, k, v = (torch.randn(2, 3, 5, 4, requires_grad=True) for _ in range(3))
     mask = None
     if mask_kind == "bool":
         mask = torch.rand(2, 1, 5, 5) > 0.3
@@ -88,7 +88,11 @@ def test_math_attention_equals_sdpa_without_dropout(mask_kind):
         mask = torch.randn(2, 1, 5, 5)
     causal = mask_kind == "causal"
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
-    torch.testing.assert_close(fastops.math_attention(q, k, v, mask, 0.0, is_causal=causal), expected, **TOL[torch.float32])
+    ours = fastops.math_attention(q, k, v, mask, 0.0, is_causal=causal)
+    torch.testing.assert_close(ours, expected, **TOL[torch.float32])
+    g = torch.randn_like(ours)
+    for a, b in zip(torch.autograd.grad(ours, (q, k, v), g), torch.autograd.grad(expected, (q, k, v), g)):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
 
 
 def test_use_fast_dropout_on_a_transformers_model(monkeypatch):

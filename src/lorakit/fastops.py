@@ -52,12 +52,12 @@ class _MaskedScale(torch.autograd.Function):
     def forward(ctx, x: Tensor, mask: Tensor, scale: float) -> Tensor:
         ctx.save_for_backward(mask)
         ctx.scale = scale
-        return x.mul(mask).mul_(scale)
+        return torch.where(mask, x, 0.0).mul_(scale)  # where() beats mul() by a bool mask (no cast pass)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (mask,) = ctx.saved_tensors
-        return grad.mul(mask).mul_(ctx.scale), None, None
+        return torch.where(mask, grad, 0.0).mul_(ctx.scale), None, None
 
 
 def dropout(x: Tensor, p: float, training: bool = True, generator: torch.Generator | None = None) -> Tensor:
@@ -88,14 +88,15 @@ def math_attention(query: Tensor, key: Tensor, value: Tensor, attention_mask: Te
     (True = attend) or additive, broadcastable to ``(B, H, T, S)``. Returns ``(B, H, T, D)``.
     """
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, H, T, S)
+    # Scale the (smaller) query, and mask in place: matmul keeps its inputs, not its output.
+    scores = torch.matmul(query * scaling, key.transpose(-1, -2))  # (B, H, T, S)
     lowest = torch.finfo(scores.dtype).min
     if attention_mask is not None:
         mask = attention_mask[..., : key.shape[-2]]
-        scores = scores.masked_fill(~mask, lowest) if mask.dtype == torch.bool else scores + mask
+        scores = scores.masked_fill_(~mask, lowest) if mask.dtype == torch.bool else scores.add_(mask)
     elif is_causal:
         t, s = scores.shape[-2:]
-        scores = scores.masked_fill(~torch.ones(t, s, dtype=torch.bool, device=scores.device).tril(s - t), lowest)
+        scores = scores.masked_fill_(~torch.ones(t, s, dtype=torch.bool, device=scores.device).tril(s - t), lowest)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     return torch.matmul(_dropout(probs, p), value)
 
