@@ -70,7 +70,7 @@ class TrainConfig:
     max_train_examples: int | None = _opt(None, "use only the first N training examples (quick runs, tests)")
     max_eval_examples: int | None = _opt(None, "use only the first N dev examples")
     progress: bool = _opt(True, "show progress bars")
-    fast_dropout: bool = _opt(True, "fast dropout (lorakit.fastops) for LoRA and the model's own dropout layers; --no-fast-dropout uses torch's")
+    fast_dropout: bool = _opt(True, "fast dropout (lorakit.fastops) in LoRA and the model; --no-fast-dropout: torch's")
     precision: str = _opt("fp32", "fp32, or bf16 (autocast: bfloat16 matmuls, fp32 weights and optimizer)")
 
     def __post_init__(self) -> None:
