@@ -34,6 +34,7 @@ bench: install
 	$(BENCH_ENV) $(PY) bench/memory.py
 	$(BENCH_ENV) $(PY) bench/latency.py
 	$(BENCH_ENV) $(PY) bench/scaling.py
+	$(BENCH_ENV) $(PY) bench/mixed.py
 	$(BENCH_ENV) $(PY) bench/e2e.py --epochs 2
 	$(PY) bench/report.py
 
@@ -42,5 +43,6 @@ bench-quick: install
 	$(BENCH_ENV) $(PY) bench/memory.py --quick
 	$(BENCH_ENV) $(PY) bench/latency.py --quick
 	$(BENCH_ENV) $(PY) bench/scaling.py --quick
+	$(BENCH_ENV) $(PY) bench/mixed.py --quick
 	$(BENCH_ENV) $(PY) bench/e2e.py --quick
 	$(PY) bench/report.py

@@ -36,7 +36,7 @@ def test_train_step_writes_a_record(tmp_path):
     record = json.loads((tmp_path / "train_step.json").read_text())
     assert record["environment"]["versions"]["torch"] and record["environment"]["threads"] >= 1
     key = "tiny/dropout=0.1/fp32"
-    assert set(record["results"][key]["cases"]) == {"lorakit", "lorakit_fast", "peft", "full"}
+    assert set(record["results"][key]["cases"]) == {"lorakit", "lorakit_fast", "peft", "full", "trainer_bf16"}
     assert record["results"][key]["ratios"]["lorakit/peft"] == results[key]["ratios"]["lorakit/peft"] > 0
 
 
@@ -56,6 +56,16 @@ def test_train_step_refuses_when_lorakit_and_peft_differ(tmp_path, monkeypatch):
     with pytest.raises(benchtools.BenchmarkMismatch, match="lorakit vs PEFT logits"):
         train_step.run(["tiny"], [0.0], ["fp32"], repeats=1, batch=2, seq=8, out_dir=str(tmp_path))
     assert not (tmp_path / "train_step.json").exists()
+
+
+def test_mixed_batch_bench_checks_peft_and_writes_throughputs(tmp_path):
+    import mixed
+
+    results = mixed.run([1, 3], repeats=1, rows=6, seq=5, loaded=5, out_dir=str(tmp_path), model="tiny")
+    assert set(results["rows_per_second"]) == {"single", "peft_single", "rows_1", "peft_rows_1", "rows_3", "peft_rows_3",
+                                               "rows_3_of_5"}
+    assert results["throughput_ratios"]["rows_3/peft_rows_3"] > 0
+    assert json.loads((tmp_path / "mixed.json").read_text())["results"]["throughput_ratios"] == results["throughput_ratios"]
 
 
 def test_latency_scaling_memory_and_report(tmp_path):

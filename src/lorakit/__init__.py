@@ -8,17 +8,19 @@
 
 from .config import LoraConfig
 from .io import adapter_state_dict, load_adapter, save_adapter
-from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
+from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave, RowPlan
 from .model import (
     active_adapters,
     adapter_config,
     adapter_names,
+    adapter_per_row,
     add_lora,
     default_target_modules,
     delete_adapter,
     disable_adapters,
     lora_layers,
     lora_parameters,
+    mark_trainable,
     merge,
     merge_and_unload,
     set_adapter,
@@ -39,6 +41,8 @@ __all__ = [
     "unmerge",
     "merge_and_unload",
     "set_adapter",
+    "adapter_per_row",
+    "mark_trainable",
     "delete_adapter",
     "disable_adapters",
     "adapter_names",
@@ -52,4 +56,5 @@ __all__ = [
     "LoraEmbedding",
     "LoraConv",
     "ModulesToSave",
+    "RowPlan",
 ]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import math
 import sys
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,7 @@ __all__ = [
     "LoraEmbedding",
     "LoraConv",
     "ModulesToSave",
+    "RowPlan",
     "lora_class_for",
 ]
 
@@ -60,6 +62,28 @@ def lora_class_for(module: nn.Module) -> type[LoraLayer] | None:
     return None
 
 
+class RowPlan:
+    """Which adapter each row of a batch uses (``None``: the base model); see
+    :func:`lorakit.adapter_per_row`."""
+
+    def __init__(self, names: Sequence[str | None]) -> None:
+        self.names = list(names)
+        self.used = tuple(dict.fromkeys(n for n in self.names if n is not None))
+        self._slots: dict[tuple, Tensor] = {}
+
+    def for_layer(self, present: Sequence[str], x: Tensor) -> tuple[tuple[str, ...], Tensor]:
+        """The used adapters this layer has, and each row's slot among them
+        (``len(names)`` for rows whose adapter is absent or None)."""
+        if x.shape[0] != len(self.names):
+            raise ValueError(f"adapter_per_row was given {len(self.names)} adapter names for a batch of {x.shape[0]} rows")
+        names = tuple(n for n in self.used if n in present)
+        key = (names, x.device)
+        if key not in self._slots:  # layers of one model mostly share their adapters
+            where = {n: i for i, n in enumerate(names)}
+            self._slots[key] = torch.tensor([where.get(n, len(names)) for n in self.names], device=x.device)
+        return names, self._slots[key]
+
+
 class LoraLayer(nn.Module):
     """Base class: owns the wrapped layer's parameters and the adapters' factors.
 
@@ -85,6 +109,7 @@ class LoraLayer(nn.Module):
         self.active: tuple[str, ...] = ()
         self.disabled = False
         self.merged = False
+        self.rows: RowPlan | None = None  # set by lorakit.adapter_per_row
         self.register_buffer("unmerged_weight", None, persistent=False)
 
     # ---- adapters --------------------------------------------------------------------
@@ -140,9 +165,26 @@ class LoraLayer(nn.Module):
         if self.disabled:
             return self.base_forward(x, self.original_weight)
         out = self.base_forward(x, self.weight)
+        if self.rows is not None:
+            if self.merged:
+                raise RuntimeError("per-row adapters need an unmerged model; call lorakit.unmerge(model) first")
+            return self.add_rows(out, x, *self.rows.for_layer(self.adapters, x))
         if not self.merged:
             for name in self.active:
                 out = out + self.lora_forward(x, name).to(out.dtype)
+        return out
+
+    def add_rows(self, out: Tensor, x: Tensor, names: tuple[str, ...], slot: Tensor) -> Tensor:
+        """``out`` plus, for each row ``i`` of the batch, the update of adapter
+        ``names[slot[i]]`` (none where ``slot[i] == len(names)``).
+
+        The reference: one :meth:`lora_forward` per adapter on its rows.
+        :class:`LoraLinear` overrides it with one batched multiply.
+        """
+        for i, name in enumerate(names):
+            rows = (slot == i).nonzero().squeeze(1)
+            if len(rows):
+                out = out.index_add(0, rows, self.lora_forward(x[rows], name).to(out.dtype))
         return out
 
     # ---- merging ---------------------------------------------------------------------
@@ -250,6 +292,39 @@ class LoraLinear(LoraLayer):
         delta = (_f32(self.full_B(name)) @ _f32(self.lora_A[name])) * self.scaling(name)  # (out, in)
         return delta.T if self.fan_in_fan_out else delta
 
+    def add_rows(self, out: Tensor, x: Tensor, names: tuple[str, ...], slot: Tensor) -> Tensor:
+        """Batched gather-and-multiply over stacked factors (S-LoRA / Punica style).
+
+        The adapters' ``A`` (and ``scaling * B``) are zero-padded to the largest rank
+        and stacked with an all-zero slot for rows without adapter; each row gathers
+        its own pair, and two ``bmm`` compute every row's update at once. Only the
+        adapters in ``names`` enter the stack, so only they receive gradients.
+        """
+        if not names:
+            return out
+        A = [self.lora_A[n] for n in names]
+        B = [self.full_B(n) * self.scaling(n) for n in names]
+        rank = max(a.shape[0] for a in A)
+        As = torch.stack([F.pad(a, (0, 0, 0, rank - a.shape[0])) for a in A] + [A[0].new_zeros(rank, self.in_features)])
+        Bs = torch.stack([F.pad(b, (0, rank - b.shape[1])) for b in B] + [B[0].new_zeros(self.out_features, rank)])
+        rows = self._rows_dropout(x.to(As.dtype), names, slot).reshape(len(slot), -1, self.in_features)
+        h = torch.bmm(rows, As[slot].transpose(1, 2))  # (N, T, rank)
+        delta = torch.bmm(h, Bs[slot].transpose(1, 2))  # (N, T, out)
+        return out + delta.view(out.shape).to(out.dtype)
+
+    def _rows_dropout(self, x: Tensor, names: tuple[str, ...], slot: Tensor) -> Tensor:
+        """Each row through its adapter's dropout (one call per distinct dropout rate)."""
+        by_rate: dict[float, list[int]] = {}
+        for i, name in enumerate(names):
+            by_rate.setdefault(self.configs[name].dropout, []).append(i)
+        if len(by_rate) == 1:
+            return self.lora_dropout[names[0]](x)
+        out = torch.zeros_like(x)  # rows without adapter meet the zero slot: any value will do
+        for slots in by_rate.values():
+            rows = torch.isin(slot, torch.tensor(slots, device=slot.device)).nonzero().squeeze(1)
+            out = out.index_copy(0, rows, self.lora_dropout[names[slots[0]]](x[rows]))
+        return out
+
 
 class LoraEmbedding(LoraLayer):
     """LoRA on ``nn.Embedding`` (weight ``(num, dim)``): ``A: (r, num)``, ``B: (dim, r)``.
@@ -322,6 +397,7 @@ class ModulesToSave(nn.Module):
         self.copies = nn.ModuleDict()
         self.active: str | None = None
         self.disabled = False
+        self.rows: RowPlan | None = None  # set by lorakit.adapter_per_row
 
     def add_adapter(self, name: str) -> None:
         self.copies[name] = copy.deepcopy(self.original)
@@ -338,7 +414,24 @@ class ModulesToSave(nn.Module):
         return self.copies[self.active]
 
     def forward(self, *args, **kwargs):
-        return self.current(*args, **kwargs)
+        if self.rows is None or self.disabled:
+            return self.current(*args, **kwargs)
+        return self._rows_forward(*args, **kwargs)
+
+    def _rows_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        """Each adapter's copy on its rows, the original on the others. Outputs of
+        different widths (heads with different label counts) are zero-padded on the
+        last dimension to the widest."""
+        names, slot = self.rows.for_layer(tuple(self.copies), x)
+        parts, order = [], []
+        for i, module in enumerate([self.copies[n] for n in names] + [self.original]):
+            rows = (slot == i).nonzero().squeeze(1)
+            if len(rows):
+                parts.append(module(x[rows], *args, **kwargs))
+                order.append(rows)
+        width = max(p.shape[-1] for p in parts)
+        out = torch.cat([F.pad(p, (0, width - p.shape[-1])) for p in parts])
+        return out[torch.cat(order).argsort()]
 
     def __getattr__(self, name: str):
         try:

@@ -15,13 +15,15 @@ from typing import NamedTuple
 from torch import nn
 
 from .config import LoraConfig
-from .layers import LoraLayer, LoraLinear, ModulesToSave, lora_class_for
+from .layers import LoraLayer, LoraLinear, ModulesToSave, RowPlan, lora_class_for
 
 __all__ = [
     "add_lora",
     "trainable_parameters",
     "ParameterCount",
     "set_adapter",
+    "adapter_per_row",
+    "mark_trainable",
     "delete_adapter",
     "disable_adapters",
     "merge",
@@ -232,6 +234,44 @@ def set_adapter(model: nn.Module, adapter: str | Sequence[str]) -> None:
     _mark_trainable(model, names)
 
 
+@contextmanager
+def adapter_per_row(model: nn.Module, adapters: Sequence[str | None]) -> Iterator[nn.Module]:
+    """Within the block, row ``i`` of every batch goes through adapter ``adapters[i]``
+    (``None``: the base model), whatever ``set_adapter`` says (paper section 4.2)::
+
+        with lorakit.adapter_per_row(model, ["mrpc", "rte", "mrpc", None]):
+            logits = model(**batch).logits
+
+    One batched multiply serves all adapters (ranks may differ); saved modules such as
+    classifier heads run per adapter on their rows. Works in training: gradients reach
+    the adapters used by some row (make them trainable with :func:`mark_trainable`).
+    """
+    names = list(adapters)
+    known = adapter_names(model)
+    unknown = sorted({n for n in names if n is not None and n not in known})
+    if unknown:
+        raise ValueError(f"unknown adapter(s) {unknown}; the model has {known}")
+    _check_not_merged(model, "use per-row adapters")
+    modules = [m for m in model.modules() if isinstance(m, LoraLayer | ModulesToSave)]
+    plan = RowPlan(names)
+    for m in modules:
+        m.rows = plan
+    try:
+        yield model
+    finally:
+        for m in modules:
+            m.rows = None
+
+
+def mark_trainable(model: nn.Module, adapters: Sequence[str]) -> None:
+    """Make exactly these adapters' factors and saved-module copies trainable (several
+    at once, for training them together with :func:`adapter_per_row`)."""
+    unknown = [n for n in adapters if n not in adapter_names(model)]
+    if unknown:
+        raise ValueError(f"unknown adapter(s) {unknown}; the model has {adapter_names(model)}")
+    _mark_trainable(model, adapters)
+
+
 def outside_saved_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``named_modules()`` without what lies inside a :class:`ModulesToSave`."""
     inside: list[str] = []
@@ -252,11 +292,12 @@ def _mark_trainable(model: nn.Module, active: Sequence[str]) -> None:
         if bias is not None and ("all" in biases or ("lora_only" in biases and isinstance(module, LoraLayer))):
             bias.requires_grad_(True)
         if isinstance(module, LoraLayer):
-            for n in module.active:
+            for n in set(active) & set(module.adapters):
                 module.lora_A[n].requires_grad_(True)
                 module.lora_B[n].requires_grad_(True)
-        elif isinstance(module, ModulesToSave) and module.active is not None:
-            module.copies[module.active].requires_grad_(True)
+        elif isinstance(module, ModulesToSave):
+            for n in set(active) & set(module.copies):
+                module.copies[n].requires_grad_(True)
 
 
 def delete_adapter(model: nn.Module, adapter: str) -> None:

@@ -1,0 +1,151 @@
+"""Mixed-adapter batches: ``adapter_per_row`` against running each row alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit
+from helpers import MODEL_TOL, TOL, tiny_bert, tiny_gpt2
+from lorakit import LoraConfig
+from lorakit.layers import LoraLayer
+
+TARGETS = (["query", "value"], ["query", "key", "value", "dense"], ["value"])
+
+
+def bert_with_adapters(n: int):
+    """Tiny BERT with ``n`` adapters of ranks 1..7, different targets and alphas, a
+    classifier copy each, and random (non-zero) factors."""
+    model = tiny_bert()
+    names = [f"a{i}" for i in range(n)]
+    for i, name in enumerate(names):
+        cfg = LoraConfig(r=1 + (2 * i) % 7, alpha=1 + i, target_modules=TARGETS[i % 3], modules_to_save=["classifier"])
+        lorakit.add_lora(model, cfg, adapter=name)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, p in lorakit.lora_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        for name in names:
+            for p in model.classifier.copies[name].parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return model.eval(), names
+
+
+def batch(rows: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 99, (rows, 9), generator=g)
+    mask = torch.ones_like(ids)
+    for i in range(rows):
+        mask[i, 3 + i % 6:] = 0  # different lengths: padding must stay per row
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def row_alone(model, inputs: dict, i: int, name: str | None) -> torch.Tensor:
+    row = {k: v[i : i + 1] for k, v in inputs.items()}
+    if name is None:
+        with lorakit.disable_adapters(model):
+            return model(**row).logits
+    lorakit.set_adapter(model, name)
+    return model(**row).logits
+
+
+@pytest.mark.parametrize("n", [1, 3, 17])
+def test_mixed_batch_equals_each_row_alone(n):
+    model, names = bert_with_adapters(n)
+    rows = [names[i % n] if i % 5 != 4 else None for i in range(max(2 * n, 6))]
+    inputs = batch(len(rows))
+    with torch.no_grad(), lorakit.adapter_per_row(model, rows):
+        mixed = model(**inputs).logits
+    with torch.no_grad():
+        expected = torch.cat([row_alone(model, inputs, i, name) for i, name in enumerate(rows)])
+    torch.testing.assert_close(mixed, expected, **MODEL_TOL)
+    assert all(layer.rows is None for _, layer in lorakit.lora_layers(model))  # the block cleans up
+
+
+def test_gradients_equal_the_per_adapter_reference_and_skip_unused_adapters():
+    model, names = bert_with_adapters(4)
+    rows = ["a0", "a2", None, "a0", "a2", "a2"]  # a1 and a3 unused
+    inputs = batch(len(rows))
+    weights = torch.randn(len(rows), 2, generator=torch.Generator().manual_seed(3))
+
+    lorakit.mark_trainable(model, names)
+    with lorakit.adapter_per_row(model, rows):
+        (model(**inputs).logits * weights).sum().backward()
+    mixed = {k: None if p.grad is None else p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    for i, name in enumerate(rows):
+        out = row_alone(model, inputs, i, name)
+        lorakit.mark_trainable(model, names)  # set_adapter leaves only one trainable
+        if out.requires_grad:  # rows of the base model touch no trainable parameter
+            (out * weights[i]).sum().backward()
+    for key, p in model.named_parameters():
+        if p.grad is None:
+            assert mixed[key] is None, key
+        else:
+            torch.testing.assert_close(mixed[key], p.grad, **MODEL_TOL, msg=key)
+    used = [k for k, g in mixed.items() if g is not None]
+    assert any(".a0" in k for k in used) and any(".a2" in k for k in used)
+    assert not any(".a1" in k or ".a3" in k for k in used)
+
+
+def test_batched_layer_equals_the_reference_loop_on_fused_gpt2_projection():
+    model = tiny_gpt2()
+    lorakit.add_lora(model, LoraConfig(r=2, target_modules=["c_attn"], enable_lora={"c_attn": (True, False, True)}), "s")
+    lorakit.add_lora(model, LoraConfig(r=5, alpha=3, target_modules=["c_attn", "c_fc"]), "t")
+    with torch.no_grad():
+        for _, p in lorakit.lora_parameters(model):
+            p.normal_()
+    layer = model.transformer.h[0].attn.c_attn
+    x = torch.randn(5, 4, 32)
+    names, slot = ("s", "t"), torch.tensor([0, 1, 2, 1, 0])
+    out = layer.base_forward(x, layer.weight)
+    torch.testing.assert_close(layer.add_rows(out, x, names, slot), LoraLayer.add_rows(layer, out, x, names, slot),
+                               **TOL[torch.float32])
+    torch.testing.assert_close(layer.add_rows(out, x, names, slot)[2], out[2])  # slot 2: no adapter
+
+
+def test_each_row_gets_its_own_adapters_dropout():
+    model = tiny_bert()
+    lorakit.add_lora(model, LoraConfig(r=2, dropout=0.0), "keep")
+    lorakit.add_lora(model, LoraConfig(r=2, dropout=0.5), "drop")
+    with torch.no_grad():
+        for _, p in lorakit.lora_parameters(model):
+            p.normal_()
+    layer = model.bert.encoder.layer[0].attention.self.query
+    layer.train()
+    x = torch.randn(4, 3, 32)
+    names, slot = ("keep", "drop"), torch.tensor([0, 1, 0, 1])
+    out = layer.base_forward(x, layer.weight)
+    mixed = layer.add_rows(out, x, names, slot)
+    layer.eval()
+    clean = layer.add_rows(out, x, names, slot)
+    torch.testing.assert_close(mixed[slot == 0], clean[slot == 0], **TOL[torch.float32])  # p = 0: no noise
+    assert not torch.allclose(mixed[slot == 1], clean[slot == 1])  # p = 0.5: dropped inputs
+
+
+def test_heads_of_different_widths_are_zero_padded():
+    model, names = bert_with_adapters(2)
+    model.classifier.copies["a1"] = nn.Linear(32, 3)
+    inputs = batch(3)
+    with torch.no_grad(), lorakit.adapter_per_row(model, ["a0", "a1", "a0"]):
+        logits = model(**inputs).logits
+    assert logits.shape == (3, 3)
+    assert torch.equal(logits[[0, 2], 2], torch.zeros(2))
+    with torch.no_grad():
+        torch.testing.assert_close(logits[1:2], row_alone(model, inputs, 1, "a1"), **MODEL_TOL)
+
+
+def test_bad_input_is_refused_with_a_clear_message():
+    model, _ = bert_with_adapters(2)
+    with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['zz'\]; the model has \['a0', 'a1'\]"):
+        with lorakit.adapter_per_row(model, ["a0", "zz"]):
+            pass
+    with pytest.raises(ValueError, match="given 2 adapter names for a batch of 3 rows"):
+        with lorakit.adapter_per_row(model, ["a0", "a1"]):
+            model(**batch(3))
+    lorakit.merge(model)
+    with pytest.raises(ValueError, match="cannot use per-row adapters while adapters are merged"):
+        with lorakit.adapter_per_row(model, ["a0"]):
+            pass
