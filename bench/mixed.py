@@ -10,7 +10,7 @@ on query/value, inference. Cases, timed in alternation:
 
 Before timing, lorakit's and PEFT's mixed-batch logits are checked equal.
 
-    python bench/mixed.py [--quick] [--repeats 7]
+    python bench/mixed.py [--quick] [--repeats 15]
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def run(spreads: list[int], repeats: int, rows: int = 64, seq: int = 64, loaded:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 and 8 adapters, 3 repeats, nothing extra loaded")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args(argv)
     if args.quick:
         run([1, 8], repeats=3, loaded=0, name="mixed_quick")
