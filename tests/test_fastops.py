@@ -98,22 +98,25 @@ def test_math_attention_equals_sdpa_without_dropout(mask_kind):
 def test_use_fast_dropout_on_a_transformers_model(monkeypatch):
     model = tiny_bert()
     x = ids()
-    before = model(x).logits
+    pad = torch.ones_like(x)
+    pad[0, 4:] = 0  # a padded row: the attention mask must reach both attention paths
+    before = model(x, attention_mask=pad).logits
     swapped = fastops.use_fast_dropout(model)
     assert swapped == sum(isinstance(m, fastops.FastDropout) for m in model.modules()) > 0
     assert not any(type(m) is nn.Dropout for m in model.modules())
     assert model.config._attn_implementation == fastops.ATTENTION_NAME
-    torch.testing.assert_close(model(x).logits, before, **TOL[torch.float32])  # eval: nothing dropped
-    calls = []
+    torch.testing.assert_close(model(x, attention_mask=pad).logits, before, **TOL[torch.float32])  # eval: nothing dropped
+    masks = []
     real = fastops.math_attention
-    monkeypatch.setattr(fastops, "math_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(fastops, "math_attention", lambda q, k, v, mask, *a, **kw: masks.append(mask) or real(q, k, v, mask, *a, **kw))
     model.train()
     torch.manual_seed(0)
-    a = model(x).logits
+    a = model(x, attention_mask=pad).logits
     torch.manual_seed(0)
-    assert torch.equal(model(x).logits, a)  # reproducible from the seed
-    assert not torch.allclose(model(x).logits, a)  # and different on the next call
-    assert len(calls) == 3 * 2  # attention dropout went through the fast path in both layers
+    assert torch.equal(model(x, attention_mask=pad).logits, a)  # reproducible from the seed
+    assert not torch.allclose(model(x, attention_mask=pad).logits, a)  # and different on the next call
+    assert len(masks) == 3 * 2  # attention dropout went through the fast path in both layers
+    assert all(m is not None and not m[0, ..., 4:].any() for m in masks)  # padded keys are masked out
     fastops.use_fast_dropout(model, enabled=False)
     assert not any(isinstance(m, fastops.FastDropout) for m in model.modules())
     assert model.config._attn_implementation == "sdpa"

@@ -93,7 +93,7 @@ def math_attention(query: Tensor, key: Tensor, value: Tensor, attention_mask: Te
     lowest = torch.finfo(scores.dtype).min
     if attention_mask is not None:
         mask = attention_mask[..., : key.shape[-2]]
-        scores = scores.masked_fill_(~mask, lowest) if mask.dtype == torch.bool else scores.add_(mask)
+        scores = scores.masked_fill_(~mask, lowest) if mask.dtype == torch.bool else scores + mask  # promotes
     elif is_causal:
         t, s = scores.shape[-2:]
         scores = scores.masked_fill_(~torch.ones(t, s, dtype=torch.bool, device=scores.device).tril(s - t), lowest)
@@ -132,7 +132,10 @@ def use_fast_dropout(model: nn.Module, enabled: bool = True) -> int:
     if config is not None and getattr(config, "_attn_implementation", None) in ("sdpa", ATTENTION_NAME):
         if enabled:
             from transformers import AttentionInterface
+            from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
             AttentionInterface.register(ATTENTION_NAME, _fast_attention)
+            # Without a mask function of its own name, transformers builds no attention mask at all.
+            AttentionMaskInterface.register(ATTENTION_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
         config._attn_implementation = ATTENTION_NAME if enabled else "sdpa"
     return swapped

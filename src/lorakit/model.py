@@ -253,14 +253,15 @@ def adapter_per_row(model: nn.Module, adapters: Sequence[str | None]) -> Iterato
         raise ValueError(f"unknown adapter(s) {unknown}; the model has {known}")
     _check_not_merged(model, "use per-row adapters")
     modules = [m for m in model.modules() if isinstance(m, LoraLayer | ModulesToSave)]
+    before = [m.rows for m in modules]  # restored on exit, so blocks nest
     plan = RowPlan(names)
     for m in modules:
         m.rows = plan
     try:
         yield model
     finally:
-        for m in modules:
-            m.rows = None
+        for m, rows in zip(modules, before):
+            m.rows = rows
 
 
 def mark_trainable(model: nn.Module, adapters: Sequence[str]) -> None:
