@@ -149,3 +149,15 @@ def test_bad_input_is_refused_with_a_clear_message():
     with pytest.raises(ValueError, match="cannot use per-row adapters while adapters are merged"):
         with lorakit.adapter_per_row(model, ["a0"]):
             pass
+
+
+def test_blocks_nest():
+    model, _ = bert_with_adapters(2)
+    inputs = batch(2)
+    with torch.no_grad(), lorakit.adapter_per_row(model, ["a0", "a1"]):
+        outer = model(**inputs).logits
+        with lorakit.adapter_per_row(model, ["a1", "a1"]):
+            inner = model(**inputs).logits
+        torch.testing.assert_close(model(**inputs).logits, outer)  # the outer plan is back
+    torch.testing.assert_close(inner[1], outer[1])
+    assert not torch.allclose(inner[0], outer[0])
