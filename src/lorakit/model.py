@@ -252,16 +252,8 @@ def adapter_per_row(model: nn.Module, adapters: Sequence[str | None]) -> Iterato
     if unknown:
         raise ValueError(f"unknown adapter(s) {unknown}; the model has {known}")
     _check_not_merged(model, "use per-row adapters")
-    modules = [m for m in model.modules() if isinstance(m, LoraLayer | ModulesToSave)]
-    before = [m.rows for m in modules]  # restored on exit, so blocks nest
-    plan = RowPlan(names)
-    for m in modules:
-        m.rows = plan
-    try:
+    with _set_on_adapter_modules(model, "rows", RowPlan(names)):
         yield model
-    finally:
-        for m, rows in zip(modules, before):
-            m.rows = rows
 
 
 def mark_trainable(model: nn.Module, adapters: Sequence[str]) -> None:
@@ -326,15 +318,23 @@ def remove_adapter(model: nn.Module, adapter: str) -> None:
 @contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model: no LoRA branch, original weights, original saved modules."""
-    modules = [m for _, m in model.named_modules() if isinstance(m, LoraLayer | ModulesToSave)]
-    before = [m.disabled for m in modules]
-    for m in modules:
-        m.disabled = True
-    try:
+    with _set_on_adapter_modules(model, "disabled", True):
         yield model
+
+
+@contextmanager
+def _set_on_adapter_modules(model: nn.Module, attr: str, value) -> Iterator[None]:
+    """Set ``attr`` on every LoRA layer and saved module for the block, then restore
+    each one's previous value (so blocks nest)."""
+    modules = [m for m in model.modules() if isinstance(m, LoraLayer | ModulesToSave)]
+    before = [getattr(m, attr) for m in modules]
+    for m in modules:
+        setattr(m, attr, value)
+    try:
+        yield
     finally:
         for m, state in zip(modules, before):
-            m.disabled = state
+            setattr(m, attr, state)
 
 
 # ---- merging -----------------------------------------------------------------------------
