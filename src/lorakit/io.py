@@ -90,12 +90,16 @@ def read_weights(directory: str | Path) -> dict[str, Tensor]:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
 
 
-def load_adapter(model: nn.Module, directory: str | Path, adapter: str = "default") -> nn.Module:
+def load_adapter(model: nn.Module, directory: str | Path, adapter: str = "default", *,
+                 resize_saved: bool = False) -> nn.Module:
     """Attach the adapter stored in ``directory`` (PEFT or lorakit) to ``model`` as ``adapter``.
 
     Loading is strict: if the file's tensors do not match the model's adapter
     exactly, one ``ValueError`` lists every missing and unexpected key and every
-    shape mismatch, and the model is left as it was.
+    shape mismatch, and the model is left as it was. With ``resize_saved``, the
+    adapter's copies of saved modules take the file's shapes instead, so that
+    adapters whose heads have different label counts (MRPC's 2, STS-B's 1) share one
+    base model.
     """
     config = LoraConfig.load(directory)
     tensors = read_weights(directory)
@@ -104,11 +108,29 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter: str = "defaul
     except ValueError as e:
         raise ValueError(f"the adapter in {str(directory)!r} does not fit this model: {e}") from None
     try:
+        if resize_saved:
+            _resize_saved_copies(model, adapter, tensors)
         copy_strict(adapter_state_dict(model, adapter), tensors, str(directory))
     except BaseException:
         remove_adapter(model, adapter)
         raise
     return model
+
+
+def _resize_saved_copies(model: nn.Module, adapter: str, tensors: dict[str, Tensor]) -> None:
+    """Give ``adapter``'s saved-module parameters the shapes their file tensors have."""
+    for name, module in outside_saved_modules(model):
+        if not (isinstance(module, ModulesToSave) and adapter in module.copies):
+            continue
+        for key, param in list(module.copies[adapter].named_parameters()):
+            found = tensors.get(f"{PREFIX}{name}.{key}")
+            if found is None or found.shape == param.shape:
+                continue
+            owner_name, _, attr = key.rpartition(".")
+            owner = module.copies[adapter].get_submodule(owner_name)
+            setattr(owner, attr, nn.Parameter(param.new_empty(found.shape), requires_grad=param.requires_grad))
+            if isinstance(owner, nn.Linear):
+                owner.out_features, owner.in_features = owner.weight.shape
 
 
 def copy_strict(expected: dict[str, Tensor], found: dict[str, Tensor], source: str) -> None:

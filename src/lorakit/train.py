@@ -244,7 +244,7 @@ def _optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
-def _autocast(precision: str):
+def precision_context(precision: str):
     """bf16 autocast on the CPU (AMX/AVX-512 bf16 matmuls) or nothing."""
     return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
@@ -337,7 +337,7 @@ def _train_epoch(model: nn.Module, cfg: TrainConfig, split: Split, order: list[l
     started, total_loss, seen = time.perf_counter(), 0.0, 0
     bar = tqdm(_batches(split, order, pad_id, regression), total=len(order), disable=not cfg.progress, desc=desc, leave=False)
     for batch in bar:
-        with _autocast(cfg.precision):
+        with precision_context(cfg.precision):
             loss = model(**batch).loss
         loss.backward()
         if cfg.grad_clip > 0:
@@ -377,7 +377,7 @@ def train(cfg: TrainConfig, seed: int) -> dict[str, Any]:
         loss, seen = _train_epoch(model, cfg, train_split, order, pad_id, task.labels is None, optimizer, scheduler,
                                   desc=f"epoch {epoch + 1}/{cfg.epochs}")
         train_time = time.perf_counter() - started
-        with _autocast(cfg.precision):
+        with precision_context(cfg.precision):
             metrics = {s: evaluate(model, task, split, cfg.eval_batch_size, pad_id) for s, split in dev.items()}
         progress.wall += time.perf_counter() - started
         best = max((h["dev"][main[0]][main[1]] for h in progress.history), default=-math.inf)

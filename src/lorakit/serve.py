@@ -1,0 +1,420 @@
+"""``lorakit serve``: many classification adapters on one base model behind an HTTP JSON API.
+
+Requests that arrive together are batched into one forward pass whatever adapters
+they name (paper section 4.2): :func:`lorakit.adapter_per_row` runs each row through
+its own adapter. A single worker thread owns the model, so forwards and adapter
+loads/unloads never overlap; the event loop only parses, validates and queues.
+
+    POST   /v1/classify          {"adapter": "mrpc", "inputs": [["s1", "s2"], ...]}
+    GET    /v1/adapters
+    POST   /v1/adapters          {"name": "rte", "path": "runs/rte/seed0/adapter"}   (token)
+    DELETE /v1/adapters/{name}                                                      (token)
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the route functions' annotations,
+# whose types are defined inside create_app.
+import asyncio
+import concurrent.futures
+import hmac
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import data
+from .io import load_adapter
+from .model import adapter_per_row, remove_adapter
+from .models import resolve_model
+from .train import load_classifier, precision_context
+
+__all__ = ["ServeConfig", "Engine", "create_app", "serve"]
+
+
+@dataclass
+class ServeConfig:
+    max_batch_rows: int = 64  # rows in one forward pass
+    max_wait_ms: float = 2.0  # how long a forward waits for more requests once one is queued
+    max_queue: int = 256  # queued requests; more are refused with 503
+    max_rows_per_request: int = 64
+    max_length: int = 512  # tokens per row
+    max_body_bytes: int = 1 << 20
+    batching: bool = True  # False: one request per forward pass (for comparison)
+    token: str | None = None  # bearer token for the admin routes
+
+
+class ClientError(Exception):
+    """A request the server refuses: becomes an HTTP ``status`` with ``message``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class AdapterInfo:
+    name: str
+    path: str
+    task: data.Task
+
+    def public(self) -> dict[str, Any]:
+        return {"name": self.name, "path": self.path, "task": self.task.name, "labels": self.task.labels,
+                "inputs_per_row": len(self.task.text_columns)}
+
+
+# ---- the model side (runs on the worker thread only) ----------------------------------------
+
+
+class Engine:
+    """One base classifier and its adapters; every method runs on the single worker thread."""
+
+    def __init__(self, model_name: str, precision: str = "fp32") -> None:
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+        self.model_name = model_name
+        self.precision = precision
+        # The base's own head is never used: every adapter brings its head (resized to its task).
+        self.tokenizer, self.model = load_classifier(model_name, data.get_task("mrpc"))
+        self.model.eval()
+        self.adapters: dict[str, AdapterInfo] = {}
+
+    def load(self, name: str, path: str, task: str | None = None) -> AdapterInfo:
+        if name in self.adapters:
+            raise ClientError(409, f"an adapter named {name!r} is already loaded; DELETE it first")
+        folder = Path(path)
+        if not folder.is_dir():
+            raise ClientError(400, f"adapter folder {path!r} does not exist")
+        info_file = folder / "task.json"
+        info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+        task = task or info.get("task")
+        if not task:
+            raise ClientError(400, f"{path!r} has no task.json; give the adapter's GLUE task")
+        trained_on = info.get("model")
+        if trained_on and resolve_model(trained_on) != resolve_model(self.model_name):
+            raise ClientError(400, f"adapter {name!r} was trained on {trained_on!r}, but this server runs {self.model_name!r}")
+        try:
+            glue_task = data.get_task(task)
+            load_adapter(self.model, folder, name, resize_saved=True)
+        except ValueError as e:
+            raise ClientError(400, str(e)) from None
+        if not any(name in getattr(m, "copies", {}) for m in self.model.modules()):
+            remove_adapter(self.model, name)
+            raise ClientError(400, f"adapter {name!r} has no classification head (modules_to_save); it cannot classify")
+        self.adapters[name] = AdapterInfo(name, str(folder), glue_task)
+        return self.adapters[name]
+
+    def unload(self, name: str) -> None:
+        if name not in self.adapters:
+            raise ClientError(404, f"no adapter named {name!r}; loaded: {sorted(self.adapters)}")
+        del self.adapters[name]
+        remove_adapter(self.model, name)
+
+    @torch.inference_mode()
+    def classify(self, requests: "list[_Request]") -> list[dict[str, Any] | ClientError]:
+        """All ``requests`` in mixed-adapter forward passes; a result (or error) per request.
+
+        Rows are sorted by length and cut into as few groups as keep padding under
+        ``WASTE`` (a forward's cost grows with its padded tokens on a CPU), each group
+        one forward pass whatever adapters its rows use.
+        """
+        live = [r for r in requests if r.adapter in self.adapters]  # one may have been unloaded meanwhile
+        features = [f for r in live for f in r.features]
+        adapters = [r.adapter for r in live for _ in r.features]
+        logits: list[torch.Tensor] = [torch.empty(0)] * len(features)
+        for group in length_groups([len(f["input_ids"]) for f in features]):
+            batch = data.collate([features[i] for i in group], [0] * len(group), self.tokenizer.pad_token_id or 0, False)
+            batch.pop("labels")
+            with adapter_per_row(self.model, [adapters[i] for i in group]), precision_context(self.precision):
+                out = self.model(**batch).logits.float()
+            for i, row in zip(group, out):
+                logits[i] = row
+        results: list[dict[str, Any] | ClientError] = []
+        start = 0
+        for r in requests:
+            if r not in live:
+                results.append(ClientError(404, f"adapter {r.adapter!r} was unloaded"))
+                continue
+            info = self.adapters[r.adapter]
+            rows = logits[start:start + len(r.features)]
+            start += len(r.features)
+            results.append(_result(info, torch.stack([row[: info.task.num_labels] for row in rows])))
+        return results
+
+
+WASTE = 0.1  # padding allowed in a forward pass, as a fraction of its real tokens
+MIN_TOKENS = 256  # a forward pass this small is not split further (small matmuls are inefficient)
+
+
+def length_groups(lengths: list[int], waste: float = WASTE, min_tokens: int = MIN_TOKENS) -> list[list[int]]:
+    """Row indices sorted by length and cut into groups: a new group starts when the next
+    row would pad the current one (of at least ``min_tokens`` real tokens) past ``waste``."""
+    groups: list[list[int]] = []
+    group: list[int] = []
+    real = 0
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if group and real >= min_tokens and lengths[i] * (len(group) + 1) > (1 + waste) * (real + lengths[i]):
+            groups.append(group)
+            group, real = [], 0
+        group.append(i)
+        real += lengths[i]
+    return [*groups, group] if group else groups
+
+
+def _result(info: AdapterInfo, logits: torch.Tensor) -> dict[str, Any]:
+    task = info.task
+    if task.labels is None:
+        return {"adapter": info.name, "task": task.name, "labels": None, "scores": logits[:, 0].tolist()}
+    probs = logits.softmax(-1)
+    return {"adapter": info.name, "task": task.name, "labels": [task.labels[i] for i in probs.argmax(-1).tolist()],
+            "scores": probs.tolist(), "label_names": list(task.labels)}
+
+
+# ---- the request side (event loop) ---------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Request:
+    adapter: str
+    features: list[dict[str, list[int]]]
+    future: asyncio.Future = field(repr=False)
+
+
+class Batcher:
+    """A bounded queue of requests and one task that turns them into forward passes."""
+
+    def __init__(self, engine: Engine, config: ServeConfig) -> None:
+        self.engine = engine
+        self.config = config
+        self.queue: asyncio.Queue[_Request] = asyncio.Queue(maxsize=config.max_queue)
+        self.worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorakit-model")
+        self.forwards = 0
+        self._held: _Request | None = None  # a request that did not fit the previous batch
+
+    async def call(self, fn, *args):
+        """Run ``fn`` on the model thread (after any forward in progress)."""
+        return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
+
+    async def submit(self, adapter: str, features: list[dict[str, list[int]]]) -> dict[str, Any]:
+        request = _Request(adapter, features, asyncio.get_running_loop().create_future())
+        try:
+            self.queue.put_nowait(request)
+        except asyncio.QueueFull:
+            raise ClientError(503, f"server busy: {self.config.max_queue} requests already queued; retry later") from None
+        result = await request.future
+        if isinstance(result, ClientError):
+            raise result
+        return result
+
+    async def _next(self, timeout: float | None) -> _Request | None:
+        if self._held is not None:
+            request, self._held = self._held, None
+            return request
+        if timeout is None:
+            return await self.queue.get()
+        try:
+            return self.queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(self.queue.get(), timeout)
+        except (asyncio.QueueEmpty, TimeoutError):
+            return None
+
+    async def _collect(self) -> list[_Request]:
+        batch = [await self._next(None)]
+        rows = len(batch[0].features)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.max_wait_ms / 1000
+        while self.config.batching and rows < self.config.max_batch_rows:
+            request = await self._next(deadline - loop.time())
+            if request is None:
+                break
+            if rows + len(request.features) > self.config.max_batch_rows:
+                self._held = request
+                break
+            batch.append(request)
+            rows += len(request.features)
+        return batch
+
+    async def run(self) -> None:
+        while True:
+            batch = [r for r in await self._collect() if not r.future.done()]  # drop requests whose client left
+            if not batch:
+                continue
+            try:
+                results = await self.call(self.engine.classify, batch)
+            except Exception as e:  # a bug or an out-of-memory: fail these requests, keep serving
+                results = [ClientError(500, f"forward pass failed: {type(e).__name__}: {e}")] * len(batch)
+            self.forwards += 1
+            for request, result in zip(batch, results):
+                if not request.future.done():
+                    request.future.set_result(result)
+
+
+# ---- HTTP -------------------------------------------------------------------------------------
+
+
+def _texts(info: AdapterInfo, inputs: list[Any], config: ServeConfig) -> list[tuple[str, ...]]:
+    want = len(info.task.text_columns)
+    if not inputs:
+        raise ClientError(400, "'inputs' is empty")
+    if len(inputs) > config.max_rows_per_request:
+        raise ClientError(413, f"{len(inputs)} rows in one request; the limit is {config.max_rows_per_request}")
+    rows = []
+    for i, row in enumerate(inputs):
+        texts = (row,) if isinstance(row, str) else tuple(row)
+        if len(texts) != want or not all(isinstance(t, str) for t in texts):
+            shape = "a string or [string]" if want == 1 else f"[{', '.join(['string'] * want)}]"
+            raise ClientError(400, f"inputs[{i}]: task {info.task.name} takes {shape} per row, got {json.dumps(row)[:80]}")
+        rows.append(texts)
+    return rows
+
+
+def _tokenize(tokenizer, rows: list[tuple[str, ...]], max_length: int) -> list[dict[str, list[int]]]:
+    enc = tokenizer(*zip(*rows))
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+    features = [{k: enc[k][i] for k in keys} for i in range(len(rows))]
+    for i, f in enumerate(features):
+        if len(f["input_ids"]) > max_length:
+            raise ClientError(413, f"inputs[{i}] is {len(f['input_ids'])} tokens long; the limit is {max_length}")
+    return features
+
+
+class _BodyLimit:
+    """ASGI middleware: read the whole request body first (chunked too) and refuse it
+    with 413 past ``limit`` bytes, before the app parses anything."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.limit:
+                body = json.dumps({"error": f"request body over the limit of {self.limit} bytes"}).encode()
+                await send({"type": "http.response.start", "status": 413, "headers": [
+                    (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                return await send({"type": "http.response.body", "body": body})
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+def create_app(engine: Engine, config: ServeConfig | None = None, adapters: dict[str, str] | None = None):
+    """The FastAPI app serving ``engine``; ``adapters`` (name -> folder) are loaded at start-up."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import Depends, FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from pydantic import BaseModel, ConfigDict
+
+    config = config or ServeConfig()
+    for name, path in (adapters or {}).items():
+        try:
+            engine.load(name, path)
+        except ClientError as e:
+            raise ValueError(f"--adapter {name}={path}: {e}") from None
+
+    @asynccontextmanager
+    async def lifespan(app):
+        app.state.batcher = Batcher(engine, config)
+        task = asyncio.create_task(app.state.batcher.run())
+        yield
+        task.cancel()
+        app.state.batcher.worker.shutdown(wait=True)
+
+    app = FastAPI(title="lorakit serve", lifespan=lifespan)
+
+    class Classify(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        adapter: str
+        inputs: list[str | list[str]]
+
+    class LoadAdapter(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        name: str
+        path: str
+        task: str | None = None
+
+    def admin(request: Request) -> None:
+        if config.token is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {config.token}".encode()):
+            raise ClientError(401, "this route needs 'Authorization: Bearer <token>' with the server's --token")
+
+    @app.exception_handler(ClientError)
+    async def client_error(request: Request, e: ClientError):
+        return JSONResponse({"error": str(e)}, status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, e: RequestValidationError):
+        problems = []
+        for err in e.errors():
+            where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+            problems.append(f"{where}: {err.get('msg')}" if where else err.get("msg", "invalid"))
+        kind = "malformed JSON" if any(err.get("type") == "json_invalid" for err in e.errors()) else "invalid request"
+        return JSONResponse({"error": f"{kind}: " + "; ".join(problems)}, status_code=400)
+
+    def lookup(name: str) -> AdapterInfo:
+        info = engine.adapters.get(name)
+        if info is None:
+            raise ClientError(404, f"no adapter named {name!r}; loaded: {sorted(engine.adapters)}")
+        return info
+
+    @app.post("/v1/classify")
+    async def classify(body: Classify, request: Request):
+        info = lookup(body.adapter)
+        features = _tokenize(engine.tokenizer, _texts(info, body.inputs, config), config.max_length)
+        return await request.app.state.batcher.submit(body.adapter, features)
+
+    @app.get("/v1/adapters")
+    async def list_adapters():
+        return {"model": engine.model_name, "adapters": [a.public() for a in engine.adapters.values()]}
+
+    @app.post("/v1/adapters", status_code=201, dependencies=[Depends(admin)])
+    async def add(body: LoadAdapter, request: Request):
+        info = await request.app.state.batcher.call(engine.load, body.name, body.path, body.task)
+        return info.public()
+
+    @app.delete("/v1/adapters/{name}", dependencies=[Depends(admin)])
+    async def remove(name: str, request: Request):
+        await request.app.state.batcher.call(engine.unload, name)
+        return {"deleted": name}
+
+    @app.get("/healthz")
+    async def health(request: Request):
+        batcher = request.app.state.batcher
+        return {"ok": True, "queued": batcher.queue.qsize(), "forwards": batcher.forwards, "time": time.time()}
+
+    return _BodyLimit(app, config.max_body_bytes)
+
+
+def serve(model: str | None, adapters: dict[str, str], config: ServeConfig, host: str, port: int,
+          precision: str = "fp32") -> None:
+    """Load the model and adapters and serve until interrupted."""
+    import uvicorn
+
+    if model is None:
+        first = next(iter(adapters.values()), None)
+        info = Path(first, "task.json") if first else None
+        if info is None or not info.is_file():
+            raise ValueError("name the base model with --model (no adapter with a task.json to read it from)")
+        model = json.loads(info.read_text())["model"]
+    app = create_app(Engine(model, precision), config, adapters)
+    print(f"lorakit serve: {model} ({precision}) with adapters {sorted(adapters) or 'none'} on http://{host}:{port}", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -1,0 +1,199 @@
+"""lorakit serve through a real HTTP client against a server on loopback."""
+
+import concurrent.futures
+import contextlib
+import json
+import shutil
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+import lorakit
+from helpers import randomize
+from lorakit import data
+from lorakit.cli import main
+from lorakit.serve import Engine, ServeConfig, create_app, length_groups
+from lorakit.train import load_classifier
+
+PAIRS = [["The cat sat on the mat.", "A cat was sitting on a mat."], ["Stocks fell sharply.", "It rained all day in Paris."],
+         ["He left early", "He did not stay long at all, leaving before the others"]]
+SINGLES = ["This sentence is fine.", "Sentence this fine is.", "Colorless green ideas sleep furiously."]
+
+# name -> (task, rank): a 2-label, a 1-output (regression) and a single-sentence task, ranks differing
+ADAPTERS = {"mrpc": ("mrpc", 4), "stsb": ("stsb", 2), "cola": ("cola", 8)}
+
+
+def _make_adapter(folder, model_dir: str, task: str, r: int, seed: int) -> None:
+    _, model = load_classifier(model_dir, data.get_task(task))
+    lorakit.add_lora(model, lorakit.LoraConfig(r=r, alpha=2 * r, target_modules=["query", "value"],
+                                               modules_to_save=["classifier"]))
+    randomize(model, seed, std=0.3)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.classifier.copies["default"].parameters():
+            p.normal_(0, 30)  # the tiny base's pooled outputs are small: make the scores far from uniform
+    lorakit.save_adapter(model, folder)
+    (folder / "task.json").write_text(json.dumps({"task": task, "model": model_dir}))
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    for seed, (name, (task, r)) in enumerate(ADAPTERS.items()):
+        _make_adapter(root / name, tiny_model, task, r, seed)
+    return {name: str(root / name) for name in ADAPTERS}
+
+
+@contextlib.contextmanager
+def running(app):
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert thread.is_alive() and time.time() < deadline, "server did not start"
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            yield client
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    return Engine(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def client(engine, adapters):
+    config = ServeConfig(max_wait_ms=20, max_rows_per_request=8, max_length=40, max_body_bytes=4096, token="s3cret")
+    with running(create_app(engine, config, adapters)) as c:
+        yield c
+
+
+def reference(model_dir: str, folder: str, task: str, row) -> list[float]:
+    """One row alone through a fresh model with only this adapter."""
+    tokenizer, model = load_classifier(model_dir, data.get_task(task))
+    lorakit.load_adapter(model, folder)
+    model.eval()
+    texts = [row] if isinstance(row, str) else row
+    with torch.no_grad():
+        logits = model(**tokenizer(*[[t] for t in texts], return_tensors="pt")).logits[0]
+    return logits.tolist() if task == "stsb" else logits.softmax(-1).tolist()
+
+
+def test_concurrent_mixed_requests_match_each_row_alone(client, engine, adapters, tiny_model):
+    requests = [("mrpc", PAIRS), ("stsb", PAIRS[:2]), ("cola", SINGLES), ("mrpc", PAIRS[2:])] * 4
+    forwards_before = client.get("/healthz").json()["forwards"]
+    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+        replies = list(pool.map(lambda r: client.post("/v1/classify", json={"adapter": r[0], "inputs": r[1]}), requests))
+    assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
+    assert client.get("/healthz").json()["forwards"] - forwards_before < len(requests)  # requests were batched together
+    for (name, rows), reply in zip(requests, replies):
+        body = reply.json()
+        assert body["adapter"] == name and body["task"] == ADAPTERS[name][0]
+        for row, scores in zip(rows, body["scores"]):
+            expected = reference(tiny_model, adapters[name], ADAPTERS[name][0], row)
+            torch.testing.assert_close(torch.tensor(scores).reshape(-1), torch.tensor(expected), rtol=1e-4, atol=1e-5)
+        assert torch.tensor(body["scores"]).std() > 0.05  # rows (and so adapters) are told apart
+        if name == "stsb":
+            assert body["labels"] is None
+        else:
+            assert body["labels"] == [body["label_names"][max(range(2), key=s.__getitem__)] for s in body["scores"]]
+
+
+@pytest.mark.parametrize("request_kwargs, status, message", [
+    (dict(json={"adapter": "nope", "inputs": [["a", "b"]]}), 404, "no adapter named 'nope'; loaded: ['cola', 'mrpc', 'stsb']"),
+    (dict(content=b'{"adapter": "mrpc", "inputs": [', headers={"content-type": "application/json"}), 400, "malformed JSON"),
+    (dict(json={"adapter": "mrpc"}), 400, "invalid request: inputs: Field required"),
+    (dict(json={"adapter": "mrpc", "inputs": [["a", "b"]], "extra": 1}), 400, "extra: Extra inputs are not permitted"),
+    (dict(json={"adapter": "mrpc", "inputs": []}), 400, "'inputs' is empty"),
+    (dict(json={"adapter": "mrpc", "inputs": ["only one"]}), 400, 'inputs[0]: task mrpc takes [string, string] per row, got "only one"'),
+    (dict(json={"adapter": "cola", "inputs": [["a", "b"]]}), 400, "inputs[0]: task cola takes a string or [string] per row"),
+    (dict(json={"adapter": "mrpc", "inputs": [["a", "b"]] * 9}), 413, "9 rows in one request; the limit is 8"),
+    (dict(json={"adapter": "cola", "inputs": ["word " * 50]}), 413, "inputs[0] is 52 tokens long; the limit is 40"),
+    (dict(json={"adapter": "cola", "inputs": ["x" * 5000]}), 413, "request body over the limit of 4096 bytes"),
+])
+def test_bad_requests_get_a_4xx_and_the_server_stays_up(client, request_kwargs, status, message):
+    reply = client.post("/v1/classify", **request_kwargs)
+    assert reply.status_code == status
+    assert message in reply.json()["error"]
+    assert client.post("/v1/classify", json={"adapter": "cola", "inputs": SINGLES[:1]}).status_code == 200
+
+
+def test_chunked_body_over_the_limit_is_refused(client):
+    reply = client.post("/v1/classify", content=iter([b'{"adapter": "cola", "inputs": ["', b"x" * 5000, b'"]}']),
+                        headers={"content-type": "application/json"})
+    assert reply.status_code == 413
+
+
+def test_admin_routes_load_and_unload_adapters_behind_the_token(client, adapters):
+    auth = {"authorization": "Bearer s3cret"}
+    body = {"name": "mrpc2", "path": adapters["mrpc"]}
+    assert client.post("/v1/adapters", json=body).status_code == 401
+    assert client.post("/v1/adapters", json=body, headers={"authorization": "Bearer wrong"}).status_code == 401
+    assert client.delete("/v1/adapters/mrpc").status_code == 401
+    reply = client.post("/v1/adapters", json=body, headers=auth)
+    assert reply.status_code == 201 and reply.json()["task"] == "mrpc"
+    assert client.post("/v1/adapters", json=body, headers=auth).status_code == 409
+    missing = client.post("/v1/adapters", json={"name": "x", "path": "/no/such/dir"}, headers=auth)
+    assert missing.status_code == 400 and "does not exist" in missing.json()["error"]
+    names = [a["name"] for a in client.get("/v1/adapters").json()["adapters"]]
+    assert names == ["mrpc", "stsb", "cola", "mrpc2"]
+    one = client.post("/v1/classify", json={"adapter": "mrpc", "inputs": PAIRS}).json()
+    two = client.post("/v1/classify", json={"adapter": "mrpc2", "inputs": PAIRS}).json()
+    torch.testing.assert_close(torch.tensor(one["scores"]), torch.tensor(two["scores"]))
+    assert client.delete("/v1/adapters/mrpc2", headers=auth).json() == {"deleted": "mrpc2"}
+    assert client.delete("/v1/adapters/mrpc2", headers=auth).status_code == 404
+    assert client.post("/v1/classify", json={"adapter": "mrpc2", "inputs": PAIRS}).status_code == 404
+
+
+def test_full_queue_answers_503(tiny_model, adapters):
+    engine = Engine(tiny_model)
+    slow = engine.classify
+
+    def classify(requests):
+        time.sleep(0.3)
+        return slow(requests)
+
+    engine.classify = classify
+    config = ServeConfig(max_queue=1, max_batch_rows=1, max_wait_ms=0)
+    with running(create_app(engine, config, {"cola": adapters["cola"]})) as client:
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            replies = list(pool.map(lambda _: client.post("/v1/classify", json={"adapter": "cola", "inputs": SINGLES[:1]}),
+                                    range(6)))
+    codes = sorted(r.status_code for r in replies)
+    assert codes[0] == 200 and codes[-1] == 503, codes
+    assert "requests already queued" in next(r for r in replies if r.status_code == 503).json()["error"]
+
+
+def test_adapter_from_another_base_is_refused(tiny_model, adapters, tmp_path):
+    moved = tmp_path / "other"
+    shutil.copytree(adapters["cola"], moved)
+    (moved / "task.json").write_text(json.dumps({"task": "cola", "model": "minilm"}))
+    with pytest.raises(ValueError, match="was trained on 'minilm', but this server runs"):
+        create_app(Engine(tiny_model), ServeConfig(), {"x": str(moved)})
+
+
+def test_cli_serve_bad_adapter_spec(capsys):
+    assert main(["serve", "--adapter", "no-equals-sign"]) == 2
+    assert "--adapter takes NAME=FOLDER, got 'no-equals-sign'" in capsys.readouterr().err
+
+
+def test_length_groups_cover_every_row_once_and_bound_padding():
+    assert length_groups([100, 10, 50, 10, 50, 10, 50, 100, 10, 50], waste=0.1, min_tokens=30) == [
+        [1, 3, 5, 8], [2, 4, 6, 9], [0, 7]]
+    assert length_groups([10, 13], waste=0.1, min_tokens=10) == [[0], [1]]  # 13 * 2 > 1.1 * 23
+    assert length_groups([10, 12], waste=0.1, min_tokens=10) == [[0, 1]]  # 12 * 2 <= 1.1 * 22
+    assert length_groups([10, 500], min_tokens=10_000) == [[0, 1]]  # too few tokens to split
+    assert length_groups([]) == [] and length_groups([5]) == [[0]]
+    lengths = [50, 12, 90, 48, 51, 13, 88, 30, 49, 52, 91, 47] * 3
+    assert sorted(i for g in length_groups(lengths) for i in g) == list(range(len(lengths)))
