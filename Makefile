@@ -35,6 +35,8 @@ bench: install
 	$(BENCH_ENV) $(PY) bench/latency.py
 	$(BENCH_ENV) $(PY) bench/scaling.py
 	$(BENCH_ENV) $(PY) bench/mixed.py
+	$(BENCH_ENV) $(PY) bench/serve.py
+	$(BENCH_ENV) $(PY) bench/serve.py --precision bf16
 	$(BENCH_ENV) $(PY) bench/e2e.py --epochs 2
 	$(PY) bench/report.py
 
@@ -44,5 +46,6 @@ bench-quick: install
 	$(BENCH_ENV) $(PY) bench/latency.py --quick
 	$(BENCH_ENV) $(PY) bench/scaling.py --quick
 	$(BENCH_ENV) $(PY) bench/mixed.py --quick
+	$(BENCH_ENV) $(PY) bench/serve.py --quick
 	$(BENCH_ENV) $(PY) bench/e2e.py --quick
 	$(PY) bench/report.py

@@ -90,13 +90,28 @@ def mixed(r: dict) -> list[str]:
     return rows
 
 
+def serve(r: dict) -> list[str]:
+    rows = ["| clients | case | rows/s | p50 ms | p99 ms | failed |", "|---|---|---|---|---|---|"]
+    for clients, v in r["results"].items():
+        rows += [f"| {clients.split('_')[1]} | {case} | {c['rows_per_s']:.0f} | {c['p50_ms']:.0f} | {c['p99_ms']:.0f} | "
+                 f"{c['failed']} |" for case, c in v["cases"].items()]
+    rows += ["", "| clients | spread / one | spread / spread_nobatch |", "|---|---|---|"]
+    rows += [f"| {clients.split('_')[1]} | {v['ratios']['spread/one']:.3f} | {v['ratios']['spread/spread_nobatch']:.3f} |"
+             for clients, v in r["results"].items()]
+    return rows
+
+
 SECTIONS = [("train_step", "Training step (batch 16 x 128, forward + backward + AdamW)", train_step),
             ("memory", "Peak memory of training (each case in its own process)", memory),
             ("latency", "Inference latency, GPT-2 medium shape (paper Table 1 style)", latency),
             ("scaling", "Scaling with rank, sequence length and adapters loaded (MiniLM)", scaling),
             ("files", "Checkpoint size", files),
             ("mixed", "Mixed-adapter batch, 64 rows x 64 tokens, MiniLM r=8 q/v, inference", mixed),
+            ("serve", "lorakit serve load test, MiniLM, 32 adapters r=8 q/v, 1 sentence pair per request, fp32", serve),
+            ("serve_bf16", "lorakit serve load test, as above with --precision bf16", serve),
             ("e2e", "End to end: the demo recipe, lorakit train vs a plain PEFT loop", e2e)]
+# Records written by a script run with flags (default: bench/<record>.py).
+COMMANDS = {"serve_bf16": "serve.py --precision bf16"}
 
 
 # Targets of issues #5 and #8: (label, record, path to the measured ratio, (comparison, bound) or None).
@@ -117,6 +132,10 @@ TARGETS = [
      ("throughput_ratios", "rows_64/single"), (">=", 0.95)),
     ("Mixed batch over 64 adapters: throughput lorakit / PEFT adapter_names", "mixed",
      ("throughput_ratios", "rows_64/peft_rows_64"), (">=", 1.15)),
+    ("Server, 32 clients over 32 adapters: rows/s / all on one adapter", "serve",
+     ("clients_32", "ratios", "spread/one"), (">=", 0.90)),
+    ("Server, 32 clients over 32 adapters: rows/s / same server without batching", "serve",
+     ("clients_32", "ratios", "spread/spread_nobatch"), (">=", 3.0)),
     ("MiniLM step, dropout 0.1: --precision bf16 / fp32 (reported, no target)", "train_step",
      ("minilm/dropout=0.1/fp32", "ratios", "trainer bf16/fp32"), None),
 ]
@@ -154,8 +173,9 @@ def build(results: Path) -> str:
                 continue
             r = json.loads(path.read_text())
             env = r["environment"]
+            command = COMMANDS.get(name, f"{name}.py")
             out += [f"## {title}{' (quick)' if suffix else ''}", "",
-                    f"`python bench/{name}.py{' --quick' if suffix else ''}` — {r['time']}, git {str(env['git_sha'])[:10]}, "
+                    f"`python bench/{command}{' --quick' if suffix else ''}` — {r['time']}, git {str(env['git_sha'])[:10]}, "
                     f"{env['cpu']}, {env['threads']} threads, torch {env['versions']['torch']}, peft {env['versions']['peft']}",
                     "", *render(r), ""]
     return "\n".join(out)
