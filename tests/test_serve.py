@@ -129,6 +129,12 @@ def test_bad_requests_get_a_4xx_and_the_server_stays_up(client, request_kwargs, 
     assert client.post("/v1/classify", json={"adapter": "cola", "inputs": SINGLES[:1]}).status_code == 200
 
 
+def test_json_body_is_read_whatever_the_content_type(client):  # `curl -d` sends a form content type
+    body = json.dumps({"adapter": "cola", "inputs": SINGLES[:2]})
+    reply = client.post("/v1/classify", content=body, headers={"content-type": "application/x-www-form-urlencoded"})
+    assert reply.status_code == 200 and len(reply.json()["labels"]) == 2
+
+
 def test_chunked_body_over_the_limit_is_refused(client):
     reply = client.post("/v1/classify", content=iter([b'{"adapter": "cola", "inputs": ["', b"x" * 5000, b'"]}']),
                         headers={"content-type": "application/json"})

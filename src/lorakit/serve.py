@@ -318,9 +318,8 @@ def create_app(engine: Engine, config: ServeConfig | None = None, adapters: dict
     from contextlib import asynccontextmanager
 
     from fastapi import Depends, FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
-    from pydantic import BaseModel, ConfigDict
+    from pydantic import BaseModel, ConfigDict, ValidationError
 
     config = config or ServeConfig()
     for name, path in (adapters or {}).items():
@@ -361,14 +360,15 @@ def create_app(engine: Engine, config: ServeConfig | None = None, adapters: dict
     async def client_error(request: Request, e: ClientError):
         return JSONResponse({"error": str(e)}, status_code=e.status)
 
-    @app.exception_handler(RequestValidationError)
-    async def bad_request(request: Request, e: RequestValidationError):
-        problems = []
-        for err in e.errors():
-            where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-            problems.append(f"{where}: {err.get('msg')}" if where else err.get("msg", "invalid"))
-        kind = "malformed JSON" if any(err.get("type") == "json_invalid" for err in e.errors()) else "invalid request"
-        return JSONResponse({"error": f"{kind}: " + "; ".join(problems)}, status_code=400)
+    async def parse(request: Request, schema: type[BaseModel]):
+        """The JSON body as ``schema``, whatever the Content-Type (``curl -d`` sends a form type)."""
+        try:
+            return schema.model_validate_json(await request.body())
+        except ValidationError as e:
+            problems = [f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" if err["loc"] else err["msg"]
+                        for err in e.errors()]
+            kind = "malformed JSON" if any(err["type"] == "json_invalid" for err in e.errors()) else "invalid request"
+            raise ClientError(400, f"{kind}: " + "; ".join(problems)) from None
 
     def lookup(name: str) -> AdapterInfo:
         info = engine.adapters.get(name)
@@ -377,7 +377,8 @@ def create_app(engine: Engine, config: ServeConfig | None = None, adapters: dict
         return info
 
     @app.post("/v1/classify")
-    async def classify(body: Classify, request: Request):
+    async def classify(request: Request):
+        body = await parse(request, Classify)
         info = lookup(body.adapter)
         features = _tokenize(engine.tokenizer, _texts(info, body.inputs, config), config.max_length)
         return await request.app.state.batcher.submit(body.adapter, features)
@@ -387,7 +388,8 @@ def create_app(engine: Engine, config: ServeConfig | None = None, adapters: dict
         return {"model": engine.model_name, "adapters": [a.public() for a in engine.adapters.values()]}
 
     @app.post("/v1/adapters", status_code=201, dependencies=[Depends(admin)])
-    async def add(body: LoadAdapter, request: Request):
+    async def add(request: Request):
+        body = await parse(request, LoadAdapter)
         info = await request.app.state.batcher.call(engine.load, body.name, body.path, body.task)
         return info.public()
 
