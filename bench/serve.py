@@ -11,7 +11,7 @@ one request after another, ``rows`` MRPC dev sentence pairs per request, for
 - ``spread``: request i names adapter a{i mod ADAPTERS} (batching server);
 - ``spread_nobatch``: as ``spread``, against the server without batching.
 
-Reported per case: rows/s, p50/p99 latency, failed requests (must be 0); per C the
+Reported per case: rows/s, p50/p99 latency, failed requests (the target is 0); per C the
 ratios spread/one and spread/spread_nobatch (medians over rounds of per-round ratios).
 
     python bench/serve.py [--quick] [--rounds 3] [--seconds 8]
@@ -71,7 +71,8 @@ def server(model: str, adapters: dict[str, str], *flags: str):
     cmd = [sys.executable, "-m", "lorakit", "serve", "--model", model, "--port", str(port), *flags]
     for name, path in adapters.items():
         cmd += ["--adapter", f"{name}={path}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tempfile.TemporaryFile("w+")  # not a pipe: nobody reads it while the server runs
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         import httpx
@@ -79,7 +80,8 @@ def server(model: str, adapters: dict[str, str], *flags: str):
         deadline = time.time() + 300
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:]}")
+                log.seek(0)
+                raise RuntimeError(f"server exited: {log.read()[-2000:]}")
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
                     break
@@ -90,6 +92,7 @@ def server(model: str, adapters: dict[str, str], *flags: str):
     finally:
         proc.terminate()
         proc.wait(30)
+        log.close()
 
 
 async def load(url: str, clients: int, seconds: float, pairs: list[list[str]], rows: int,

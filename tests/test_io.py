@@ -120,3 +120,23 @@ def test_duplicate_name_on_load_and_ambiguous_save(saved, tmp_path):
         lorakit.save_adapter(model, tmp_path / "x")
     lorakit.save_adapter(model, tmp_path / "b", adapter="b")
     assert not list((tmp_path / "b").glob(".*tmp"))  # no temporary files left behind
+
+
+def test_resize_saved_loads_a_head_with_another_label_count(tmp_path):
+    """A 1-output (regression) head loads onto a 2-label model only with resize_saved."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    body = {k: v for k, v in tiny_bert().state_dict().items() if not k.startswith("classifier.")}
+    cfg = {k: v for k, v in tiny_bert().config.to_dict().items() if k not in ("id2label", "label2id")}
+    one = BertForSequenceClassification(BertConfig(**cfg, num_labels=1)).eval()
+    one.load_state_dict(body, strict=False)  # the same body, a 1-output head
+    lorakit.add_lora(one, QV)
+    randomize(one)
+    lorakit.save_adapter(one, tmp_path / "reg")
+    two = tiny_bert()
+    with pytest.raises(ValueError, match=r"2 shape mismatches: .*classifier.weight: file \(1, 32\) vs model \(2, 32\)"):
+        lorakit.load_adapter(two, tmp_path / "reg")
+    assert lorakit.adapter_names(two) == []
+    lorakit.load_adapter(two, tmp_path / "reg", resize_saved=True)
+    assert two.classifier.copies["default"].out_features == 1
+    torch.testing.assert_close(output(two, ids()), output(one, ids()), **TOL[torch.float32])

@@ -145,6 +145,17 @@ def test_several_adapters_switch_combine_disable_delete():
     torch.testing.assert_close(output(model, x), out_a, **TOL[torch.float32])
 
 
+def test_adding_an_adapter_when_none_is_active_activates_it():
+    model = lorakit.add_lora(tiny_bert(), QV)
+    lorakit.add_lora(model, QV, adapter="b")
+    from lorakit.model import remove_adapter
+
+    remove_adapter(model, "default")  # the active one: nothing is active now
+    assert lorakit.active_adapters(model) == ()
+    lorakit.add_lora(model, QV, adapter="c")
+    assert lorakit.active_adapters(model) == ("c",) and lorakit.adapter_names(model) == ["b", "c"]
+
+
 def test_two_active_adapters_add_their_updates():
     model = lorakit.add_lora(tiny_bert(), LoraConfig(r=2, target_modules=["query"]))
     lorakit.add_lora(model, LoraConfig(r=3, target_modules=["query"]), adapter="b")

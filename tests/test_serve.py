@@ -15,7 +15,7 @@ import lorakit
 from helpers import randomize
 from lorakit import data
 from lorakit.cli import main
-from lorakit.serve import Engine, ServeConfig, create_app, length_groups
+from lorakit.serve import ClientError, Engine, ServeConfig, _Request, _tokenize, create_app, length_groups
 from lorakit.train import load_classifier
 
 PAIRS = [["The cat sat on the mat.", "A cat was sitting on a mat."], ["Stocks fell sharply.", "It rained all day in Paris."],
@@ -160,25 +160,70 @@ def test_admin_routes_load_and_unload_adapters_behind_the_token(client, adapters
     assert client.delete("/v1/adapters/mrpc2", headers=auth).json() == {"deleted": "mrpc2"}
     assert client.delete("/v1/adapters/mrpc2", headers=auth).status_code == 404
     assert client.post("/v1/classify", json={"adapter": "mrpc2", "inputs": PAIRS}).status_code == 404
+    # the first adapter loaded (the model's active one) can go and come back
+    assert client.delete("/v1/adapters/mrpc", headers=auth).status_code == 200
+    assert client.post("/v1/adapters", json={"name": "mrpc", "path": adapters["mrpc"]}, headers=auth).status_code == 201
+    again = client.post("/v1/classify", json={"adapter": "mrpc", "inputs": PAIRS}).json()
+    torch.testing.assert_close(torch.tensor(again["scores"]), torch.tensor(one["scores"]))
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"task": "mnli"}, "has a head with 2 outputs, but task mnli has 3"),
+    ({"task": "nope"}, "unknown task 'nope'; choose one of cola"),
+    ({"path": "HEADLESS"}, "has no classification head of its own"),
+    ({"path": "BADJSON"}, "task.json' is unreadable"),
+])
+def test_adapters_that_cannot_classify_are_refused(client, adapters, tiny_model, tmp_path, body, message):
+    headless, bad_json = tmp_path / "headless", tmp_path / "bad-json"
+    _, model = load_classifier(tiny_model, data.get_task("mrpc"))
+    lorakit.add_lora(model, lorakit.LoraConfig(r=2, target_modules=["query", "value"]))
+    lorakit.save_adapter(model, headless)
+    (headless / "task.json").write_text(json.dumps({"task": "mrpc", "model": tiny_model}))
+    shutil.copytree(adapters["mrpc"], bad_json)
+    (bad_json / "task.json").write_text("{not json")
+    path = {"HEADLESS": str(headless), "BADJSON": str(bad_json)}.get(body.get("path"), adapters["mrpc"])
+    reply = client.post("/v1/adapters", json={"name": "x", **body, "path": path}, headers={"authorization": "Bearer s3cret"})
+    assert reply.status_code == 400 and message in reply.json()["error"], reply.text
+    assert "x" not in [a["name"] for a in client.get("/v1/adapters").json()["adapters"]]
+
+
+def test_requests_for_an_adapter_replaced_while_they_waited_get_404(tiny_model, adapters):
+    engine = Engine(tiny_model)
+    old = engine.load("a", adapters["mrpc"])
+    features = _tokenize(engine.tokenizer, [tuple(PAIRS[0])], 32)
+    engine.unload("a")
+    new = engine.load("a", adapters["stsb"])
+    stale, fresh = _Request(old, features, None), _Request(new, features, None)
+    results = engine.classify([stale, fresh])
+    assert isinstance(results[0], ClientError) and results[0].status == 404
+    assert results[1]["task"] == "stsb"
 
 
 def test_full_queue_answers_503(tiny_model, adapters):
     engine = Engine(tiny_model)
-    slow = engine.classify
+    real, entered, release = engine.classify, threading.Event(), threading.Event()
 
-    def classify(requests):
-        time.sleep(0.3)
-        return slow(requests)
+    def blocked_classify(requests):
+        entered.set()
+        release.wait(30)
+        return real(requests)
 
-    engine.classify = classify
+    engine.classify = blocked_classify
     config = ServeConfig(max_queue=1, max_batch_rows=1, max_wait_ms=0)
+    body = {"adapter": "cola", "inputs": SINGLES[:1]}
     with running(create_app(engine, config, {"cola": adapters["cola"]})) as client:
-        with concurrent.futures.ThreadPoolExecutor(6) as pool:
-            replies = list(pool.map(lambda _: client.post("/v1/classify", json={"adapter": "cola", "inputs": SINGLES[:1]}),
-                                    range(6)))
-    codes = sorted(r.status_code for r in replies)
-    assert codes[0] == 200 and codes[-1] == 503, codes
-    assert "requests already queued" in next(r for r in replies if r.status_code == 503).json()["error"]
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            first = pool.submit(client.post, "/v1/classify", json=body)  # taken by the worker, which blocks
+            assert entered.wait(30)
+            second = pool.submit(client.post, "/v1/classify", json=body)  # fills the queue of 1
+            deadline = time.time() + 30
+            while client.get("/healthz").json()["queued"] < 1:
+                assert time.time() < deadline
+                time.sleep(0.01)
+            third = client.post("/v1/classify", json=body)
+            release.set()
+            assert first.result().status_code == 200 and second.result().status_code == 200
+    assert third.status_code == 503 and "1 requests already queued" in third.json()["error"]
 
 
 def test_adapter_from_another_base_is_refused(tiny_model, adapters, tmp_path):

@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"default: {d.max_rows_per_request}")
     p.add_argument("--max-length", type=int, default=d.max_length, help=f"tokens per row (default: {d.max_length})")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="bf16: autocast (AMX / AVX-512 bf16 CPUs, GPUs), about 2x the rows/s on this CPU")
+                   help="bf16: CPU autocast (AMX / AVX-512 bf16 matmuls)")
     p.add_argument("--batching", action=argparse.BooleanOptionalAction, default=True,
                    help="batch requests that arrive together into one forward pass (default: on)")
     p.set_defaults(func=_serve)

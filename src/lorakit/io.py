@@ -102,7 +102,7 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter: str = "defaul
     base model.
     """
     config = LoraConfig.load(directory)
-    tensors = read_weights(directory)
+    tensors = _with_prefix(read_weights(directory))
     try:
         add_lora(model, config, adapter)
     except ValueError as e:
@@ -133,9 +133,15 @@ def _resize_saved_copies(model: nn.Module, adapter: str, tensors: dict[str, Tens
                 owner.out_features, owner.in_features = owner.weight.shape
 
 
+def _with_prefix(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """File keys under ``PREFIX`` (some tools save them without it)."""
+    if tensors and not any(k.startswith(PREFIX) for k in tensors):
+        return {PREFIX + k: v for k, v in tensors.items()}
+    return tensors
+
+
 def copy_strict(expected: dict[str, Tensor], found: dict[str, Tensor], source: str) -> None:
-    if found and not any(k.startswith(PREFIX) for k in found):
-        found = {PREFIX + k: v for k, v in found.items()}
+    found = _with_prefix(found)
     missing = sorted(expected.keys() - found.keys())
     unexpected = sorted(found.keys() - expected.keys())
     shapes = sorted(

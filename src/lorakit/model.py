@@ -193,7 +193,7 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter: str = "default") -> 
         enable = next((mask for key, mask in config.enable_lora.items() if _matches(name, [key])), None)
         module.add_adapter(adapter, config, enable)
     _add_saved_modules(model, config, adapter)
-    set_adapter(model, active_adapters(model) if existing else adapter)
+    set_adapter(model, active_adapters(model) or adapter)
     return model
 
 

@@ -1,8 +1,8 @@
 """``lorakit serve``: many classification adapters on one base model behind an HTTP JSON API.
 
-Requests that arrive together are batched into one forward pass whatever adapters
-they name (paper section 4.2): :func:`lorakit.adapter_per_row` runs each row through
-its own adapter. A single worker thread owns the model, so forwards and adapter
+Requests that arrive together are batched whatever adapters they name (paper section
+4.2): :func:`lorakit.adapter_per_row` runs each row of a forward pass through its own
+adapter. A single worker thread owns the model, so forwards and adapter
 loads/unloads never overlap; the event loop only parses, validates and queues.
 
     POST   /v1/classify          {"adapter": "mrpc", "inputs": [["s1", "s2"], ...]}
@@ -26,6 +26,7 @@ import torch
 
 from . import data
 from .io import load_adapter
+from .layers import ModulesToSave
 from .model import adapter_per_row, remove_adapter
 from .models import resolve_model
 from .train import load_classifier, precision_context
@@ -79,6 +80,8 @@ class Engine:
         self.tokenizer, self.model = load_classifier(model_name, data.get_task("mrpc"))
         self.model.eval()
         self.adapters: dict[str, AdapterInfo] = {}
+        limit = getattr(self.tokenizer, "model_max_length", None)
+        self.max_length = limit if isinstance(limit, int) and limit < 1_000_000 else 512  # the model's position limit
 
     def load(self, name: str, path: str, task: str | None = None) -> AdapterInfo:
         if name in self.adapters:
@@ -87,7 +90,12 @@ class Engine:
         if not folder.is_dir():
             raise ClientError(400, f"adapter folder {path!r} does not exist")
         info_file = folder / "task.json"
-        info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+        try:
+            info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+            if not isinstance(info, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            raise ClientError(400, f"{str(info_file)!r} is unreadable: {e}") from None
         task = task or info.get("task")
         if not task:
             raise ClientError(400, f"{path!r} has no task.json; give the adapter's GLUE task")
@@ -99,11 +107,24 @@ class Engine:
             load_adapter(self.model, folder, name, resize_saved=True)
         except ValueError as e:
             raise ClientError(400, str(e)) from None
-        if not any(name in getattr(m, "copies", {}) for m in self.model.modules()):
+        problem = self._head_problem(name, glue_task)
+        if problem:
             remove_adapter(self.model, name)
-            raise ClientError(400, f"adapter {name!r} has no classification head (modules_to_save); it cannot classify")
+            raise ClientError(400, f"adapter {name!r} {problem}")
         self.adapters[name] = AdapterInfo(name, str(folder), glue_task)
         return self.adapters[name]
+
+    def _head_problem(self, name: str, task: data.Task) -> str | None:
+        """Why adapter ``name`` cannot classify ``task`` (None if it can): it must bring its
+        own classification head, with one output per label (one for regression)."""
+        head = next((m for m in (getattr(self.model, n, None) for n in ("classifier", "score")) if m is not None), None)
+        if not (isinstance(head, ModulesToSave) and name in head.copies):
+            return "has no classification head of its own (modules_to_save); it cannot classify"
+        with torch.inference_mode(), adapter_per_row(self.model, [name]):
+            width = self.model(**self.tokenizer("probe", return_tensors="pt")).logits.shape[-1]
+        if width != task.num_labels:
+            return f"has a head with {width} outputs, but task {task.name} has {task.num_labels}"
+        return None
 
     def unload(self, name: str) -> None:
         if name not in self.adapters:
@@ -119,9 +140,10 @@ class Engine:
         ``WASTE`` (a forward's cost grows with its padded tokens on a CPU), each group
         one forward pass whatever adapters its rows use.
         """
-        live = [r for r in requests if r.adapter in self.adapters]  # one may have been unloaded meanwhile
+        # An adapter may have been unloaded (or replaced under its name) while requests waited.
+        live = [r for r in requests if self.adapters.get(r.info.name) is r.info]
         features = [f for r in live for f in r.features]
-        adapters = [r.adapter for r in live for _ in r.features]
+        adapters = [r.info.name for r in live for _ in r.features]
         logits: list[torch.Tensor] = [torch.empty(0)] * len(features)
         for group in length_groups([len(f["input_ids"]) for f in features]):
             batch = data.collate([features[i] for i in group], [0] * len(group), self.tokenizer.pad_token_id or 0, False)
@@ -134,9 +156,9 @@ class Engine:
         start = 0
         for r in requests:
             if r not in live:
-                results.append(ClientError(404, f"adapter {r.adapter!r} was unloaded"))
+                results.append(ClientError(404, f"adapter {r.info.name!r} was unloaded while the request waited"))
                 continue
-            info = self.adapters[r.adapter]
+            info = r.info
             rows = logits[start:start + len(r.features)]
             start += len(r.features)
             results.append(_result(info, torch.stack([row[: info.task.num_labels] for row in rows])))
@@ -176,7 +198,7 @@ def _result(info: AdapterInfo, logits: torch.Tensor) -> dict[str, Any]:
 
 @dataclass(eq=False)
 class _Request:
-    adapter: str
+    info: AdapterInfo
     features: list[dict[str, list[int]]]
     future: asyncio.Future = field(repr=False)
 
@@ -196,8 +218,8 @@ class Batcher:
         """Run ``fn`` on the model thread (after any forward in progress)."""
         return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
 
-    async def submit(self, adapter: str, features: list[dict[str, list[int]]]) -> dict[str, Any]:
-        request = _Request(adapter, features, asyncio.get_running_loop().create_future())
+    async def submit(self, info: AdapterInfo, features: list[dict[str, list[int]]]) -> dict[str, Any]:
+        request = _Request(info, features, asyncio.get_running_loop().create_future())
         try:
             self.queue.put_nowait(request)
         except asyncio.QueueFull:
@@ -236,9 +258,7 @@ class Batcher:
 
     async def run(self) -> None:
         while True:
-            batch = [r for r in await self._collect() if not r.future.done()]  # drop requests whose client left
-            if not batch:
-                continue
+            batch = await self._collect()
             try:
                 results = await self.call(self.engine.classify, batch)
             except Exception as e:  # a bug or an out-of-memory: fail these requests, keep serving
@@ -380,12 +400,12 @@ def create_app(engine: Engine, config: ServeConfig | None = None, adapters: dict
     async def classify(request: Request):
         body = await parse(request, Classify)
         info = lookup(body.adapter)
-        features = _tokenize(engine.tokenizer, _texts(info, body.inputs, config), config.max_length)
-        return await request.app.state.batcher.submit(body.adapter, features)
+        features = _tokenize(engine.tokenizer, _texts(info, body.inputs, config), min(config.max_length, engine.max_length))
+        return await request.app.state.batcher.submit(info, features)
 
     @app.get("/v1/adapters")
     async def list_adapters():
-        return {"model": engine.model_name, "adapters": [a.public() for a in engine.adapters.values()]}
+        return {"model": engine.model_name, "adapters": [a.public() for a in list(engine.adapters.values())]}
 
     @app.post("/v1/adapters", status_code=201, dependencies=[Depends(admin)])
     async def add(request: Request):
@@ -411,6 +431,9 @@ def serve(model: str | None, adapters: dict[str, str], config: ServeConfig, host
     """Load the model and adapters and serve until interrupted."""
     import uvicorn
 
+    if host not in ("127.0.0.1", "localhost", "::1") and not config.token:
+        raise ValueError(f"--host {host} would open the admin routes (loading any folder) to the network; "
+                         "set a token with $LORAKIT_TOKEN or --token")
     if model is None:
         first = next(iter(adapters.values()), None)
         info = Path(first, "task.json") if first else None
