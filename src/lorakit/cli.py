@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as e:
+    except (ValueError, FloatingPointError) as e:
         print(f"lorakit: error: {e}", file=sys.stderr)
         return 2
 

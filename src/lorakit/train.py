@@ -3,8 +3,9 @@
 Reads top to bottom: config, load, attach, data, loop, evaluate, save. One run per
 seed writes into ``<out>/seed<N>/``: ``log.jsonl``, ``summary.json``, ``curve.png``,
 the best epoch's adapter (``adapter/``, PEFT format) or trainable weights
-(``trainable.safetensors``), and ``checkpoint.pt`` after every epoch (written
-atomically) so that ``--resume`` continues a killed run where it stopped.
+(``trainable.safetensors``), and ``checkpoint-<epoch>-<step>.pt`` after every epoch and
+every ``--save-every`` steps (written atomically) so that ``--resume`` continues a
+killed run where it stopped. Under ``torchrun`` the same code trains with DDP.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torch import nn
 
 from . import baselines, data
 from .config import LoraConfig
+from .distributed import World, setup, shard_rows
 from .fastops import use_fast_dropout
 from .io import PREFIX, adapter_state_dict, copy_strict, read_weights, save_adapter
 from .metrics import compute_metrics
@@ -65,7 +67,8 @@ class TrainConfig:
     targets: str | None = _opt(None, "comma-separated LoRA target modules (default: the query/value projections)")
     adapter_dim: int = _opt(64, "bottleneck size of Houlsby adapters (method adapter)")
     init_adapter: str | None = _opt(None, "start the LoRA factors from this adapter (the paper's MNLI start)")
-    resume: bool = _opt(False, "continue from the last complete epoch checkpoint in the run folder")
+    resume: bool = _opt(False, "continue from the newest complete checkpoint in the run folder")
+    save_every: int = _opt(0, "also checkpoint every N optimizer steps within an epoch (0: at epoch ends only)")
     eval_batch_size: int = _opt(64, "evaluation batch size")
     max_train_examples: int | None = _opt(None, "use only the first N training examples (quick runs, tests)")
     max_eval_examples: int | None = _opt(None, "use only the first N dev examples")
@@ -80,6 +83,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "max_length", "eval_batch_size", "r", "adapter_dim"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.save_every < 0:
+            raise ValueError(f"save_every must be 0 or positive, got {self.save_every}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if not self.seeds:
@@ -201,25 +206,26 @@ def tokenize(tokenizer, examples: list[data.Example], max_length: int) -> Split:
     return Split(features, [e.label for e in examples])
 
 
-def _batches(split: Split, order: list[list[int]], pad_id: int, regression: bool):
-    for idx in order:
-        yield data.collate([split.features[i] for i in idx], [split.labels[i] for i in idx], pad_id, regression)
-
-
 # ---- evaluation ------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, task: data.Task, split: Split, batch_size: int, pad_id: int) -> dict[str, float]:
-    """The task's metrics on ``split``."""
+def evaluate(model: nn.Module, task: data.Task, split: Split, batch_size: int, pad_id: int,
+             world: World = World()) -> dict[str, float]:
+    """The task's metrics on ``split``; with several processes each predicts a share of
+    the batches and the predictions are gathered."""
     model.eval()
     predictions: list[float] = [0.0] * len(split.labels)
-    for idx in data.sequential_batches(len(split.labels), batch_size, split.lengths):
+    batches = list(data.sequential_batches(len(split.labels), batch_size, split.lengths))
+    mine: list[tuple[int, float]] = []
+    for idx in batches[world.rank :: world.size]:
         batch = data.collate([split.features[i] for i in idx], [split.labels[i] for i in idx], pad_id, task.labels is None)
         batch.pop("labels")
-        logits = model(**batch).logits.float()
+        logits = model(**{k: v.to(world.device) for k, v in batch.items()}).logits.float()
         values = logits.squeeze(-1) if task.labels is None else logits.argmax(-1)
-        for i, v in zip(idx, values.tolist()):
+        mine += zip(idx, values.tolist())
+    for part in world.gather(mine):
+        for i, v in part:
             predictions[i] = v
     return compute_metrics(task.metrics, predictions, split.labels)
 
@@ -244,9 +250,9 @@ def _optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
-def precision_context(precision: str):
-    """bf16 autocast on the CPU (AMX/AVX-512 bf16 matmuls) or nothing."""
-    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+def precision_context(precision: str, device: torch.device = torch.device("cpu")):
+    """bf16 autocast (on CPUs: AMX / AVX-512 bf16 matmuls) or nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -284,22 +290,30 @@ def _versions() -> dict[str, str]:
 
 @dataclass
 class _Progress:
-    """What a checkpoint restores: finished epochs, their records, time spent."""
+    """Where a run stands (what a checkpoint restores): finished epochs and their records,
+    time spent, and within the current epoch the optimizer steps done with this
+    process's loss sum and examples so far."""
 
     epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     wall: float = 0.0
+    step: int = 0
+    loss_sum: float = 0.0
+    seen: int = 0
+    seconds: float = 0.0
 
 
-def _prepare(cfg: TrainConfig, task: data.Task):
+def _prepare(cfg: TrainConfig, task: data.Task, world: World = World()):
     """Tokenizer and model with the method attached (and fast dropout if asked)."""
     tokenizer, model = load_classifier(cfg.model, task)
     adapted = attach_method(model, cfg)
     if cfg.fast_dropout:
         use_fast_dropout(model)
-    if adapted:
-        print(f"{cfg.method}: adapted {len(adapted)} modules: {', '.join(sorted({n.rsplit('.', 1)[-1] for n in adapted}))}")
-    print(trainable_parameters(model))
+    if world.main:
+        if adapted:
+            names = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in adapted}))
+            print(f"{cfg.method}: adapted {len(adapted)} modules: {names}")
+        print(trainable_parameters(model))
     return tokenizer, model
 
 
@@ -311,92 +325,181 @@ def _load_splits(cfg: TrainConfig, task: data.Task, tokenizer) -> tuple[Split, d
     return tokenize(tokenizer, train_examples, cfg.max_length), dev
 
 
-def _resume(path: Path, record: dict[str, Any], model: nn.Module, optimizer, scheduler) -> _Progress:
-    """Restore trainable weights, optimizer and schedule from a checkpoint of the same run."""
-    state = torch.load(path, weights_only=True)
-    same_run = {k: v for k, v in record.items() if k not in ("resume", "progress")}
-    if {k: v for k, v in state["config"].items() if k in same_run} != same_run:
-        raise ValueError(f"{path} belongs to a run with another configuration; use another --out or remove it")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, tensor in state["trainable"].items():
-            params[name].copy_(tensor)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    print(f"resumed from {path} after epoch {state['epoch']}")
-    return _Progress(state["epoch"], state["history"], state["wall_time"])
+# ---- checkpoints ---------------------------------------------------------------------------
+# checkpoint-<finished epochs>-<steps into the next epoch>.pt, written atomically by the
+# main process; the newest two are kept, so a damaged newest one still leaves one to use.
+
+_KEEP = 2
+
+
+def _checkpoints(run: Path) -> list[Path]:
+    """Checkpoint files of ``run``, newest first."""
+    return sorted(run.glob("checkpoint-*-*.pt"), key=lambda p: tuple(int(x) for x in p.stem.split("-")[1:]), reverse=True)
+
+
+def _save_checkpoint(run: Path, record: dict[str, Any], progress: _Progress, model: nn.Module, optimizer, scheduler,
+                     world: World) -> None:
+    """Called by every process (each contributes its random state and loss sums)."""
+    ranks = world.gather({"torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                          "cuda_rng": torch.cuda.get_rng_state(world.device) if world.device.type == "cuda" else None,
+                          "loss_sum": progress.loss_sum, "seen": progress.seen})
+    if not world.main:
+        return
+    state = {"config": record, "world_size": world.size, "epoch": progress.epoch, "step": progress.step,
+             "history": progress.history, "wall_time": progress.wall, "seconds": progress.seconds, "ranks": ranks,
+             "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    _atomic_save(state, run / f"checkpoint-{progress.epoch}-{progress.step}.pt")
+    for old in _checkpoints(run)[_KEEP:]:
+        old.unlink(missing_ok=True)
+
+
+def _resume(run: Path, record: dict[str, Any], model: nn.Module, optimizer, scheduler, world: World) -> _Progress:
+    """Restore the newest readable checkpoint of the same run (a fresh start if none)."""
+    for path in _checkpoints(run):
+        try:
+            state = torch.load(path, weights_only=True)
+            state["epoch"], state["step"], state["trainable"], state["ranks"]  # noqa: B018  (complete?)
+        except Exception as e:  # a truncated or damaged file: fall back to the one before
+            if world.main:
+                print(f"skipping damaged checkpoint {path}: {type(e).__name__}: {str(e)[:200]}")
+            continue
+        same_run = {k: v for k, v in record.items() if k not in ("resume", "progress", "save_every")}
+        if {k: v for k, v in state["config"].items() if k in same_run} != same_run:
+            raise ValueError(f"{path} belongs to a run with another configuration; use another --out or remove it")
+        if state["world_size"] != world.size:
+            raise ValueError(f"{path} was written by {state['world_size']} processes; resume it with as many, "
+                             f"not {world.size}")
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in state["trainable"].items():
+                params[name].copy_(tensor)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        mine = state["ranks"][world.rank]
+        torch.set_rng_state(mine["torch_rng"])
+        random.setstate(mine["python_rng"])
+        if mine["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(mine["cuda_rng"], world.device)
+        if world.main:
+            print(f"resumed from {path}: {state['epoch']} epochs and {state['step']} steps done")
+        return _Progress(state["epoch"], state["history"], state["wall_time"], state["step"], mine["loss_sum"],
+                         mine["seen"], state["seconds"])
+    if world.main:
+        print(f"no usable checkpoint in {run}; starting from scratch")
+    return _Progress()
+
+
+# ---- the loop --------------------------------------------------------------------------------
 
 
 def _train_epoch(model: nn.Module, cfg: TrainConfig, split: Split, order: list[list[int]], pad_id: int,
-                 regression: bool, optimizer, scheduler, desc: str) -> tuple[float, int]:
-    """One pass over ``order``; returns (mean loss, examples seen)."""
+                 regression: bool, optimizer, scheduler, progress: _Progress, world: World, run: Path, checkpoint,
+                 desc: str) -> None:
+    """The steps of ``order`` from ``progress.step`` on, updating ``progress``; ``checkpoint()``
+    every ``cfg.save_every`` steps. ``model`` may be DDP-wrapped."""
     from tqdm.auto import tqdm
 
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    started, total_loss, seen = time.perf_counter(), 0.0, 0
-    bar = tqdm(_batches(split, order, pad_id, regression), total=len(order), disable=not cfg.progress, desc=desc, leave=False)
-    for batch in bar:
-        with precision_context(cfg.precision):
-            loss = model(**batch).loss
-        loss.backward()
+    started = time.perf_counter() - progress.seconds
+    bar = tqdm(total=len(order), initial=progress.step, disable=not (cfg.progress and world.main), desc=desc, leave=False)
+    for step in range(progress.step, len(order)):
+        rows, weight = shard_rows(order[step], world)
+        batch = data.collate([split.features[i] for i in rows], [split.labels[i] for i in rows], pad_id, regression)
+        with precision_context(cfg.precision, world.device):
+            loss = model(**{k: v.to(world.device) for k, v in batch.items()}).loss
+        if world.any(not math.isfinite(loss.item())):
+            last = _checkpoints(run)
+            raise FloatingPointError(
+                f"the training loss became {loss.item()} at epoch {progress.epoch + 1}, step {step + 1}; stopped before "
+                f"updating the weights. Last good checkpoint: {last[0] if last else 'none'} (--resume restarts there); "
+                f"a lower --lr or --precision fp32 may help")
+        (loss * weight).backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        n = len(batch["labels"])
-        total_loss, seen = total_loss + loss.item() * n, seen + n
-        bar.set_postfix(loss=f"{total_loss / seen:.4f}", ex_s=f"{seen / (time.perf_counter() - started):.1f}")
-    return total_loss / seen, seen
+        n = len(rows) if weight else 0
+        progress.step, progress.loss_sum, progress.seen = step + 1, progress.loss_sum + loss.item() * n, progress.seen + n
+        progress.seconds = time.perf_counter() - started
+        bar.update()
+        bar.set_postfix(loss=f"{progress.loss_sum / max(1, progress.seen):.4f}",
+                        ex_s=f"{progress.seen * world.size / progress.seconds:.1f}")
+        if cfg.save_every and progress.step % cfg.save_every == 0 and progress.step < len(order):
+            checkpoint()
+    bar.close()
 
 
 def train(cfg: TrainConfig, seed: int) -> dict[str, Any]:
-    """One training run; returns (and writes) its summary."""
+    """One training run; returns (and, in the main process, writes) its summary.
+
+    Under ``torchrun``/``accelerate launch`` each process takes its share of every
+    global batch (``batch_size`` rows per process) and DDP averages the gradients.
+    """
+    world = setup()
     task = data.get_task(cfg.task)
     run = cfg.run_dir / f"seed{seed}"
     run.mkdir(parents=True, exist_ok=True)
     record = {**dataclasses.asdict(cfg), "seed": seed}
     torch.manual_seed(seed)
     random.seed(seed)
-    tokenizer, model = _prepare(cfg, task)
+    tokenizer, model = _prepare(cfg, task, world)
+    model.to(world.device)
     train_split, dev = _load_splits(cfg, task, tokenizer)
-    optimizer, scheduler = _optimizer(model, cfg, math.ceil(len(train_split.labels) / cfg.batch_size) * cfg.epochs)
-    checkpoint = run / "checkpoint.pt"
-    progress = _Progress()
-    if cfg.resume and checkpoint.is_file():
-        progress = _resume(checkpoint, record, model, optimizer, scheduler)
-    elif not cfg.resume:
-        (run / "log.jsonl").unlink(missing_ok=True)
+    global_batch = cfg.batch_size * world.size
+    optimizer, scheduler = _optimizer(model, cfg, math.ceil(len(train_split.labels) / global_batch) * cfg.epochs)
+    if cfg.resume:
+        progress = _resume(run, record, model, optimizer, scheduler, world)
+    else:
+        progress = _Progress()
+        if world.main:
+            (run / "log.jsonl").unlink(missing_ok=True)
+            for old in _checkpoints(run):
+                old.unlink()
+    ddp = model
+    if world.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(model, device_ids=[world.device] if world.device.type == "cuda" else None)
+
+    def checkpoint() -> None:
+        _save_checkpoint(run, record, progress, model, optimizer, scheduler, world)
 
     pad_id, main = tokenizer.pad_token_id or 0, (task.dev_splits[0], task.main_metric)
     for epoch in range(progress.epoch, cfg.epochs):
-        torch.manual_seed(seed * 1_000 + epoch)  # dropout masks depend on (seed, epoch) only: resumable
-        order = data.length_grouped_batches(train_split.lengths, cfg.batch_size, seed, epoch)
+        if progress.step == 0:  # else the checkpoint restored the random state mid-epoch
+            # dropout masks depend on (seed, epoch, process) only: resumable
+            torch.manual_seed(seed * 1_000 + epoch + 1_000_003 * world.rank)
+        order = data.length_grouped_batches(train_split.lengths, global_batch, seed, epoch)
+        _train_epoch(ddp, cfg, train_split, order, pad_id, task.labels is None, optimizer, scheduler, progress, world,
+                     run, checkpoint, desc=f"epoch {epoch + 1}/{cfg.epochs}")
+        train_time = progress.seconds
         started = time.perf_counter()
-        loss, seen = _train_epoch(model, cfg, train_split, order, pad_id, task.labels is None, optimizer, scheduler,
-                                  desc=f"epoch {epoch + 1}/{cfg.epochs}")
-        train_time = time.perf_counter() - started
-        with precision_context(cfg.precision):
-            metrics = {s: evaluate(model, task, split, cfg.eval_batch_size, pad_id) for s, split in dev.items()}
-        progress.wall += time.perf_counter() - started
+        with precision_context(cfg.precision, world.device):
+            metrics = {s: evaluate(model, task, split, cfg.eval_batch_size, pad_id, world) for s, split in dev.items()}
+        progress.wall += train_time + time.perf_counter() - started
+        loss_sum, seen = map(sum, zip(*world.gather((progress.loss_sum, progress.seen))))
         best = max((h["dev"][main[0]][main[1]] for h in progress.history), default=-math.inf)
-        progress.history.append({"epoch": epoch + 1, "train_loss": loss, "dev": metrics, "train_seconds": train_time,
-                                 "examples_per_second": seen / train_time, "lr": scheduler.get_last_lr()[0]})
-        with (run / "log.jsonl").open("a") as log:
-            log.write(json.dumps(progress.history[-1]) + "\n")
-        if metrics[main[0]][main[1]] > best:
-            _save_weights(model, cfg, run)
-        print(f"epoch {epoch + 1}: train loss {loss:.4f}, dev {_fmt(metrics)}, {train_time:.0f}s")
-        _atomic_save({"config": record, "epoch": epoch + 1, "history": progress.history, "wall_time": progress.wall,
-                      "trainable": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
-                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, checkpoint)
-    return _summarize(cfg, task, run, record, model, progress)
+        progress.history.append({"epoch": epoch + 1, "train_loss": loss_sum / seen, "dev": metrics,
+                                 "train_seconds": train_time, "examples_per_second": seen / train_time,
+                                 "lr": scheduler.get_last_lr()[0]})
+        progress.epoch, progress.step, progress.loss_sum, progress.seen, progress.seconds = epoch + 1, 0, 0.0, 0, 0.0
+        if world.main:
+            with (run / "log.jsonl").open("a") as log:
+                log.write(json.dumps(progress.history[-1]) + "\n")
+            if metrics[main[0]][main[1]] > best:
+                _save_weights(model, cfg, run)
+            print(f"epoch {epoch + 1}: train loss {loss_sum / seen:.4f}, dev {_fmt(metrics)}, {train_time:.0f}s")
+        checkpoint()
+    world.barrier()  # the main process has written the weights
+    return _summarize(cfg, task, run, record, model, progress, world)
 
 
 def _summarize(cfg: TrainConfig, task: data.Task, run: Path, record: dict[str, Any], model: nn.Module,
-               progress: _Progress) -> dict[str, Any]:
-    """Write summary.json and the learning curve of a finished run."""
+               progress: _Progress, world: World = World()) -> dict[str, Any]:
+    """The summary of a finished run; the main process writes it and the learning curve."""
     history, (split, metric) = progress.history, (task.dev_splits[0], task.main_metric)
     best = max(range(len(history)), key=lambda i: history[i]["dev"][split][metric])
     weights = run / "adapter" / "adapter_model.safetensors" if cfg.method == "lora" else run / "trainable.safetensors"
@@ -406,8 +509,9 @@ def _summarize(cfg: TrainConfig, task: data.Task, run: Path, record: dict[str, A
         "trainable_params": params.trainable, "total_params": params.total, "weights_bytes": weights.stat().st_size,
         "wall_seconds": progress.wall, "versions": _versions(),
     }
-    (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot_curve(history, task, run / "curve.png", title=f"{cfg.model} {cfg.method} {task.name} seed {record['seed']}")
+    if world.main:
+        (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        plot_curve(history, task, run / "curve.png", title=f"{cfg.model} {cfg.method} {task.name} seed {record['seed']}")
     return summary
 
 
@@ -452,5 +556,6 @@ def train_seeds(cfg: TrainConfig) -> dict[str, Any]:
               "median": median, "per_seed": {str(s): r["best"][split] for s, r in zip(cfg.seeds, runs)},
               "trainable_params": runs[0]["trainable_params"], "weights_bytes": runs[0]["weights_bytes"],
               "wall_seconds": sum(r["wall_seconds"] for r in runs)}
-    (cfg.run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if setup().main:
+        (cfg.run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

