@@ -58,10 +58,12 @@ def test_shard_rows_deals_rows_and_weights_them_to_the_global_mean():
     assert shard_rows([7], World(rank=1, size=2)) == ([7], 0.0)  # a process without rows contributes nothing
 
 
-def test_two_processes_equal_one_process_with_the_double_batch(tiny_no_dropout, tmp_path):
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_two_processes_equal_one_process_with_the_double_batch(tiny_no_dropout, tmp_path, engine):
     one = train.train(_cfg(tiny_no_dropout, tmp_path / "one", batch_size=8), seed=0)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "lorakit", "train", *_args(tiny_no_dropout, tmp_path / "two", batch_size=4)]
+           "-m", "lorakit", "train", *_args(tiny_no_dropout, tmp_path / "two", batch_size=4),
+           *(["--fsdp"] if engine == "fsdp" else [])]
     done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("epoch 1: train loss") == 1  # only the main process prints
@@ -76,9 +78,17 @@ def test_two_processes_equal_one_process_with_the_double_batch(tiny_no_dropout, 
                                                      "log.jsonl", "summary.json"]
     assert len((run / "log.jsonl").read_text().splitlines()) == 2  # one record per epoch, not one per process
     summary = json.loads((run / "summary.json").read_text())
+    assert summary["trainable_params"] == one["trainable_params"]
     for a, b in zip(one["epochs"], summary["epochs"]):  # the gathered evaluation covers every dev example
         assert a["dev"]["dev"] == pytest.approx(b["dev"]["dev"], abs=0.05)
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
+    # resuming the 2-process run from its first epoch's checkpoint ends where it ended
+    (run / "checkpoint-2-0.pt").unlink()
+    again = subprocess.run([*cmd, "--resume"], env=ENV, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "resumed from" in again.stdout, again.stderr[-3000:]
+    resumed = torch.load(run / "checkpoint-2-0.pt", weights_only=True)
+    for name, tensor in theirs["trainable"].items():
+        torch.testing.assert_close(resumed["trainable"][name], tensor, rtol=0, atol=0, msg=name)
 
 
 # A driver that runs `lorakit train` and SIGKILLs itself at a chosen point: after the
@@ -174,6 +184,11 @@ def test_a_damaged_newest_checkpoint_is_skipped(tiny_model, whole_run):
     newest.write_bytes(newest.read_bytes()[:1000])  # e.g. a disk that filled up
     out = _resume_matches(args, whole, run)
     assert "skipping damaged checkpoint" in out and "checkpoint-1-0.pt: 1 epochs and 0 steps done" in out
+
+
+def test_fsdp_needs_several_processes(tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="--fsdp shards the model across processes: launch with torchrun"):
+        train.train(_cfg(tiny_model, tmp_path, fsdp=True), seed=0)
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tiny_model, tmp_path, capsys):

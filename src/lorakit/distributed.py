@@ -8,14 +8,17 @@ has one code path. CPU processes talk through gloo, GPU processes through NCCL.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
-__all__ = ["World", "setup", "shard_rows"]
+__all__ = ["World", "setup", "shard_rows", "fully_shard_model", "full_parameters", "reshard"]
 
 
 @dataclass(frozen=True)
@@ -83,3 +86,62 @@ def shard_rows(batch: list[int], world: World) -> tuple[list[int], float]:
     if not rows:
         return batch[:1], 0.0
     return rows, world.size * len(rows) / len(batch)
+
+
+def fully_shard_model(model: nn.Module) -> list[str]:
+    """FSDP2: shard every transformer block (the model's ``_no_split_modules`` classes)
+    and the rest of the model across the processes; returns the sharded classes.
+
+    FSDP2 shards parameter by parameter, so a block may hold frozen base weights and
+    trainable LoRA factors side by side (FSDP1's flat parameters required one
+    ``requires_grad`` per wrapped module).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    found = [m for m in model.modules() if type(m).__name__ in blocks]
+    if not found:
+        raise ValueError(f"--fsdp: {type(model).__name__} names no transformer blocks (_no_split_modules) to shard")
+    for module in found:
+        fully_shard(module)
+    fully_shard(model)
+    return sorted({type(m).__name__ for m in found})
+
+
+@contextlib.contextmanager
+def full_parameters(model: nn.Module) -> Iterator[None]:
+    """Within the block, the trainable parameters of an FSDP-sharded model are whole,
+    ordinary tensors (gathered: every process must enter); a no-op for other models.
+
+    Sharded parameters are DTensors; between passes FSDP may also leave a module
+    unsharded, with parameters that are views into its gather buffer, which e.g.
+    safetensors cannot read: those are copied.
+    """
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    swapped = []
+    if any(isinstance(m, FSDPModule) for m in model.modules()):
+        with torch.no_grad():
+            for module in model.modules():
+                for name, param in list(module._parameters.items()):
+                    if param is not None and param.requires_grad:
+                        whole = param.full_tensor() if isinstance(param, DTensor) else param.clone()
+                        module._parameters[name] = nn.Parameter(whole, requires_grad=True)
+                        swapped.append((module, name, param))
+    try:
+        yield
+    finally:
+        for module, name, param in swapped:
+            module._parameters[name] = param
+
+
+def reshard(model: nn.Module) -> None:
+    """Put an FSDP model's parameters back to their shards (FSDP keeps the root module
+    gathered after a forward pass): the optimizer holds the shards, and state-dict
+    functions match them by identity. A no-op for other models."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

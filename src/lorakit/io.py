@@ -41,9 +41,20 @@ def adapter_state_dict(model: nn.Module, adapter: str) -> dict[str, Tensor]:
             if bias != "none" and getattr(module, "bias", None) is not None:
                 out[f"{path}.base_layer.bias"] = module.bias
         elif isinstance(module, ModulesToSave) and adapter in module.copies:
-            out.update({f"{path}.{k}": v for k, v in module.copies[adapter].state_dict(keep_vars=True).items()})
+            out.update({f"{path}.{k}": v for k, v in _state_tensors(module.copies[adapter]).items()})
         elif bias == "all" and module._parameters.get("bias") is not None:
             out[f"{path}.bias"] = module._parameters["bias"]
+    return out
+
+
+def _state_tensors(module: nn.Module) -> dict[str, Tensor]:
+    """The live entries of ``module.state_dict()`` (parameters, persistent buffers), found
+    without calling it: state-dict hooks (FSDP's) would act on the whole model."""
+    out = dict(module.named_parameters(remove_duplicate=False))
+    for prefix, sub in module.named_modules(remove_duplicate=False):
+        for name, buffer in sub._buffers.items():
+            if buffer is not None and name not in sub._non_persistent_buffers_set:
+                out[f"{prefix}.{name}" if prefix else name] = buffer
     return out
 
 

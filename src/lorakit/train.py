@@ -27,10 +27,17 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from . import baselines, data
 from .config import LoraConfig
-from .distributed import World, setup, shard_rows
+from .distributed import World, full_parameters, fully_shard_model, reshard, setup, shard_rows
 from .fastops import use_fast_dropout
 from .io import PREFIX, adapter_state_dict, copy_strict, read_weights, save_adapter
 from .metrics import compute_metrics
@@ -69,6 +76,7 @@ class TrainConfig:
     init_adapter: str | None = _opt(None, "start the LoRA factors from this adapter (the paper's MNLI start)")
     resume: bool = _opt(False, "continue from the newest complete checkpoint in the run folder")
     save_every: int = _opt(0, "also checkpoint every N optimizer steps within an epoch (0: at epoch ends only)")
+    fsdp: bool = _opt(False, "under torchrun: shard the model across processes with FSDP2 instead of DDP's copies")
     eval_batch_size: int = _opt(64, "evaluation batch size")
     max_train_examples: int | None = _opt(None, "use only the first N training examples (quick runs, tests)")
     max_eval_examples: int | None = _opt(None, "use only the first N dev examples")
@@ -217,9 +225,13 @@ def evaluate(model: nn.Module, task: data.Task, split: Split, batch_size: int, p
     model.eval()
     predictions: list[float] = [0.0] * len(split.labels)
     batches = list(data.sequential_batches(len(split.labels), batch_size, split.lengths))
+    share = batches[world.rank :: world.size]
+    # Every process runs as many forward passes (FSDP gathers weights in each); extras are dropped.
+    padding = [[]] * (-(-len(batches) // world.size) - len(share))
     mine: list[tuple[int, float]] = []
-    for idx in batches[world.rank :: world.size]:
-        batch = data.collate([split.features[i] for i in idx], [split.labels[i] for i in idx], pad_id, task.labels is None)
+    for idx in share + padding:
+        rows = idx or batches[0]
+        batch = data.collate([split.features[i] for i in rows], [split.labels[i] for i in rows], pad_id, task.labels is None)
         batch.pop("labels")
         logits = model(**{k: v.to(world.device) for k, v in batch.items()}).logits.float()
         values = logits.squeeze(-1) if task.labels is None else logits.argmax(-1)
@@ -340,6 +352,10 @@ def _checkpoints(run: Path) -> list[Path]:
 def _save_checkpoint(run: Path, record: dict[str, Any], progress: _Progress, model: nn.Module, optimizer, scheduler,
                      world: World) -> None:
     """Called by every process (each contributes its random state and loss sums)."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    reshard(model)
+    trainable = get_model_state_dict(model, options=options)  # whole tensors, also from an FSDP-sharded model
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
     ranks = world.gather({"torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
                           "cuda_rng": torch.cuda.get_rng_state(world.device) if world.device.type == "cuda" else None,
                           "loss_sum": progress.loss_sum, "seen": progress.seen})
@@ -347,8 +363,7 @@ def _save_checkpoint(run: Path, record: dict[str, Any], progress: _Progress, mod
         return
     state = {"config": record, "world_size": world.size, "epoch": progress.epoch, "step": progress.step,
              "history": progress.history, "wall_time": progress.wall, "seconds": progress.seconds, "ranks": ranks,
-             "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+             "trainable": trainable, "optimizer": optimizer_state, "scheduler": scheduler.state_dict()}
     _atomic_save(state, run / f"checkpoint-{progress.epoch}-{progress.step}.pt")
     for old in _checkpoints(run)[_KEEP:]:
         old.unlink(missing_ok=True)
@@ -370,11 +385,9 @@ def _resume(run: Path, record: dict[str, Any], model: nn.Module, optimizer, sche
         if state["world_size"] != world.size:
             raise ValueError(f"{path} was written by {state['world_size']} processes; resume it with as many, "
                              f"not {world.size}")
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, tensor in state["trainable"].items():
-                params[name].copy_(tensor)
-        optimizer.load_state_dict(state["optimizer"])
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(model, state["trainable"], options=options)
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
         scheduler.load_state_dict(state["scheduler"])
         mine = state["ranks"][world.rank]
         torch.set_rng_state(mine["torch_rng"])
@@ -447,6 +460,12 @@ def train(cfg: TrainConfig, seed: int) -> dict[str, Any]:
     random.seed(seed)
     tokenizer, model = _prepare(cfg, task, world)
     model.to(world.device)
+    if cfg.fsdp:
+        if not world.distributed:
+            raise ValueError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node N")
+        blocks = fully_shard_model(model)
+        if world.main:
+            print(f"FSDP2: sharded {', '.join(blocks)} and the rest over {world.size} processes")
     train_split, dev = _load_splits(cfg, task, tokenizer)
     global_batch = cfg.batch_size * world.size
     optimizer, scheduler = _optimizer(model, cfg, math.ceil(len(train_split.labels) / global_batch) * cfg.epochs)
@@ -459,7 +478,7 @@ def train(cfg: TrainConfig, seed: int) -> dict[str, Any]:
             for old in _checkpoints(run):
                 old.unlink()
     ddp = model
-    if world.distributed:
+    if world.distributed and not cfg.fsdp:
         from torch.nn.parallel import DistributedDataParallel
 
         ddp = DistributedDataParallel(model, device_ids=[world.device] if world.device.type == "cuda" else None)
@@ -486,11 +505,13 @@ def train(cfg: TrainConfig, seed: int) -> dict[str, Any]:
                                  "train_seconds": train_time, "examples_per_second": seen / train_time,
                                  "lr": scheduler.get_last_lr()[0]})
         progress.epoch, progress.step, progress.loss_sum, progress.seen, progress.seconds = epoch + 1, 0, 0.0, 0, 0.0
+        if metrics[main[0]][main[1]] > best:  # the same decision in every process (gathered metrics)
+            with full_parameters(model):
+                if world.main:
+                    _save_weights(model, cfg, run)
         if world.main:
             with (run / "log.jsonl").open("a") as log:
                 log.write(json.dumps(progress.history[-1]) + "\n")
-            if metrics[main[0]][main[1]] > best:
-                _save_weights(model, cfg, run)
             print(f"epoch {epoch + 1}: train loss {loss_sum / seen:.4f}, dev {_fmt(metrics)}, {train_time:.0f}s")
         checkpoint()
     world.barrier()  # the main process has written the weights
