@@ -119,6 +119,36 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analyze(args: argparse.Namespace) -> int:
+    from . import analysis
+
+    if args.kind == "similarity":
+        if len(args.adapters) != 2:
+            raise ValueError("analyze similarity takes two adapter folders")
+        report = analysis.similarity_report(*args.adapters, args.out, labels=tuple(args.labels.split(",")))
+        print("| module | phi(1,1) | mean phi(i,i) |\n|---|---|---|")
+        for name, m in report["modules"].items():
+            print(f"| {name} | {m['phi_top1']:.3f} | {m['mean_phi_diagonal']:.3f} |")
+    else:
+        from .train import load_classifier
+
+        if len(args.adapters) != 1:
+            raise ValueError("analyze amplification takes one adapter folder")
+        from . import data
+
+        task, model_name = _load_run_info(args.adapters[0], args.task or "mrpc", args.model)
+        _, model = load_classifier(model_name, data.get_task(task))
+        paths = analysis.adapter_factors(args.adapters[0])
+        weights = {p: model.get_submodule(p).weight.detach() for p in paths}
+        report = analysis.amplification_report(args.adapters[0], weights, args.out)
+        print("| module | r | ‖UᵀWV‖ ΔW dirs | W dirs | random | ‖W‖ | ‖ΔW‖ | amplification |\n|---|---|---|---|---|---|---|---|")
+        for name, m in report["modules"].items():
+            print(f"| {name} | {m['r']} | {m['delta_directions']:.3f} | {m['w_directions']:.2f} | "
+                  f"{m['random_directions']:.3f} | {m['w_norm']:.2f} | {m['delta_norm']:.3f} | {m['amplification']:.1f} |")
+    print(f"written to {args.out}")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     """A markdown table of finished runs (their report.json files)."""
     rows = ["| task | model | method | seeds | epochs | dev (median of best epochs) | trainable params | saved MB | wall min |",
@@ -186,6 +216,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batching", action=argparse.BooleanOptionalAction, default=True,
                    help="batch requests that arrive together into one forward pass (default: on)")
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser("analyze", help="the paper's section 7 analyses of trained adapters (JSON, PNG)")
+    p.add_argument("kind", choices=["similarity", "amplification"],
+                   help="similarity: phi(i, j) between two adapters' A (Figs. 3-4); amplification: Table 7 for one")
+    p.add_argument("adapters", nargs="+", help="adapter folder(s)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--labels", default="A,B", help="names of the two adapters on the plots (default: A,B)")
+    p.add_argument("--model", help="base model for amplification (default: the adapter's)")
+    p.add_argument("--task", help="the adapter's task, if it has no task.json (only builds the head)")
+    p.set_defaults(func=_analyze)
 
     p = sub.add_parser("report", help="markdown table of finished runs")
     p.add_argument("runs", nargs="+", help="--out folders of finished lorakit train runs")
