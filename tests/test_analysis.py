@@ -75,3 +75,30 @@ def test_reports_on_saved_adapters(tmp_path, capsys):
         similarity_report(tmp_path / "a", tmp_path / "b", tmp_path / "x")
     assert main(["analyze", "similarity", str(tmp_path / "a"), str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
     assert "no adapter_config.json in" in capsys.readouterr().err
+
+
+def test_sweep_plans_placements_at_a_budget_or_over_ranks():
+    from lorakit.sweep import plan
+
+    assert plan(["q", "qv", "qkvo"], 8, None) == [("q", 8), ("qv", 4), ("qkvo", 2)]
+    assert plan(["qv"], None, [1, 64]) == [("qv", 1), ("qv", 64)]
+    with pytest.raises(ValueError, match="--budget 6 does not divide among the 4 weight types of 'qkvo'"):
+        plan(["qkvo"], 6, None)
+    with pytest.raises(ValueError, match="placement 'qx'"):
+        plan(["qx"], 8, None)
+    with pytest.raises(ValueError, match="exactly one of --budget"):
+        plan(["q"], 8, [1])
+
+
+def test_sweep_trains_each_placement(tiny_model, tmp_path, capsys):
+    code = main(["sweep", "--placements", "q,ko", "--budget", "2", "--task", "mrpc", "--model", tiny_model,
+                 "--out", str(tmp_path), "--epochs", "1", "--max-train-examples", "16", "--max-eval-examples", "16",
+                 "--max-length", "32", "--no-progress"])
+    assert code == 0
+    table = json.loads((tmp_path / "sweep.json").read_text())
+    assert [(r["placement"], r["r"], r["targets"]) for r in table["rows"]] == [
+        ("q", 2, "query"), ("ko", 1, "key,attention.output.dense")]
+    # equal budgets: q is 32x32, k and o too, so 2 x rank 1 matches 1 x rank 2 (plus the same head)
+    assert table["rows"][0]["trainable_params"] == table["rows"][1]["trainable_params"]
+    assert (tmp_path / "sweep.png").stat().st_size > 0 and (tmp_path / "ko-r1" / "seed0" / "adapter").is_dir()
+    assert "| ko | 1 |" in capsys.readouterr().out

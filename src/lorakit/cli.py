@@ -119,6 +119,24 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from .sweep import sweep
+    from .train import TrainConfig, resolve_config
+
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    overrides["out"] = overrides["out"] or "runs/sweep-{task}"
+    cfg = resolve_config(None if args.preset == "none" else args.preset, **overrides)
+    ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else None
+    table = sweep(cfg, args.placements.split(","), args.budget, ranks)
+    metrics = list(table["rows"][0]["median"])
+    print(f"\n| placement | r | trainable params | {' | '.join(metrics)} |\n|---|---|---|{'---|' * len(metrics)}")
+    for row in table["rows"]:
+        values = " | ".join(f"{100 * row['median'][m]:.2f}" for m in metrics)
+        print(f"| {row['placement']} | {row['r']} | {row['trainable_params']:,} | {values} |")
+    print(f"table and plot in {cfg.run_dir}")
+    return 0
+
+
 def _analyze(args: argparse.Namespace) -> int:
     from . import analysis
 
@@ -216,6 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batching", action=argparse.BooleanOptionalAction, default=True,
                    help="batch requests that arrive together into one forward pass (default: on)")
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser("sweep", help="train LoRA at several placements / ranks (paper Tables 5 and 6)")
+    p.add_argument("--placements", required=True, help="comma-separated, from the letters q,k,v,o (e.g. q,k,v,o,qv,qkvo)")
+    p.add_argument("--budget", type=int, help="rank x weight types, the same for every placement (Table 5; e.g. 8)")
+    p.add_argument("--ranks", help="comma-separated ranks, each placement at each (Table 6; e.g. 1,2,4,8,64)")
+    _add_train_flags(p)
+    p.set_defaults(func=_sweep)
 
     p = sub.add_parser("analyze", help="the paper's section 7 analyses of trained adapters (JSON, PNG)")
     p.add_argument("kind", choices=["similarity", "amplification"],
