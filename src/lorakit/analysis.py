@@ -120,12 +120,13 @@ def _heatmaps(grids: dict[str, Tensor], path: Path, first: str, second: str) -> 
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.4 * rows), squeeze=False)
     for ax in axes.flat[len(grids):]:
         ax.axis("off")
-    for ax, (name, grid) in zip(axes.flat, grids.items()):
+    for k, (ax, (name, grid)) in enumerate(zip(axes.flat, grids.items())):
         image = ax.imshow(grid.numpy(), vmin=0, vmax=1, cmap="viridis", origin="upper",
                           extent=(0.5, grid.shape[1] + 0.5, grid.shape[0] + 0.5, 0.5))
         ax.set_title(".".join(name.split(".")[-4:]), fontsize=7)
         ax.set_xlabel(f"j ({second})", fontsize=7)
-        ax.set_ylabel(f"i ({first})", fontsize=7)
+        if k % cols == 0:
+            ax.set_ylabel(f"i ({first})", fontsize=7)
         ax.tick_params(labelsize=6)
     fig.colorbar(image, ax=axes, shrink=0.6, label="phi(i, j)")
     fig.savefig(path, dpi=110)
