@@ -36,10 +36,6 @@ class World:
     def distributed(self) -> bool:
         return self.size > 1
 
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
     def gather(self, obj: Any) -> list[Any]:
         """``obj`` from every process, in rank order (a one-item list for one process)."""
         if not self.distributed:

@@ -268,9 +268,18 @@ def precision_context(precision: str, device: torch.device = torch.device("cpu")
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
+    """Write to a temporary name, flush it to disk, rename it into place: ``path`` is
+    either the old file or the whole new one, even after a crash or power cut."""
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(obj, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def _save_weights(model: nn.Module, cfg: TrainConfig, run: Path) -> int:
@@ -339,14 +348,20 @@ def _load_splits(cfg: TrainConfig, task: data.Task, tokenizer) -> tuple[Split, d
 
 # ---- checkpoints ---------------------------------------------------------------------------
 # checkpoint-<finished epochs>-<steps into the next epoch>.pt, written atomically by the
-# main process; the newest two are kept, so a damaged newest one still leaves one to use.
+# main process into --out, which every process must see (one machine, or a shared file
+# system). After each write the one before it is kept too, so a damaged newest file still
+# leaves one to resume from.
 
 _KEEP = 2
 
 
+def _position(path: Path) -> tuple[int, ...]:
+    return tuple(int(x) for x in path.stem.split("-")[1:])
+
+
 def _checkpoints(run: Path) -> list[Path]:
     """Checkpoint files of ``run``, newest first."""
-    return sorted(run.glob("checkpoint-*-*.pt"), key=lambda p: tuple(int(x) for x in p.stem.split("-")[1:]), reverse=True)
+    return sorted(run.glob("checkpoint-*-*.pt"), key=_position, reverse=True)
 
 
 def _save_checkpoint(run: Path, record: dict[str, Any], progress: _Progress, model: nn.Module, optimizer, scheduler,
@@ -364,43 +379,68 @@ def _save_checkpoint(run: Path, record: dict[str, Any], progress: _Progress, mod
     state = {"config": record, "world_size": world.size, "epoch": progress.epoch, "step": progress.step,
              "history": progress.history, "wall_time": progress.wall, "seconds": progress.seconds, "ranks": ranks,
              "trainable": trainable, "optimizer": optimizer_state, "scheduler": scheduler.state_dict()}
-    _atomic_save(state, run / f"checkpoint-{progress.epoch}-{progress.step}.pt")
-    for old in _checkpoints(run)[_KEEP:]:
+    path = run / f"checkpoint-{progress.epoch}-{progress.step}.pt"
+    _atomic_save(state, path)
+    for old in [p for p in _checkpoints(run) if _position(p) < _position(path)][_KEEP - 1:]:
         old.unlink(missing_ok=True)
 
 
-def _resume(run: Path, record: dict[str, Any], model: nn.Module, optimizer, scheduler, world: World) -> _Progress:
-    """Restore the newest readable checkpoint of the same run (a fresh start if none)."""
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    state = torch.load(path, weights_only=True)
+    for key in ("config", "world_size", "epoch", "step", "history", "trainable", "optimizer", "ranks"):
+        state[key]  # noqa: B018  (a complete checkpoint has them all)
+    return state
+
+
+def _newest_readable(run: Path) -> Path | None:
+    """The newest checkpoint that reads back; damaged ones are renamed ``*.damaged``."""
     for path in _checkpoints(run):
         try:
-            state = torch.load(path, weights_only=True)
-            state["epoch"], state["step"], state["trainable"], state["ranks"]  # noqa: B018  (complete?)
-        except Exception as e:  # a truncated or damaged file: fall back to the one before
-            if world.main:
-                print(f"skipping damaged checkpoint {path}: {type(e).__name__}: {str(e)[:200]}")
-            continue
-        same_run = {k: v for k, v in record.items() if k not in ("resume", "progress", "save_every")}
-        if {k: v for k, v in state["config"].items() if k in same_run} != same_run:
-            raise ValueError(f"{path} belongs to a run with another configuration; use another --out or remove it")
-        if state["world_size"] != world.size:
-            raise ValueError(f"{path} was written by {state['world_size']} processes; resume it with as many, "
-                             f"not {world.size}")
-        options = StateDictOptions(full_state_dict=True, strict=False)
-        set_model_state_dict(model, state["trainable"], options=options)
-        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
-        scheduler.load_state_dict(state["scheduler"])
-        mine = state["ranks"][world.rank]
-        torch.set_rng_state(mine["torch_rng"])
-        random.setstate(mine["python_rng"])
-        if mine["cuda_rng"] is not None:
-            torch.cuda.set_rng_state(mine["cuda_rng"], world.device)
+            _read_checkpoint(path)
+            return path
+        except Exception as e:  # truncated or damaged: fall back to the one before
+            print(f"skipping damaged checkpoint {path}: {type(e).__name__}: {str(e)[:200]}")
+            path.rename(path.with_name(path.name + ".damaged"))
+    return None
+
+
+def _resume(run: Path, record: dict[str, Any], model: nn.Module, optimizer, scheduler, world: World) -> _Progress:
+    """Restore the newest readable checkpoint of the same run (a fresh start if none).
+    The main process chooses it; every process then reads that file."""
+    chosen = world.gather(str(_newest_readable(run) or "") if world.main else None)[0]
+    if not chosen:
         if world.main:
-            print(f"resumed from {path}: {state['epoch']} epochs and {state['step']} steps done")
-        return _Progress(state["epoch"], state["history"], state["wall_time"], state["step"], mine["loss_sum"],
-                         mine["seen"], state["seconds"])
+            print(f"no usable checkpoint in {run}; starting from scratch")
+        return _Progress()
+    try:
+        state, failed = _read_checkpoint(Path(chosen)), None
+    except Exception as e:
+        state, failed = None, e
+    if world.any(failed is not None):
+        raise ValueError(f"{chosen} cannot be read by every process ({failed or 'another process failed'}); "
+                         "--out must be on a file system all processes share")
+    # A run is its configuration and seed; how often it saves, and the progress bar, may change.
+    same_run = {k: v for k, v in record.items() if k not in ("resume", "progress", "save_every", "seeds")}
+    if {k: v for k, v in state["config"].items() if k in same_run} != same_run:
+        raise ValueError(f"{chosen} belongs to a run with another configuration; use another --out or remove it")
+    if state["world_size"] != world.size:
+        raise ValueError(f"{chosen} was written by {state['world_size']} processes; resume it with as many, "
+                         f"not {world.size}")
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, state["trainable"], options=options)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
+    scheduler.load_state_dict(state["scheduler"])
+    mine = state["ranks"][world.rank]
+    torch.set_rng_state(mine["torch_rng"])
+    random.setstate(mine["python_rng"])
+    if mine["cuda_rng"] is not None:
+        torch.cuda.set_rng_state(mine["cuda_rng"], world.device)
     if world.main:
-        print(f"no usable checkpoint in {run}; starting from scratch")
-    return _Progress()
+        print(f"resumed from {chosen}: {state['epoch']} epochs and {state['step']} steps done")
+        # the log holds exactly the finished epochs (a kill may have come between log and checkpoint)
+        (run / "log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in state["history"]))
+    return _Progress(state["epoch"], state["history"], state["wall_time"], state["step"], mine["loss_sum"],
+                     mine["seen"], state["seconds"])
 
 
 # ---- the loop --------------------------------------------------------------------------------
@@ -423,14 +463,11 @@ def _train_epoch(model: nn.Module, cfg: TrainConfig, split: Split, order: list[l
         with precision_context(cfg.precision, world.device):
             loss = model(**{k: v.to(world.device) for k, v in batch.items()}).loss
         if world.any(not math.isfinite(loss.item())):
-            last = _checkpoints(run)
-            raise FloatingPointError(
-                f"the training loss became {loss.item()} at epoch {progress.epoch + 1}, step {step + 1}; stopped before "
-                f"updating the weights. Last good checkpoint: {last[0] if last else 'none'} (--resume restarts there); "
-                f"a lower --lr or --precision fp32 may help")
+            _stop(f"the training loss became {loss.item()}", progress, step, run)
         (loss * weight).backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        if world.any(not math.isfinite(_local(norm).item())):
+            _stop("the gradient norm became non-finite", progress, step, run)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -443,6 +480,19 @@ def _train_epoch(model: nn.Module, cfg: TrainConfig, split: Split, order: list[l
         if cfg.save_every and progress.step % cfg.save_every == 0 and progress.step < len(order):
             checkpoint()
     bar.close()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor (FSDP's gradient norm is a DTensor)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _stop(what: str, progress: _Progress, step: int, run: Path) -> None:
+    last = _checkpoints(run)
+    raise FloatingPointError(
+        f"{what} at epoch {progress.epoch + 1}, step {step + 1}; stopped before updating the weights. Last good "
+        f"checkpoint: {last[0] if last else 'none'}. To change --lr or --precision (a lower rate, or fp32 instead "
+        f"of bf16 often helps), start a new run with another --out")
 
 
 def train(cfg: TrainConfig, seed: int) -> dict[str, Any]:
@@ -469,11 +519,11 @@ def train(cfg: TrainConfig, seed: int) -> dict[str, Any]:
     train_split, dev = _load_splits(cfg, task, tokenizer)
     global_batch = cfg.batch_size * world.size
     optimizer, scheduler = _optimizer(model, cfg, math.ceil(len(train_split.labels) / global_batch) * cfg.epochs)
-    if cfg.resume:
-        progress = _resume(run, record, model, optimizer, scheduler, world)
-    else:
-        progress = _Progress()
-        if world.main:
+    progress = _resume(run, record, model, optimizer, scheduler, world) if cfg.resume else _Progress()
+    if world.main:
+        for torn in run.glob(".checkpoint-*.tmp"):  # a write a kill interrupted
+            torn.unlink()
+        if progress.epoch == progress.step == 0:
             (run / "log.jsonl").unlink(missing_ok=True)
             for old in _checkpoints(run):
                 old.unlink()
@@ -514,7 +564,6 @@ def train(cfg: TrainConfig, seed: int) -> dict[str, Any]:
                 log.write(json.dumps(progress.history[-1]) + "\n")
             print(f"epoch {epoch + 1}: train loss {loss_sum / seen:.4f}, dev {_fmt(metrics)}, {train_time:.0f}s")
         checkpoint()
-    world.barrier()  # the main process has written the weights
     return _summarize(cfg, task, run, record, model, progress, world)
 
 
@@ -527,7 +576,8 @@ def _summarize(cfg: TrainConfig, task: data.Task, run: Path, record: dict[str, A
     params = trainable_parameters(model)
     summary = {
         "config": record, "task": task.name, "best_epoch": best + 1, "best": history[best]["dev"], "epochs": history,
-        "trainable_params": params.trainable, "total_params": params.total, "weights_bytes": weights.stat().st_size,
+        "trainable_params": params.trainable, "total_params": params.total,
+        "weights_bytes": world.gather(weights.stat().st_size if world.main else None)[0],  # only the main process wrote it
         "wall_seconds": progress.wall, "versions": _versions(),
     }
     if world.main:
