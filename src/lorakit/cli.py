@@ -148,12 +148,11 @@ def _analyze(args: argparse.Namespace) -> int:
         for name, m in report["modules"].items():
             print(f"| {name} | {m['phi_top1']:.3f} | {m['mean_phi_diagonal']:.3f} |")
     else:
+        from . import data
         from .train import load_classifier
 
         if len(args.adapters) != 1:
             raise ValueError("analyze amplification takes one adapter folder")
-        from . import data
-
         task, model_name = _load_run_info(args.adapters[0], args.task or "mrpc", args.model)
         _, model = load_classifier(model_name, data.get_task(task))
         paths = analysis.adapter_factors(args.adapters[0])
