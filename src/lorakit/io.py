@@ -22,7 +22,8 @@ from .config import CONFIG_NAME, LoraConfig
 from .layers import LoraLayer, ModulesToSave
 from .model import active_adapters, adapter_config, add_lora, outside_saved_modules, remove_adapter
 
-__all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "read_weights", "copy_strict", "WEIGHTS_NAME", "PREFIX"]
+__all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "read_weights", "copy_strict", "atomic_write",
+           "WEIGHTS_NAME", "PREFIX"]
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -73,20 +74,29 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter: str | None = 
     tensors = {k: v.detach().contiguous() for k, v in adapter_state_dict(model, adapter).items()}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(config.to_json()))
+    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(config.to_json()))
     return directory
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` to a temporary name beside ``path``, flush it to disk, rename it into
+    place: ``path`` is the old file or the whole new one, even after a crash or power cut."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def read_weights(directory: str | Path) -> dict[str, Tensor]:

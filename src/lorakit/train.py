@@ -39,7 +39,7 @@ from . import baselines, data
 from .config import LoraConfig
 from .distributed import World, full_parameters, fully_shard_model, reshard, setup, shard_rows
 from .fastops import use_fast_dropout
-from .io import PREFIX, adapter_state_dict, copy_strict, read_weights, save_adapter
+from .io import PREFIX, adapter_state_dict, atomic_write, copy_strict, read_weights, save_adapter
 from .metrics import compute_metrics
 from .model import add_lora, lora_layers, trainable_parameters
 from .models import resolve_model
@@ -268,18 +268,7 @@ def precision_context(precision: str, device: torch.device = torch.device("cpu")
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    """Write to a temporary name, flush it to disk, rename it into place: ``path`` is
-    either the old file or the whole new one, even after a crash or power cut."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _save_weights(model: nn.Module, cfg: TrainConfig, run: Path) -> int:
@@ -293,9 +282,7 @@ def _save_weights(model: nn.Module, cfg: TrainConfig, run: Path) -> int:
         os.replace(tmp, run / "adapter")
         return (run / "adapter" / "adapter_model.safetensors").stat().st_size
     tensors = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    tmp = run / ".trainable.safetensors.tmp"
-    save_file(tensors, tmp)
-    os.replace(tmp, run / "trainable.safetensors")
+    atomic_write(run / "trainable.safetensors", lambda tmp: save_file(tensors, tmp))
     return (run / "trainable.safetensors").stat().st_size
 
 
@@ -462,17 +449,17 @@ def _train_epoch(model: nn.Module, cfg: TrainConfig, split: Split, order: list[l
         batch = data.collate([split.features[i] for i in rows], [split.labels[i] for i in rows], pad_id, regression)
         with precision_context(cfg.precision, world.device):
             loss = model(**{k: v.to(world.device) for k, v in batch.items()}).loss
-        if world.any(not math.isfinite(loss.item())):
-            _stop(f"the training loss became {loss.item()}", progress, step, run)
+        value = loss.item()
         (loss * weight).backward()
-        norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        if world.any(not math.isfinite(_local(norm).item())):
-            _stop("the gradient norm became non-finite", progress, step, run)
+        norm = _local(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)).item()
+        if world.any(not (math.isfinite(value) and math.isfinite(norm))):  # one collective per step
+            what = f"the training loss became {value}" if not math.isfinite(value) else "the gradient norm became non-finite"
+            _stop(what, progress, step, run)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         n = len(rows) if weight else 0
-        progress.step, progress.loss_sum, progress.seen = step + 1, progress.loss_sum + loss.item() * n, progress.seen + n
+        progress.step, progress.loss_sum, progress.seen = step + 1, progress.loss_sum + value * n, progress.seen + n
         progress.seconds = time.perf_counter() - started
         bar.update()
         bar.set_postfix(loss=f"{progress.loss_sum / max(1, progress.seen):.4f}",
