@@ -90,11 +90,11 @@ def test_sweep_plans_placements_at_a_budget_or_over_ranks():
         plan(["q"], 8, [1])
 
 
-def test_sweep_trains_each_placement(tiny_model, tmp_path, capsys):
-    code = main(["sweep", "--placements", "q,ko", "--budget", "2", "--task", "mrpc", "--model", tiny_model,
-                 "--out", str(tmp_path), "--epochs", "1", "--max-train-examples", "16", "--max-eval-examples", "16",
-                 "--max-length", "32", "--no-progress"])
-    assert code == 0
+def test_sweep_trains_each_placement_and_resumes(tiny_model, tmp_path, capsys):
+    args = ["sweep", "--targets", "q,ko", "--budget", "2", "--task", "mrpc", "--model", tiny_model,
+            "--out", str(tmp_path), "--epochs", "1", "--max-train-examples", "16", "--max-eval-examples", "16",
+            "--max-length", "32", "--no-progress"]
+    assert main(args) == 0
     table = json.loads((tmp_path / "sweep.json").read_text())
     assert [(r["placement"], r["r"], r["targets"]) for r in table["rows"]] == [
         ("q", 2, "query"), ("ko", 1, "key,attention.output.dense")]
@@ -102,3 +102,8 @@ def test_sweep_trains_each_placement(tiny_model, tmp_path, capsys):
     assert table["rows"][0]["trainable_params"] == table["rows"][1]["trainable_params"]
     assert (tmp_path / "sweep.png").stat().st_size > 0 and (tmp_path / "ko-r1" / "seed0" / "adapter").is_dir()
     assert "| ko | 1 |" in capsys.readouterr().out
+    # --resume reuses finished runs (their last checkpoint) instead of training them again
+    assert main(args + ["--resume"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("resumed from") == 2 and "epoch 1:" not in out
+    assert json.loads((tmp_path / "sweep.json").read_text()) == table

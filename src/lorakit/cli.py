@@ -13,13 +13,15 @@ from pathlib import Path
 __all__ = ["main"]
 
 
-def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+def _add_train_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     from .train import PRESETS, TrainConfig
 
     parser.add_argument("--preset", default="demo", choices=[*PRESETS, "none"],
                         help="recipe the other flags override: demo (CPU-sized, default), paper (Table 9), none")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
+        if f.name in skip:
+            continue
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata["help"] + ("" if "default" in f.metadata["help"] else f" (default: {f.default})")
         if hints[f.name] is bool:
@@ -123,7 +125,7 @@ def _sweep(args: argparse.Namespace) -> int:
     from .sweep import sweep
     from .train import TrainConfig, resolve_config
 
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(TrainConfig)}
     overrides["out"] = overrides["out"] or "runs/sweep-{task}"
     cfg = resolve_config(None if args.preset == "none" else args.preset, **overrides)
     ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else None
@@ -235,10 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("sweep", help="train LoRA at several placements / ranks (paper Tables 5 and 6)")
-    p.add_argument("--placements", required=True, help="comma-separated, from the letters q,k,v,o (e.g. q,k,v,o,qv,qkvo)")
+    p.add_argument("--targets", "--placements", dest="placements", required=True,
+                   help="placements, comma-separated, each from the letters q,k,v,o (e.g. q,k,v,o,qv,qkvo)")
     p.add_argument("--budget", type=int, help="rank x weight types, the same for every placement (Table 5; e.g. 8)")
     p.add_argument("--ranks", help="comma-separated ranks, each placement at each (Table 6; e.g. 1,2,4,8,64)")
-    _add_train_flags(p)
+    _add_train_flags(p, skip=("method", "r", "targets"))  # the sweep sets these per run
     p.set_defaults(func=_sweep)
 
     p = sub.add_parser("analyze", help="the paper's section 7 analyses of trained adapters (JSON, PNG)")

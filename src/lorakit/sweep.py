@@ -6,6 +6,8 @@ gets rank ``N / (number of weight types)``, so all train the same number of para
 (Table 5: ``r = 8`` for one type, 4 for two, 2 for four). With ``--ranks`` every placement
 is trained at every rank (Table 6). Each run is an ordinary ``lorakit train`` run in
 ``<out>/<placement>-r<rank>/``; the table goes to ``sweep.json`` and ``sweep.png``.
+With ``--resume`` an interrupted sweep continues: finished runs are read back from their
+last checkpoint, the interrupted one continues from its own, the rest start fresh.
 """
 
 from __future__ import annotations
