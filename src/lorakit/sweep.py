@@ -84,14 +84,24 @@ def _plot(table: dict, task: data.Task, path: Path) -> None:
     metric = next(iter(table["rows"][0]["median"]))
     fig, ax = plt.subplots(figsize=(6, 3.5))
     placements = list(dict.fromkeys(row["placement"] for row in table["rows"]))
-    if table["budget"] is not None:  # one bar per placement
-        values = [100 * row["median"][metric] for row in table["rows"]]
-        ax.bar([f"{row['placement']} (r={row['r']})" for row in table["rows"]], values, color="tab:blue")
+
+    def seeds(row: dict) -> list[float]:
+        return [100 * m[metric] for m in row["per_seed"].values()]
+
+    if table["budget"] is not None:  # one bar per placement (the median), a dot per seed
+        labels = [f"{row['placement']} (r={row['r']})" for row in table["rows"]]
+        ax.bar(labels, [100 * row["median"][metric] for row in table["rows"]], color="tab:blue", label="median")
+        for i, row in enumerate(table["rows"]):
+            ax.plot([i] * len(row["per_seed"]), seeds(row), "k.", label="seeds" if i == 0 else None)
+        values = [v for row in table["rows"] for v in seeds(row)]
         ax.set_ylim(min(values) - 2, max(values) + 1)
-    else:  # one line per placement over the ranks
+        ax.legend(fontsize=8)
+    else:  # one line per placement over the ranks (the median), a dot per seed
         for p in placements:
             rows = [row for row in table["rows"] if row["placement"] == p]
-            ax.plot([row["r"] for row in rows], [100 * row["median"][metric] for row in rows], "o-", label=p)
+            line, = ax.plot([row["r"] for row in rows], [100 * row["median"][metric] for row in rows], "o-", label=p)
+            for row in rows:
+                ax.plot([row["r"]] * len(row["per_seed"]), seeds(row), ".", color=line.get_color(), alpha=0.5)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("rank r")
         ax.legend(fontsize=8)
