@@ -120,3 +120,21 @@ def test_use_fast_dropout_on_a_transformers_model(monkeypatch):
     fastops.use_fast_dropout(model, enabled=False)
     assert not any(isinstance(m, fastops.FastDropout) for m in model.modules())
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_math_attention_with_dropout_equals_the_reference_with_the_same_mask():
+    """Values and gradients for q, k and v (LoRA on W_q / W_k learns through the latter)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 4, requires_grad=True) for _ in range(3))
+    mask = torch.rand(2, 1, 5, 5) > 0.3
+    mask[..., 0] = True
+    torch.manual_seed(1)
+    ours = fastops.math_attention(q, k, v, mask, 0.25)
+    torch.manual_seed(1)
+    keep = fastops.keep_mask((2, 3, 5, 5), 0.25)
+    scores = (q @ k.transpose(-1, -2) / 2).masked_fill(~mask, float("-inf"))
+    expected = (scores.softmax(-1) * keep / 0.75) @ v
+    torch.testing.assert_close(ours, expected, **TOL[torch.float32])
+    g = torch.randn_like(ours)
+    for a, b in zip(torch.autograd.grad(ours, (q, k, v), g), torch.autograd.grad(expected, (q, k, v), g)):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
