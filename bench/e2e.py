@@ -22,6 +22,7 @@ import time
 import torch
 
 from lorakit import data, train
+from lorakit.tasks.glue import load_classifier
 from lorakit.benchtools import write_record
 from lorakit.metrics import compute_metrics
 
@@ -33,7 +34,7 @@ def peft_loop(cfg: train.TrainConfig, seed: int, data_dir=None) -> dict:
 
     task = data.get_task(cfg.task)
     torch.manual_seed(seed)
-    tokenizer, model = train.load_classifier(cfg.model, task)
+    tokenizer, model = load_classifier(cfg.model, task)
     model = peft.get_peft_model(model, peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
                                                        target_modules=["query", "value"], modules_to_save=["classifier"]))
     data_dir = data_dir or data.default_data_dir()

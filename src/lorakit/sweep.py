@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from . import data
-from .train import TrainConfig, load_classifier, train_seeds
+from .tasks.glue import load_classifier
+from .train import TrainConfig, train_seeds
 
 __all__ = ["projection_names", "plan", "sweep"]
 

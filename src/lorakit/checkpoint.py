@@ -1,0 +1,146 @@
+"""Training checkpoints: what a killed run needs to continue at the same step.
+
+``checkpoint-<finished epochs>-<steps into the next epoch>.pt``, written atomically by
+the main process into the run folder, which every process must see (one machine, or a
+shared file system). After each write the one before it is kept too, so a damaged
+newest file still leaves one to resume from. Each holds the trainable weights and the
+optimizer state as whole tensors (also from an FSDP-sharded model), the scheduler, every
+process's random states and loss sums, the position and the finished epochs' records.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from .distributed import World, reshard
+from .io import atomic_write
+
+__all__ = ["Progress", "checkpoints", "save", "resume", "KEEP"]
+
+KEEP = 2
+_NAME = re.compile(r"checkpoint-(\d+)-(\d+)\.pt")
+# Fields that may change between a run and its resumption: how often it saves, the bar.
+_MAY_CHANGE = ("resume", "progress", "save_every", "seeds", "overwrite")
+
+
+@dataclass
+class Progress:
+    """Where a run stands (what a checkpoint restores): finished epochs and their records,
+    time spent, and within the current epoch the optimizer steps done with this
+    process's loss sum and examples so far."""
+
+    epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    wall: float = 0.0
+    step: int = 0
+    loss_sum: float = 0.0
+    seen: int = 0
+    seconds: float = 0.0
+
+
+def _position(path: Path) -> tuple[int, int]:
+    match = _NAME.fullmatch(path.name)
+    assert match, path
+    return int(match[1]), int(match[2])
+
+
+def checkpoints(run: Path) -> list[Path]:
+    """Checkpoint files of ``run``, newest first (other files, e.g. ``checkpoint-1-0-old.pt``, are ignored)."""
+    return sorted((p for p in run.glob("checkpoint-*.pt") if _NAME.fullmatch(p.name)), key=_position, reverse=True)
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def save(run: Path, record: dict[str, Any], progress: Progress, model: nn.Module, optimizer, scheduler,
+         world: World) -> None:
+    """Called by every process (each contributes its random state and loss sums)."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    reshard(model)
+    trainable = get_model_state_dict(model, options=options)  # whole tensors, also from an FSDP-sharded model
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
+    ranks = world.gather({"torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                          "cuda_rng": torch.cuda.get_rng_state(world.device) if world.device.type == "cuda" else None,
+                          "loss_sum": progress.loss_sum, "seen": progress.seen})
+    if not world.main:
+        return
+    state = {"config": record, "world_size": world.size, "epoch": progress.epoch, "step": progress.step,
+             "history": progress.history, "wall_time": progress.wall, "seconds": progress.seconds, "ranks": ranks,
+             "trainable": trainable, "optimizer": optimizer_state, "scheduler": scheduler.state_dict()}
+    path = run / f"checkpoint-{progress.epoch}-{progress.step}.pt"
+    _atomic_save(state, path)
+    for old in [p for p in checkpoints(run) if _position(p) < _position(path)][KEEP - 1:]:
+        old.unlink(missing_ok=True)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    state = torch.load(path, weights_only=True)
+    for key in ("config", "world_size", "epoch", "step", "history", "trainable", "optimizer", "ranks"):
+        state[key]  # noqa: B018  (a complete checkpoint has them all)
+    return state
+
+
+def _newest_readable(run: Path) -> Path | None:
+    """The newest checkpoint that reads back; damaged ones are renamed ``*.damaged``."""
+    for path in checkpoints(run):
+        try:
+            _read(path)
+            return path
+        except Exception as e:  # truncated or damaged: fall back to the one before
+            print(f"skipping damaged checkpoint {path}: {type(e).__name__}: {str(e)[:200]}")
+            path.rename(path.with_name(path.name + ".damaged"))
+    return None
+
+
+def resume(run: Path, record: dict[str, Any], model: nn.Module, optimizer, scheduler, world: World) -> Progress:
+    """Restore the newest readable checkpoint of the same run (a fresh start if none).
+    The main process chooses it; every process then reads that file."""
+    chosen = world.gather(str(_newest_readable(run) or "") if world.main else None)[0]
+    if not chosen:
+        if world.main:
+            print(f"no usable checkpoint in {run}; starting from scratch")
+        return Progress()
+    try:
+        state, failed = _read(Path(chosen)), None
+    except Exception as e:
+        state, failed = None, e
+    if world.any(failed is not None):
+        raise ValueError(f"{chosen} cannot be read by every process ({failed or 'another process failed'}); "
+                         "--out must be on a file system all processes share")
+    same_run = {k: v for k, v in record.items() if k not in _MAY_CHANGE}
+    if {k: v for k, v in state["config"].items() if k in same_run} != same_run:
+        raise ValueError(f"{chosen} belongs to a run with another configuration; use another --out or remove it")
+    if state["world_size"] != world.size:
+        raise ValueError(f"{chosen} was written by {state['world_size']} processes; resume it with as many, "
+                         f"not {world.size}")
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, state["trainable"], options=options)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
+    scheduler.load_state_dict(state["scheduler"])
+    mine = state["ranks"][world.rank]
+    torch.set_rng_state(mine["torch_rng"])
+    random.setstate(mine["python_rng"])
+    if mine["cuda_rng"] is not None:
+        torch.cuda.set_rng_state(mine["cuda_rng"], world.device)
+    if world.main:
+        print(f"resumed from {chosen}: {state['epoch']} epochs and {state['step']} steps done")
+        # the log holds exactly the finished epochs (a kill may have come between log and checkpoint)
+        (run / "log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in state["history"]))
+    return Progress(state["epoch"], state["history"], state["wall_time"], state["step"], mine["loss_sum"],
+                    mine["seen"], state["seconds"])

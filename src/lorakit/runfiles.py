@@ -1,0 +1,95 @@
+"""What a training run writes into its folder besides checkpoints: the trained weights
+(adapter folder or trainable tensors), ``log.jsonl``, ``summary.json`` and ``curve.png``."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .io import atomic_write, save_adapter
+from .tasks import PERCENT_METRICS
+
+__all__ = ["save_weights", "weights_path", "append_log", "write_summary", "plot_curve", "versions"]
+
+
+def weights_path(run: Path, method: str) -> Path:
+    return run / "adapter" / "adapter_model.safetensors" if method == "lora" else run / "trainable.safetensors"
+
+
+def save_weights(model: nn.Module, method: str, run: Path, info: dict[str, Any]) -> int:
+    """Write the trained part (adapter folder with ``task.json`` = ``info``, or the
+    trainable tensors); returns its bytes. The adapter folder is replaced atomically."""
+    if method == "lora":
+        tmp = run / ".adapter.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_adapter(model, tmp)
+        (tmp / "task.json").write_text(json.dumps(info) + "\n")
+        shutil.rmtree(run / "adapter", ignore_errors=True)
+        os.replace(tmp, run / "adapter")
+    else:
+        tensors = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        atomic_write(run / "trainable.safetensors", lambda tmp: save_file(tensors, tmp))
+    return weights_path(run, method).stat().st_size
+
+
+def append_log(run: Path, record: dict[str, Any]) -> None:
+    with (run / "log.jsonl").open("a") as log:
+        log.write(json.dumps(record) + "\n")
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    from . import __version__
+
+    return {"lorakit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
+            "threads": str(torch.get_num_threads())}
+
+
+def write_summary(run: Path, summary: dict[str, Any], title: str) -> None:
+    """``summary.json`` first (a failing plot never loses it), then ``curve.png``."""
+    (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    try:
+        plot_curve(summary["epochs"], run / "curve.png", title)
+    except Exception as e:  # matplotlib missing or broken: the results are already written
+        print(f"no learning curve written ({type(e).__name__}: {e})")
+
+
+def plot_curve(history: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Training loss (and a dev loss, if evaluated) on the left axis, dev metrics that are
+    fractions in percent on the right, per epoch; one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, loss_ax = plt.subplots(figsize=(6, 3.5))
+    loss_ax.plot(epochs, [h["train_loss"] for h in history], "o-", color="tab:gray", label="train loss")
+    loss_ax.set_xlabel("epoch")
+    loss_ax.set_ylabel("loss")
+    metric_ax = loss_ax.twinx()
+    dev = history[0]["dev"]
+    for split, metrics in dev.items():
+        prefix = f"{split} " if len(dev) > 1 else "dev "
+        for name in metrics:
+            values = [h["dev"][split][name] for h in history]
+            if name == "loss":
+                loss_ax.plot(epochs, values, "s--", color="tab:brown", label=prefix + "loss")
+            elif name in PERCENT_METRICS and None not in values:
+                metric_ax.plot(epochs, [100 * v for v in values], "o-", label=prefix + name)
+    metric_ax.set_ylabel("dev metric (%)")
+    fig.legend(loc="lower center", ncol=4, fontsize=8)
+    loss_ax.set_title(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

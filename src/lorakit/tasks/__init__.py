@@ -1,0 +1,114 @@
+"""Task families behind one small protocol, so the training loop never asks which it runs.
+
+A :class:`Task` reads and encodes its data, collates batches, computes the training
+loss, evaluates, and names the metric that picks the best epoch (and its direction).
+Families: GLUE classification / regression (:mod:`.glue`) and causal-LM prompt ->
+completion tasks (:mod:`.lm`: the E2E NLG Challenge and the user's own JSONL files).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from ..distributed import World
+
+__all__ = ["Task", "Split", "create", "canonical_name", "presets", "format_metrics", "PERCENT_METRICS"]
+
+
+@dataclass
+class Split:
+    """Encoded examples: ``features[i]`` holds token-id lists (``input_ids``, ...);
+    ``targets[i]`` what the task's collate and evaluation need (a label, a reference)."""
+
+    features: list[dict[str, list[int]]]
+    targets: list[Any] = field(default_factory=list)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(f["input_ids"]) for f in self.features]
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+
+class Task(Protocol):
+    name: str
+    task_type: str  # PEFT's task type: SEQ_CLS, CAUSAL_LM
+    main: tuple[str, str]  # (dev split, metric) that picks the best epoch
+    higher_is_better: bool
+
+    def load_model(self, model_name: str) -> tuple[Any, nn.Module]:
+        """Tokenizer and model (with the task's head)."""
+
+    def head(self, model: nn.Module) -> str | None:
+        """The module every method trains whole (a classifier head), or None."""
+
+    def read(self, tokenizer) -> tuple[Split, dict[str, Split]]:
+        """The encoded training split and the dev split(s) by name."""
+
+    def collate(self, split: Split, rows: list[int]) -> dict[str, torch.Tensor]:
+        """A padded training batch of ``split``'s ``rows``."""
+
+    def loss_module(self, model: nn.Module) -> nn.Module:
+        """What the loop calls (and DDP wraps): ``module(**batch)`` returns the mean loss."""
+
+    def evaluate(self, model: nn.Module, dev: dict[str, Split], world: World, out: Path | None = None
+                 ) -> dict[str, dict[str, float]]:
+        """``{split: {metric: value}}``; may write generated outputs into ``out``."""
+
+    def info(self) -> dict[str, Any]:
+        """What an adapter folder's ``task.json`` records about the task."""
+
+
+# Metrics shown as percentages (stored as fractions, as the official scorers print them).
+PERCENT_METRICS = frozenset({"accuracy", "f1", "matthews", "pearson", "spearman", "BLEU", "METEOR", "ROUGE_L",
+                             "token_accuracy"})
+
+
+def format_metrics(metrics: dict[str, dict[str, float]]) -> str:
+    """``dev accuracy 82.11, f1 87.52`` style: percentages for fractions, raw values otherwise."""
+    parts = []
+    for split, values in metrics.items():
+        for name, v in values.items():
+            shown = "n/a" if v is None else f"{100 * v:.2f}" if name in PERCENT_METRICS else f"{v:.4f}"
+            parts.append(f"{split + ' ' if len(metrics) > 1 else ''}{name} {shown}")
+    return ", ".join(parts)
+
+
+def _family(name: str):
+    from . import glue, lm
+
+    if name.lower() in lm.TASKS:
+        return lm
+    try:
+        glue.data.get_task(name)
+    except ValueError:
+        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(known())}") from None
+    return glue
+
+
+def canonical_name(name: str) -> str:
+    """The task's name as run folders spell it (``sts-b`` -> ``stsb``)."""
+    family = _family(name)
+    return family.canonical_name(name)
+
+
+def presets(name: str) -> dict[str, dict[str, Any]]:
+    """``{preset: {field: value}}`` for the task (``paper``, ``demo``)."""
+    return _family(name).presets(name)
+
+
+def create(cfg) -> Task:
+    """The task of a :class:`lorakit.train.TrainConfig`."""
+    return _family(cfg.task).create(cfg)
+
+
+def known() -> list[str]:
+    from . import glue, lm
+
+    return [*glue.data.TASKS, *lm.TASKS]

@@ -1,0 +1,408 @@
+"""Causal-LM tasks: a prompt and a completion, loss on the completion only (paper
+section 5.5 and Table 3: GPT-2 on the E2E NLG Challenge; Table 11: its recipe).
+
+- ``e2e``: the E2E NLG Challenge's CSV files (``mr,ref``): prompt = the meaning
+  representation, completion = one human reference + EOS. Dev and test are scored per
+  unique MR with all its references (BLEU, NIST, METEOR, ROUGE-L, CIDEr).
+- ``jsonl``: the user's files, one JSON object per line, ``{"prompt", "completion"}``
+  or ``{"messages": [{"role", "content"}, ...]}`` (chat template, loss on assistant turns).
+
+Prompts are plain text (``prompt_format="plain"``: the prompt, a newline, the
+completion) or the model's chat template (``"chat"``: the prompt is the user's turn).
+The training loss is the token-level mean cross-entropy with label smoothing
+``eps`` over completion tokens ``y_t``:
+``-(1 - eps) log p(y_t) - eps / V sum_v log p(v)``; logits are computed only where the
+loss is taken.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import data
+from ..distributed import World
+from ..models import resolve_model
+from . import Split
+
+__all__ = ["TASKS", "LMTask", "CausalLMLoss", "read_e2e", "read_jsonl", "encode", "collate", "load_causal_lm",
+           "e2e_data_dir", "create", "presets", "canonical_name", "decoding_for", "evaluate_e2e", "prompt_ids",
+           "group_references", "score_outputs", "read_prompts"]
+
+TASKS = ("e2e", "jsonl")
+IGNORE = -100
+
+_PAPER = dict(batch_size=8, epochs=5, lr=2e-4, warmup_steps=500, weight_decay=0.01, lora_dropout=0.1,
+              label_smoothing=0.1, r=4, alpha=32.0, max_length=512, grad_clip=0.0, decoding="paper")
+# CPU-sized: a fifth of the E2E training rows, one epoch, dev on 100 MRs with greedy decoding.
+_DEMO = dict(batch_size=8, epochs=1, lr=1e-3, warmup_steps=50, weight_decay=0.01, lora_dropout=0.1,
+             label_smoothing=0.1, r=4, alpha=32.0, max_length=128, grad_clip=1.0, decoding="greedy",
+             max_train_examples=8000, max_eval_examples=100)
+
+
+def presets(name: str) -> dict[str, dict[str, Any]]:
+    """``paper``: Table 11 (GPT-2 M on E2E); ``demo``: sized for a 2-core CPU."""
+    return {"paper": dict(_PAPER), "demo": dict(_DEMO)}
+
+
+def canonical_name(name: str) -> str:
+    return name.lower()
+
+
+def decoding_for(name: str, max_new_tokens: int = 64):
+    """``greedy`` or ``paper`` (beam 10, length penalty 0.9, no repeated 4-grams)."""
+    from ..generate import PAPER_DECODING, Decoding
+
+    if name == "greedy":
+        return Decoding(max_new_tokens=max_new_tokens)
+    if name == "paper":
+        import dataclasses
+
+        return dataclasses.replace(PAPER_DECODING, max_new_tokens=max_new_tokens)
+    raise ValueError(f"decoding must be 'greedy' or 'paper', got {name!r}")
+
+
+# ---- data ----------------------------------------------------------------------------------
+
+
+def e2e_data_dir(data_dir: str | Path | None = None) -> Path:
+    """``data_dir``, else ``$LORAKIT_E2E_DIR``, else ``../shared/data/e2e``."""
+    if data_dir is not None:
+        return Path(data_dir)
+    if os.environ.get("LORAKIT_E2E_DIR"):
+        return Path(os.environ["LORAKIT_E2E_DIR"])
+    glue = data.default_data_dir()
+    if glue is not None and (glue.parent / "e2e").is_dir():
+        return glue.parent / "e2e"
+    raise ValueError("no E2E data found: pass --data-dir DIR (trainset.csv, devset.csv, testset_w_refs.csv)")
+
+
+_E2E_FILES = {"train": "trainset.csv", "dev": "devset.csv", "test": "testset_w_refs.csv"}
+
+
+def read_e2e(split: str, data_dir: str | Path | None = None) -> list[tuple[str, str]]:
+    """``(mr, ref)`` rows of ``split`` (train, dev, test), from the CSV files or, with
+    ``data_dir="hub"``, the HF dataset ``tuetschek/e2e_nlg``."""
+    if split not in _E2E_FILES:
+        raise ValueError(f"E2E split must be one of {list(_E2E_FILES)}, got {split!r}")
+    if str(data_dir) == "hub":
+        import datasets
+
+        rows = datasets.load_dataset("tuetschek/e2e_nlg", split={"dev": "validation"}.get(split, split))
+        return [(r["meaning_representation"], r["human_reference"]) for r in rows]
+    path = e2e_data_dir(data_dir) / _E2E_FILES[split]
+    if not path.is_file():
+        raise ValueError(f"missing E2E {split} split: expected the file {path}")
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None or [h.strip().lower() for h in header[:2]] != ["mr", "ref"]:
+            raise ValueError(f"{path}: expected a CSV with the header 'mr,ref', got {header}")
+        return [(row[0], row[1]) for row in reader if row]
+
+
+def group_references(rows: Iterable[tuple[str, str]]) -> tuple[list[str], list[list[str]]]:
+    """Unique MRs in order of first appearance, and each one's references."""
+    groups: dict[str, list[str]] = {}
+    for mr, ref in rows:
+        groups.setdefault(mr, []).append(ref)
+    return list(groups), list(groups.values())
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a JSONL file, each ``{"prompt": str, "completion": str}`` or
+    ``{"messages": [{"role": ..., "content": str}, ...]}`` with at least one assistant turn.
+    Errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no such file: {path}")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                rows.append(_check_row(line, f"{path}:{number}"))
+    if not rows:
+        raise ValueError(f"{path}: no rows (expected one JSON object per line)")
+    return rows
+
+
+def _json_object(line: str, where: str) -> dict[str, Any]:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    return row
+
+
+def read_prompts(path: str | Path) -> list[dict[str, Any]]:
+    """Rows ``{"prompt": str, "adapter": str (optional)}`` of a JSONL file for generation."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no such file: {path}")
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        row = _json_object(line, f"{path}:{number}")
+        if not isinstance(row.get("prompt"), str) or not isinstance(row.get("adapter", ""), str):
+            raise ValueError(f"{path}:{number}: expected {{\"prompt\": str}} (and optionally \"adapter\": str)")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no rows (expected one JSON object per line)")
+    return rows
+
+
+def _check_row(line: str, where: str) -> dict[str, Any]:
+    row = _json_object(line, where)
+    if "messages" in row:
+        messages = row["messages"]
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages):
+            raise ValueError(f"{where}: 'messages' must be a non-empty list of {{\"role\": str, \"content\": str}}")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise ValueError(f"{where}: 'messages' has no assistant turn to learn")
+        return {"messages": messages}
+    for key in ("prompt", "completion"):
+        if not isinstance(row.get(key), str):
+            raise ValueError(f"{where}: expected {{\"prompt\": str, \"completion\": str}} or {{\"messages\": [...]}}; "
+                             f"'{key}' is {'missing' if key not in row else type(row[key]).__name__}")
+    if not row["completion"]:
+        raise ValueError(f"{where}: 'completion' is empty")
+    return {"prompt": row["prompt"], "completion": row["completion"]}
+
+
+# ---- encoding ------------------------------------------------------------------------------
+
+
+def _ids(tokenizer, text: str, special: bool = False) -> list[int]:
+    return tokenizer(text, add_special_tokens=special)["input_ids"]
+
+
+def _chat(tokenizer, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("prompt_format 'chat' needs a tokenizer with a chat template; use --prompt-format plain")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    return _ids(tokenizer, text)
+
+
+def prompt_ids(tokenizer, prompt: str, prompt_format: str) -> list[int]:
+    """The tokens a completion follows: ``prompt + "\\n"`` (plain) or the user's turn and
+    the assistant header of the chat template (chat)."""
+    if prompt_format == "chat":
+        return _chat(tokenizer, [{"role": "user", "content": prompt}], generation_prompt=True)
+    return _ids(tokenizer, prompt + "\n", special=True)
+
+
+def encode(tokenizer, row: dict[str, Any], prompt_format: str, max_length: int) -> dict[str, list[int]] | None:
+    """``{"input_ids", "labels"}`` with labels ``IGNORE`` outside the completion (or the
+    assistant turns); None when truncation leaves no completion token."""
+    if "messages" in row:
+        ids, labels = _encode_messages(tokenizer, row["messages"])
+    else:
+        prompt = prompt_ids(tokenizer, row["prompt"], prompt_format)
+        completion = _ids(tokenizer, row["completion"]) + [tokenizer.eos_token_id]
+        ids, labels = prompt + completion, [IGNORE] * len(prompt) + completion
+    ids, labels = ids[:max_length], labels[:max_length]
+    if all(t == IGNORE for t in labels[1:]):
+        return None
+    return {"input_ids": ids, "labels": labels}
+
+
+def _encode_messages(tokenizer, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    """The whole conversation through the chat template; labels on each assistant turn
+    (the tokens its message adds after the generation prompt)."""
+    ids = _chat(tokenizer, messages, generation_prompt=False)
+    labels = [IGNORE] * len(ids)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(_chat(tokenizer, messages[:i], generation_prompt=True)) if i else 0
+        end = len(_chat(tokenizer, messages[: i + 1], generation_prompt=False))
+        labels[start:end] = ids[start:end]
+    return ids, labels
+
+
+def collate(features: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (``IGNORE`` on padding)."""
+    width = max(len(f["input_ids"]) for f in features)
+    pad = [width - len(f["input_ids"]) for f in features]
+    return {
+        "input_ids": torch.tensor([f["input_ids"] + [pad_id] * n for f, n in zip(features, pad)]),
+        "attention_mask": torch.tensor([[1] * len(f["input_ids"]) + [0] * n for f, n in zip(features, pad)]),
+        "labels": torch.tensor([f["labels"] + [IGNORE] * n for f, n in zip(features, pad)]),
+    }
+
+
+# ---- model and loss ------------------------------------------------------------------------
+
+
+def load_causal_lm(model_name: str):
+    """Tokenizer (with a pad token) and causal LM; float32 weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    path = resolve_model(model_name)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"the tokenizer of {model_name!r} has no EOS token; completions need one to stop")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return tokenizer, model
+
+
+class CausalLMLoss(nn.Module):
+    """Completion-only, label-smoothed next-token loss of a transformers causal LM.
+
+    The decoder runs on ``input_ids: (B, T)``; the output projection only on the
+    ``N`` positions whose next token is a label: ``(N, H) -> (N, V)`` instead of
+    ``(B, T, V)`` (for a 49k vocabulary the full logits dominate memory).
+    """
+
+    def __init__(self, model: nn.Module, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.model = model
+        self.label_smoothing = label_smoothing
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                          use_cache=False).last_hidden_state  # (B, T, H)
+        targets = labels[:, 1:]
+        where = targets != IGNORE
+        logits = self.model.get_output_embeddings()(hidden[:, :-1][where])  # (N, V)
+        return F.cross_entropy(logits.float(), targets[where], label_smoothing=self.label_smoothing)
+
+
+# ---- the task ------------------------------------------------------------------------------
+
+
+class LMTask:
+    """E2E or JSONL prompt -> completion fine-tuning of a causal LM."""
+
+    task_type = "CAUSAL_LM"
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+        self.name = cfg.task.lower()
+        self.higher_is_better = self.name == "e2e"  # e2e: dev BLEU; jsonl: dev loss
+        self.main = ("dev", "BLEU" if self.name == "e2e" else "loss")
+        self.tokenizer = None
+        if self.name == "jsonl" and not (cfg.train_file and cfg.dev_file):
+            raise ValueError("--task jsonl needs --train-file and --dev-file (JSONL, one row per line)")
+
+    def load_model(self, model_name: str):
+        self.tokenizer, model = load_causal_lm(model_name)
+        return self.tokenizer, model
+
+    def head(self, model: nn.Module) -> str | None:
+        return None
+
+    def _rows(self, split: str) -> list[dict[str, Any]]:
+        if self.name == "jsonl":
+            return read_jsonl(self.cfg.train_file if split == "train" else self.cfg.dev_file)
+        return [{"prompt": mr, "completion": ref} for mr, ref in read_e2e(split, self.cfg.data_dir)]
+
+    def encode_rows(self, rows: list[dict[str, Any]], tokenizer) -> Split:
+        encoded = [encode(tokenizer, row, self.cfg.prompt_format, self.cfg.max_length) for row in rows]
+        kept = [(f, row) for f, row in zip(encoded, rows) if f is not None]
+        if len(kept) < len(rows):
+            print(f"skipped {len(rows) - len(kept)} rows whose completion does not fit in --max-length {self.cfg.max_length}")
+        return Split([f for f, _ in kept], [row for _, row in kept])
+
+    def read(self, tokenizer) -> tuple[Split, dict[str, Split]]:
+        train = self.encode_rows(self._rows("train")[: self.cfg.max_train_examples], tokenizer)
+        dev_rows = self._rows("dev")
+        if self.name == "e2e":  # one row per MR, carrying all its references
+            mrs, refs = group_references((r["prompt"], r["completion"]) for r in dev_rows)
+            dev_rows = [{"prompt": mr, "completion": group[0], "references": group} for mr, group in zip(mrs, refs)]
+        return train, {"dev": self.encode_rows(dev_rows[: self.cfg.max_eval_examples], tokenizer)}
+
+    def collate(self, split: Split, rows: list[int]) -> dict[str, torch.Tensor]:
+        return collate([split.features[i] for i in rows], self.tokenizer.pad_token_id)
+
+    def loss_module(self, model: nn.Module) -> nn.Module:
+        return CausalLMLoss(model, self.cfg.label_smoothing)
+
+    @torch.no_grad()
+    def dev_loss(self, model: nn.Module, split: Split, world: World) -> float:
+        """Mean completion-token loss (no label smoothing) over ``split``."""
+        model.eval()
+        module, total, count = CausalLMLoss(model), 0.0, 0
+        for rows in list(data.sequential_batches(len(split), self.cfg.eval_batch_size, split.lengths))[world.rank :: world.size]:
+            batch = {k: v.to(world.device) for k, v in self.collate(split, rows).items()}
+            tokens = int((batch["labels"][:, 1:] != IGNORE).sum())
+            total, count = total + module(**batch).item() * tokens, count + tokens
+        total, count = map(sum, zip(*world.gather((total, count))))
+        return total / count
+
+    def evaluate(self, model: nn.Module, dev: dict[str, Split], world: World, out: Path | None = None
+                 ) -> dict[str, dict[str, float]]:
+        split = dev["dev"]
+        metrics = {"loss": self.dev_loss(model, split, world)}
+        if self.name == "e2e":
+            prompts = [prompt_ids(self.tokenizer, row["prompt"], self.cfg.prompt_format) for row in split.targets]
+            outputs = self.generate(model, prompts, world)
+            metrics.update(score_outputs(outputs, [row["references"] for row in split.targets], out, "dev"))
+        return {"dev": metrics}
+
+    def generate(self, model: nn.Module, prompts: list[list[int]], world: World = World()) -> list[str]:
+        """Texts generated for ``prompts`` with the configured decoding; each process
+        takes a share, every process gets all."""
+        from ..generate import generate_ids
+
+        mine = list(range(world.rank, len(prompts), world.size))
+        ids = generate_ids(model, [prompts[i] for i in mine], pad_id=self.tokenizer.pad_token_id,
+                           eos_id=self.tokenizer.eos_token_id, decoding=decoding_for(self.cfg.decoding, self.cfg.max_new_tokens),
+                           batch_size=self.cfg.eval_batch_size, progress=self.cfg.progress and world.main)
+        texts: list[str] = [""] * len(prompts)
+        for part in world.gather(list(zip(mine, ids))):
+            for i, t in part:
+                texts[i] = self.tokenizer.decode(t, skip_special_tokens=True).strip()
+        return texts
+
+    def info(self) -> dict[str, Any]:
+        return {"task": self.name, "prompt_format": self.cfg.prompt_format}
+
+
+def score_outputs(outputs: list[str], references: list[list[str]], out: Path | None, split: str) -> dict[str, float]:
+    """The five E2E metrics; with ``out``, the outputs (one per line) and scores are written there."""
+    from ..nlg_metrics import score
+
+    scores = score(references, outputs)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{split}-outputs.txt").write_text("".join(o.replace("\n", " ") + "\n" for o in outputs))
+        (out / f"{split}-scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+    return scores
+
+
+def evaluate_e2e(model: nn.Module, tokenizer, split: str = "test", *, data_dir: str | Path | None = None,
+                 prompt_format: str = "plain", decoding=None, batch_size: int = 8, max_examples: int | None = None,
+                 out: Path | None = None, progress: bool = True) -> dict[str, float]:
+    """One output per unique MR of ``split`` (630 in test), scored against all its
+    references with the five E2E metrics (paper Table 3); outputs and scores go to ``out``."""
+    from ..generate import PAPER_DECODING, generate_ids
+
+    mrs, refs = group_references(read_e2e(split, data_dir))
+    mrs, refs = mrs[:max_examples], refs[:max_examples]
+    ids = generate_ids(model, [prompt_ids(tokenizer, mr, prompt_format) for mr in mrs], pad_id=tokenizer.pad_token_id,
+                       eos_id=tokenizer.eos_token_id, decoding=decoding or PAPER_DECODING, batch_size=batch_size,
+                       progress=progress)
+    outputs = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in ids]
+    return score_outputs(outputs, refs, out, split)
+
+
+def create(cfg) -> LMTask:
+    return LMTask(cfg)

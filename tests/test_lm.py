@@ -1,0 +1,196 @@
+"""Causal-LM tasks: encoding, completion-only label-smoothed loss against a hand
+computation, JSONL errors, and short E2E / JSONL runs on tiny models."""
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lorakit import train
+from lorakit.tasks import lm
+
+E2E = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e"
+
+
+def test_encode_puts_labels_on_the_completion_only(tiny_llama):
+    tokenizer, _ = lm.load_causal_lm(tiny_llama)
+    row = {"prompt": "name[The Eagle], food[French]", "completion": "The Eagle serves French food."}
+    f = lm.encode(tokenizer, row, "plain", 128)
+    prompt = lm.prompt_ids(tokenizer, row["prompt"], "plain")
+    completion = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert f["input_ids"] == prompt + completion
+    assert f["labels"] == [lm.IGNORE] * len(prompt) + completion
+    chat = lm.encode(tokenizer, row, "chat", 128)
+    text = tokenizer.decode(chat["input_ids"])
+    assert "user" in text and "assistant" in text and text.endswith("[SEP]")
+    assert tokenizer.decode([t for t in chat["labels"] if t != lm.IGNORE]) == tokenizer.decode(completion)
+    assert lm.encode(tokenizer, row, "plain", len(prompt)) is None  # no completion token left
+
+
+def test_messages_learn_the_assistant_turns_only(tiny_llama):
+    tokenizer, _ = lm.load_causal_lm(tiny_llama)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello there"}, {"role": "user", "content": "bye"},
+                {"role": "assistant", "content": "goodbye"}]
+    f = lm.encode(tokenizer, {"messages": messages}, "chat", 512)
+    learned = tokenizer.decode([t for t in f["labels"] if t != lm.IGNORE])
+    assert learned == "hello there [SEP] goodbye [SEP]"
+
+
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gpt2_lm"])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_loss_equals_a_hand_computation(request, arch, eps):
+    tokenizer, model = lm.load_causal_lm(request.getfixturevalue(arch))
+    model.eval()
+    rows = [{"prompt": "a b c", "completion": "d e"}, {"prompt": "x", "completion": "y z w v"}]
+    batch = lm.collate([lm.encode(tokenizer, r, "plain", 64) for r in rows], tokenizer.pad_token_id)
+    ours = lm.CausalLMLoss(model, eps)(**batch)
+    # by hand: full logits, then each completion token's smoothed cross-entropy, averaged over tokens
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    terms = []
+    for b in range(len(rows)):
+        for t in range(1, batch["input_ids"].shape[1]):
+            y = batch["labels"][b, t].item()
+            if y == lm.IGNORE:
+                continue
+            logp = torch.log_softmax(logits[b, t - 1], -1)
+            terms.append(-(1 - eps) * logp[y] - eps * logp.mean())
+    expected = torch.stack(terms).mean()
+    assert len(terms) == 2 + 1 + 4 + 1  # completion tokens + EOS per row (one token per letter)
+    assert ours.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert ours.requires_grad
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": "a"', r"bad\.jsonl:2: not valid JSON"),
+    ('[1, 2]', r"bad\.jsonl:2: expected a JSON object, got list"),
+    ('{"prompt": "a"}', r"bad\.jsonl:2: .*'completion' is missing"),
+    ('{"prompt": "a", "completion": 3}', r"bad\.jsonl:2: .*'completion' is int"),
+    ('{"prompt": "a", "completion": ""}', r"bad\.jsonl:2: 'completion' is empty"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', r"bad\.jsonl:2: 'messages' has no assistant turn"),
+    ('{"messages": [{"role": "user"}]}', r"bad\.jsonl:2: 'messages' must be a non-empty list"),
+])
+def test_jsonl_errors_name_the_file_and_line(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "ok", "completion": "fine"}\n' + line + "\n")
+    with pytest.raises(ValueError, match=message):
+        lm.read_jsonl(path)
+
+
+def test_jsonl_cli_errors_are_one_line(tmp_path, capsys, tiny_llama):
+    from lorakit.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    code = main(["train", "--task", "jsonl", "--model", tiny_llama, "--train-file", str(bad), "--dev-file", str(bad),
+                 "--out", str(tmp_path / "run"), "--no-progress"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # (after transformers' loading bar)
+    assert code == 2 and last.startswith("lorakit: error: ") and last.endswith("bad.jsonl:1: not valid JSON (Expecting value)")
+    with pytest.raises(ValueError, match="--task jsonl needs --train-file and --dev-file"):
+        train.train(train.resolve_config(None, task="jsonl", model=tiny_llama), 0)
+
+
+def _run_cfg(model, tmp_path, **kw):
+    values = dict(model=model, out=str(tmp_path / "{task}"), epochs=2, batch_size=4, lr=1e-2, max_length=64,
+                  max_train_examples=16, max_eval_examples=4, eval_batch_size=4, max_new_tokens=8, progress=False,
+                  label_smoothing=0.1, r=4, alpha=8.0)
+    return train.TrainConfig(**{**values, **kw})
+
+
+@pytest.fixture(scope="module")
+def e2e_run(tiny_gpt2_lm, tmp_path_factory):
+    """A 2-epoch E2E run of the tiny GPT-2 on 16 rows; (summary, run folder)."""
+    if not E2E.is_dir():
+        pytest.skip("../shared/data/e2e not present")
+    tmp_path = tmp_path_factory.mktemp("e2e-run")
+    summary = train.train(_run_cfg(tiny_gpt2_lm, tmp_path, task="e2e", data_dir=str(E2E)), seed=0)
+    return summary, tmp_path / "e2e" / "seed0"
+
+
+def test_a_short_e2e_run_writes_outputs_and_scores(e2e_run):
+    summary, run = e2e_run
+    assert {"adapter", "log.jsonl", "summary.json", "curve.png", "outputs"} <= {p.name for p in run.iterdir()}
+    for epoch in (1, 2):
+        outputs = (run / "outputs" / f"epoch{epoch}" / "dev-outputs.txt").read_text().splitlines()
+        assert len(outputs) == 4  # one per unique MR
+        scores = json.loads((run / "outputs" / f"epoch{epoch}" / "dev-scores.json").read_text())
+        assert set(scores) == {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"}
+    assert summary["main_metric"] == ["dev", "BLEU"] and summary["higher_is_better"]
+    assert math.isfinite(summary["best"]["dev"]["loss"])
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM" and config["enable_lora"] == {"c_attn": [True, False, True]}  # q and v slices
+    assert json.loads((run / "adapter" / "task.json").read_text())["task"] == "e2e"
+
+
+def test_a_jsonl_run_selects_on_dev_loss_and_resumes(tiny_llama, tmp_path):
+    rows = [{"prompt": f"count {i}", "completion": " ".join(str(j) for j in range(i, i + 4))} for i in range(12)]
+    rows.append({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _run_cfg(tiny_llama, tmp_path, task="jsonl", train_file=str(data), dev_file=str(data), method="lora")
+    whole = train.train(cfg, seed=0)
+    assert whole["main_metric"] == ["dev", "loss"] and not whole["higher_is_better"]
+    losses = [h["dev"]["dev"]["loss"] for h in whole["epochs"]]
+    assert whole["best_epoch"] == 1 + losses.index(min(losses))
+    assert losses[-1] < losses[0]  # lr 1e-2 on 13 rows: it learns
+    resumed = train.train(train.TrainConfig(**{**cfg.__dict__, "resume": True}), seed=0)  # nothing left to do
+    assert [h["dev"] for h in resumed["epochs"]] == [h["dev"] for h in whole["epochs"]]
+
+
+def test_full_fine_tuning_of_a_causal_lm_trains_everything(tiny_llama, tmp_path):
+    cfg = _run_cfg(tiny_llama, tmp_path, task="jsonl", method="full", train_file="x", dev_file="y")
+    task = lm.LMTask(cfg)
+    _, model = task.load_model(tiny_llama)
+    train.attach_method(model, cfg, task)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_resolve_config_defaults_and_presets():
+    paper = train.resolve_config("paper", task="e2e")
+    assert (paper.model, paper.batch_size, paper.epochs, paper.lr, paper.warmup_steps, paper.label_smoothing,
+            paper.weight_decay, paper.r, paper.alpha, paper.lora_dropout, paper.decoding) == (
+        "smollm2", 8, 5, 2e-4, 500, 0.1, 0.01, 4, 32.0, 0.1, "paper")
+    assert train.resolve_config("demo", task="e2e", method="full").lr == train.BASELINE_LR["full"]
+    assert SimpleNamespace(**lm.presets("jsonl")["demo"]).decoding == "greedy"
+
+
+def test_cli_eval_generate_and_score(e2e_run, tmp_path, capsys):
+    from lorakit.cli import main
+
+    adapter = str(e2e_run[1] / "adapter")
+    out = tmp_path / "eval"
+    assert main(["eval", "--adapter", adapter, "--split", "test", "--data-dir", str(E2E), "--max-examples", "3",
+                 "--num-beams", "3", "--max-new-tokens", "6", "--out", str(out)]) == 0
+    assert len((out / "test-outputs.txt").read_text().splitlines()) == 3
+    assert set(json.loads((out / "test-scores.json").read_text())) == {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"}
+    capsys.readouterr()
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "name[Alimentum], area[city centre]"}\n{"prompt": "name[Blue Spice]"}\n')
+    rows = {}
+    for merged in (False, True):
+        outfile = tmp_path / f"out-{merged}.jsonl"
+        args = ["generate", "--adapter", adapter, "--input", str(prompts), "--output", str(outfile), "--max-new-tokens", "8"]
+        assert main(args + (["--merge"] if merged else [])) == 0
+        rows[merged] = [json.loads(line) for line in outfile.read_text().splitlines()]
+    assert rows[False] == rows[True] and len(rows[True]) == 2  # merged = unmerged greedy text
+    assert main(["generate", "--adapter", adapter, "--prompt", "name[Alimentum]", "--max-new-tokens", "4"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["prompt"] == "name[Alimentum]"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "x"}\n')
+    assert main(["generate", "--adapter", adapter, "--input", str(bad)]) == 2
+    assert 'bad.jsonl:1: expected {"prompt": str}' in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not E2E.is_dir(), reason="../shared/data/e2e not present")
+def test_cli_score_prints_the_official_figures(capsys):
+    from lorakit.cli import main
+
+    example = E2E / "metrics-example"
+    assert main(["score", str(example / "devel-conc.txt"), str(example / "baseline-output.txt"), "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    official = {"BLEU": 0.7203, "NIST": 7.8212, "METEOR": 0.4801, "ROUGE_L": 0.7910, "CIDEr": 2.3039}
+    if scores["METEOR"] is None:  # no java on this machine
+        official["METEOR"] = None
+    assert scores == official
