@@ -22,9 +22,9 @@ import time
 import torch
 
 from lorakit import data, train
-from lorakit.tasks.glue import load_classifier
 from lorakit.benchtools import write_record
 from lorakit.metrics import compute_metrics
+from lorakit.tasks.glue import load_classifier
 
 
 def peft_loop(cfg: train.TrainConfig, seed: int, data_dir=None) -> dict:

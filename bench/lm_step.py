@@ -29,7 +29,6 @@ peak RSS over the training steps (the high-water mark reset after loading) is re
 from __future__ import annotations
 
 import argparse
-import copy
 import itertools
 import json
 import math

@@ -8,8 +8,8 @@ from safetensors.torch import load_file
 
 from helpers import GLUE
 from lorakit import checkpoint, data, train
-from lorakit.tasks.glue import load_classifier
 from lorakit.baselines import freeze_for
+from lorakit.tasks.glue import load_classifier
 
 pytestmark = pytest.mark.skipif(not GLUE.is_dir(), reason="../shared/data/glue not present")
 

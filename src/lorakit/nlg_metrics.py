@@ -204,6 +204,7 @@ def score(references: list[list[str]], predictions: list[str], *, meteor: bool =
     official scorer's scale: BLEU, METEOR and ROUGE_L as fractions in [0, 1], NIST and CIDEr raw.
 
     ``METEOR`` is ``None`` when ``meteor=False``, or when ``java`` is not on PATH (then with a warning).
+    An empty prediction is scored, as the official scorer scores it; mismatched lengths raise ``ValueError``.
     """
     _check(references, predictions)
     java = shutil.which("java") is not None

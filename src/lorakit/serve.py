@@ -29,8 +29,8 @@ from .io import load_adapter
 from .layers import ModulesToSave
 from .model import adapter_per_row, remove_adapter
 from .models import resolve_model
-from .tasks.glue import load_classifier
 from .precision import precision_context
+from .tasks.glue import load_classifier
 
 __all__ = ["ServeConfig", "Engine", "create_app", "serve"]
 

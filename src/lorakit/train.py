@@ -35,7 +35,6 @@ from .model import add_lora, lora_layers, trainable_parameters
 from .precision import PRECISIONS, precision_context, resolve_precision
 from .tasks import Task, format_metrics
 
-
 __all__ = ["TrainConfig", "resolve_config", "train", "train_seeds", "attach_method",
            "BASELINE_LR", "DEFAULT_MODELS"]
 
