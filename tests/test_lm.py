@@ -194,3 +194,9 @@ def test_cli_score_prints_the_official_figures(capsys):
     if scores["METEOR"] is None:  # no java on this machine
         official["METEOR"] = None
     assert scores == official
+
+
+def test_right_padding_is_detected():
+    assert lm._right_padded(torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]]))
+    assert not lm._right_padded(torch.tensor([[1, 1, 1], [0, 1, 1]]))  # left padding keeps its mask
+    assert not lm._right_padded(torch.tensor([[1, 0, 1]]))

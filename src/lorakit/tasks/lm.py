@@ -263,6 +263,11 @@ def load_causal_lm(model_name: str):
     return tokenizer, model
 
 
+def _right_padded(mask: torch.Tensor) -> bool:
+    """True if every row of ``mask: (B, T)`` is ones then zeros."""
+    return bool((mask[:, 1:] <= mask[:, :-1]).all())
+
+
 class CausalLMLoss(nn.Module):
     """Completion-only, label-smoothed next-token loss of a transformers causal LM.
 
@@ -277,6 +282,10 @@ class CausalLMLoss(nn.Module):
         self.label_smoothing = label_smoothing
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if _right_padded(attention_mask):
+            # Causal attention never lets a real token see the padding after it, and padded
+            # positions carry no label: the plain causal mask (SDPA's is_causal path) suffices.
+            attention_mask = None
         hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                           use_cache=False).last_hidden_state  # (B, T, H)
         targets = labels[:, 1:]
