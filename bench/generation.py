@@ -6,8 +6,8 @@ SmolLM2-135M-Instruct, batch 1, greedy, exactly ``--new-tokens`` new tokens per 
 format, through :func:`lorakit.generate.generate_ids`. Cases: ``base`` (the model alone);
 ``merged`` (r=4 alpha=32 on q_proj/v_proj with random non-zero factors, merged, layers still
 wrapped); ``unloaded`` (the same merged and unwrapped to plain modules); ``unmerged`` (the
-adapter applied as ``W0 x + s B A x``, for contrast). Before timing, every case's output on
-every prompt is computed: merged, unloaded and unmerged must give the same tokens, and the
+adapter applied as ``W0 x + s B A x``, for contrast). Before timing, every case decodes the
+first ``CHECKED`` prompts: merged, unloaded and unmerged must give the same tokens, and the
 adapter must change the model's logits. Rounds alternate the cases; round ``i`` decodes prompt
 ``i`` in each, and the timed outputs are checked again. Reported: median per-token latency
 (call time / new tokens, prefill included), tokens/s, median ratios to ``base``.
@@ -34,6 +34,7 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 from lm_step import hardware, model_folder  # noqa: E402
 
 ADAPTER = lorakit.LoraConfig(r=4, alpha=32, target_modules=["q_proj", "v_proj"])
+CHECKED = 3  # prompts decoded by every case before timing (the timed outputs are compared after)
 
 
 def build_cases(base) -> dict:
@@ -80,7 +81,7 @@ def run(quick: bool, repeats: int, new_tokens: int, name: str, out_dir: str = "b
         assert len(out) == new_tokens, (len(out), new_tokens)
         return out
 
-    check = check_outputs(models, prompts, decode)
+    check = check_outputs(models, prompts[:CHECKED], decode)
     print(f"checked: {check}", flush=True)
     timed: dict[str, list] = {k: [] for k in models}
 

@@ -21,7 +21,8 @@ Before timing, with dropout off and the same non-trivial factors in both (loraki
 A and B copied into PEFT's), lorakit and PEFT must give the same loss and the same gradient
 of every LoRA factor. The cases are timed in alternation; round ``i`` runs batch ``i`` in
 every case. ``--memory``: each case in its own process runs ``--memory-steps`` steps; its
-peak RSS over the training steps (the high-water mark reset after loading) is reported.
+peak RSS over the training steps (the high-water mark reset after loading and paging in the
+weights) is reported, and its increase over the RSS before the first step.
 
     python bench/lm_step.py [--quick] [--repeats 8] [--memory]
 """
@@ -276,6 +277,9 @@ def child(case: str, model_name: str, batches_file: str) -> dict:
     batches = torch.load(batches_file)
     parts = build(case, model_name)
     step = stepper(parts, batches, "bf16" if case == "lorakit_bf16" else "fp32")
+    with torch.no_grad():  # page in the weights (loaded memory-mapped): "loaded" then counts them
+        for p in parts[0].parameters():
+            p.sum()
     loaded = _status_mb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark: training steps only from here
     for _ in batches:

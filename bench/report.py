@@ -101,6 +101,33 @@ def serve(r: dict) -> list[str]:
     return rows
 
 
+def lm_step(r: dict) -> list[str]:
+    res = r["results"]
+    rows = [f"model: {r['config']['model']}", "", "| case | median ms/step | tokens/s |", "|---|---|---|"]
+    rows += [f"| {k} | {_ms(c)} | {res['tokens_per_s'][k]:.0f} |" for k, c in res["cases"].items()]
+    rows += ["", "| ratio | value |", "|---|---|", *[f"| {k} | {v:.3f} |" for k, v in res["ratios"].items()]]
+    return rows
+
+
+def lm_memory(r: dict) -> list[str]:
+    res = r["results"]
+    rows = [f"model: {r['config']['model']}, {r['config']['steps']} steps", "",
+            "| case | RSS after loading MB | peak RSS in training MB | increase MB |", "|---|---|---|---|"]
+    rows += [f"| {k} | {c['loaded_rss_mb']:.0f} | {c['train_peak_rss_mb']:.0f} | {c['train_increase_mb']:.0f} |"
+             for k, c in res["cases"].items()]
+    rows += ["", "| ratio | value |", "|---|---|", *[f"| {k} | {v:.3f} |" for k, v in res["ratios"].items()]]
+    return rows
+
+
+def generation(r: dict) -> list[str]:
+    res = r["results"]
+    rows = [f"model: {r['config']['model']}, {r['config']['new_tokens']} new tokens", "",
+            "| case | median ms/token | tokens/s | ratio to base |", "|---|---|---|---|"]
+    rows += [f"| {k} | {c['median_ms_per_token']:.1f} | {c['tokens_per_s']:.1f} | "
+             f"{_ratio(res['ratios_to_base'], k) if k != 'base' else '1'} |" for k, c in res["cases"].items()]
+    return rows
+
+
 SECTIONS = [("train_step", "Training step (batch 16 x 128, forward + backward + AdamW)", train_step),
             ("memory", "Peak memory of training (each case in its own process)", memory),
             ("latency", "Inference latency, GPT-2 medium shape (paper Table 1 style)", latency),
@@ -109,9 +136,13 @@ SECTIONS = [("train_step", "Training step (batch 16 x 128, forward + backward + 
             ("mixed", "Mixed-adapter batch, 64 rows x 64 tokens, MiniLM r=8 q/v, inference", mixed),
             ("serve", "lorakit serve load test, MiniLM, 32 adapters r=8 q/v, 1 sentence pair per request, fp32", serve),
             ("serve_bf16", "lorakit serve load test, as above with --precision bf16", serve),
-            ("e2e", "End to end: the demo recipe, lorakit train vs a plain PEFT loop", e2e)]
+            ("e2e", "End to end: the demo recipe, lorakit train vs a plain PEFT loop", e2e),
+            ("lm_step", "Causal-LM training step on real E2E batches of 8, r=4 q/v, label smoothing 0.1 "
+             "(lorakit train vs a PEFT user's step)", lm_step),
+            ("lm_memory", "Causal-LM training peak memory, as above, each case in its own process", lm_memory),
+            ("generation", "Generation latency, batch 1, greedy, fixed new tokens, E2E dev prompts", generation)]
 # Records written by a script run with flags (default: bench/<record>.py).
-COMMANDS = {"serve_bf16": "serve.py --precision bf16"}
+COMMANDS = {"serve_bf16": "serve.py --precision bf16", "lm_memory": "lm_step.py --memory"}
 
 
 # Targets of issues #5 and #8: (label, record, path to the measured ratio, (comparison, bound) or None).
@@ -138,6 +169,12 @@ TARGETS = [
      ("clients_32", "ratios", "spread/spread_nobatch"), (">=", 3.0)),
     ("MiniLM step, dropout 0.1: --precision bf16 / fp32 (reported, no target)", "train_step",
      ("minilm/dropout=0.1/fp32", "ratios", "trainer bf16/fp32"), None),
+    # Causal-LM task family (E2E on SmolLM2) and the paper's Table 1 claim on real decoding.
+    ("Causal-LM train step lorakit / PEFT (fp32)", "lm_step", ("ratios", "lorakit/peft"), ("<=", 0.75)),
+    ("Causal-LM train step lorakit bf16 / PEFT fp32 (reported, no target)", "lm_step",
+     ("ratios", "lorakit_bf16/peft"), None),
+    ("Causal-LM peak memory lorakit / PEFT", "lm_memory", ("ratios", "lorakit/peft"), ("<=", 0.70)),
+    ("Merged LoRA generation latency / base, batch 1", "generation", ("ratios_to_base", "merged"), ("<=", 1.01)),
 ]
 
 

@@ -200,3 +200,18 @@ def test_right_padding_is_detected():
     assert lm._right_padded(torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]]))
     assert not lm._right_padded(torch.tensor([[1, 1, 1], [0, 1, 1]]))  # left padding keeps its mask
     assert not lm._right_padded(torch.tensor([[1, 0, 1]]))
+
+
+@pytest.mark.skipif(not E2E.is_dir(), reason="../shared/data/e2e not present")
+def test_a_full_fine_tuning_run_reloads_for_eval(tiny_llama, tmp_path, capsys):
+    from lorakit.cli import main
+
+    train.train(_run_cfg(tiny_llama, tmp_path, task="e2e", method="full", epochs=1, lr=1e-3, max_eval_examples=3,
+                         data_dir=str(E2E)), seed=0)
+    run = tmp_path / "e2e" / "seed0"
+    assert json.loads((run / "task.json").read_text()) == {"task": "e2e", "prompt_format": "plain", "model": tiny_llama,
+                                                           "method": "full"}
+    assert main(["eval", "--adapter", str(run), "--split", "dev", "--data-dir", str(E2E), "--max-examples", "3",
+                 "--no-paper", "--max-new-tokens", "8", "--out", str(tmp_path / "eval")]) == 0
+    # the reloaded weights generate what the trained model generated on dev (greedy, same prompts)
+    assert (tmp_path / "eval" / "dev-outputs.txt").read_text() == (run / "outputs" / "epoch1" / "dev-outputs.txt").read_text()

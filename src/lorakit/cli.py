@@ -36,12 +36,13 @@ def _add_train_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .tasks import format_metrics
     from .train import TrainConfig, resolve_config, train_seeds
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     cfg = resolve_config(None if args.preset == "none" else args.preset, **overrides)
     report = train_seeds(cfg)
-    metrics = ", ".join(f"{k} {100 * v:.2f}" for k, v in report["median"].items())
+    metrics = format_metrics({"dev": report["median"]})
     print(f"\n{report['task']} / {report['model']} / {report['method']}: dev {metrics} "
           f"(best epoch, median of {len(report['seeds'])} seed(s))")
     print(f"trainable params: {report['trainable_params']:,}; saved weights: {report['weights_bytes'] / 1e6:.2f} MB; "
@@ -69,7 +70,8 @@ def _is_lm(task: str) -> bool:
 
 
 def _load_adapted(args: argparse.Namespace):
-    """(task.json info, tokenizer, model with the adapter loaded): a classifier or a causal LM."""
+    """(task.json info, tokenizer, model with the adapter loaded): a classifier or a causal LM.
+    ``--adapter`` may also be a run folder of a baseline (``trainable.safetensors``)."""
     from . import data
     from .io import load_adapter
     from .tasks import glue, lm
@@ -79,8 +81,24 @@ def _load_adapted(args: argparse.Namespace):
         tokenizer, model = lm.load_causal_lm(info["model"])
     else:
         tokenizer, model = glue.load_classifier(info["model"], data.get_task(info["task"]))
-    load_adapter(model, args.adapter)
+    if (Path(args.adapter) / "trainable.safetensors").is_file():
+        _load_trained(model, Path(args.adapter), info)
+    else:
+        load_adapter(model, args.adapter)
     return info, tokenizer, model
+
+
+def _load_trained(model, run: Path, info: dict) -> None:
+    """The trained tensors of a full / BitFit / adapter run into ``model`` (every one must fit)."""
+    from safetensors.torch import load_file
+
+    from .baselines import add_houlsby_adapters
+
+    if info.get("method") == "adapter":
+        add_houlsby_adapters(model, info["adapter_dim"])
+    missing = model.load_state_dict(load_file(run / "trainable.safetensors"), strict=False).unexpected_keys
+    if missing:
+        raise ValueError(f"{run / 'trainable.safetensors'} holds tensors the model lacks: {missing[:5]}")
 
 
 def _decoding(args: argparse.Namespace):
@@ -279,6 +297,8 @@ def _analyze(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     """A markdown table of finished runs (their report.json files)."""
+    from .tasks import format_metrics
+
     rows = ["| task | model | method | seeds | epochs | dev (median of best epochs) | trainable params | saved MB | wall min |",
             "|---|---|---|---|---|---|---|---|---|"]
     for path in args.runs:
@@ -287,7 +307,7 @@ def _report(args: argparse.Namespace) -> int:
             raise ValueError(f"no report.json in {path!r}; is it the --out folder of a finished lorakit train?")
         r = json.loads(report_path.read_text())
         summary = json.loads((Path(path) / f"seed{r['seeds'][0]}" / "summary.json").read_text())
-        metrics = ", ".join(f"{k} {100 * v:.1f}" for k, v in r["median"].items())
+        metrics = format_metrics({"dev": r["median"]})
         rows.append(f"| {r['task']} | {r['model']} | {r['method']} | {len(r['seeds'])} | {summary['config']['epochs']} | "
                     f"{metrics} | {r['trainable_params']:,} | {r['weights_bytes'] / 1e6:.2f} | {r['wall_seconds'] / 60:.0f} |")
     print("\n".join(rows))

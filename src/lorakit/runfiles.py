@@ -25,8 +25,9 @@ def weights_path(run: Path, method: str) -> Path:
 
 
 def save_weights(model: nn.Module, method: str, run: Path, info: dict[str, Any]) -> int:
-    """Write the trained part (adapter folder with ``task.json`` = ``info``, or the
-    trainable tensors); returns its bytes. The adapter folder is replaced atomically."""
+    """Write the trained part: an adapter folder, or the trainable tensors next to a
+    ``task.json``; ``task.json`` holds ``info``. Returns the weights' bytes. The adapter
+    folder is replaced atomically."""
     if method == "lora":
         tmp = run / ".adapter.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -37,6 +38,7 @@ def save_weights(model: nn.Module, method: str, run: Path, info: dict[str, Any])
     else:
         tensors = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         atomic_write(run / "trainable.safetensors", lambda tmp: save_file(tensors, tmp))
+        (run / "task.json").write_text(json.dumps(info) + "\n")
     return weights_path(run, method).stat().st_size
 
 

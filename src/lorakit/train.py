@@ -326,7 +326,9 @@ def train(cfg: TrainConfig, seed: int) -> dict[str, Any]:
         if sign * metrics[split][metric] > best:  # the same decision in every process (gathered metrics)
             with full_parameters(model):
                 if world.main:
-                    runfiles.save_weights(model, cfg.method, run, {**task.info(), "model": cfg.model})
+                    info = {**task.info(), "model": cfg.model, "method": cfg.method}
+                    runfiles.save_weights(model, cfg.method, run, info | ({"adapter_dim": cfg.adapter_dim}
+                                                                          if cfg.method == "adapter" else {}))
         if world.main:
             runfiles.append_log(run, progress.history[-1])
             print(f"epoch {epoch + 1}: train loss {loss_sum / seen:.4f}, dev {format_metrics(metrics)}, {train_time:.0f}s")

@@ -71,11 +71,13 @@ PERCENT_METRICS = frozenset({"accuracy", "f1", "matthews", "pearson", "spearman"
 
 
 def format_metrics(metrics: dict[str, dict[str, float]]) -> str:
-    """``dev accuracy 82.11, f1 87.52`` style: percentages for fractions, raw values otherwise."""
+    """``dev accuracy 82.11, f1 87.52`` style: percentages for fractions, raw values otherwise
+    (``dev/accuracy`` names, as in reports over several dev splits, count by their last part)."""
     parts = []
     for split, values in metrics.items():
         for name, v in values.items():
-            shown = "n/a" if v is None else f"{100 * v:.2f}" if name in PERCENT_METRICS else f"{v:.4f}"
+            percent = name.rsplit("/", 1)[-1] in PERCENT_METRICS
+            shown = "n/a" if v is None else f"{100 * v:.2f}" if percent else f"{v:.4f}"
             parts.append(f"{split + ' ' if len(metrics) > 1 else ''}{name} {shown}")
     return ", ".join(parts)
 
