@@ -201,3 +201,16 @@ def test_trainable_parameters_string():
     count = lorakit.trainable_parameters(lorakit.add_lora(tiny_bert(), LoraConfig(r=4, target_modules=["query"])))
     assert count.trainable == 2 * (4 * 32 + 32 * 4)
     assert str(count).startswith(f"trainable params: {count.trainable:,} || all params: {count.total:,}")
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_new_layers_take_the_mode_of_the_module_they_wrap(training):
+    model = tiny_bert().train(training)
+    lorakit.add_lora(model, LoraConfig(r=4, dropout=0.5, modules_to_save=["classifier"]))
+    lorakit.add_lora(model, LoraConfig(r=2, dropout=0.5), adapter="second")
+    assert {m.training for m in model.modules()} == {training}
+    if not training:  # eval mode: no dropout anywhere, so two calls agree exactly
+        for _, layer in lorakit.lora_layers(model):
+            torch.nn.init.normal_(layer.lora_B["default"])
+        ids = torch.randint(0, 99, (4, 12))
+        assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)

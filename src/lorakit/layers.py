@@ -111,6 +111,7 @@ class LoraLayer(nn.Module):
         self.merged = False
         self.rows: RowPlan | None = None  # set by lorakit.adapter_per_row
         self.register_buffer("unmerged_weight", None, persistent=False)
+        self.train(base.training)  # a model in eval mode stays in eval mode (no dropout at inference)
 
     # ---- adapters --------------------------------------------------------------------
 
@@ -131,7 +132,7 @@ class LoraLayer(nn.Module):
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(B)
-        self.lora_dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.lora_dropout[name] = (nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()).train(self.training)
         self.configs[name] = config
 
     def remove_adapter(self, name: str) -> None:
@@ -398,9 +399,10 @@ class ModulesToSave(nn.Module):
         self.active: str | None = None
         self.disabled = False
         self.rows: RowPlan | None = None  # set by lorakit.adapter_per_row
+        self.train(original.training)
 
     def add_adapter(self, name: str) -> None:
-        self.copies[name] = copy.deepcopy(self.original)
+        self.copies[name] = copy.deepcopy(self.original)  # in the original's mode
 
     def remove_adapter(self, name: str) -> None:
         del self.copies[name]
