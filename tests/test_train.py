@@ -139,3 +139,31 @@ def test_fast_dropout_and_bf16_runs(tiny_model, tmp_path):
     from lorakit.fastops import use_fast_dropout
 
     assert use_fast_dropout(model) > 0 and any(isinstance(m, FastDropout) for m in model.modules())
+
+
+def test_a_second_run_into_the_same_folder_is_refused_unless_resumed_or_overwritten(tiny_model, tmp_path):
+    cfg = _cfg(tiny_model, tmp_path, epochs=1)
+    first = train.train(cfg, seed=0)
+    run = tmp_path / "mrpc" / "seed0"
+    before = {p.name: p.stat().st_mtime_ns for p in run.rglob("*")}
+    with pytest.raises(ValueError, match=r"mrpc/seed0 holds a previous run \(log.jsonl, summary.json, curve.png, task.json"
+                                         r"|holds a previous run .*pass --resume to continue it or --overwrite"):
+        train.train(cfg, seed=0)
+    assert {p.name: p.stat().st_mtime_ns for p in run.rglob("*")} == before  # nothing touched
+    (run / "checkpoint-1-0-old.pt").write_text("a user's copy")  # not a checkpoint name: ignored, kept
+    again = train.train(train.TrainConfig(**{**cfg.__dict__, "overwrite": True}), seed=0)
+    assert [h["dev"] for h in again["epochs"]] == [h["dev"] for h in first["epochs"]]
+    assert (run / "checkpoint-1-0-old.pt").read_text() == "a user's copy"
+    assert len((run / "log.jsonl").read_text().splitlines()) == 1
+
+
+def test_the_cli_refuses_in_one_line(tiny_model, tmp_path, capsys):
+    from lorakit.cli import main
+
+    args = ["train", "--model", tiny_model, "--data-dir", str(GLUE), "--out", str(tmp_path), "--epochs", "1",
+            "--max-train-examples", "16", "--max-eval-examples", "8", "--max-length", "32", "--no-progress"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds a previous run" in err and "--overwrite" in err

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import random
+import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -72,6 +73,7 @@ class TrainConfig:
     adapter_dim: int = _opt(64, "bottleneck size of Houlsby adapters (method adapter)")
     init_adapter: str | None = _opt(None, "start the LoRA factors from this adapter (the paper's MNLI start)")
     resume: bool = _opt(False, "continue from the newest complete checkpoint in the run folder")
+    overwrite: bool = _opt(False, "replace a previous run in the output folder (without it, lorakit refuses)")
     save_every: int = _opt(0, "also checkpoint every N optimizer steps within an epoch (0: at epoch ends only)")
     fsdp: bool = _opt(False, "under torchrun: shard the model across processes with FSDP2 instead of DDP's copies")
     eval_batch_size: int = _opt(64, "evaluation (and generation) batch size")
@@ -256,11 +258,22 @@ def _stop(what: str, progress: checkpoint.Progress, step: int, run: Path) -> Non
         f"of bf16 often helps), start a new run with another --out")
 
 
+# What a run writes into its folder (besides checkpoints).
+_RUN_FILES = ("log.jsonl", "summary.json", "curve.png", "task.json", "trainable.safetensors", "adapter", "outputs")
+
+
+def _previous_run(run: Path) -> list[str]:
+    """Names of a previous run's files in ``run``."""
+    return [n for n in _RUN_FILES if (run / n).exists()] + [p.name for p in checkpoint.checkpoints(run)]
+
+
 def _fresh_start(run: Path) -> None:
-    """Remove a previous run's log and checkpoints (and torn temp files) from ``run``."""
+    """Remove a previous run's files and checkpoints (and torn temp files) from ``run``."""
     for torn in run.glob(".checkpoint-*.tmp"):  # a write a kill interrupted
         torn.unlink()
-    (run / "log.jsonl").unlink(missing_ok=True)
+    for name in _RUN_FILES:
+        path = run / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     for old in checkpoint.checkpoints(run):
         old.unlink()
 
@@ -274,6 +287,10 @@ def train(cfg: TrainConfig, seed: int) -> dict[str, Any]:
     world = setup()
     task = tasks.create(cfg)
     run = cfg.run_dir / f"seed{seed}"
+    found = _previous_run(run) if not (cfg.resume or cfg.overwrite) else []
+    if found:
+        raise ValueError(f"{run} holds a previous run ({', '.join(found[:4])}); pass --resume to continue it or "
+                         "--overwrite to replace it, or choose another --out")
     run.mkdir(parents=True, exist_ok=True)
     record = {**dataclasses.asdict(cfg), "seed": seed}
     torch.manual_seed(seed)
