@@ -85,7 +85,7 @@ def lorakit_run(cfg: train.TrainConfig, seed: int) -> dict:
 def run(epochs: int, model: str = "minilm", max_train_examples: int | None = None, max_eval_examples: int | None = None,
         data_dir: str | None = None, name: str = "e2e", out_dir: str = "bench/results") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = train.resolve_config("demo", task="mrpc", model=model, epochs=epochs, out=tmp, progress=False,
+        cfg = train.resolve_config("demo", task="mrpc", model=model, epochs=epochs, out=tmp, progress=False, precision="fp32",
                                    max_train_examples=max_train_examples, max_eval_examples=max_eval_examples,
                                    data_dir=data_dir)
         ours = lorakit_run(cfg, 0)

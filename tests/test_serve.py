@@ -69,7 +69,7 @@ def running(app):
 
 @pytest.fixture(scope="module")
 def engine(tiny_model):
-    return Engine(tiny_model)
+    return Engine(tiny_model, "fp32")
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +188,7 @@ def test_adapters_that_cannot_classify_are_refused(client, adapters, tiny_model,
 
 
 def test_requests_for_an_adapter_replaced_while_they_waited_get_404(tiny_model, adapters):
-    engine = Engine(tiny_model)
+    engine = Engine(tiny_model, "fp32")
     old = engine.load("a", adapters["mrpc"])
     features = _tokenize(engine.tokenizer, [tuple(PAIRS[0])], 32)
     engine.unload("a")
@@ -200,7 +200,7 @@ def test_requests_for_an_adapter_replaced_while_they_waited_get_404(tiny_model, 
 
 
 def test_full_queue_answers_503(tiny_model, adapters):
-    engine = Engine(tiny_model)
+    engine = Engine(tiny_model, "fp32")
     real, entered, release = engine.classify, threading.Event(), threading.Event()
 
     def blocked_classify(requests):
@@ -231,7 +231,7 @@ def test_adapter_from_another_base_is_refused(tiny_model, adapters, tmp_path):
     shutil.copytree(adapters["cola"], moved)
     (moved / "task.json").write_text(json.dumps({"task": "cola", "model": "minilm"}))
     with pytest.raises(ValueError, match="was trained on 'minilm', but this server runs"):
-        create_app(Engine(tiny_model), ServeConfig(), {"x": str(moved)})
+        create_app(Engine(tiny_model, "fp32"), ServeConfig(), {"x": str(moved)})
 
 
 def test_cli_serve_bad_adapter_spec(capsys):

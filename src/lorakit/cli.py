@@ -328,7 +328,8 @@ def _add_generation_flags(parser: argparse.ArgumentParser, paper_default: bool) 
         else:
             parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, help=f"default: {f.default}")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default: 8)")
-    parser.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32", help="default: fp32")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="auto",
+                        help="auto (default): bf16 where the hardware has it natively, else fp32")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -400,8 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-rows-per-request", type=int, default=d.max_rows_per_request,
                    help=f"default: {d.max_rows_per_request}")
     p.add_argument("--max-length", type=int, default=d.max_length, help=f"tokens per row (default: {d.max_length})")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="bf16: CPU autocast (AMX / AVX-512 bf16 matmuls)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="auto",
+                   help="bf16: autocast (AMX / AVX-512 bf16 matmuls); auto (default): bf16 where the CPU/GPU has it natively")
     p.add_argument("--batching", action=argparse.BooleanOptionalAction, default=True,
                    help="batch requests that arrive together into one forward pass (default: on)")
     p.set_defaults(func=_serve)

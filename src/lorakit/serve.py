@@ -29,7 +29,7 @@ from .io import load_adapter
 from .layers import ModulesToSave
 from .model import adapter_per_row, remove_adapter
 from .models import resolve_model
-from .precision import precision_context
+from .precision import precision_context, resolve_precision
 from .tasks.glue import load_classifier
 
 __all__ = ["ServeConfig", "Engine", "create_app", "serve"]
@@ -72,9 +72,8 @@ class AdapterInfo:
 class Engine:
     """One base classifier and its adapters; every method runs on the single worker thread."""
 
-    def __init__(self, model_name: str, precision: str = "fp32") -> None:
-        if precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+    def __init__(self, model_name: str, precision: str = "auto") -> None:
+        precision = resolve_precision(precision)
         self.model_name = model_name
         self.precision = precision
         # The base's own head is never used: every adapter brings its head (resized to its task).
@@ -428,7 +427,7 @@ def create_app(engine: Engine, config: ServeConfig | None = None, adapters: dict
 
 
 def serve(model: str | None, adapters: dict[str, str], config: ServeConfig, host: str, port: int,
-          precision: str = "fp32") -> None:
+          precision: str = "auto") -> None:
     """Load the model and adapters and serve until interrupted."""
     import uvicorn
 
@@ -441,6 +440,7 @@ def serve(model: str | None, adapters: dict[str, str], config: ServeConfig, host
         if info is None or not info.is_file():
             raise ValueError("name the base model with --model (no adapter with a task.json to read it from)")
         model = json.loads(info.read_text())["model"]
-    app = create_app(Engine(model, precision), config, adapters)
-    print(f"lorakit serve: {model} ({precision}) with adapters {sorted(adapters) or 'none'} on http://{host}:{port}", flush=True)
+    engine = Engine(model, precision)
+    app = create_app(engine, config, adapters)
+    print(f"lorakit serve: {model} ({engine.precision}) with adapters {sorted(adapters) or 'none'} on http://{host}:{port}", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -83,7 +83,8 @@ class TrainConfig:
     max_new_tokens: int = _opt(64, "causal LM: longest generated completion")
     progress: bool = _opt(True, "show progress bars")
     fast_dropout: bool = _opt(True, "fast dropout (lorakit.fastops) in LoRA and the model; --no-fast-dropout: torch's")
-    precision: str = _opt("fp32", "fp32; bf16 (autocast: bfloat16 matmuls, fp32 weights and optimizer); auto: bf16 where native")
+    precision: str = _opt("auto", "auto: bf16 where the CPU/GPU has native bf16 (AVX-512 BF16, AMX), else fp32; fp32; "
+                                  "bf16 (autocast: bfloat16 matmuls, fp32 weights and optimizer)")
 
     def __post_init__(self) -> None:
         tasks.canonical_name(self.task)
