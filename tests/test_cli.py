@@ -32,6 +32,32 @@ def test_train_eval_merge(tiny_model, tmp_path, capsys):
 
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
     assert not any("lora" in n for n, _ in merged.named_parameters())
+    # the adapter names a base PEFT can load (a folder), not lorakit's alias
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == tiny_model
+    # no silent overwrite, no false success
+    capsys.readouterr()
+    (tmp_path / "a-file").write_text("x")
+    for out, message in [(tmp_path / "merged", "is not empty; pass --overwrite"), (tmp_path / "a-file", "is a file"),
+                         ("/proc/lorakit-merged", "cannot write the merged model to /proc/lorakit-merged")]:
+        assert cli.main(["merge", "--adapter", str(adapter), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    assert cli.main(["merge", "--adapter", str(adapter), "--out", str(tmp_path / "merged"), "--overwrite"]) == 0
+
+
+def test_a_missing_plotting_library_loses_no_results(tiny_model, tmp_path, monkeypatch):
+    from lorakit import runfiles
+
+    def no_matplotlib(*args, **kwargs):
+        raise ImportError("No module named 'matplotlib'")
+
+    monkeypatch.setattr(runfiles, "plot_curve", no_matplotlib)
+    out = tmp_path / "run"
+    assert cli.main(["train", "--task", "rte", "--model", tiny_model, "--data-dir", str(GLUE), "--out", str(out),
+                     "--epochs", "1", "--max-train-examples", "16", "--max-eval-examples", "8", "--max-length", "32",
+                     "--no-progress"]) == 0
+    assert (out / "report.json").is_file() and (out / "seed0" / "summary.json").is_file()
+    assert not (out / "seed0" / "curve.png").exists()
 
 
 def test_errors_exit_2_with_a_message(capsys, tmp_path):

@@ -141,10 +141,25 @@ def _eval(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from .model import merge_and_unload
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; the merged model is a folder")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise ValueError(f"--out {out} is not empty; pass --overwrite to replace its files")
+    def unwritable(e: OSError) -> ValueError:
+        return ValueError(f"cannot write the merged model to {out}: {e.strerror or e}")
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)  # before loading: fail fast where nothing can be written
+    except OSError as e:
+        raise unwritable(e) from None
     _, tokenizer, model = _load_adapted(args)
-    merge_and_unload(model).save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
-    print(f"merged model written to {args.out} (a plain Hugging Face folder)")
+    try:
+        merge_and_unload(model).save_pretrained(out)
+        tokenizer.save_pretrained(out)
+    except OSError as e:
+        raise unwritable(e) from None
+    print(f"merged model written to {out} (a plain Hugging Face folder)")
     return 0
 
 
@@ -355,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
             _add_generation_flags(p, paper_default=True)
         else:
             p.add_argument("--out", required=True, help="output folder")
+            p.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty --out folder")
         p.set_defaults(func=func)
 
     p = sub.add_parser("generate", help="generate completions with a causal LM and its adapter(s)")

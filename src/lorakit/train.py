@@ -14,6 +14,7 @@ killed run where it stopped. Under ``torchrun`` the same code trains with DDP.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import random
@@ -33,6 +34,7 @@ from .distributed import World, full_parameters, fully_shard_model, setup, shard
 from .fastops import use_fast_dropout
 from .io import PREFIX, adapter_state_dict, copy_strict, read_weights
 from .model import add_lora, lora_layers, trainable_parameters
+from .models import resolve_model
 from .precision import PRECISIONS, precision_context, resolve_precision
 from .tasks import Task, format_metrics
 
@@ -144,9 +146,10 @@ def _lora_config(model: nn.Module, cfg: TrainConfig, task: Task, head: str | Non
     enable = {}
     if targets is None and _is_fused_qkv(model):  # GPT-2's c_attn = q|k|v: adapt the q and v slices (paper)
         targets, enable = ("c_attn",), {"c_attn": (True, False, True)}
+    # a path or hub id PEFT's AutoPeftModel* can load (not lorakit's alias such as "minilm")
     return LoraConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.lora_dropout, target_modules=targets,
-                      modules_to_save=(head,) if head else (), enable_lora=enable, base_model_name_or_path=cfg.model,
-                      task_type=task.task_type)
+                      modules_to_save=(head,) if head else (), enable_lora=enable,
+                      base_model_name_or_path=resolve_model(cfg.model), task_type=task.task_type)
 
 
 def _is_fused_qkv(model: nn.Module) -> bool:
@@ -292,6 +295,8 @@ def train(cfg: TrainConfig, seed: int) -> dict[str, Any]:
     if found:
         raise ValueError(f"{run} holds a previous run ({', '.join(found[:4])}); pass --resume to continue it or "
                          "--overwrite to replace it, or choose another --out")
+    if world.main and importlib.util.find_spec("matplotlib") is None:
+        print("matplotlib is not installed: no curve.png will be written (pip install matplotlib)")
     run.mkdir(parents=True, exist_ok=True)
     record = {**dataclasses.asdict(cfg), "seed": seed}
     torch.manual_seed(seed)
