@@ -32,7 +32,7 @@ def tiny_no_dropout(tmp_path_factory):
 
 
 BASE = dict(task="mrpc", epochs=2, batch_size=4, lr=1e-3, max_length=32, max_train_examples=29, max_eval_examples=24,
-            lora_dropout=0.0)
+            lora_dropout=0.0, precision="fp32")  # fp32: processes are compared to 1e-4
 
 
 def _args(model: str, out, **kw) -> list[str]:
