@@ -66,3 +66,19 @@ def test_from_peft_dict_refuses_missing_fields_and_unsupported_options():
         LoraConfig.from_peft_dict({**d, "use_dora": True})
     with pytest.raises(ValueError, match="sets rank_pattern"):
         LoraConfig.from_peft_dict({**d, "rank_pattern": {"q": 2}})
+
+
+def test_every_peft_key_is_honoured_or_refused_by_name():
+    peft = pytest.importorskip("peft")
+    d = json.loads(LoraConfig(target_modules=("q",)).to_json())
+    # PEFT's own config file, all keys at their defaults, loads
+    theirs = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q"]).to_dict()
+    theirs["peft_type"], theirs["task_type"] = "LORA", None
+    theirs = json.loads(json.dumps(theirs, default=str))
+    assert LoraConfig.from_peft_dict(theirs).r == 4
+    with pytest.raises(ValueError, match=r"sets alora_invocation_tokens=\[1, 2\], which lorakit does not support"):
+        LoraConfig.from_peft_dict({**d, "alora_invocation_tokens": [1, 2]})
+    with pytest.raises(ValueError, match=r"sets exclude_modules=\['k'\], which lorakit does not support"):
+        LoraConfig.from_peft_dict({**d, "exclude_modules": ["k"]})
+    with pytest.raises(ValueError, match=r"has key\(s\) \['lora_future_option'\] that lorakit does not know"):
+        LoraConfig.from_peft_dict({**d, "lora_future_option": 3})

@@ -25,7 +25,8 @@ Init = Literal["kaiming", "gaussian"]
 # PEFT field name -> lorakit field name, for the fields whose names differ.
 _PEFT_NAMES = {"lora_alpha": "alpha", "lora_dropout": "dropout", "init_lora_weights": "init"}
 _REQUIRED_PEFT_FIELDS = ("peft_type", "r", "lora_alpha", "target_modules")
-# PEFT options that change the maths; lorakit refuses them rather than ignore them.
+# PEFT options that change the maths, at the value meaning "off": lorakit refuses any other
+# value rather than ignore it (and writes these values into its own files).
 _UNSUPPORTED_PEFT_OPTIONS = {
     "use_dora": False,
     "layers_to_transform": None,
@@ -35,7 +36,25 @@ _UNSUPPORTED_PEFT_OPTIONS = {
     "lora_bias": False,
     "trainable_token_indices": None,
     "target_parameters": None,
+    "exclude_modules": None,
+    "megatron_config": None,
+    "loftq_config": {},
+    "eva_config": None,
+    "corda_config": None,
+    "lora_ga_config": None,
+    "velora_config": None,
+    "alora_invocation_tokens": None,
+    "use_qalora": False,
+    "monteclora_config": None,
+    "use_bdlora": None,
+    "arrow_config": None,
+    "kasa_config": None,
+    "ensure_weight_tying": False,
 }
+# PEFT keys with no effect on an adapter's outputs (bookkeeping, or settings that only
+# matter together with an option above), read and dropped.
+_PEFT_METADATA = ("peft_type", "auto_mapping", "peft_version", "revision", "inference_mode", "megatron_core",
+                  "runtime_config", "qalora_group_size", "layers_pattern", "fan_in_fan_out")
 
 
 @dataclass(frozen=True)
@@ -143,11 +162,16 @@ class LoraConfig:
         for key, default in _UNSUPPORTED_PEFT_OPTIONS.items():
             if d.get(key) not in (None, default):
                 raise ValueError(f"{source} sets {key}={d[key]!r}, which lorakit does not support")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in d if _PEFT_NAMES.get(k, k) not in fields
+                         and k not in _UNSUPPORTED_PEFT_OPTIONS and k not in _PEFT_METADATA)
+        if unknown:
+            raise ValueError(f"{source} has key(s) {unknown} that lorakit does not know; it refuses rather than "
+                             "ignore what may change the adapter's outputs (a newer PEFT option?)")
         init = d.get("init_lora_weights", True)
         # False (random B) only matters before loading; PiSSA-style inits change the base weights.
         if init not in (True, False, "gaussian"):
             raise ValueError(f"{source} has init_lora_weights={init!r}; lorakit supports true, false or 'gaussian'")
-        fields = {f.name for f in dataclasses.fields(cls)}
         kwargs = {_PEFT_NAMES.get(k, k): v for k, v in d.items() if _PEFT_NAMES.get(k, k) in fields}
         kwargs["init"] = "gaussian" if init == "gaussian" else "kaiming"
         if kwargs.get("modules_to_save") is None:
