@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import lorakit
-from helpers import MODEL_TOL, TOL, ids, output, randomize, tiny_bert, tiny_gpt2
+from helpers import MODEL_TOL, TOL, ids, output, randomize, tiny_bert, tiny_gpt2, tiny_roberta
 from lorakit import LoraConfig
 from lorakit.layers import LoraLayer, ModulesToSave
 
@@ -214,3 +214,24 @@ def test_new_layers_take_the_mode_of_the_module_they_wrap(training):
             torch.nn.init.normal_(layer.lora_B["default"])
         ids = torch.randint(0, 99, (4, 12))
         assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_seq_cls_adapters_train_the_head_as_peft_does():
+    model = tiny_bert()
+    lorakit.add_lora(model, LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    assert isinstance(model.classifier, ModulesToSave)  # the head trains, no modules_to_save needed
+    assert all(p.requires_grad for p in model.classifier.copies["default"].parameters())
+    # PEFT writes modules_to_save ["classifier", "score"]; the head this model lacks is skipped
+    other = tiny_bert()
+    lorakit.add_lora(other, LoraConfig(r=4, modules_to_save=["classifier", "score"], task_type="SEQ_CLS"))
+    assert isinstance(other.classifier, ModulesToSave)
+    with pytest.raises(ValueError, match="modules_to_save entry 'score' matches no module"):
+        lorakit.add_lora(tiny_bert(), LoraConfig(r=4, modules_to_save=["classifier", "score"]))
+
+
+def test_all_linear_leaves_the_classification_head_alone():
+    model = tiny_roberta()  # its head classifier.dense / classifier.out_proj are linear layers
+    lorakit.add_lora(model, LoraConfig(r=2, target_modules="all-linear"))
+    names = _lora_names(model)
+    assert names and not any(n.startswith("classifier") for n in names)
+    assert any(n.endswith("attention.self.query") for n in names)

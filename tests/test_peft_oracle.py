@@ -54,3 +54,16 @@ def test_peft_adapter_loads_in_lorakit_with_same_outputs(case, tmp_path):
     torch.testing.assert_close(output(ours, x), expected, **MODEL_TOL)
     lorakit.merge(ours)  # and merged, which PEFT never saw
     torch.testing.assert_close(output(ours, x), expected, **MODEL_TOL)
+
+
+def test_a_peft_seq_cls_adapter_loads_with_its_head(tmp_path):
+    base, x = tiny_bert(), ids()
+    theirs = peft.get_peft_model(clone(base), _peft_config(dict(target_modules=["query", "value"], task_type="SEQ_CLS")))
+    with torch.no_grad():
+        theirs.base_model.model.classifier.modules_to_save["default"].weight.normal_()  # a trained head
+    expected = output(theirs.eval(), x)
+    theirs.save_pretrained(tmp_path)
+    saved = __import__("json").loads((tmp_path / "adapter_config.json").read_text())
+    assert set(saved["modules_to_save"]) == {"classifier", "score"}  # PEFT names both heads
+    ours = lorakit.load_adapter(clone(base), tmp_path).eval()
+    torch.testing.assert_close(output(ours, x), expected, **MODEL_TOL)

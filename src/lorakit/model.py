@@ -40,6 +40,9 @@ __all__ = [
 # Attention query/value projections by the names common model families give them.
 _QUERY_VALUE_NAMES = (("query", "value"), ("q", "v"), ("q_proj", "v_proj"), ("q_lin", "v_lin"), ("c_attn",))
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
+# The classification heads of transformers' sequence classifiers; PEFT trains them whole
+# (modules_to_save) for task_type SEQ_CLS and never puts LoRA on them.
+_SEQ_CLS_HEADS = ("classifier", "score")
 
 
 class ParameterCount(NamedTuple):
@@ -137,15 +140,16 @@ def _resolve_targets(model: nn.Module, config: LoraConfig) -> tuple[LoraConfig, 
     if targets is None:
         targets = default_target_modules(model)
         config = dataclasses.replace(config, target_modules=targets)
-    saved = [n for n, m in model.named_modules() if isinstance(m, ModulesToSave) or _matches(n, config.modules_to_save)]
+    saved = [n for n, m in model.named_modules() if isinstance(m, ModulesToSave) or _matches(n, _saved_patterns(config))]
     candidates = {
         name: module
         for name, module in _adaptable(model).items()
         if not any(name == s or name.startswith(s + ".") for s in saved)
     }
-    if targets == "all-linear":
+    if targets == "all-linear":  # as PEFT: every linear layer but the output layer and a classification head
         output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        chosen = {n: m for n, m in candidates.items() if _kind(m) is LoraLinear and m is not output}
+        chosen = {n: m for n, m in candidates.items()
+                  if _kind(m) is LoraLinear and m is not output and n.split(".", 1)[0] not in _SEQ_CLS_HEADS}
     else:
         chosen = {n: m for n, m in candidates.items() if _matches(n, targets)}
     if not chosen:
@@ -197,9 +201,17 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter: str = "default") -> 
     return model
 
 
+def _saved_patterns(config: LoraConfig) -> tuple[str, ...]:
+    """``modules_to_save``, plus the classification heads for ``task_type="SEQ_CLS"`` (as PEFT)."""
+    extra = _SEQ_CLS_HEADS if config.task_type == "SEQ_CLS" else ()
+    return tuple(dict.fromkeys((*config.modules_to_save, *extra)))
+
+
 def _add_saved_modules(model: nn.Module, config: LoraConfig, adapter: str) -> None:
-    for pattern in config.modules_to_save:
+    for pattern in _saved_patterns(config):
         found = [(n, m) for n, m in model.named_modules() if n and _matches(n, [pattern])]
+        if not found and config.task_type == "SEQ_CLS" and pattern in _SEQ_CLS_HEADS:
+            continue  # PEFT names both heads for every classifier; a model has one of them
         if not found:
             raise ValueError(f"modules_to_save entry {pattern!r} matches no module of the model")
         for name, module in found:
