@@ -140,3 +140,30 @@ def test_resize_saved_loads_a_head_with_another_label_count(tmp_path):
     lorakit.load_adapter(two, tmp_path / "reg", resize_saved=True)
     assert two.classifier.copies["default"].out_features == 1
     torch.testing.assert_close(output(two, ids()), output(one, ids()), **TOL[torch.float32])
+
+
+def test_a_failed_load_leaves_nothing_behind(saved, tmp_path):
+    import shutil
+
+    _, path = saved
+    model = lorakit.load_adapter(tiny_bert(), path, "good")
+    before = (lorakit.trainable_parameters(model), sorted(model.state_dict()), lorakit.active_adapters(model))
+    # three ways to fail: a saved module the model lacks (after LoRA layers were wrapped), a shape
+    # mismatch (after everything was attached), NaN weights
+    no_head, wrong, nan = (tmp_path / n for n in ("no-head", "wrong", "nan"))
+    for folder in (no_head, wrong, nan):
+        shutil.copytree(path, folder)
+    cfg = json.loads((no_head / "adapter_config.json").read_text())
+    (no_head / "adapter_config.json").write_text(json.dumps({**cfg, "modules_to_save": ["pooler_head"]}))
+    tensors = load_file(path / "adapter_model.safetensors")
+    key = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight"
+    save_file({**tensors, key: torch.zeros(3, 32)}, wrong / "adapter_model.safetensors")
+    save_file({**tensors, key: torch.full_like(tensors[key], float("nan"))}, nan / "adapter_model.safetensors")
+    messages = {no_head: "'pooler_head' matches no module", wrong: "shape mismatches", nan: "NaN or infinite values in 1"}
+    for _ in range(7):
+        for folder, message in messages.items():
+            with pytest.raises(ValueError, match=message):
+                lorakit.load_adapter(model, folder, "x")
+    assert (lorakit.trainable_parameters(model), sorted(model.state_dict()), lorakit.active_adapters(model)) == before
+    lorakit.load_adapter(model, path, "x")  # the name is free again
+    assert lorakit.adapter_names(model) == ["good", "x"]

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .config import CONFIG_NAME, LoraConfig
 from .layers import LoraLayer, ModulesToSave
-from .model import active_adapters, adapter_config, add_lora, outside_saved_modules, remove_adapter
+from .model import active_adapters, adapter_config, add_lora, outside_saved_modules, remove_adapter, set_adapter
 
 __all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "read_weights", "copy_strict", "atomic_write",
            "WEIGHTS_NAME", "PREFIX"]
@@ -124,8 +124,13 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter: str = "defaul
     """
     config = LoraConfig.load(directory)
     tensors = _with_prefix(read_weights(directory))
+    broken = sorted(k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all())
+    if broken:
+        raise ValueError(f"the adapter in {str(directory)!r} holds NaN or infinite values in {len(broken)} tensor(s): "
+                         f"{', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''}")
+    active = active_adapters(model)
     try:
-        add_lora(model, config, adapter)
+        add_lora(model, config, adapter)  # all or nothing itself
     except ValueError as e:
         raise ValueError(f"the adapter in {str(directory)!r} does not fit this model: {e}") from None
     try:
@@ -133,6 +138,8 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter: str = "defaul
             _resize_saved_copies(model, adapter, tensors)
         copy_strict(adapter_state_dict(model, adapter), tensors, str(directory))
     except BaseException:
+        if active:
+            set_adapter(model, active)
         remove_adapter(model, adapter)
         raise
     return model

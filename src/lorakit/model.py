@@ -190,14 +190,19 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter: str = "default") -> 
     unknown = [k for k in config.enable_lora if not any(_matches(n, [k]) for n in targets)]
     if unknown:
         raise ValueError(f"enable_lora keys {unknown} match none of the target modules {sorted(targets)}")
-    for name, module in targets.items():
-        if not isinstance(module, LoraLayer):
-            module = lora_class_for(module)(module)
-            _replace(model, name, module)
-        enable = next((mask for key, mask in config.enable_lora.items() if _matches(name, [key])), None)
-        module.add_adapter(adapter, config, enable)
-    _add_saved_modules(model, config, adapter)
-    set_adapter(model, active_adapters(model) or adapter)
+    active = active_adapters(model)
+    try:  # all or nothing: a failure part-way leaves no trace of the adapter
+        for name, module in targets.items():
+            if not isinstance(module, LoraLayer):
+                module = lora_class_for(module)(module)
+                _replace(model, name, module)
+            enable = next((mask for key, mask in config.enable_lora.items() if _matches(name, [key])), None)
+            module.add_adapter(adapter, config, enable)
+        _add_saved_modules(model, config, adapter)
+    except BaseException:
+        remove_adapter(model, adapter)
+        raise
+    set_adapter(model, active or adapter)
     return model
 
 
