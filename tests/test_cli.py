@@ -67,6 +67,35 @@ def test_errors_exit_2_with_a_message(capsys, tmp_path):
     assert "lorakit: error: no adapter_config.json in" in capsys.readouterr().err
 
 
+def _one_line_error(capsys, args: list[str], message: str) -> None:
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("lorakit: error: ") and message in err, err
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "RTE/train.tsv: no rows"),
+    (b"index\tsentence1\tsentence2\tlabel\n", "RTE/train.tsv: no rows after the header line"),
+    (b"\x89PNG\r\n\x1a\n\x00\xff\xfe", "RTE/train.tsv: not a UTF-8 text file"),
+])
+def test_bad_data_files_are_named_in_one_line(tiny_model, tmp_path, capsys, content, message):
+    (tmp_path / "glue" / "RTE").mkdir(parents=True)
+    (tmp_path / "glue" / "RTE" / "train.tsv").write_bytes(content)
+    _one_line_error(capsys, ["train", "--task", "rte", "--model", tiny_model, "--data-dir", str(tmp_path / "glue"),
+                             "--out", str(tmp_path / "run"), "--no-progress"], message)
+
+
+def test_bad_models_and_serve_options_are_one_line_errors(tmp_path, capsys):
+    _one_line_error(capsys, ["train", "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "r")],
+                    "no-such-model' is not a folder here, an installed alias")
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    _one_line_error(capsys, ["train", "--model", str(empty), "--out", str(tmp_path / "r2"), "--no-progress"], "empty-model")
+    _one_line_error(capsys, ["serve", "--port", "70000"], "--port must be between 1 and 65535, got 70000")
+    for flag, value in (("--max-queue", "0"), ("--max-queue", "-1"), ("--max-batch-rows", "0"), ("--max-wait-ms", "-5")):
+        _one_line_error(capsys, ["serve", flag, value], f"{flag[2:].replace('-', '_')} must be")
+
+
 def _fake_wheels(folder: Path) -> None:
     """Five wheels whose pieces concatenate to a zip holding all-mpnet-base-v2/config.json."""
     buf = io.BytesIO()

@@ -256,6 +256,8 @@ def _serve(args: argparse.Namespace) -> int:
         if name in adapters:
             raise ValueError(f"--adapter {name} is given twice")
         adapters[name] = path
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
     config = ServeConfig(max_batch_rows=args.max_batch_rows, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                          max_rows_per_request=args.max_rows_per_request, max_length=args.max_length,
                          batching=args.batching, token=args.token or os.environ.get("LORAKIT_TOKEN"))
@@ -449,7 +451,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FloatingPointError) as e:
-        print(f"lorakit: error: {e}", file=sys.stderr)
+        print(f"lorakit: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, also for libraries' messages
+        return 2
+    except OSError as e:  # e.g. transformers' several-line "is not a local folder and is not a valid model identifier"
+        print(f"lorakit: error: {(str(e).strip().splitlines() or [type(e).__name__])[0]}", file=sys.stderr)
         return 2
 
 

@@ -114,7 +114,12 @@ def _label(task: Task, raw: str, where: str) -> float | int:
 
 
 def _read_tsv(task: Task, path: Path) -> list[Example]:
-    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a UTF-8 text file (expected the GLUE tsv layout)") from None
+    if not lines or (not task.headerless_columns and len(lines) < 2):
+        raise ValueError(f"{path}: no rows" + ("" if not lines else " after the header line"))
     if task.headerless_columns:
         label_col, *text_cols = task.headerless_columns
         start = 0
@@ -136,6 +141,8 @@ def _read_tsv(task: Task, path: Path) -> list[Example]:
             raise ValueError(f"{path}:{number}: expected at least {width} tab-separated fields, got {len(fields)}")
         label = _label(task, fields[label_col], f"{path}:{number}")
         examples.append(Example(tuple(fields[c] for c in text_cols), label))
+    if not examples:
+        raise ValueError(f"{path}: no rows")
     return examples
 
 

@@ -39,6 +39,12 @@ def resolve_model(name: str) -> str:
         if not (path / "config.json").is_file():
             raise ValueError(f"{name} is not installed in {path}; run: lorakit models install {name}")
         return str(path)
+    looks_like_a_path = name.startswith((".", "/", "~")) or name.count("/") > 1  # hub ids are "name" or "org/name"
+    if looks_like_a_path and not Path(name).expanduser().exists():
+        raise ValueError(f"model {name!r} is not a folder here, an installed alias ({', '.join(['minilm', *INSTALLABLE])}), "
+                         "or a Hugging Face hub id (org/name)")
+    if Path(name).expanduser().is_dir() and not (Path(name).expanduser() / "config.json").is_file():
+        raise ValueError(f"model folder {name!r} has no config.json; expected a Hugging Face model folder")
     return name
 
 

@@ -46,6 +46,14 @@ class ServeConfig:
     batching: bool = True  # False: one request per forward pass (for comparison)
     token: str | None = None  # bearer token for the admin routes
 
+    def __post_init__(self) -> None:
+        for name in ("max_batch_rows", "max_queue", "max_rows_per_request", "max_length", "max_body_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not self.max_wait_ms >= 0:
+            raise ValueError(f"max_wait_ms must be 0 or more, got {self.max_wait_ms!r}")
+
 
 class ClientError(Exception):
     """A request the server refuses: becomes an HTTP ``status`` with ``message``."""

@@ -42,6 +42,7 @@ def load_classifier(model_name: str, task: data.Task):
     from transformers.utils import logging
 
     logging.set_verbosity_error()
+    logging.disable_progress_bar()  # one-line errors on stderr, no loading bars before them
     path = resolve_model(model_name)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(

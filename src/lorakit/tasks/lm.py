@@ -254,6 +254,7 @@ def load_causal_lm(model_name: str):
     from transformers.utils import logging
 
     logging.set_verbosity_error()
+    logging.disable_progress_bar()  # one-line errors on stderr, no loading bars before them
     path = resolve_model(model_name)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.eos_token_id is None:
