@@ -235,3 +235,23 @@ def test_all_linear_leaves_the_classification_head_alone():
     names = _lora_names(model)
     assert names and not any(n.startswith("classifier") for n in names)
     assert any(n.endswith("attention.self.query") for n in names)
+
+
+def test_weighted_combination_is_exact_and_set_adapter_refuses_weights():
+    model = tiny_bert()
+    lorakit.add_lora(model, LoraConfig(r=4, alpha=8), adapter="a")
+    lorakit.add_lora(model, LoraConfig(r=2, alpha=6, use_rslora=True), adapter="b")
+    randomize(model)
+    x = ids()
+    with pytest.raises(TypeError, match="set_adapter takes adapter names, not weights"):
+        lorakit.set_adapter(model, {"a": 0.7, "b": 0.3})
+    lorakit.add_weighted_adapter(model, {"a": 0.7, "b": -0.3}, "mix")
+    lorakit.set_adapter(model, "mix")
+    mixed = output(model, x)
+    for _, layer in lorakit.lora_layers(model):  # ΔW_mix = 0.7 ΔW_a - 0.3 ΔW_b, layer by layer
+        torch.testing.assert_close(layer.delta_weight("mix"),
+                                   0.7 * layer.delta_weight("a") - 0.3 * layer.delta_weight("b"), **TOL[torch.float32])
+    with lorakit.disable_adapters(model):
+        assert not torch.allclose(mixed, output(model, x))
+    with pytest.raises(ValueError, match=r"weights must name adapters of the model, got \['c'\]"):
+        lorakit.add_weighted_adapter(model, {"c": 1.0}, "mix2")

@@ -15,6 +15,7 @@ from .model import (
     adapter_names,
     adapter_per_row,
     add_lora,
+    add_weighted_adapter,
     default_target_modules,
     delete_adapter,
     disable_adapters,
@@ -33,6 +34,7 @@ __version__ = "0.1.0"
 __all__ = [
     "LoraConfig",
     "add_lora",
+    "add_weighted_adapter",
     "trainable_parameters",
     "save_adapter",
     "load_adapter",

@@ -7,11 +7,13 @@ substrings) and change it in place.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import NamedTuple
 
+import torch
 from torch import nn
 
 from .config import LoraConfig
@@ -19,6 +21,7 @@ from .layers import LoraLayer, LoraLinear, ModulesToSave, RowPlan, lora_class_fo
 
 __all__ = [
     "add_lora",
+    "add_weighted_adapter",
     "trainable_parameters",
     "ParameterCount",
     "set_adapter",
@@ -226,12 +229,49 @@ def _add_saved_modules(model: nn.Module, config: LoraConfig, adapter: str) -> No
             module.add_adapter(adapter)
 
 
+def add_weighted_adapter(model: nn.Module, weights: Mapping[str, float], adapter: str) -> nn.Module:
+    """A new adapter whose update is exactly ``sum_i w_i ΔW_i`` (PEFT's ``combination_type="cat"``).
+
+    Per layer, ``A = [A_1; A_2; ...]`` (rank ``sum_i r_i``) and ``B = [w_1 s_1 B_1, w_2 s_2 B_2, ...]``
+    with ``s_i`` each adapter's scaling, and scaling 1 (``alpha = r``). The adapters must cover
+    the same layers and bring no saved modules (heads cannot be mixed) nor q/v slices.
+    """
+    names = list(weights)
+    unknown = [n for n in names if n not in adapter_names(model)]
+    if not names or unknown:
+        raise ValueError(f"weights must name adapters of the model, got {names} (unknown: {unknown}); "
+                         f"the model has {adapter_names(model)}")
+    if not all(isinstance(w, int | float) and not isinstance(w, bool) and math.isfinite(w) for w in weights.values()):
+        raise ValueError(f"weights must be finite numbers, got {dict(weights)}")
+    configs = [adapter_config(model, n) for n in names]
+    if any(c.enable_lora for c in configs) or any(n in m.copies for m in model.modules()
+                                                  if isinstance(m, ModulesToSave) for n in names):
+        raise ValueError(f"adapters {names} have q/v slices or saved modules (heads), which cannot be combined")
+    layers = [(path, layer) for path, layer in lora_layers(model) if set(names) & set(layer.adapters)]
+    for path, layer in layers:
+        if not set(names) <= set(layer.adapters):
+            raise ValueError(f"{path} has adapters {sorted(set(names) & set(layer.adapters))} only; "
+                             f"every adapter in {names} must cover the same layers")
+    r = sum(c.r for c in configs)
+    add_lora(model, LoraConfig(r=r, alpha=float(r), target_modules=tuple(p for p, _ in layers), dropout=configs[0].dropout,
+                               base_model_name_or_path=configs[0].base_model_name_or_path, task_type=configs[0].task_type),
+             adapter)
+    with torch.no_grad():
+        for _, layer in layers:
+            layer.lora_A[adapter].copy_(torch.cat([layer.lora_A[n] for n in names], 0))
+            layer.lora_B[adapter].copy_(torch.cat([weights[n] * layer.scaling(n) * layer.lora_B[n] for n in names], 1))
+    return model
+
+
 # ---- switching ---------------------------------------------------------------------------
 
 
 def set_adapter(model: nn.Module, adapter: str | Sequence[str]) -> None:
     """Make ``adapter`` (or several, whose updates add up) the active one(s) and the
     only trainable LoRA factors."""
+    if isinstance(adapter, Mapping):
+        raise TypeError("set_adapter takes adapter names, not weights; for a weighted combination call "
+                        "lorakit.add_weighted_adapter(model, {'a': 0.7, 'b': 0.3}, 'mix') and activate 'mix'")
     names = (adapter,) if isinstance(adapter, str) else tuple(adapter)
     known = adapter_names(model)
     unknown = [n for n in names if n not in known]
