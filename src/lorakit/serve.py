@@ -450,5 +450,6 @@ def serve(model: str | None, adapters: dict[str, str], config: ServeConfig, host
         model = json.loads(info.read_text())["model"]
     engine = Engine(model, precision)
     app = create_app(engine, config, adapters)
-    print(f"lorakit serve: {model} ({engine.precision}) with adapters {sorted(adapters) or 'none'} on http://{host}:{port}", flush=True)
+    print(f"lorakit serve: {model} ({engine.precision}) with adapters {sorted(adapters) or 'none'} "
+          f"on http://{host}:{port}", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
