@@ -248,3 +248,38 @@ def test_length_groups_cover_every_row_once_and_bound_padding():
     assert length_groups([]) == [] and length_groups([5]) == [[0]]
     lengths = [50, 12, 90, 48, 51, 13, 88, 30, 49, 52, 91, 47] * 3
     assert sorted(i for g in length_groups(lengths) for i in g) == list(range(len(lengths)))
+
+
+def _variant(src: str, dst, config: dict | None = None, task_json=None, tensors=None) -> str:
+    shutil.copytree(src, dst)
+    if config is not None:
+        cfg = json.loads((dst / "adapter_config.json").read_text())
+        (dst / "adapter_config.json").write_text(json.dumps({**cfg, **config}))
+    if task_json is not None:
+        (dst / "task.json").write_text(json.dumps(task_json))
+    if tensors is not None:
+        from safetensors.torch import load_file, save_file
+
+        save_file({**load_file(dst / "adapter_model.safetensors"), **tensors}, dst / "adapter_model.safetensors")
+    return str(dst)
+
+
+def test_hostile_adapter_loads_get_json_400(client, adapters, tmp_path):
+    src = adapters["mrpc"]
+    head = "base_model.model.classifier.weight"
+    cases = {
+        "x" * 3_000: "cannot be read: File name too long",  # (the test server takes 4 kB bodies)
+        _variant(src, tmp_path / "huge-r", config={"r": 10**12}): "has r=1000000000000 in its config",
+        _variant(src, tmp_path / "bad-targets", config={"target_modules": 5}): "target_modules must be a list of module names",
+        _variant(src, tmp_path / "bad-task", task_json={"task": 5}): "['task'] must be strings",
+        _variant(src, tmp_path / "other-base", task_json={"task": "mrpc", "model": "minilm"}): "was trained on 'minilm'",
+        _variant(src, tmp_path / "bad-head", tensors={head: torch.ones(2, 7)}): "fails on a probe input",
+        _variant(src, tmp_path / "nan", tensors={head: torch.full((2, 32), float("nan"))}): "NaN or infinite values",
+    }
+    for path, message in cases.items():
+        reply = client.post("/v1/adapters", json={"name": "h", "path": path}, headers={"authorization": "Bearer s3cret"})
+        assert reply.status_code == 400 and message in reply.json()["error"], (path[:80], reply.text[:500])
+    assert "h" not in [a["name"] for a in client.get("/v1/adapters").json()["adapters"]]
+    ok = client.post("/v1/adapters", json={"name": "h", "path": src}, headers={"authorization": "Bearer s3cret"})
+    assert ok.status_code == 201  # nothing was left behind under the name
+    assert client.delete("/v1/adapters/h", headers={"authorization": "Bearer s3cret"}).status_code == 200

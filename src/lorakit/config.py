@@ -178,7 +178,10 @@ class LoraConfig:
             kwargs["modules_to_save"] = ()
         if kwargs.get("enable_lora") is None:
             kwargs["enable_lora"] = {}
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: {e}") from None
 
     def to_json(self) -> str:
         """PEFT's ``adapter_config.json`` text, keys sorted."""

@@ -128,6 +128,10 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter: str = "defaul
     if broken:
         raise ValueError(f"the adapter in {str(directory)!r} holds NaN or infinite values in {len(broken)} tensor(s): "
                          f"{', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''}")
+    ranks = [t.shape[0] for k, t in tensors.items() if ".lora_A." in k or ".lora_embedding_A" in k]
+    if ranks and config.r > max(ranks):  # before allocating factors of the config's rank
+        raise ValueError(f"the adapter in {str(directory)!r} has r={config.r} in its config, but its largest "
+                         f"lora_A has {max(ranks)} rows")
     active = active_adapters(model)
     try:
         add_lora(model, config, adapter)  # all or nothing itself

@@ -95,32 +95,49 @@ class Engine:
         if name in self.adapters:
             raise ClientError(409, f"an adapter named {name!r} is already loaded; DELETE it first")
         folder = Path(path)
-        if not folder.is_dir():
-            raise ClientError(400, f"adapter folder {path!r} does not exist")
-        info_file = folder / "task.json"
+        shown = path if len(path) <= 200 else path[:200] + "..."
         try:
-            info = json.loads(info_file.read_text()) if info_file.is_file() else {}
-            if not isinstance(info, dict):
-                raise ValueError("not a JSON object")
-        except (OSError, ValueError) as e:
-            raise ClientError(400, f"{str(info_file)!r} is unreadable: {e}") from None
+            if not folder.is_dir():
+                raise ClientError(400, f"adapter folder {shown!r} does not exist")
+        except OSError as e:  # e.g. a name too long for the file system
+            raise ClientError(400, f"adapter folder {shown!r} cannot be read: {e.strerror or e}") from None
+        info = self._task_info(folder)
         task = task or info.get("task")
         if not task:
-            raise ClientError(400, f"{path!r} has no task.json; give the adapter's GLUE task")
+            raise ClientError(400, f"{shown!r} has no task.json; give the adapter's GLUE task")
         trained_on = info.get("model")
-        if trained_on and resolve_model(trained_on) != resolve_model(self.model_name):
-            raise ClientError(400, f"adapter {name!r} was trained on {trained_on!r}, but this server runs {self.model_name!r}")
         try:
+            if trained_on and resolve_model(trained_on) != resolve_model(self.model_name):
+                raise ClientError(400, f"adapter {name!r} was trained on {trained_on!r}, but this server runs "
+                                       f"{self.model_name!r}")
             glue_task = data.get_task(task)
             load_adapter(self.model, folder, name, resize_saved=True)
-        except ValueError as e:
-            raise ClientError(400, str(e)) from None
-        problem = self._head_problem(name, glue_task)
+        except (ValueError, TypeError, RuntimeError, MemoryError) as e:  # bad config values, tensors too large
+            raise ClientError(400, " ".join(str(e).split())[:1000]) from None
+        try:
+            problem = self._head_problem(name, glue_task)
+        except Exception as e:  # a head whose forward fails
+            problem = f"fails on a probe input: {type(e).__name__}: {str(e)[:300]}"
         if problem:
             remove_adapter(self.model, name)
             raise ClientError(400, f"adapter {name!r} {problem}")
         self.adapters[name] = AdapterInfo(name, str(folder), glue_task)
         return self.adapters[name]
+
+    @staticmethod
+    def _task_info(folder: Path) -> dict[str, Any]:
+        """The folder's ``task.json`` (``{}`` if absent); ``task`` and ``model`` must be strings."""
+        info_file = folder / "task.json"
+        try:
+            info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+            if not isinstance(info, dict):
+                raise ValueError("not a JSON object")
+            wrong = [k for k in ("task", "model") if k in info and not isinstance(info[k], str)]
+            if wrong:
+                raise ValueError(f"{wrong} must be strings")
+        except (OSError, ValueError) as e:
+            raise ClientError(400, f"{str(info_file)!r} is unreadable: {e}") from None
+        return info
 
     def _head_problem(self, name: str, task: data.Task) -> str | None:
         """Why adapter ``name`` cannot classify ``task`` (None if it can): it must bring its
