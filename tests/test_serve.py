@@ -283,3 +283,17 @@ def test_hostile_adapter_loads_get_json_400(client, adapters, tmp_path):
     ok = client.post("/v1/adapters", json={"name": "h", "path": src}, headers={"authorization": "Bearer s3cret"})
     assert ok.status_code == 201  # nothing was left behind under the name
     assert client.delete("/v1/adapters/h", headers={"authorization": "Bearer s3cret"}).status_code == 200
+
+
+def test_paths_are_for_admins_and_tokenless_admin_posts_need_json(client, adapters, tiny_model):
+    listed = client.get("/v1/adapters").json()["adapters"]
+    assert listed and all("path" not in a for a in listed)
+    auth = {"authorization": "Bearer s3cret"}
+    assert all("path" in a for a in client.get("/v1/adapters", headers=auth).json()["adapters"])
+    with running(create_app(Engine(tiny_model, "fp32"), ServeConfig())) as open_client:  # no token
+        body = json.dumps({"name": "m", "path": adapters["mrpc"]})
+        forged = open_client.post("/v1/adapters", content=body, headers={"content-type": "text/plain"})
+        assert forged.status_code == 415 and "application/json" in forged.json()["error"]
+        assert open_client.post("/v1/adapters", content=body, headers={"content-type": "application/json"}).status_code == 201
+        assert open_client.post("/v1/classify", content=json.dumps({"adapter": "m", "inputs": PAIRS[:1]}),
+                                headers={"content-type": "text/plain"}).status_code == 200  # curl -d still classifies

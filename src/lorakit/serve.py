@@ -69,9 +69,10 @@ class AdapterInfo:
     path: str
     task: data.Task
 
-    def public(self) -> dict[str, Any]:
-        return {"name": self.name, "path": self.path, "task": self.task.name, "labels": self.task.labels,
-                "inputs_per_row": len(self.task.text_columns)}
+    def public(self, with_path: bool = False) -> dict[str, Any]:
+        """What clients see; the server's file path only for admins."""
+        return {"name": self.name, **({"path": self.path} if with_path else {}), "task": self.task.name,
+                "labels": self.task.labels, "inputs_per_row": len(self.task.text_columns)}
 
 
 # ---- the model side (runs on the worker thread only) ----------------------------------------
@@ -394,11 +395,18 @@ def create_app(engine: Engine, config: ServeConfig | None = None, adapters: dict
         path: str
         task: str | None = None
 
+    def authorized(request: Request) -> bool:
+        given = request.headers.get("authorization", "")
+        return config.token is not None and hmac.compare_digest(given.encode(), f"Bearer {config.token}".encode())
+
     def admin(request: Request) -> None:
         if config.token is None:
+            # Without a token, a web page could still POST here cross-site as text/plain (no CORS
+            # preflight); a JSON content type cannot be sent that way.
+            if request.method == "POST" and request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+                raise ClientError(415, "admin routes take 'Content-Type: application/json' when the server has no --token")
             return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {config.token}".encode()):
+        if not authorized(request):
             raise ClientError(401, "this route needs 'Authorization: Bearer <token>' with the server's --token")
 
     @app.exception_handler(ClientError)
@@ -429,14 +437,15 @@ def create_app(engine: Engine, config: ServeConfig | None = None, adapters: dict
         return await request.app.state.batcher.submit(info, features)
 
     @app.get("/v1/adapters")
-    async def list_adapters():
-        return {"model": engine.model_name, "adapters": [a.public() for a in list(engine.adapters.values())]}
+    async def list_adapters(request: Request):
+        paths = authorized(request)  # file paths only with the admin token
+        return {"model": engine.model_name, "adapters": [a.public(paths) for a in list(engine.adapters.values())]}
 
     @app.post("/v1/adapters", status_code=201, dependencies=[Depends(admin)])
     async def add(request: Request):
         body = await parse(request, LoadAdapter)
         info = await request.app.state.batcher.call(engine.load, body.name, body.path, body.task)
-        return info.public()
+        return info.public(with_path=True)
 
     @app.delete("/v1/adapters/{name}", dependencies=[Depends(admin)])
     async def remove(name: str, request: Request):
