@@ -297,3 +297,42 @@ def test_paths_are_for_admins_and_tokenless_admin_posts_need_json(client, adapte
         assert open_client.post("/v1/adapters", content=body, headers={"content-type": "application/json"}).status_code == 201
         assert open_client.post("/v1/classify", content=json.dumps({"adapter": "m", "inputs": PAIRS[:1]}),
                                 headers={"content-type": "text/plain"}).status_code == 200  # curl -d still classifies
+
+
+def test_a_large_request_runs_in_parts_and_small_ones_get_in_between(tiny_model, adapters):
+    import concurrent.futures
+
+    engine = Engine(tiny_model, "fp32")
+    forwards, real = [], engine.classify
+
+    def slow_classify(requests):
+        forwards.append(sum(len(r.features) for r in requests))
+        time.sleep(0.3)  # a slow forward pass: the small request arrives while the large one runs
+        return real(requests)
+
+    engine.classify = slow_classify
+    big = PAIRS * 4  # 12 rows of 12-25 tokens: parts of at most 60 tokens
+    config = ServeConfig(max_batch_tokens=60, max_wait_ms=0, max_length=40, max_rows_per_request=16)
+    with running(create_app(engine, config, {"mrpc": adapters["mrpc"]})) as client, \
+            concurrent.futures.ThreadPoolExecutor(2) as pool:
+        done: dict[str, float] = {}
+
+        def call(name, inputs):
+            reply = client.post("/v1/classify", json={"adapter": "mrpc", "inputs": inputs})
+            done[name] = time.perf_counter()
+            return reply.json()
+
+        large = pool.submit(call, "large", big)
+        time.sleep(0.4)
+        small = pool.submit(call, "small", PAIRS[:1])
+        large, small = large.result(), small.result()
+    assert len(forwards) >= 4 and done["small"] < done["large"]  # it did not wait for the whole large request
+    assert len(large["scores"]) == len(large["labels"]) == 12
+    for row, scores in zip(big[:3], large["scores"]):  # parts put back together in order
+        torch.testing.assert_close(torch.tensor(scores), torch.tensor(reference(tiny_model, adapters["mrpc"], "mrpc", row)),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_rows_far_over_the_token_limit_are_refused_before_tokenizing(client):
+    reply = client.post("/v1/classify", json={"adapter": "cola", "inputs": ["word " * 400]})
+    assert reply.status_code == 413 and "2000 characters long; the limit is 40 tokens" in reply.json()["error"]

@@ -260,7 +260,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
     config = ServeConfig(max_batch_rows=args.max_batch_rows, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                          max_rows_per_request=args.max_rows_per_request, max_length=args.max_length,
-                         batching=args.batching, token=args.token or os.environ.get("LORAKIT_TOKEN"))
+                         max_batch_tokens=args.max_batch_tokens, batching=args.batching,
+                         token=args.token or os.environ.get("LORAKIT_TOKEN"))
     serve(args.model, adapters, config, args.host, args.port, args.precision)
     return 0
 
@@ -419,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-rows-per-request", type=int, default=d.max_rows_per_request,
                    help=f"default: {d.max_rows_per_request}")
     p.add_argument("--max-length", type=int, default=d.max_length, help=f"tokens per row (default: {d.max_length})")
+    p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,
+                   help=f"tokens in one forward pass; larger requests run in parts (default: {d.max_batch_tokens})")
     p.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="auto",
                    help="bf16: autocast (AMX / AVX-512 bf16 matmuls); auto (default): bf16 where the CPU/GPU has it natively")
     p.add_argument("--batching", action=argparse.BooleanOptionalAction, default=True,

@@ -43,11 +43,13 @@ class ServeConfig:
     max_rows_per_request: int = 64
     max_length: int = 512  # tokens per row
     max_body_bytes: int = 1 << 20
+    max_batch_tokens: int = 8192  # tokens in one forward pass; larger requests run in parts, others in between
     batching: bool = True  # False: one request per forward pass (for comparison)
     token: str | None = None  # bearer token for the admin routes
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_rows", "max_queue", "max_rows_per_request", "max_length", "max_body_bytes"):
+        for name in ("max_batch_rows", "max_queue", "max_rows_per_request", "max_length", "max_body_bytes",
+                     "max_batch_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -222,6 +224,20 @@ def _result(info: AdapterInfo, logits: torch.Tensor) -> dict[str, Any]:
 # ---- the request side (event loop) ---------------------------------------------------------
 
 
+def _tokens(features: list[dict[str, list[int]]]) -> int:
+    return sum(len(f["input_ids"]) for f in features)
+
+
+def _parts(features: list[dict[str, list[int]]], budget: int) -> list[list[dict[str, list[int]]]]:
+    """Consecutive rows in parts of at most ``budget`` tokens (a longer row alone)."""
+    parts: list[list[dict[str, list[int]]]] = [[]]
+    for f in features:
+        if parts[-1] and _tokens(parts[-1]) + len(f["input_ids"]) > budget:
+            parts.append([])
+        parts[-1].append(f)
+    return parts
+
+
 @dataclass(eq=False)
 class _Request:
     info: AdapterInfo
@@ -245,15 +261,22 @@ class Batcher:
         return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
 
     async def submit(self, info: AdapterInfo, features: list[dict[str, list[int]]]) -> dict[str, Any]:
-        request = _Request(info, features, asyncio.get_running_loop().create_future())
-        try:
-            self.queue.put_nowait(request)
-        except asyncio.QueueFull:
-            raise ClientError(503, f"server busy: {self.config.max_queue} requests already queued; retry later") from None
-        result = await request.future
-        if isinstance(result, ClientError):
-            raise result
-        return result
+        """The request's result. A request of more than ``max_batch_tokens`` tokens runs in
+        parts, each queued after the previous one is done: requests that arrive meanwhile
+        run in between instead of waiting for all of it."""
+        results = []
+        for part in _parts(features, self.config.max_batch_tokens):
+            request = _Request(info, part, asyncio.get_running_loop().create_future())
+            try:
+                self.queue.put_nowait(request)
+            except asyncio.QueueFull:
+                raise ClientError(503, f"server busy: {self.config.max_queue} requests already queued; retry later") from None
+            result = await request.future
+            if isinstance(result, ClientError):
+                raise result
+            results.append(result)
+        return results[0] if len(results) == 1 else {**results[0], **{k: [v for r in results for v in r[k]]
+                                                                         for k in ("labels", "scores") if results[0][k]}}
 
     async def _next(self, timeout: float | None) -> _Request | None:
         if self._held is not None:
@@ -268,18 +291,19 @@ class Batcher:
 
     async def _collect(self) -> list[_Request]:
         batch = [await self._next(None)]
-        rows = len(batch[0].features)
+        rows, tokens = len(batch[0].features), _tokens(batch[0].features)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.max_wait_ms / 1000
         while self.config.batching and rows < self.config.max_batch_rows:
             request = await self._next(deadline - loop.time())
             if request is None:
                 break
-            if rows + len(request.features) > self.config.max_batch_rows:
+            if (rows + len(request.features) > self.config.max_batch_rows
+                    or tokens + _tokens(request.features) > self.config.max_batch_tokens):
                 self._held = request
                 break
             batch.append(request)
-            rows += len(request.features)
+            rows, tokens = rows + len(request.features), tokens + _tokens(request.features)
         return batch
 
     async def run(self) -> None:
@@ -310,8 +334,14 @@ def _texts(info: AdapterInfo, inputs: list[Any], config: ServeConfig) -> list[tu
         if len(texts) != want or not all(isinstance(t, str) for t in texts):
             shape = "a string or [string]" if want == 1 else f"[{', '.join(['string'] * want)}]"
             raise ClientError(400, f"inputs[{i}]: task {info.task.name} takes {shape} per row, got {json.dumps(row)[:80]}")
+        if sum(len(t) for t in texts) > config.max_length * _CHARS_PER_TOKEN:  # refused before tokenizing
+            raise ClientError(413, f"inputs[{i}] is {sum(len(t) for t in texts)} characters long; the limit is "
+                                   f"{config.max_length} tokens")
         rows.append(texts)
     return rows
+
+
+_CHARS_PER_TOKEN = 32  # no tokenizer makes fewer tokens than characters / 32 of ordinary text
 
 
 def _tokenize(tokenizer, rows: list[tuple[str, ...]], max_length: int) -> list[dict[str, list[int]]]:
@@ -433,7 +463,9 @@ def create_app(engine: Engine, config: ServeConfig | None = None, adapters: dict
     async def classify(request: Request):
         body = await parse(request, Classify)
         info = lookup(body.adapter)
-        features = _tokenize(engine.tokenizer, _texts(info, body.inputs, config), min(config.max_length, engine.max_length))
+        rows = _texts(info, body.inputs, config)
+        # off the event loop: other requests are read and answered meanwhile
+        features = await asyncio.to_thread(_tokenize, engine.tokenizer, rows, min(config.max_length, engine.max_length))
         return await request.app.state.batcher.submit(info, features)
 
     @app.get("/v1/adapters")
