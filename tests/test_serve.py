@@ -48,10 +48,10 @@ def adapters(tiny_model, tmp_path_factory):
 
 
 @contextlib.contextmanager
-def running(app):
+def running(app, **options):
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", **options))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -336,3 +336,33 @@ def test_a_large_request_runs_in_parts_and_small_ones_get_in_between(tiny_model,
 def test_rows_far_over_the_token_limit_are_refused_before_tokenizing(client):
     reply = client.post("/v1/classify", json={"adapter": "cola", "inputs": ["word " * 400]})
     assert reply.status_code == 413 and "2000 characters long; the limit is 40 tokens" in reply.json()["error"]
+
+
+def test_slow_and_idle_connections_are_cut_and_connections_limited(tiny_model, adapters):
+    import socket
+
+    from lorakit.serve import uvicorn_options
+
+    # uvicorn refuses a request when the open connections, its own included, reach the limit
+    config = ServeConfig(header_timeout_s=1.5, body_timeout_s=1.5, keep_alive_s=1.5, max_connections=3)
+    with running(create_app(Engine(tiny_model, "fp32"), config), **uvicorn_options(config)) as client:
+        port = int(str(client.base_url).rstrip("/").rsplit(":", 1)[1])
+
+        def connect(first: bytes) -> socket.socket:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(first)
+            time.sleep(0.2)  # let the server take it in before the next one
+            return sock
+
+        slow_head = connect(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # the head never ends
+        trickle = connect(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")  # nor the body
+        busy = client.get("/healthz", headers={"connection": "close"})
+        assert busy.status_code == 503  # both other slots are held
+        time.sleep(2.0)
+        assert slow_head.recv(1024) == b""  # closed without a word
+        assert trickle.recv(4096).split(b"\r\n")[0] == b"HTTP/1.1 408 Request Timeout"
+        idle = connect(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert idle.recv(4096).startswith(b"HTTP/1.1 200")
+        time.sleep(2.0)  # kept alive, then idle past keep_alive_s
+        assert idle.recv(1024) == b""
+        assert client.get("/healthz").status_code == 200  # slots free again

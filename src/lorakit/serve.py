@@ -44,6 +44,10 @@ class ServeConfig:
     max_length: int = 512  # tokens per row
     max_body_bytes: int = 1 << 20
     max_batch_tokens: int = 8192  # tokens in one forward pass; larger requests run in parts, others in between
+    max_connections: int = 64  # open connections; more get 503
+    header_timeout_s: float = 10.0  # a new connection must send its request headers within this time
+    body_timeout_s: float = 10.0  # and its body within this time
+    keep_alive_s: float = 5.0  # an idle kept-alive connection is closed after this time
     batching: bool = True  # False: one request per forward pass (for comparison)
     token: str | None = None  # bearer token for the admin routes
 
@@ -53,8 +57,13 @@ class ServeConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.max_connections, bool) or not isinstance(self.max_connections, int) or self.max_connections <= 0:
+            raise ValueError(f"max_connections must be a positive integer, got {self.max_connections!r}")
         if not self.max_wait_ms >= 0:
             raise ValueError(f"max_wait_ms must be 0 or more, got {self.max_wait_ms!r}")
+        for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
 
 
 class ClientError(Exception):
@@ -354,29 +363,63 @@ def _tokenize(tokenizer, rows: list[tuple[str, ...]], max_length: int) -> list[d
     return features
 
 
+async def _send_json(send, status: int, payload: dict[str, Any]) -> None:
+    body = json.dumps(payload).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _header_timeout_protocol(seconds: float):
+    """uvicorn's h11 protocol, closing a connection that has not sent a whole request head
+    within ``seconds`` of opening (uvicorn itself waits forever: slowloris)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._head_timer = self.loop.call_later(seconds, self._head_overdue)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.cycle is not None:  # a request head arrived: keep-alive timeouts take over
+                self._head_timer.cancel()
+
+        def connection_lost(self, exc) -> None:
+            self._head_timer.cancel()
+            super().connection_lost(exc)
+
+        def _head_overdue(self) -> None:
+            if self.cycle is None and not self.transport.is_closing():
+                self.transport.close()
+
+    return Protocol
+
+
 class _BodyLimit:
     """ASGI middleware: read the whole request body first (chunked too) and refuse it
     with 413 past ``limit`` bytes, before the app parses anything."""
 
-    def __init__(self, app, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, timeout: float) -> None:
+        self.app, self.limit, self.timeout = app, limit, timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         chunks, size, more = [], 0, True
+        deadline = asyncio.get_running_loop().time() + self.timeout
         while more:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except TimeoutError:  # a body trickling in: answer and let the connection go
+                return await _send_json(send, 408, {"error": f"request body not received within {self.timeout} s"})
             if message["type"] != "http.request":  # the client went away
                 return
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             more = message.get("more_body", False)
             if size > self.limit:
-                body = json.dumps({"error": f"request body over the limit of {self.limit} bytes"}).encode()
-                await send({"type": "http.response.start", "status": 413, "headers": [
-                    (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-                return await send({"type": "http.response.body", "body": body})
+                return await _send_json(send, 413, {"error": f"request body over the limit of {self.limit} bytes"})
         replayed = False
 
         async def replay():
@@ -489,7 +532,7 @@ def create_app(engine: Engine, config: ServeConfig | None = None, adapters: dict
         batcher = request.app.state.batcher
         return {"ok": True, "queued": batcher.queue.qsize(), "forwards": batcher.forwards, "time": time.time()}
 
-    return _BodyLimit(app, config.max_body_bytes)
+    return _BodyLimit(app, config.max_body_bytes, config.body_timeout_s)
 
 
 def serve(model: str | None, adapters: dict[str, str], config: ServeConfig, host: str, port: int,
@@ -510,4 +553,10 @@ def serve(model: str | None, adapters: dict[str, str], config: ServeConfig, host
     app = create_app(engine, config, adapters)
     print(f"lorakit serve: {model} ({engine.precision}) with adapters {sorted(adapters) or 'none'} "
           f"on http://{host}:{port}", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.run(app, **uvicorn_options(config), host=host, port=port, log_level="warning")
+
+
+def uvicorn_options(config: ServeConfig) -> dict[str, Any]:
+    """Connection limits and timeouts for ``uvicorn.run`` / ``uvicorn.Config``."""
+    return {"http": _header_timeout_protocol(config.header_timeout_s), "limit_concurrency": config.max_connections,
+            "timeout_keep_alive": config.keep_alive_s}
