@@ -366,3 +366,18 @@ def test_slow_and_idle_connections_are_cut_and_connections_limited(tiny_model, a
         time.sleep(2.0)  # kept alive, then idle past keep_alive_s
         assert idle.recv(1024) == b""
         assert client.get("/healthz").status_code == 200  # slots free again
+
+
+def test_scores_are_deterministic_with_lora_dropout(tiny_model, tmp_path):
+    """An adapter trained with dropout 0.5: the server (eval mode) never applies it."""
+    _, model = load_classifier(tiny_model, data.get_task("mrpc"))
+    lorakit.add_lora(model, lorakit.LoraConfig(r=4, alpha=8, dropout=0.5, target_modules=["query", "value"],
+                                               modules_to_save=["classifier"]))
+    randomize(model, 3, std=0.5)
+    lorakit.save_adapter(model, tmp_path / "drop")
+    (tmp_path / "drop" / "task.json").write_text(json.dumps({"task": "mrpc", "model": tiny_model}))
+    with running(create_app(Engine(tiny_model, "fp32"), ServeConfig(), {"drop": str(tmp_path / "drop")})) as client:
+        replies = [client.post("/v1/classify", json={"adapter": "drop", "inputs": PAIRS}).json()["scores"] for _ in range(5)]
+    assert all(r == replies[0] for r in replies)
+    torch.testing.assert_close(torch.tensor(replies[0][0]), torch.tensor(reference(tiny_model, str(tmp_path / "drop"), "mrpc", PAIRS[0])),
+                               rtol=1e-4, atol=1e-4)
