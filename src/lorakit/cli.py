@@ -258,10 +258,8 @@ def _serve(args: argparse.Namespace) -> int:
         adapters[name] = path
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
-    config = ServeConfig(max_batch_rows=args.max_batch_rows, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-                         max_rows_per_request=args.max_rows_per_request, max_length=args.max_length,
-                         max_batch_tokens=args.max_batch_tokens, batching=args.batching,
-                         token=args.token or os.environ.get("LORAKIT_TOKEN"))
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig) if f.name != "token"}
+    config = ServeConfig(**values, token=args.token or os.environ.get("LORAKIT_TOKEN"))
     serve(args.model, adapters, config, args.host, args.port, args.precision)
     return 0
 
@@ -410,22 +408,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="an adapter written by lorakit train, served as NAME (repeatable)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--token", help="bearer token required by the admin routes (default: $LORAKIT_TOKEN; none: open)")
-    d = ServeConfig()
-    p.add_argument("--max-batch-rows", type=int, default=d.max_batch_rows,
-                   help=f"rows in one batch (default: {d.max_batch_rows})")
-    p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
-                   help=f"how long a batch waits for more requests (default: {d.max_wait_ms})")
-    p.add_argument("--max-queue", type=int, default=d.max_queue, help=f"queued requests before 503 (default: {d.max_queue})")
-    p.add_argument("--max-rows-per-request", type=int, default=d.max_rows_per_request,
-                   help=f"default: {d.max_rows_per_request}")
-    p.add_argument("--max-length", type=int, default=d.max_length, help=f"tokens per row (default: {d.max_length})")
-    p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,
-                   help=f"tokens in one forward pass; larger requests run in parts (default: {d.max_batch_tokens})")
+    p.add_argument("--token", help="bearer token required by the admin routes (default: $LORAKIT_TOKEN; none: open); "
+                                   "prefer the variable: a flag shows in `ps`")
+    hints = typing.get_type_hints(ServeConfig)
+    for f in dataclasses.fields(ServeConfig):
+        flag, help_text = "--" + f.name.replace("_", "-"), f"{f.metadata['help']} (default: {f.default})"
+        if hints[f.name] is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        elif f.name != "token":
+            p.add_argument(flag, type=hints[f.name], default=f.default, help=help_text)
     p.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="auto",
                    help="bf16: autocast (AMX / AVX-512 bf16 matmuls); auto (default): bf16 where the CPU/GPU has it natively")
-    p.add_argument("--batching", action=argparse.BooleanOptionalAction, default=True,
-                   help="batch requests that arrive together into one forward pass (default: on)")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("sweep", help="train LoRA at several placements / ranks (paper Tables 5 and 6)")

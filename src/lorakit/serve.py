@@ -35,21 +35,27 @@ from .tasks.glue import load_classifier
 __all__ = ["ServeConfig", "Engine", "create_app", "serve"]
 
 
-@dataclass
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
 class ServeConfig:
-    max_batch_rows: int = 64  # rows in one forward pass
-    max_wait_ms: float = 2.0  # how long a forward waits for more requests once one is queued
-    max_queue: int = 256  # queued requests; more are refused with 503
-    max_rows_per_request: int = 64
-    max_length: int = 512  # tokens per row
-    max_body_bytes: int = 1 << 20
-    max_batch_tokens: int = 8192  # tokens in one forward pass; larger requests run in parts, others in between
-    max_connections: int = 64  # open connections; more get 503
-    header_timeout_s: float = 10.0  # a new connection must send its request headers within this time
-    body_timeout_s: float = 10.0  # and its body within this time
-    keep_alive_s: float = 5.0  # an idle kept-alive connection is closed after this time
-    batching: bool = True  # False: one request per forward pass (for comparison)
-    token: str | None = None  # bearer token for the admin routes
+    """The server's limits; field docs become ``lorakit serve --help``."""
+
+    max_batch_rows: int = _opt(64, "rows in one forward pass")
+    max_wait_ms: float = _opt(2.0, "how long a forward pass waits for more requests once one is queued")
+    max_queue: int = _opt(256, "queued requests; more are refused with 503")
+    max_rows_per_request: int = _opt(64, "rows in one request; more are refused with 413")
+    max_length: int = _opt(512, "tokens per row; longer rows are refused with 413")
+    max_body_bytes: int = _opt(1 << 20, "bytes in a request body; more are refused with 413")
+    max_batch_tokens: int = _opt(8192, "tokens in one forward pass; larger requests run in parts, others in between")
+    max_connections: int = _opt(64, "open connections; more get 503")
+    header_timeout_s: float = _opt(10.0, "a new connection must send its request head within this time")
+    body_timeout_s: float = _opt(10.0, "and its body within this time (else 408)")
+    keep_alive_s: float = _opt(5.0, "an idle kept-alive connection is closed after this time")
+    batching: bool = _opt(True, "batch requests that arrive together into one forward pass (--no-batching: one each)")
+    token: str | None = _opt(None, "bearer token of the admin routes (default: $LORAKIT_TOKEN; none: open on loopback)")
 
     def __post_init__(self) -> None:
         for name in ("max_batch_rows", "max_queue", "max_rows_per_request", "max_length", "max_body_bytes",
