@@ -82,3 +82,19 @@ def test_every_peft_key_is_honoured_or_refused_by_name():
         LoraConfig.from_peft_dict({**d, "exclude_modules": ["k"]})
     with pytest.raises(ValueError, match=r"has key\(s\) \['lora_future_option'\] that lorakit does not know"):
         LoraConfig.from_peft_dict({**d, "lora_future_option": 3})
+
+
+def test_peft_names_and_peft_configs_are_accepted():
+    ours = LoraConfig(r=8, alpha=16, dropout=0.1, init="gaussian", target_modules=("q", "v"))
+    assert LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, init_lora_weights="gaussian", target_modules=["q", "v"]) == ours
+    with pytest.raises(ValueError, match=r"give alpha or PEFT's lora_alpha, not both \(4 vs 16\)"):
+        LoraConfig(alpha=4, lora_alpha=16)
+    with pytest.raises(ValueError, match="init_lora_weights must be True or 'gaussian', got 'pissa'"):
+        LoraConfig(init_lora_weights="pissa")
+    peft = pytest.importorskip("peft")
+    theirs = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, init_lora_weights="gaussian", target_modules=["q", "v"])
+    assert LoraConfig.coerce(theirs) == ours
+    assert LoraConfig.coerce({"r": 8, "lora_alpha": 16, "lora_dropout": 0.1, "init_lora_weights": "gaussian",
+                              "target_modules": ["q", "v"]}) == ours
+    with pytest.raises(ValueError, match="the PEFT config sets use_dora=True, which lorakit does not support"):
+        LoraConfig.coerce(peft.LoraConfig(use_dora=True))

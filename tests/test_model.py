@@ -57,8 +57,8 @@ def test_unknown_target_lists_adaptable_names():
         lorakit.add_lora(tiny_bert(), LoraConfig(target_modules=["query"], modules_to_save=["head"]))
     with pytest.raises(ValueError, match=r"enable_lora keys \['c_proj'\] match none of the target modules"):
         lorakit.add_lora(tiny_gpt2(), LoraConfig(target_modules=["c_attn"], enable_lora={"c_proj": (True,)}))
-    with pytest.raises(TypeError, match="config must be a lorakit.LoraConfig"):
-        lorakit.add_lora(tiny_bert(), {"r": 8})
+    with pytest.raises(TypeError, match="config must be a lorakit.LoraConfig, a peft.LoraConfig or a dict, got str"):
+        lorakit.add_lora(tiny_bert(), "r=8")
     with pytest.raises(ValueError, match="adapter name must be letters"):
         lorakit.add_lora(tiny_bert(), QV, adapter="a.b")
 
@@ -255,3 +255,10 @@ def test_weighted_combination_is_exact_and_set_adapter_refuses_weights():
         assert not torch.allclose(mixed, output(model, x))
     with pytest.raises(ValueError, match=r"weights must name adapters of the model, got \['c'\]"):
         lorakit.add_weighted_adapter(model, {"c": 1.0}, "mix2")
+
+
+def test_add_lora_takes_a_peft_config():
+    peft = pytest.importorskip("peft")
+    model = lorakit.add_lora(tiny_bert(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query"]))
+    assert _lora_names(model) == [f"bert.encoder.layer.{i}.attention.self.query" for i in (0, 1)]
+    assert lorakit.adapter_config(model, "default").scaling == 2.0

@@ -92,8 +92,14 @@ class LoraConfig:
     """Recorded in the adapter file, as PEFT does."""
     task_type: str | None = None
     """PEFT's task type, recorded so PEFT picks the right model class."""
+    # PEFT's names for alpha, dropout and init, accepted as keywords: LoraConfig(r=8, lora_alpha=16).
+    lora_alpha: dataclasses.InitVar[float | None] = None
+    lora_dropout: dataclasses.InitVar[float | None] = None
+    init_lora_weights: dataclasses.InitVar[bool | str | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, lora_alpha: float | None = None, lora_dropout: float | None = None,
+                      init_lora_weights: bool | str | None = None) -> None:
+        self._take_peft_names(lora_alpha, lora_dropout, init_lora_weights)
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"r must be a positive integer, got r={self.r!r}")
         if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not self.alpha > 0:
@@ -116,6 +122,21 @@ class LoraConfig:
                 )
             masks[name] = mask
         _freeze(self, "enable_lora", masks)
+
+    def _take_peft_names(self, lora_alpha, lora_dropout, init_lora_weights) -> None:
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        if init_lora_weights is not None:
+            if init_lora_weights not in (True, "gaussian"):
+                raise ValueError(f"init_lora_weights must be True or 'gaussian', got {init_lora_weights!r}")
+            init_lora_weights = "kaiming" if init_lora_weights is True else "gaussian"
+        for peft_name, value in (("lora_alpha", lora_alpha), ("lora_dropout", lora_dropout),
+                                 ("init_lora_weights", init_lora_weights)):
+            ours = _PEFT_NAMES[peft_name]
+            if value is None:
+                continue
+            if getattr(self, ours) != defaults[ours] and getattr(self, ours) != value:
+                raise ValueError(f"give {ours} or PEFT's {peft_name}, not both ({getattr(self, ours)!r} vs {value!r})")
+            _freeze(self, ours, value)
 
     @property
     def scaling(self) -> float:
@@ -182,6 +203,20 @@ class LoraConfig:
             return cls(**kwargs)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{source}: {e}") from None
+
+    @classmethod
+    def coerce(cls, config: Any) -> LoraConfig:
+        """``config`` itself, or a ``peft.LoraConfig`` / a dict of PEFT's keys as a lorakit config
+        (PEFT's defaults for what the dict leaves out; unsupported options refused by name)."""
+        if isinstance(config, cls):
+            return config
+        if hasattr(config, "to_dict") and type(config).__name__ == "LoraConfig":  # peft.LoraConfig
+            config = config.to_dict()
+        if not isinstance(config, Mapping):
+            raise TypeError(f"config must be a lorakit.LoraConfig, a peft.LoraConfig or a dict, got {type(config).__name__}")
+        d = {"peft_type": "LORA", "r": 8, "lora_alpha": 8, "target_modules": None, **config}
+        d = {k: getattr(v, "value", v) for k, v in d.items()}  # PEFT's enums (PeftType.LORA) as their strings
+        return cls.from_peft_dict(d, source="the PEFT config")
 
     def to_json(self) -> str:
         """PEFT's ``adapter_config.json`` text, keys sorted."""

@@ -181,8 +181,7 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter: str = "default") -> 
     ones are activated with :func:`set_adapter`. Only active adapters' factors,
     ``modules_to_save`` copies and biases per ``config.bias`` stay trainable.
     """
-    if not isinstance(config, LoraConfig):
-        raise TypeError(f"config must be a lorakit.LoraConfig, got {type(config).__name__}")
+    config = LoraConfig.coerce(config)  # a peft.LoraConfig or a dict of PEFT's keys also do
     if not isinstance(adapter, str) or not _ADAPTER_NAME.fullmatch(adapter):
         raise ValueError(f"adapter name must be letters, digits, '_' or '-', got {adapter!r}")
     existing = adapter_names(model)
