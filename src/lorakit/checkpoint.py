@@ -35,7 +35,7 @@ __all__ = ["Progress", "checkpoints", "save", "resume", "KEEP"]
 KEEP = 2
 _NAME = re.compile(r"checkpoint-(\d+)-(\d+)\.pt")
 # Fields that may change between a run and its resumption: how often it saves, the bar.
-_MAY_CHANGE = ("resume", "progress", "save_every", "seeds", "overwrite")
+_MAY_CHANGE = ("resume", "progress", "save_every", "seeds", "overwrite", "report_to")
 
 
 @dataclass
@@ -123,7 +123,8 @@ def resume(run: Path, record: dict[str, Any], model: nn.Module, optimizer, sched
     if world.any(failed is not None):
         raise ValueError(f"{chosen} cannot be read by every process ({failed or 'another process failed'}); "
                          "--out must be on a file system all processes share")
-    same_run = {k: v for k, v in record.items() if k not in _MAY_CHANGE}
+    # fields added to lorakit after the checkpoint was written are not compared
+    same_run = {k: v for k, v in record.items() if k not in _MAY_CHANGE and k in state["config"]}
     if {k: v for k, v in state["config"].items() if k in same_run} != same_run:
         raise ValueError(f"{chosen} belongs to a run with another configuration; use another --out or remove it")
     if state["world_size"] != world.size:
