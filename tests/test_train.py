@@ -167,3 +167,18 @@ def test_the_cli_refuses_in_one_line(tiny_model, tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "holds a previous run" in err and "--overwrite" in err
+
+
+def test_resume_reads_checkpoints_older_than_a_new_field(tiny_model, tmp_path):
+    cfg = _cfg(tiny_model, tmp_path, epochs=2)
+    train.train(cfg, seed=0)
+    path = tmp_path / "mrpc" / "seed0" / "checkpoint-1-0.pt"
+    state = torch.load(path, weights_only=True)
+    del state["config"]["label_smoothing"]  # as if written before the field existed
+    torch.save(state, path)
+    (tmp_path / "mrpc" / "seed0" / "checkpoint-2-0.pt").unlink()
+    resumed = train.train(train.TrainConfig(**{**cfg.__dict__, "resume": True}), seed=0)  # default value: same run
+    assert len(resumed["epochs"]) == 2
+    (tmp_path / "mrpc" / "seed0" / "checkpoint-2-0.pt").unlink()
+    with pytest.raises(ValueError, match="belongs to a run with another configuration"):
+        train.train(train.TrainConfig(**{**cfg.__dict__, "resume": True, "label_smoothing": 0.1}), seed=0)

@@ -108,9 +108,11 @@ def _newest_readable(run: Path) -> Path | None:
     return None
 
 
-def resume(run: Path, record: dict[str, Any], model: nn.Module, optimizer, scheduler, world: World) -> Progress:
+def resume(run: Path, record: dict[str, Any], model: nn.Module, optimizer, scheduler, world: World,
+           defaults: dict[str, Any] | None = None) -> Progress:
     """Restore the newest readable checkpoint of the same run (a fresh start if none).
-    The main process chooses it; every process then reads that file."""
+    The main process chooses it; every process then reads that file. ``defaults``: the
+    configuration's default values, for fields the checkpoint predates."""
     chosen = world.gather(str(_newest_readable(run) or "") if world.main else None)[0]
     if not chosen:
         if world.main:
@@ -123,9 +125,10 @@ def resume(run: Path, record: dict[str, Any], model: nn.Module, optimizer, sched
     if world.any(failed is not None):
         raise ValueError(f"{chosen} cannot be read by every process ({failed or 'another process failed'}); "
                          "--out must be on a file system all processes share")
-    # fields added to lorakit after the checkpoint was written are not compared
-    same_run = {k: v for k, v in record.items() if k not in _MAY_CHANGE and k in state["config"]}
-    if {k: v for k, v in state["config"].items() if k in same_run} != same_run:
+    # a field added to lorakit after the checkpoint was written must keep its default (the old behaviour)
+    written = {**{k: v for k, v in (defaults or {}).items() if k not in state["config"]}, **state["config"]}
+    same_run = {k: v for k, v in record.items() if k not in _MAY_CHANGE}
+    if {k: v for k, v in written.items() if k in same_run} != same_run:
         raise ValueError(f"{chosen} belongs to a run with another configuration; use another --out or remove it")
     if state["world_size"] != world.size:
         raise ValueError(f"{chosen} was written by {state['world_size']} processes; resume it with as many, "

@@ -315,7 +315,9 @@ def train(cfg: TrainConfig, seed: int) -> dict[str, Any]:
     train_split, dev = task.read(tokenizer)
     global_batch = cfg.batch_size * world.size
     optimizer, scheduler = _optimizer(model, cfg, math.ceil(len(train_split) / global_batch) * cfg.epochs)
-    progress = checkpoint.resume(run, record, model, optimizer, scheduler, world) if cfg.resume else checkpoint.Progress()
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    progress = (checkpoint.resume(run, record, model, optimizer, scheduler, world, defaults) if cfg.resume
+                else checkpoint.Progress())
     if world.main and progress.epoch == progress.step == 0:
         _fresh_start(run)
     loss_fn = task.loss_module(model)
