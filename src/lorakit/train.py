@@ -38,7 +38,7 @@ from .models import resolve_model
 from .precision import PRECISIONS, precision_context, resolve_precision
 from .tasks import Task, format_metrics
 
-__all__ = ["TrainConfig", "resolve_config", "train", "train_seeds", "attach_method",
+__all__ = ["TrainConfig", "resolve_config", "read_config_file", "write_config_file", "train", "train_seeds", "attach_method",
            "BASELINE_LR", "DEFAULT_MODELS"]
 
 
@@ -120,6 +120,34 @@ class TrainConfig:
 BASELINE_LR = {"full": 5e-5, "bitfit": 1e-3, "adapter": 5e-4}
 # The model a task family trains when --model is not given.
 DEFAULT_MODELS = {"e2e": "smollm2", "jsonl": "smollm2"}
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML file of TrainConfig fields (and ``preset``); unknown keys are an error naming them."""
+    import yaml
+
+    try:
+        values = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"cannot read the config file {path}: {' '.join(str(e).split())}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a mapping of settings, got {type(values).__name__}")
+    known = {f.name for f in dataclasses.fields(TrainConfig)} | {"preset"}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {unknown}; the keys are lorakit train's flags (underscores): "
+                         f"{', '.join(sorted(known))}")
+    if isinstance(values.get("seeds"), list):
+        values["seeds"] = tuple(values["seeds"])
+    return values
+
+
+def write_config_file(cfg: TrainConfig, seed: int, path: Path) -> None:
+    """``cfg`` for one seed as YAML, fully resolved: ``lorakit train --config path`` repeats the run."""
+    import yaml
+
+    values = {"preset": "none", **dataclasses.asdict(cfg), "seeds": [seed], "resume": False, "overwrite": False}
+    path.write_text(yaml.safe_dump(values, sort_keys=False))
 
 
 def resolve_config(preset: str | None, **overrides: Any) -> TrainConfig:
@@ -263,7 +291,8 @@ def _stop(what: str, progress: checkpoint.Progress, step: int, run: Path) -> Non
 
 
 # What a run writes into its folder (besides checkpoints).
-_RUN_FILES = ("log.jsonl", "summary.json", "curve.png", "task.json", "trainable.safetensors", "adapter", "outputs")
+_RUN_FILES = ("log.jsonl", "summary.json", "curve.png", "task.json", "trainable.safetensors", "adapter", "outputs",
+              "config.yaml")
 
 
 def _previous_run(run: Path) -> list[str]:
@@ -320,6 +349,8 @@ def train(cfg: TrainConfig, seed: int) -> dict[str, Any]:
                 else checkpoint.Progress())
     if world.main and progress.epoch == progress.step == 0:
         _fresh_start(run)
+    if world.main:
+        write_config_file(cfg, seed, run / "config.yaml")
     loss_fn = task.loss_module(model)
     if world.distributed and not cfg.fsdp:
         from torch.nn.parallel import DistributedDataParallel
