@@ -183,3 +183,22 @@ def test_resume_reads_checkpoints_older_than_a_new_field(tiny_model, tmp_path):
     (tmp_path / "mrpc" / "seed0" / "checkpoint-2-0.pt").unlink()
     with pytest.raises(ValueError, match="belongs to a run with another configuration"):
         train.train(train.TrainConfig(**{**cfg.__dict__, "resume": True, "label_smoothing": 0.1}), seed=0)
+
+
+def test_report_to_tensorboard_writes_readable_scalars(tiny_model, tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train.train(_cfg(tiny_model, tmp_path, epochs=2, report_to="tensorboard"), seed=0)
+    events = EventAccumulator(str(tmp_path / "mrpc" / "seed0" / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/examples_per_second", "dev/accuracy", "dev/f1"} <= tags
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) == 2 * 5  # 40 rows / batch 8, two epochs
+    assert [e.step for e in events.Scalars("dev/accuracy")] == [5, 10]
+    with pytest.raises(ValueError, match="report_to must be one of \\('none', 'tensorboard'\\), got 'wandb'"):
+        _cfg(tiny_model, tmp_path, report_to="wandb")
+    monkeypatch.setitem(__import__("sys").modules, "torch.utils.tensorboard", None)  # as if not installed
+    with pytest.raises(ValueError, match="needs the tensorboard package: pip install tensorboard"):
+        train.train(_cfg(tiny_model, tmp_path / "other", report_to="tensorboard"), seed=0)

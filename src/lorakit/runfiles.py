@@ -17,7 +17,10 @@ from torch import nn
 from .io import atomic_write, save_adapter
 from .tasks import PERCENT_METRICS
 
-__all__ = ["save_weights", "weights_path", "append_log", "write_summary", "plot_curve", "versions"]
+__all__ = ["save_weights", "weights_path", "append_log", "write_summary", "plot_curve", "versions", "Tracker",
+           "REPORT_TO"]
+
+REPORT_TO = ("none", "tensorboard")
 
 
 def weights_path(run: Path, method: str) -> Path:
@@ -95,3 +98,42 @@ def plot_curve(history: list[dict[str, Any]], path: Path, title: str) -> None:
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+class Tracker:
+    """Experiment tracking (transformers' ``report_to``): per optimizer step the loss, learning
+    rate, gradient norm and throughput, per epoch the dev metrics, as TensorBoard scalars in
+    ``<run>/tensorboard``; a no-op for ``"none"``. Steps count from the run's start, so a
+    resumed run continues the same curves."""
+
+    def __init__(self, kind: str, run: Path) -> None:
+        self.folder = run / "tensorboard" if kind == "tensorboard" else None
+        self._writer = None
+        if self.folder is not None:
+            try:  # checked now, before any work; the writer opens at the first scalar
+                from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+            except ImportError:
+                raise ValueError("--report-to tensorboard needs the tensorboard package: pip install tensorboard") from None
+
+    def _scalars(self, step: int, values: dict[str, float | None]) -> None:
+        if self.folder is None:
+            return
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.folder))
+        for name, value in values.items():
+            if value is not None:
+                self._writer.add_scalar(name, value, step)
+
+    def step(self, step: int, values: dict[str, float]) -> None:
+        self._scalars(step, {f"train/{k}": v for k, v in values.items()})
+
+    def epoch(self, step: int, metrics: dict[str, dict[str, float]]) -> None:
+        self._scalars(step, {f"{split}/{k}": v for split, values in metrics.items() for k, v in values.items()})
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()

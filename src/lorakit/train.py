@@ -76,6 +76,7 @@ class TrainConfig:
     init_adapter: str | None = _opt(None, "start the LoRA factors from this adapter (the paper's MNLI start)")
     resume: bool = _opt(False, "continue from the newest complete checkpoint in the run folder")
     overwrite: bool = _opt(False, "replace a previous run in the output folder (without it, lorakit refuses)")
+    report_to: str = _opt("none", "experiment tracking: none, or tensorboard (scalars in <run>/tensorboard)")
     save_every: int = _opt(0, "also checkpoint every N optimizer steps within an epoch (0: at epoch ends only)")
     fsdp: bool = _opt(False, "under torchrun: shard the model across processes with FSDP2 instead of DDP's copies")
     eval_batch_size: int = _opt(64, "evaluation (and generation) batch size")
@@ -107,6 +108,8 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.prompt_format not in ("plain", "chat"):
             raise ValueError(f"prompt_format must be 'plain' or 'chat', got {self.prompt_format!r}")
+        if self.report_to not in runfiles.REPORT_TO:
+            raise ValueError(f"report_to must be one of {runfiles.REPORT_TO}, got {self.report_to!r}")
         if self.decoding not in ("greedy", "paper"):
             raise ValueError(f"decoding must be 'greedy' or 'paper', got {self.decoding!r}")
 
@@ -243,7 +246,8 @@ def _optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int):
 
 
 def _train_epoch(loss_fn: nn.Module, task: Task, cfg: TrainConfig, precision: str, split, order: list[list[int]], optimizer,
-                 scheduler, progress: checkpoint.Progress, world: World, run: Path, save, desc: str) -> None:
+                 scheduler, progress: checkpoint.Progress, world: World, run: Path, save, desc: str,
+                 tracker: runfiles.Tracker) -> None:
     """The steps of ``order`` from ``progress.step`` on, updating ``progress``; ``save()``
     every ``cfg.save_every`` steps. ``loss_fn`` may be DDP-wrapped."""
     from tqdm.auto import tqdm
@@ -269,6 +273,9 @@ def _train_epoch(loss_fn: nn.Module, task: Task, cfg: TrainConfig, precision: st
         n = len(rows) if weight else 0
         progress.step, progress.loss_sum, progress.seen = step + 1, progress.loss_sum + value * n, progress.seen + n
         progress.seconds = time.perf_counter() - started
+        tracker.step(progress.epoch * len(order) + progress.step,
+                     {"loss": value, "lr": scheduler.get_last_lr()[0], "grad_norm": norm,
+                      "examples_per_second": progress.seen * world.size / progress.seconds})
         bar.update()
         bar.set_postfix(loss=f"{progress.loss_sum / max(1, progress.seen):.4f}",
                         ex_s=f"{progress.seen * world.size / progress.seconds:.1f}")
@@ -292,7 +299,7 @@ def _stop(what: str, progress: checkpoint.Progress, step: int, run: Path) -> Non
 
 # What a run writes into its folder (besides checkpoints).
 _RUN_FILES = ("log.jsonl", "summary.json", "curve.png", "task.json", "trainable.safetensors", "adapter", "outputs",
-              "config.yaml")
+              "config.yaml", "tensorboard")
 
 
 def _previous_run(run: Path) -> list[str]:
@@ -324,6 +331,7 @@ def train(cfg: TrainConfig, seed: int) -> dict[str, Any]:
     if found:
         raise ValueError(f"{run} holds a previous run ({', '.join(found[:4])}); pass --resume to continue it or "
                          "--overwrite to replace it, or choose another --out")
+    tracker = runfiles.Tracker(cfg.report_to if world.main else "none", run)  # checked before any work
     if world.main and importlib.util.find_spec("matplotlib") is None:
         print("matplotlib is not installed: no curve.png will be written (pip install matplotlib)")
     run.mkdir(parents=True, exist_ok=True)
@@ -367,7 +375,7 @@ def train(cfg: TrainConfig, seed: int) -> dict[str, Any]:
             torch.manual_seed(seed * 1_000 + epoch + 1_000_003 * world.rank)
         order = data.length_grouped_batches(train_split.lengths, global_batch, seed, epoch)
         _train_epoch(loss_fn, task, cfg, precision, train_split, order, optimizer, scheduler, progress, world, run, save,
-                     desc=f"epoch {epoch + 1}/{cfg.epochs}")
+                     desc=f"epoch {epoch + 1}/{cfg.epochs}", tracker=tracker)
         train_time = progress.seconds
         started = time.perf_counter()
         with precision_context(precision, world.device):
@@ -385,10 +393,12 @@ def train(cfg: TrainConfig, seed: int) -> dict[str, Any]:
                     info = {**task.info(), "model": cfg.model, "method": cfg.method}
                     runfiles.save_weights(model, cfg.method, run, info | ({"adapter_dim": cfg.adapter_dim}
                                                                           if cfg.method == "adapter" else {}))
+        tracker.epoch((epoch + 1) * len(order), metrics)
         if world.main:
             runfiles.append_log(run, progress.history[-1])
             print(f"epoch {epoch + 1}: train loss {loss_sum / seen:.4f}, dev {format_metrics(metrics)}, {train_time:.0f}s")
         save()
+    tracker.close()
     return _summarize(cfg, task, run, record, model, progress, world)
 
 
