@@ -258,22 +258,36 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+_SERVE_KEYS = {"model": None, "adapter": [], "host": "127.0.0.1", "port": 8000, "precision": "auto"}
+
+
 def _serve(args: argparse.Namespace) -> int:
+    """``lorakit serve``: defaults, then the --config file, then the flags given."""
     from .serve import ServeConfig, serve
 
+    defaults = {**_SERVE_KEYS, **{f.name: f.default for f in dataclasses.fields(ServeConfig)}}
+    values = dict(defaults)
+    if args.config:
+        from .train import read_yaml
+
+        found = read_yaml(args.config, set(defaults))
+        if isinstance(found.get("adapter"), dict):  # adapter: {name: folder}
+            found["adapter"] = [f"{k}={v}" for k, v in found["adapter"].items()]
+        values.update(found)
+    values.update({k: getattr(args, k) for k in defaults if getattr(args, k, None) not in (None, [])})
     adapters = {}
-    for spec in args.adapter:
-        name, sep, path = spec.partition("=")
+    for spec in values.pop("adapter"):
+        name, sep, path = str(spec).partition("=")
         if not sep or not name or not path:
             raise ValueError(f"--adapter takes NAME=FOLDER, got {spec!r}")
         if name in adapters:
             raise ValueError(f"--adapter {name} is given twice")
         adapters[name] = path
-    if not 0 < args.port < 65536:
-        raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig) if f.name != "token"}
-    config = ServeConfig(**values, token=args.token or os.environ.get("LORAKIT_TOKEN"))
-    serve(args.model, adapters, config, args.host, args.port, args.precision)
+    if not 0 < values["port"] < 65536:
+        raise ValueError(f"--port must be between 1 and 65535, got {values['port']}")
+    config = ServeConfig(**{k: values[k] for k in values if k not in _SERVE_KEYS and k != "token"},
+                         token=values["token"] or os.environ.get("LORAKIT_TOKEN"))
+    serve(values["model"], adapters, config, values["host"], values["port"], values["precision"])
     return 0
 
 
@@ -416,18 +430,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="base model (default: the first adapter's)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=FOLDER",
                    help="an adapter written by lorakit train, served as NAME (repeatable)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--config", help="YAML file of settings (the flags below as keys; adapter: {name: folder})")
+    p.add_argument("--host", help="default: 127.0.0.1")
+    p.add_argument("--port", type=int, help="default: 8000")
     p.add_argument("--token", help="bearer token required by the admin routes (default: $LORAKIT_TOKEN; none: open); "
                                    "prefer the variable: a flag shows in `ps`")
     hints = typing.get_type_hints(ServeConfig)
     for f in dataclasses.fields(ServeConfig):
         flag, help_text = "--" + f.name.replace("_", "-"), f"{f.metadata['help']} (default: {f.default})"
         if hints[f.name] is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         elif f.name != "token":
-            p.add_argument(flag, type=hints[f.name], default=f.default, help=help_text)
-    p.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="auto",
+            p.add_argument(flag, type=hints[f.name], help=help_text)
+    p.add_argument("--precision", choices=["fp32", "bf16", "auto"],
                    help="bf16: autocast (AMX / AVX-512 bf16 matmuls); auto (default): bf16 where the CPU/GPU has it natively")
     p.set_defaults(func=_serve)
 

@@ -38,7 +38,7 @@ from .models import resolve_model
 from .precision import PRECISIONS, precision_context, resolve_precision
 from .tasks import Task, format_metrics
 
-__all__ = ["TrainConfig", "resolve_config", "read_config_file", "write_config_file", "train", "train_seeds", "attach_method",
+__all__ = ["TrainConfig", "resolve_config", "read_config_file", "write_config_file", "read_yaml", "train", "train_seeds", "attach_method",
            "BASELINE_LR", "DEFAULT_MODELS"]
 
 
@@ -125,8 +125,8 @@ BASELINE_LR = {"full": 5e-5, "bitfit": 1e-3, "adapter": 5e-4}
 DEFAULT_MODELS = {"e2e": "smollm2", "jsonl": "smollm2"}
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A YAML file of TrainConfig fields (and ``preset``); unknown keys are an error naming them."""
+def read_yaml(path: str | Path, known: set[str]) -> dict[str, Any]:
+    """A YAML mapping of settings whose keys are all in ``known`` (else an error naming them)."""
     import yaml
 
     try:
@@ -135,11 +135,16 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"cannot read the config file {path}: {' '.join(str(e).split())}") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path} must hold a mapping of settings, got {type(values).__name__}")
-    known = {f.name for f in dataclasses.fields(TrainConfig)} | {"preset"}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"{path}: unknown key(s) {unknown}; the keys are lorakit train's flags (underscores): "
+        raise ValueError(f"{path}: unknown key(s) {unknown}; the keys are the command's flags (underscores): "
                          f"{', '.join(sorted(known))}")
+    return values
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML file of TrainConfig fields (and ``preset``)."""
+    values = read_yaml(path, {f.name for f in dataclasses.fields(TrainConfig)} | {"preset"})
     if isinstance(values.get("seeds"), list):
         values["seeds"] = tuple(values["seeds"])
     return values
