@@ -38,8 +38,8 @@ from .models import resolve_model
 from .precision import PRECISIONS, precision_context, resolve_precision
 from .tasks import Task, format_metrics
 
-__all__ = ["TrainConfig", "resolve_config", "read_config_file", "write_config_file", "read_yaml", "train", "train_seeds", "attach_method",
-           "BASELINE_LR", "DEFAULT_MODELS"]
+__all__ = ["TrainConfig", "resolve_config", "read_config_file", "write_config_file", "read_yaml", "train", "train_seeds",
+           "attach_method", "BASELINE_LR", "DEFAULT_MODELS"]
 
 
 def _opt(default: Any, help: str) -> Any:
