@@ -81,8 +81,9 @@ def model_folder(quick: bool):
         yield tmp
 
 
-def train_config(model: str, precision: str = "fp32"):
-    return resolve_config("demo", task="e2e", model=model, prompt_format="plain", progress=False, precision=precision)
+def train_config(model: str, precision: str = "fp32", checkpointing: bool = False):
+    return resolve_config("demo", task="e2e", model=model, prompt_format="plain", progress=False, precision=precision,
+                          gradient_checkpointing=checkpointing)
 
 
 def real_batches(model: str, n: int) -> list[dict[str, torch.Tensor]]:
@@ -104,9 +105,9 @@ def real_batches(model: str, n: int) -> list[dict[str, torch.Tensor]]:
 # ---- the two training steps ----------------------------------------------------------------
 
 
-def lorakit_case(model: str, precision: str = "fp32"):
+def lorakit_case(model: str, precision: str = "fp32", checkpointing: bool = False):
     """(model, loss module, optimizer, scheduler, grad clip) exactly as ``lorakit train`` builds them."""
-    cfg = train_config(model, precision)
+    cfg = train_config(model, precision, checkpointing)
     task = tasks.create(cfg)
     _, lm = _prepare(cfg, task)
     adapted = {name.rsplit(".", 1)[-1] for name, _ in lora_layers(lm)}
@@ -145,8 +146,12 @@ def peft_case(model: str):
     return lm, PeftLoss(lm, cfg.label_smoothing), optimizer, scheduler, cfg.grad_clip
 
 
+# lorakit's cases: (precision, gradient checkpointing); "lorakit_ckpt" is --gradient-checkpointing
+LORAKIT_CASES = {"lorakit": ("fp32", False), "lorakit_bf16": ("bf16", False), "lorakit_ckpt": ("fp32", True)}
+
+
 def build(case: str, model: str):
-    return peft_case(model) if case == "peft" else lorakit_case(model, "bf16" if case == "lorakit_bf16" else "fp32")
+    return peft_case(model) if case == "peft" else lorakit_case(model, *LORAKIT_CASES[case])
 
 
 def stepper(parts, batches: list[dict[str, torch.Tensor]], precision: str):
@@ -240,7 +245,10 @@ def run(model_name: str, label: str, repeats: int, name: str, out_dir: str = "be
     parts = {"peft": build("peft", model_name), "lorakit": build("lorakit", model_name)}
     check = check_same_step(parts["lorakit"], parts["peft"], batches[0])
     print(f"same loss and LoRA gradients: {check}", flush=True)
-    precisions = {"peft": "fp32", "lorakit": "fp32"}
+    precisions = {"peft": "fp32", "lorakit": "fp32", "lorakit_ckpt": "fp32"}
+    parts["lorakit_ckpt"] = build("lorakit_ckpt", model_name)
+    parts["lorakit_ckpt"][0].load_state_dict(parts["lorakit"][0].state_dict())
+    check["ckpt_loss"] = eval_loss(parts["lorakit_ckpt"][1], batches[0], "fp32").item()
     if native_bf16():
         parts["lorakit_bf16"] = build("lorakit_bf16", model_name)
         parts["lorakit_bf16"][0].load_state_dict(parts["lorakit"][0].state_dict())
@@ -253,7 +261,8 @@ def run(model_name: str, label: str, repeats: int, name: str, out_dir: str = "be
     tokens = [int(b["attention_mask"].sum()) for b in batches[1:]]
     results = {"check": check, "cases": summarize(samples), "batch_shapes": [list(b["input_ids"].shape) for b in batches],
                "tokens_per_s": {k: sum(tokens) / sum(s) for k, s in samples.items()},
-               "ratios": {"lorakit/peft": median_ratio(samples, "lorakit", "peft")}}
+               "ratios": {"lorakit/peft": median_ratio(samples, "lorakit", "peft"),
+                          "lorakit_ckpt/peft": median_ratio(samples, "lorakit_ckpt", "peft")}}
     if "lorakit_bf16" in samples:
         results["ratios"]["lorakit_bf16/peft"] = median_ratio(samples, "lorakit_bf16", "peft")
         results["ratios"]["lorakit_bf16/lorakit"] = median_ratio(samples, "lorakit_bf16", "lorakit")
@@ -276,7 +285,7 @@ def _status_mb(field: str) -> float:
 def child(case: str, model_name: str, batches_file: str) -> dict:
     batches = torch.load(batches_file)
     parts = build(case, model_name)
-    step = stepper(parts, batches, "bf16" if case == "lorakit_bf16" else "fp32")
+    step = stepper(parts, batches, LORAKIT_CASES.get(case, ("fp32",))[0])
     with torch.no_grad():  # page in the weights (loaded memory-mapped): "loaded" then counts them
         for p in parts[0].parameters():
             p.sum()
@@ -290,7 +299,7 @@ def child(case: str, model_name: str, batches_file: str) -> dict:
 
 
 def run_memory(model_name: str, label: str, steps: int, name: str, out_dir: str = "bench/results") -> dict:
-    cases = ["peft", "lorakit"] + (["lorakit_bf16"] if native_bf16() else [])
+    cases = ["peft", "lorakit", "lorakit_ckpt"] + (["lorakit_bf16"] if native_bf16() else [])
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         batches = real_batches(model_name, steps)
@@ -318,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--memory", action="store_true", help="peak memory per case (child processes) instead of time")
     parser.add_argument("--memory-steps", type=int, default=4)
-    parser.add_argument("--child", choices=("peft", "lorakit", "lorakit_bf16"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("peft", *LORAKIT_CASES), help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--batches", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

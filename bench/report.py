@@ -174,6 +174,10 @@ TARGETS = [
     ("Causal-LM train step lorakit bf16 / PEFT fp32 (reported, no target)", "lm_step",
      ("ratios", "lorakit_bf16/peft"), None),
     ("Causal-LM peak memory lorakit / PEFT", "lm_memory", ("ratios", "lorakit/peft"), ("<=", 0.70)),
+    ("Causal-LM peak memory lorakit --gradient-checkpointing / PEFT", "lm_memory", ("ratios", "lorakit_ckpt/peft"),
+     ("<=", 0.70)),
+    ("Causal-LM train step lorakit --gradient-checkpointing / PEFT (reported, no target)", "lm_step",
+     ("ratios", "lorakit_ckpt/peft"), None),
     ("Merged LoRA generation latency / base, batch 1", "generation", ("ratios_to_base", "merged"), ("<=", 1.01)),
 ]
 

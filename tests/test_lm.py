@@ -232,3 +232,25 @@ def test_smollm2_installs_trains_and_generates(tmp_path, monkeypatch):
     summary = train.train(cfg, seed=0)
     assert summary["total_params"] == 134_515_008 + 230_400  # the GGUF model's parameters + r=4 on q,v
     assert summary["best"]["dev"]["BLEU"] > 0.2  # fluent English after 20 steps
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_llama, tmp_path):
+    cfgs = [_run_cfg(tiny_llama, tmp_path, task="jsonl", train_file="x", dev_file="y", lora_dropout=0.0,
+                     gradient_checkpointing=ckpt) for ckpt in (False, True)]
+    rows = [{"prompt": "a b c", "completion": "d e"}, {"prompt": "x", "completion": "y z w v"}]
+    grads = []
+    for cfg in cfgs:
+        torch.manual_seed(0)
+        task = lm.LMTask(cfg)
+        tokenizer, model = train._prepare(cfg, task)
+        for p in model.parameters():
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.1)  # B != 0: gradients reach A too
+        model.train()
+        assert model.model.layers[0].gradient_checkpointing is cfg.gradient_checkpointing
+        batch = lm.collate([lm.encode(tokenizer, r, "plain", 64) for r in rows], tokenizer.pad_token_id)
+        task.loss_module(model)(**batch).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert cfgs[1].gradient_checkpointing and grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)

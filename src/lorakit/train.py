@@ -86,6 +86,8 @@ class TrainConfig:
     max_new_tokens: int = _opt(64, "causal LM: longest generated completion")
     progress: bool = _opt(True, "show progress bars")
     fast_dropout: bool = _opt(True, "fast dropout (lorakit.fastops) in LoRA and the model; --no-fast-dropout: torch's")
+    gradient_checkpointing: bool = _opt(False, "recompute each transformer block's activations in the backward pass: "
+                                               "less memory, about a third more time")
     precision: str = _opt("auto", "auto: bf16 where the CPU/GPU has native bf16 (AVX-512 BF16, AMX), else fp32; fp32; "
                                   "bf16 (autocast: bfloat16 matmuls, fp32 weights and optimizer)")
 
@@ -222,6 +224,10 @@ def _prepare(cfg: TrainConfig, task: Task, world: World = World()):
     adapted = attach_method(model, cfg, task)
     if cfg.fast_dropout:
         use_fast_dropout(model)
+    if cfg.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ValueError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if world.main:
         if adapted:
             names = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in adapted}))
