@@ -101,11 +101,15 @@ def serve(r: dict) -> list[str]:
     return rows
 
 
+def _ratio_rows(ratios: dict[str, float]) -> list[str]:
+    return ["", "| ratio | value |", "|---|---|", *[f"| {k} | {v:.3f} |" for k, v in ratios.items()]]
+
+
 def lm_step(r: dict) -> list[str]:
     res = r["results"]
     rows = [f"model: {r['config']['model']}", "", "| case | median ms/step | tokens/s |", "|---|---|---|"]
     rows += [f"| {k} | {_ms(c)} | {res['tokens_per_s'][k]:.0f} |" for k, c in res["cases"].items()]
-    rows += ["", "| ratio | value |", "|---|---|", *[f"| {k} | {v:.3f} |" for k, v in res["ratios"].items()]]
+    rows += _ratio_rows(res["ratios"])
     return rows
 
 
@@ -115,7 +119,7 @@ def lm_memory(r: dict) -> list[str]:
             "| case | RSS after loading MB | peak RSS in training MB | increase MB |", "|---|---|---|---|"]
     rows += [f"| {k} | {c['loaded_rss_mb']:.0f} | {c['train_peak_rss_mb']:.0f} | {c['train_increase_mb']:.0f} |"
              for k, c in res["cases"].items()]
-    rows += ["", "| ratio | value |", "|---|---|", *[f"| {k} | {v:.3f} |" for k, v in res["ratios"].items()]]
+    rows += _ratio_rows(res["ratios"])
     return rows
 
 
