@@ -1,4 +1,7 @@
-"""``lorakit serve``: many classification adapters on one base model behind an HTTP JSON API.
+"""``lorakit serve``: many adapters on one base model behind an HTTP JSON API.
+
+A classifier base serves the routes below; a causal LM base serves OpenAI-compatible
+completions instead (:mod:`lorakit.serve_openai`), with the same adapter routes and limits.
 
 Requests that arrive together are batched whatever adapters they name (paper section
 4.2): :func:`lorakit.adapter_per_row` runs each row of a forward pass through its own
@@ -43,23 +46,25 @@ def _opt(default: Any, help: str) -> Any:
 class ServeConfig:
     """The server's limits; field docs become ``lorakit serve --help``."""
 
-    max_batch_rows: int = _opt(64, "rows in one forward pass")
+    max_batch_rows: int = _opt(64, "rows in one forward pass (generation: sequences decoded together)")
     max_wait_ms: float = _opt(2.0, "how long a forward pass waits for more requests once one is queued")
     max_queue: int = _opt(256, "queued requests; more are refused with 503")
     max_rows_per_request: int = _opt(64, "rows in one request; more are refused with 413")
-    max_length: int = _opt(512, "tokens per row; longer rows are refused with 413")
+    max_length: int = _opt(512, "tokens per row (generation: per prompt); longer ones are refused")
+    max_new_tokens: int = _opt(512, "generation: the most max_tokens a request may ask for")
+    prefill_chunk: int = _opt(256, "generation: prompt tokens prefilled per decode step (long prompts take several)")
     max_body_bytes: int = _opt(1 << 20, "bytes in a request body; more are refused with 413")
     max_batch_tokens: int = _opt(8192, "tokens in one forward pass; larger requests run in parts, others in between")
     max_connections: int = _opt(64, "open connections; more get 503")
     header_timeout_s: float = _opt(10.0, "a new connection must send its request head within this time")
     body_timeout_s: float = _opt(10.0, "and its body within this time (else 408)")
     keep_alive_s: float = _opt(5.0, "an idle kept-alive connection is closed after this time")
-    batching: bool = _opt(True, "batch requests that arrive together into one forward pass (--no-batching: one each)")
+    batching: bool = _opt(True, "batch requests together in forward passes (--no-batching: one request at a time)")
     token: str | None = _opt(None, "bearer token of the admin routes (default: $LORAKIT_TOKEN; none: open on loopback)")
 
     def __post_init__(self) -> None:
         for name in ("max_batch_rows", "max_queue", "max_rows_per_request", "max_length", "max_body_bytes",
-                     "max_batch_tokens"):
+                     "max_batch_tokens", "max_new_tokens", "prefill_chunk"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -92,6 +97,32 @@ class AdapterInfo:
                 "labels": self.task.labels, "inputs_per_row": len(self.task.text_columns)}
 
 
+def adapter_folder(path: str) -> Path:
+    """``path`` as a folder that exists (else a 400)."""
+    shown = path if len(path) <= 200 else path[:200] + "..."
+    try:
+        if not Path(path).is_dir():
+            raise ClientError(400, f"adapter folder {shown!r} does not exist")
+    except OSError as e:  # e.g. a name too long for the file system
+        raise ClientError(400, f"adapter folder {shown!r} cannot be read: {e.strerror or e}") from None
+    return Path(path)
+
+
+def task_info(folder: Path) -> dict[str, Any]:
+    """The folder's ``task.json`` (``{}`` if absent); ``task`` and ``model`` must be strings."""
+    info_file = folder / "task.json"
+    try:
+        info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+        if not isinstance(info, dict):
+            raise ValueError("not a JSON object")
+        wrong = [k for k in ("task", "model") if k in info and not isinstance(info[k], str)]
+        if wrong:
+            raise ValueError(f"{wrong} must be strings")
+    except (OSError, ValueError) as e:
+        raise ClientError(400, f"{str(info_file)!r} is unreadable: {e}") from None
+    return info
+
+
 # ---- the model side (runs on the worker thread only) ----------------------------------------
 
 
@@ -112,17 +143,11 @@ class Engine:
     def load(self, name: str, path: str, task: str | None = None) -> AdapterInfo:
         if name in self.adapters:
             raise ClientError(409, f"an adapter named {name!r} is already loaded; DELETE it first")
-        folder = Path(path)
-        shown = path if len(path) <= 200 else path[:200] + "..."
-        try:
-            if not folder.is_dir():
-                raise ClientError(400, f"adapter folder {shown!r} does not exist")
-        except OSError as e:  # e.g. a name too long for the file system
-            raise ClientError(400, f"adapter folder {shown!r} cannot be read: {e.strerror or e}") from None
-        info = self._task_info(folder)
+        folder = adapter_folder(path)
+        info = task_info(folder)
         task = task or info.get("task")
         if not task:
-            raise ClientError(400, f"{shown!r} has no task.json; give the adapter's GLUE task")
+            raise ClientError(400, f"{str(folder)[:200]!r} has no task.json; give the adapter's GLUE task")
         trained_on = info.get("model")
         try:
             if trained_on and resolve_model(trained_on) != resolve_model(self.model_name):
@@ -141,21 +166,6 @@ class Engine:
             raise ClientError(400, f"adapter {name!r} {problem}")
         self.adapters[name] = AdapterInfo(name, str(folder), glue_task)
         return self.adapters[name]
-
-    @staticmethod
-    def _task_info(folder: Path) -> dict[str, Any]:
-        """The folder's ``task.json`` (``{}`` if absent); ``task`` and ``model`` must be strings."""
-        info_file = folder / "task.json"
-        try:
-            info = json.loads(info_file.read_text()) if info_file.is_file() else {}
-            if not isinstance(info, dict):
-                raise ValueError("not a JSON object")
-            wrong = [k for k in ("task", "model") if k in info and not isinstance(info[k], str)]
-            if wrong:
-                raise ValueError(f"{wrong} must be strings")
-        except (OSError, ValueError) as e:
-            raise ClientError(400, f"{str(info_file)!r} is unreadable: {e}") from None
-        return info
 
     def _head_problem(self, name: str, task: data.Task) -> str | None:
         """Why adapter ``name`` cannot classify ``task`` (None if it can): it must bring its
@@ -438,8 +448,9 @@ class _BodyLimit:
         await self.app(scope, replay, send)
 
 
-def create_app(engine: Engine, config: ServeConfig | None = None, adapters: dict[str, str] | None = None):
-    """The FastAPI app serving ``engine``; ``adapters`` (name -> folder) are loaded at start-up."""
+def create_app(engine, config: ServeConfig | None = None, adapters: dict[str, str] | None = None):
+    """The FastAPI app serving ``engine`` (an :class:`Engine`, or a causal LM's
+    :class:`lorakit.serve_openai.GenerationEngine`); ``adapters`` (name -> folder) are loaded at start-up."""
     from contextlib import asynccontextmanager
 
     from fastapi import Depends, FastAPI, Request
@@ -453,9 +464,17 @@ def create_app(engine: Engine, config: ServeConfig | None = None, adapters: dict
         except ClientError as e:
             raise ValueError(f"--adapter {name}={path}: {e}") from None
 
+    generation = not isinstance(engine, Engine)
+
     @asynccontextmanager
     async def lifespan(app):
-        app.state.batcher = Batcher(engine, config)
+        if generation:  # the scheduler's thread runs the model; admin calls go between its steps
+            app.state.runner = engine
+            engine.start()
+            yield
+            engine.stop()
+            return
+        app.state.runner = app.state.batcher = Batcher(engine, config)
         task = asyncio.create_task(app.state.batcher.run())
         yield
         task.cancel()
@@ -490,6 +509,10 @@ def create_app(engine: Engine, config: ServeConfig | None = None, adapters: dict
 
     @app.exception_handler(ClientError)
     async def client_error(request: Request, e: ClientError):
+        if generation and request.url.path in ("/v1/completions", "/v1/chat/completions"):  # OpenAI's error shape
+            kind = "invalid_request_error" if e.status < 500 else "server_error"
+            return JSONResponse({"error": {"message": str(e), "type": kind, "param": None, "code": e.status}},
+                                status_code=e.status)
         return JSONResponse({"error": str(e)}, status_code=e.status)
 
     async def parse(request: Request, schema: type[BaseModel]):
@@ -508,14 +531,19 @@ def create_app(engine: Engine, config: ServeConfig | None = None, adapters: dict
             raise ClientError(404, f"no adapter named {name!r}; loaded: {sorted(engine.adapters)}")
         return info
 
-    @app.post("/v1/classify")
-    async def classify(request: Request):
-        body = await parse(request, Classify)
-        info = lookup(body.adapter)
-        rows = _texts(info, body.inputs, config)
-        # off the event loop: other requests are read and answered meanwhile
-        features = await asyncio.to_thread(_tokenize, engine.tokenizer, rows, min(config.max_length, engine.max_length))
-        return await request.app.state.batcher.submit(info, features)
+    if generation:
+        from .serve_openai import add_routes
+
+        add_routes(app, engine, config, parse)
+    else:
+        @app.post("/v1/classify")
+        async def classify(request: Request):
+            body = await parse(request, Classify)
+            info = lookup(body.adapter)
+            rows = _texts(info, body.inputs, config)
+            # off the event loop: other requests are read and answered meanwhile
+            features = await asyncio.to_thread(_tokenize, engine.tokenizer, rows, min(config.max_length, engine.max_length))
+            return await request.app.state.batcher.submit(info, features)
 
     @app.get("/v1/adapters")
     async def list_adapters(request: Request):
@@ -525,16 +553,18 @@ def create_app(engine: Engine, config: ServeConfig | None = None, adapters: dict
     @app.post("/v1/adapters", status_code=201, dependencies=[Depends(admin)])
     async def add(request: Request):
         body = await parse(request, LoadAdapter)
-        info = await request.app.state.batcher.call(engine.load, body.name, body.path, body.task)
+        info = await request.app.state.runner.call(engine.load, body.name, body.path, body.task)
         return info.public(with_path=True)
 
     @app.delete("/v1/adapters/{name}", dependencies=[Depends(admin)])
     async def remove(name: str, request: Request):
-        await request.app.state.batcher.call(engine.unload, name)
+        await request.app.state.runner.call(engine.unload, name)
         return {"deleted": name}
 
     @app.get("/healthz")
     async def health(request: Request):
+        if generation:
+            return {"ok": True, **engine.health(), "time": time.time()}
         batcher = request.app.state.batcher
         return {"ok": True, "queued": batcher.queue.qsize(), "forwards": batcher.forwards, "time": time.time()}
 
@@ -555,11 +585,23 @@ def serve(model: str | None, adapters: dict[str, str], config: ServeConfig, host
         if info is None or not info.is_file():
             raise ValueError("name the base model with --model (no adapter with a task.json to read it from)")
         model = json.loads(info.read_text())["model"]
-    engine = Engine(model, precision)
+    engine = _engine(model, config, precision)
     app = create_app(engine, config, adapters)
     print(f"lorakit serve: {model} ({engine.precision}) with adapters {sorted(adapters) or 'none'} "
           f"on http://{host}:{port}", flush=True)
     uvicorn.run(app, **uvicorn_options(config), host=host, port=port, log_level="warning")
+
+
+def _engine(model: str, config: ServeConfig, precision: str):
+    """A :class:`GenerationEngine` for a causal LM, else a classification :class:`Engine`."""
+    from transformers import AutoConfig
+
+    architectures = AutoConfig.from_pretrained(resolve_model(model)).architectures or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        from .serve_openai import GenerationEngine
+
+        return GenerationEngine(model, config, precision)
+    return Engine(model, precision)
 
 
 def uvicorn_options(config: ServeConfig) -> dict[str, Any]:

@@ -1,0 +1,306 @@
+"""Continuous batching: completions for many adapters advanced together, one token per step.
+
+A :class:`Scheduler` thread owns the model. Every step it prefills a bounded chunk of the
+prompts that arrived (``prefill_chunk`` tokens, so that a long prompt never stalls running
+streams for long) and then advances every running sequence by one token in a single forward
+pass, each row through its own adapter (:func:`lorakit.adapter_per_row`). Sequences join
+and leave the running batch between any two steps. Rows of the cache are kept compact —
+running sequences first, then the ones being prefilled, in arrival order — so a step reads
+its rows as one slice, with no copy.
+
+Other threads talk to it through :meth:`Scheduler.submit`, :meth:`Scheduler.cancel` and
+:meth:`Scheduler.call` (run a function between steps: adapter loads and unloads).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .decoder import Decoder
+from .model import adapter_per_row
+
+__all__ = ["Sampling", "Sequence", "Scheduler", "Busy"]
+
+
+class Busy(Exception):
+    """The scheduler's queue is full."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one completion is decoded: ``temperature`` 0 takes the argmax; otherwise a draw
+    from ``softmax(logits / temperature)`` cut to the nucleus of mass ``top_p``, from a
+    generator seeded by ``seed`` (None: from torch's global generator)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+class Sequence:
+    """One completion: its prompt, adapter (None: the base model) and decoding, and how far it got.
+
+    ``emit`` receives, on the scheduler's thread, ``("text", delta)`` events, then one
+    ``("done", finish_reason)`` (``"stop"`` or ``"length"``) or ``("error", message)``.
+    """
+
+    def __init__(self, prompt: list[int], adapter: str | None, sampling: Sampling,
+                 emit: Callable[[tuple[str, Any]], None]) -> None:
+        if not prompt:
+            raise ValueError("a prompt needs at least one token")
+        self.prompt = prompt
+        self.adapter = adapter
+        self.sampling = sampling
+        self.emit = emit
+        self.tokens: list[int] = []  # generated so far (without a final EOS)
+        self.sampled = 0  # tokens drawn, a final EOS included
+        self.length = 0  # positions in the cache
+        self.row = -1
+        self.sent = 0  # characters of the text already emitted
+        self.finished = False
+        self.generator = None if sampling.seed is None else torch.Generator().manual_seed(sampling.seed)
+
+
+class Scheduler:
+    """The model's thread: admits, prefills, decodes and retires :class:`Sequence` s.
+
+    ``max_rows`` sequences run at once (1: no batching across requests); ``max_queue`` more
+    may wait; ``max_length`` bounds prompt plus completion; ``eos`` ends a completion.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, *, eos: set[int], max_rows: int = 64, max_queue: int = 256,
+                 max_length: int = 2048, prefill_chunk: int = 256) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.decoder = Decoder(model)
+        self.max_length = min(max_length, self.decoder.max_positions)
+        self.cache = self.decoder.cache(max_rows, self.max_length)
+        self.eos = eos
+        self.max_rows, self.max_queue, self.prefill_chunk = max_rows, max_queue, prefill_chunk
+        self.rows: list[Sequence] = []  # running (self.running of them), then being prefilled
+        self.running = 0
+        self.waiting: deque[Sequence] = deque()
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.queued = 0  # submitted, not yet given a row (read by other threads)
+        self._lock = threading.Lock()
+        self.steps = self.tokens = 0
+        self._thread = threading.Thread(target=self._loop, name="lorakit-scheduler", daemon=True)
+        self._stop = False
+
+    # ---- other threads ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop = True
+        self.inbox.put(("wake",))
+        self._thread.join()
+
+    def submit(self, seq: Sequence) -> None:
+        with self._lock:
+            if self.queued >= self.max_queue:
+                raise Busy(f"server busy: {self.max_queue} completions already queued; retry later")
+            self.queued += 1
+        self.inbox.put(("add", seq))
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stop ``seq`` and free its row (no more events)."""
+        self.inbox.put(("cancel", seq))
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
+        """``fn(*args)`` on the scheduler's thread, between two steps."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self.inbox.put(("call", fn, args, future))
+        return future
+
+    # ---- the scheduler's thread ----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop:
+            self._drain(block=not (self.rows or self.waiting))
+            self._admit()
+            try:
+                if len(self.rows) > self.running:
+                    self._prefill()
+                if self.running:
+                    self._decode()
+            except Exception as e:  # a bug or out of memory: fail the sequences in flight, keep serving
+                for seq in list(self.rows):
+                    self._finish(seq, "error", f"generation failed: {type(e).__name__}: {e}")
+
+    def _drain(self, block: bool) -> None:
+        while True:
+            try:
+                message = self.inbox.get(block=block)
+            except queue.Empty:
+                return
+            block = False
+            kind = message[0]
+            if kind == "add":
+                self.waiting.append(message[1])
+            elif kind == "cancel":
+                seq = message[1]
+                if seq in self.waiting:
+                    self.waiting.remove(seq)
+                    self._dequeued()
+                elif seq.row >= 0:
+                    self._remove(seq)
+                seq.finished = True
+            elif kind == "call":
+                _, fn, args, future = message
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as e:
+                    future.set_exception(e)
+
+    def _dequeued(self) -> None:
+        with self._lock:
+            self.queued -= 1
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.rows) < self.max_rows:
+            seq = self.waiting.popleft()
+            self._dequeued()
+            seq.row = len(self.rows)
+            self.rows.append(seq)
+
+    def _forward(self, seqs: list[Sequence], ids: Tensor, start: Tensor, last: Tensor | None = None) -> Tensor:
+        rows = slice(seqs[0].row, seqs[0].row + len(seqs))
+        with adapter_per_row(self.model, [s.adapter for s in seqs]):
+            return self.decoder.forward(ids, self.cache, rows, start, last)
+
+    def _prefill(self) -> None:
+        """The next ``prefill_chunk`` prompt tokens of the sequences waiting for their first token."""
+        budget, chunks = self.prefill_chunk, []
+        for seq in self.rows[self.running:]:
+            n = min(len(seq.prompt) - seq.length, budget)
+            chunks.append((seq, n))
+            budget -= n
+            if budget == 0:
+                break
+        width = max(n for _, n in chunks)
+        ids = torch.zeros(len(chunks), width, dtype=torch.long)
+        for i, (seq, n) in enumerate(chunks):
+            ids[i, :n] = torch.tensor(seq.prompt[seq.length : seq.length + n])
+        start = torch.tensor([seq.length for seq, _ in chunks])
+        logits = self._forward([s for s, _ in chunks], ids, start, torch.tensor([n - 1 for _, n in chunks]))
+        done = []
+        for (seq, n), row in zip(chunks, logits):
+            seq.length += n
+            if seq.length == len(seq.prompt):  # a prefix of the chunks: all but the last got all they needed
+                self.running += 1
+                done.append((seq, row))
+        self._advance(done)
+
+    def _decode(self) -> None:
+        seqs = self.rows[: self.running]
+        ids = torch.tensor([[s.tokens[-1]] for s in seqs])
+        logits = self._forward(seqs, ids, torch.tensor([s.length for s in seqs]))
+        for s in seqs:
+            s.length += 1
+        self.steps += 1
+        self._advance(list(zip(seqs, logits)))
+
+    def _advance(self, rows: list[tuple[Sequence, Tensor]]) -> None:
+        """Each sequence's next token from its logits; emit text; retire finished ones."""
+        if not rows:
+            return
+        greedy = [i for i, (s, _) in enumerate(rows) if s.sampling.temperature == 0]
+        picks: dict[int, int] = {}
+        if greedy:
+            picks.update(zip(greedy, torch.stack([rows[i][1] for i in greedy]).argmax(-1).tolist()))
+        for i, (seq, logits) in enumerate(rows):
+            if i not in picks:
+                picks[i] = sample(logits, seq.sampling, seq.generator)
+        finished = []
+        for i, (seq, _) in enumerate(rows):
+            self.tokens += 1
+            reason = self._append(seq, picks[i])
+            if reason:
+                finished.append((seq, reason))
+        for seq, reason in finished:
+            self._finish(seq, reason)
+
+    def _append(self, seq: Sequence, token: int) -> str | None:
+        """Add ``token``, emit the text that is now certain; the finish reason, if it ends here."""
+        reason = None
+        seq.sampled += 1
+        if token in self.eos:
+            reason = "stop"
+        else:
+            seq.tokens.append(token)
+        text = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in seq.sampling.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            text, reason = text[:cut], "stop"
+        elif reason is None and (len(seq.tokens) >= seq.sampling.max_tokens or seq.length >= self.max_length):
+            reason = "length"
+        end = len(text)
+        if reason is None:  # hold back what may be half a character or the start of a stop string
+            end -= max((len(s) - 1 for s in seq.sampling.stop), default=0)
+            while end > 0 and text[end - 1] == "\ufffd":
+                end -= 1
+        if end > seq.sent:
+            seq.emit(("text", text[seq.sent : end]))
+            seq.sent = end
+        return reason
+
+    def _finish(self, seq: Sequence, reason: str, message: str | None = None) -> None:
+        if seq.row >= 0:
+            self._remove(seq)
+        seq.finished = True
+        seq.emit(("error", message) if reason == "error" else ("done", reason))
+
+    def retire(self, predicate: Callable[[Sequence], bool], message: str) -> None:
+        """End every queued or running sequence for which ``predicate`` holds, with an error
+        (on the scheduler's thread: from a function given to :meth:`call`)."""
+        for seq in [s for s in self.waiting if predicate(s)]:
+            self.waiting.remove(seq)
+            self._dequeued()
+            self._finish(seq, "error", message)
+        for seq in [s for s in self.rows if predicate(s)]:
+            self._finish(seq, "error", message)
+
+    def _remove(self, seq: Sequence) -> None:
+        """Free ``seq``'s row, keeping the rows compact and in order: running rows fill the gap
+        with the last running one; the prefilling rows then move down by one."""
+        i = seq.row
+        if i < self.running:
+            last = self.running - 1
+            if i != last:
+                self._move(last, i)
+            self.running -= 1
+            i = last
+        for j in range(i + 1, len(self.rows)):
+            self._move(j, j - 1)
+        self.rows.pop()
+        seq.row = -1
+
+    def _move(self, src: int, dst: int) -> None:
+        seq = self.rows[src]
+        self.cache.move(src, dst, seq.length)
+        self.rows[dst] = seq
+        seq.row = dst
+
+
+def sample(logits: Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
+    """A token drawn from ``softmax(logits / temperature)`` within the ``top_p`` nucleus."""
+    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    if sampling.top_p < 1:
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= sampling.top_p  # mass before a token already >= top_p
+        sorted_probs[outside] = 0
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,162 @@
+"""A lean forward pass of a transformers decoder for serving many sequences at once.
+
+Each running sequence owns one row of a :class:`RowCache` (its keys and values, at its own
+length) and may use its own adapter (:func:`lorakit.adapter_per_row`); one forward advances
+all of them by a token, whatever their lengths. The model's own modules do the work (norms,
+projections with their LoRA layers, MLPs, rotary embeddings); this module only replaces
+transformers' cache and mask machinery, whose per-step overhead dominates decoding on a CPU.
+
+Supported: Llama-style decoders (Llama, Mistral, Qwen2, SmolLM: ``model.layers[i].self_attn
+.{q,k,v,o}_proj``) and GPT-2. Sliding-window attention is not implemented (refused).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["RowCache", "Decoder"]
+
+
+class RowCache:
+    """Keys and values of up to ``rows`` sequences: per layer ``(rows, kv_heads, capacity, head_dim)``.
+
+    ``capacity`` grows (doubling, up to ``max_length``) as sequences get longer.
+    """
+
+    def __init__(self, layers: int, rows: int, kv_heads: int, head_dim: int, max_length: int,
+                 dtype: torch.dtype, device: torch.device, capacity: int = 256) -> None:
+        self.shape = (rows, kv_heads, min(capacity, max_length), head_dim)
+        self.max_length = max_length
+        self.k = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in range(layers)]
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+    def reserve(self, length: int) -> None:
+        """Make room for ``length`` positions in every row."""
+        if length <= self.capacity:
+            return
+        if length > self.max_length:
+            raise ValueError(f"{length} positions exceed the cache's max_length {self.max_length}")
+        capacity = min(max(length, 2 * self.capacity), self.max_length)
+        for cache in (self.k, self.v):
+            for i, old in enumerate(cache):
+                new = old.new_zeros(old.shape[0], old.shape[1], capacity, old.shape[3])
+                new[:, :, : old.shape[2]] = old
+                cache[i] = new
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy the first ``length`` positions of row ``src`` into row ``dst``."""
+        for cache in (self.k, self.v):
+            for layer in cache:
+                layer[dst, :, :length] = layer[src, :, :length]
+
+
+class Decoder:
+    """``forward(ids, rows, start)``: the next-token logits of ``rows`` of the cache after
+    feeding them ``ids`` at positions ``start, start + 1, ...``.
+
+    ``ids`` is ``(B, T)`` (right-padded; a row's padding writes cache positions past its
+    length, which no later step reads before overwriting), ``rows`` a slice of ``B`` cache
+    rows, ``start`` a ``(B,)`` tensor of the positions of ``ids[:, 0]``, ``last`` the index
+    in each row of the token whose logits are returned.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        config = model.config
+        if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+            raise ValueError(f"{config.model_type}: sliding-window attention is not supported by lorakit serve")
+        self.model = model
+        self.config = config
+        if hasattr(model, "transformer") and hasattr(model.transformer, "h"):  # GPT-2
+            self.kind = "gpt2"
+            self.layers = list(model.transformer.h)
+            self.heads = self.kv_heads = config.n_head
+            self.head_dim = config.n_embd // config.n_head
+            self.max_positions = config.n_positions
+        elif hasattr(model, "model") and hasattr(model.model, "layers") and hasattr(model.model.layers[0], "self_attn"):
+            self.kind = "llama"
+            self.layers = list(model.model.layers)
+            attn = self.layers[0].self_attn
+            if not all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
+                raise ValueError(f"{type(model).__name__}: expected attention projections q_proj, k_proj, v_proj, o_proj")
+            self.heads = config.num_attention_heads
+            self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+            self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+            self.max_positions = config.max_position_embeddings
+            from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+            self._rope = apply_rotary_pos_emb
+        else:
+            raise ValueError(f"lorakit serve generates with Llama-style decoders and GPT-2, not {type(model).__name__}")
+
+    def cache(self, rows: int, max_length: int, dtype: torch.dtype | None = None) -> RowCache:
+        dtype = dtype or next(self.model.parameters()).dtype
+        return RowCache(len(self.layers), rows, self.kv_heads, self.head_dim, min(max_length, self.max_positions),
+                        dtype, next(self.model.parameters()).device)
+
+    @torch.inference_mode()
+    def forward(self, ids: Tensor, cache: RowCache, rows: slice, start: Tensor, last: Tensor | None = None) -> Tensor:
+        B, T = ids.shape
+        # (B, T); a padding token past the cache's end writes (garbage) into its last position instead
+        positions = (start[:, None] + torch.arange(T, device=ids.device)).clamp(max=cache.max_length - 1)
+        end = int(positions.max()) + 1
+        cache.reserve(end)
+        # mask[b, 0, t, j]: query t of row b sees cache position j (its own past and itself)
+        mask = (torch.arange(end, device=ids.device) <= positions[:, :, None])[:, None]
+        where = (torch.arange(B, device=ids.device)[:, None].expand(B, T), positions)
+        if self.kind == "llama":
+            x = self._llama(ids, cache, rows, positions, mask, where, end)
+        else:
+            x = self._gpt2(ids, cache, rows, positions, mask, where, end)
+        index = torch.full((B,), T - 1, device=ids.device) if last is None else last
+        x = x[torch.arange(B, device=ids.device), index]
+        norm = self.model.model.norm if self.kind == "llama" else self.model.transformer.ln_f
+        return self.model.lm_head(norm(x)).float()
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, i: int, cache: RowCache, rows: slice, mask: Tensor,
+                where: tuple[Tensor, Tensor], end: int, scale: float) -> Tensor:
+        """Write ``k, v`` (B, kv_heads, T, d) into the cache; attention of ``q`` over the cache."""
+        kc, vc = cache.k[i][rows], cache.v[i][rows]
+        kc[where[0], :, where[1]] = k.transpose(1, 2)
+        vc[where[0], :, where[1]] = v.transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, kc[:, :, :end], vc[:, :, :end], attn_mask=mask, scale=scale,
+                                             enable_gqa=self.kv_heads != self.heads)
+        B, _, T, _ = q.shape
+        return out.transpose(1, 2).reshape(B, T, -1)
+
+    def _llama(self, ids, cache, rows, positions, mask, where, end) -> Tensor:
+        inner = self.model.model
+        x = inner.embed_tokens(ids)
+        cos, sin = inner.rotary_emb(x, positions)
+        B, T = ids.shape
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(B, T, -1, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(h).view(B, T, -1, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(h).view(B, T, -1, self.head_dim).transpose(1, 2)
+            q, k = self._rope(q, k, cos, sin)
+            x = x + attn.o_proj(self._attend(q, k, v, i, cache, rows, mask, where, end, attn.scaling))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return x
+
+    def _gpt2(self, ids, cache, rows, positions, mask, where, end) -> Tensor:
+        inner = self.model.transformer
+        x = inner.wte(ids) + inner.wpe(positions)
+        B, T = ids.shape
+        width = self.config.n_embd
+        for i, block in enumerate(self.layers):
+            h = block.ln_1(x)
+            q, k, v = (t.view(B, T, self.heads, self.head_dim).transpose(1, 2)
+                       for t in block.attn.c_attn(h).split(width, dim=2))
+            scale = self.head_dim ** -0.5 if self.config.scale_attn_weights else 1.0
+            if self.config.scale_attn_by_inverse_layer_idx:
+                scale /= i + 1
+            x = x + block.attn.c_proj(self._attend(q, k, v, i, cache, rows, mask, where, end, scale))
+            x = x + block.mlp(block.ln_2(x))
+        return x

@@ -1,0 +1,353 @@
+"""``lorakit serve`` for causal LMs: many generation adapters on one base, OpenAI-compatible.
+
+    POST /v1/completions        {"model": "e2e", "prompt": "name : The Vaults | Type : pub\\n", "max_tokens": 64}
+    POST /v1/chat/completions   {"model": "support", "messages": [{"role": "user", "content": "..."}]}
+    GET  /v1/models             the base model (no adapter) and every adapter
+
+``model`` names an adapter, or the base model's name for no adapter; ``stream: true`` answers
+with server-sent events. All requests share the decode steps of one :class:`Scheduler`
+(continuous batching across adapters); the adapter routes of ``lorakit serve`` load and
+unload adapters while streams run.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the route functions' annotations.
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from .continuous import Busy, Sampling, Scheduler, Sequence
+from .io import load_adapter
+from .model import remove_adapter
+from .models import resolve_model
+from .precision import resolve_precision
+from .serve import ClientError, ServeConfig, adapter_folder, task_info
+from .tasks.lm import load_causal_lm
+
+__all__ = ["GenerationEngine", "add_routes"]
+
+
+@dataclass
+class GenAdapter:
+    name: str
+    path: str
+    task: str | None
+
+    def public(self, with_path: bool = False) -> dict[str, Any]:
+        return {"name": self.name, **({"path": self.path} if with_path else {}), "task": self.task}
+
+
+class GenerationEngine:
+    """A causal LM, its adapters and the :class:`Scheduler` that runs them."""
+
+    def __init__(self, model_name: str, config: ServeConfig, precision: str = "auto") -> None:
+        self.model_name = model_name
+        self.precision = resolve_precision(precision)
+        self.tokenizer, model = load_causal_lm(model_name)
+        if self.precision == "bf16":  # weights in bf16: autocast would convert them at every step
+            model.to(torch.bfloat16)
+        self.model = model.eval()
+        eos = model.generation_config.eos_token_id
+        eos = {self.tokenizer.eos_token_id, *([] if eos is None else [eos] if isinstance(eos, int) else eos)}
+        self.scheduler = Scheduler(model, self.tokenizer, eos=eos, max_rows=config.max_batch_rows if config.batching else 1,
+                                   max_queue=config.max_queue, max_length=config.max_length + config.max_new_tokens,
+                                   prefill_chunk=config.prefill_chunk)
+        self.adapters: dict[str, GenAdapter] = {}
+
+    async def call(self, fn, *args):
+        """``fn(*args)`` on the scheduler's thread, between two decode steps."""
+        return await asyncio.wrap_future(self.scheduler.call(fn, *args))
+
+    def start(self) -> None:
+        self.scheduler.start()
+
+    def stop(self) -> None:
+        self.scheduler.stop()
+
+    def health(self) -> dict[str, Any]:
+        s = self.scheduler
+        return {"running": len(s.rows), "queued": s.queued, "steps": s.steps, "tokens": s.tokens}
+
+    def load(self, name: str, path: str, task: str | None = None) -> GenAdapter:
+        if name in self.adapters or name == self.model_name:
+            raise ClientError(409, f"the name {name!r} is taken; DELETE that adapter first or choose another name")
+        folder = adapter_folder(path)
+        info = task_info(folder)
+        trained_on = info.get("model")
+        try:
+            if trained_on and resolve_model(trained_on) != resolve_model(self.model_name):
+                raise ClientError(400, f"adapter {name!r} was trained on {trained_on!r}, but this server runs "
+                                       f"{self.model_name!r}")
+            load_adapter(self.model, folder, name)
+        except (ValueError, TypeError, RuntimeError, MemoryError) as e:
+            raise ClientError(400, " ".join(str(e).split())[:1000]) from None
+        self.adapters[name] = GenAdapter(name, str(folder), task or info.get("task"))
+        return self.adapters[name]
+
+    def unload(self, name: str) -> None:
+        if name not in self.adapters:
+            raise ClientError(404, f"no adapter named {name!r}; loaded: {sorted(self.adapters)}")
+        self.scheduler.retire(lambda s: s.adapter == name, f"adapter {name!r} was unloaded")
+        del self.adapters[name]
+        remove_adapter(self.model, name)
+
+    def resolve(self, model: str) -> str | None:
+        """The adapter a request's ``model`` names (None: the base model)."""
+        if model == self.model_name:
+            return None
+        if model not in self.adapters:
+            raise ClientError(404, f"no model or adapter named {model!r}; available: {[self.model_name, *sorted(self.adapters)]}")
+        return model
+
+
+# ---- requests -------------------------------------------------------------------------------
+
+
+def _schemas():
+    from pydantic import BaseModel, ConfigDict
+
+    class Common(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        model: str
+        max_tokens: int | None = None
+        temperature: float = 1.0
+        top_p: float = 1.0
+        stop: str | list[str] | None = None
+        seed: int | None = None
+        stream: bool = False
+        stream_options: dict[str, bool] | None = None
+        user: str | None = None
+        # accepted at their neutral values only (refused otherwise, by name)
+        n: int = 1
+        presence_penalty: float = 0.0
+        frequency_penalty: float = 0.0
+        logit_bias: dict[str, float] | None = None
+
+    class Completion(Common):
+        prompt: str | list[str]
+        echo: bool = False
+        best_of: int = 1
+        logprobs: int | None = None
+        suffix: str | None = None
+
+    class Part(BaseModel):
+        type: Literal["text"]
+        text: str
+
+    class Message(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        role: Literal["system", "user", "assistant", "developer"]
+        content: str | list[Part]
+        name: str | None = None
+
+    class Chat(Common):
+        messages: list[Message]
+        max_completion_tokens: int | None = None
+        logprobs: bool = False
+
+    return Completion, Chat
+
+
+_NEUTRAL = {"n": 1, "presence_penalty": 0.0, "frequency_penalty": 0.0, "logit_bias": None, "echo": False,
+            "best_of": 1, "logprobs": None, "suffix": None}
+
+
+def _sampling(body, config: ServeConfig, default_max: int) -> Sampling:
+    for name, neutral in _NEUTRAL.items():
+        value = getattr(body, name, neutral)
+        if not (value is None or value == neutral or value == {} or (name == "logprobs" and value is False)):
+            raise ClientError(400, f"{name}={value!r} is not supported by lorakit serve (leave it out)")
+    max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
+    max_tokens = default_max if max_tokens is None else max_tokens
+    if not 1 <= max_tokens <= config.max_new_tokens:
+        raise ClientError(400, f"max_tokens must be between 1 and {config.max_new_tokens}, got {max_tokens}")
+    if not 0 <= body.temperature <= 2:
+        raise ClientError(400, f"temperature must be between 0 and 2, got {body.temperature}")
+    if not 0 < body.top_p <= 1:
+        raise ClientError(400, f"top_p must be in (0, 1], got {body.top_p}")
+    if body.seed is not None and not 0 <= body.seed < 2**63:
+        raise ClientError(400, f"seed must be a non-negative 64-bit integer, got {body.seed}")
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > 4 or any(not s for s in stop):
+        raise ClientError(400, "stop takes up to 4 non-empty strings")
+    return Sampling(max_tokens, body.temperature, body.top_p, body.seed, tuple(stop))
+
+
+def _check_prompts(prompts: list[list[int]], sampling: Sampling, config: ServeConfig) -> None:
+    for i, ids in enumerate(prompts):
+        if not ids:
+            raise ClientError(400, f"prompt {i} is empty")
+        if len(ids) > config.max_length:
+            raise ClientError(400, f"prompt {i} is {len(ids)} tokens long; the limit is {config.max_length}")
+
+
+class _Run:
+    """The completions of one request: sequences submitted to the scheduler, their events
+    gathered on the event loop."""
+
+    def __init__(self, engine: GenerationEngine, prompts: list[list[int]], adapter: str | None, sampling: Sampling) -> None:
+        self.engine = engine
+        self.events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        self.seqs = [Sequence(ids, adapter, sampling, lambda e, i=i: loop.call_soon_threadsafe(self.events.put_nowait, (i, e)))
+                     for i, ids in enumerate(prompts)]
+        self.open = len(self.seqs)
+        for seq in self.seqs:
+            try:
+                engine.scheduler.submit(seq)
+            except Busy as e:
+                self.cancel()
+                raise ClientError(503, str(e)) from None
+
+    async def __aiter__(self):
+        """``(index, event)`` until every sequence is done (see :class:`Sequence`)."""
+        while self.open:
+            i, event = await self.events.get()
+            if event[0] != "text":
+                self.open -= 1
+            yield i, event
+
+    def cancel(self) -> None:
+        for seq in self.seqs:
+            if not seq.finished:
+                self.engine.scheduler.cancel(seq)
+
+    def usage(self) -> dict[str, int]:
+        prompt = sum(len(s.prompt) for s in self.seqs)
+        completion = sum(s.sampled for s in self.seqs)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _until_disconnect(request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def add_routes(app, engine: GenerationEngine, config: ServeConfig, parse) -> None:
+    """``/v1/completions``, ``/v1/chat/completions`` and ``/v1/models`` on ``app``."""
+    from fastapi import Request
+    from fastapi.responses import StreamingResponse
+
+    Completion, Chat = _schemas()
+    tokenizer = engine.tokenizer
+
+    def encode_prompts(prompts: list[str]) -> list[list[int]]:
+        return [tokenizer(p)["input_ids"] for p in prompts]
+
+    def encode_chat(messages) -> list[list[int]]:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ClientError(400, f"{engine.model_name!r} has no chat template; use /v1/completions")
+        turns = [{"role": m.role, "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
+                 for m in messages]
+        text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        return [tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+    async def respond(request: Request, body, chat: bool):
+        adapter = engine.resolve(body.model)
+        if chat:
+            if not body.messages:
+                raise ClientError(400, "messages is empty")
+            sampling = _sampling(body, config, config.max_new_tokens)
+            prompts = await asyncio.to_thread(encode_chat, body.messages)
+        else:
+            texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+            if not texts or len(texts) > config.max_rows_per_request:
+                limit = config.max_rows_per_request
+                raise ClientError(413 if texts else 400, f"prompt takes 1 to {limit} strings, got {len(texts)}")
+            sampling = _sampling(body, config, 16)
+            if any(len(t) > config.max_length * 32 for t in texts):  # refused before tokenizing
+                raise ClientError(400, f"a prompt is over the limit of {config.max_length} tokens")
+            prompts = await asyncio.to_thread(encode_prompts, texts)
+        _check_prompts(prompts, sampling, config)
+        run = _Run(engine, prompts, adapter, sampling)
+        head = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, "created": int(time.time()), "model": body.model}
+        if body.stream:
+            usage = bool((body.stream_options or {}).get("include_usage"))
+            return StreamingResponse(_stream(run, head, chat, usage), media_type="text/event-stream",
+                                     headers={"cache-control": "no-cache"})
+        return await _complete(request, run, head, chat)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await respond(request, await parse(request, Completion), chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await respond(request, await parse(request, Chat), chat=True)
+
+    @app.get("/v1/models")
+    async def models():
+        names = [engine.model_name, *engine.adapters]
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "lorakit",
+                                            **({"parent": engine.model_name} if n != engine.model_name else {})}
+                                           for n in names]}
+
+
+async def _complete(request, run: _Run, head: dict[str, Any], chat: bool) -> dict[str, Any]:
+    texts = [""] * len(run.seqs)
+    reasons: list[str | None] = [None] * len(run.seqs)
+
+    async def collect():
+        async for i, (kind, value) in run:
+            if kind == "text":
+                texts[i] += value
+            elif kind == "error":
+                raise ClientError(404 if "unloaded" in value else 500, value)
+            else:
+                reasons[i] = value
+
+    # A client that goes away frees its rows at once, not after its completion is done.
+    work, gone = asyncio.ensure_future(collect()), asyncio.ensure_future(_until_disconnect(request))
+    try:
+        await asyncio.wait([work, gone], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+            run.cancel()
+    work.result()
+    if chat:
+        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": r}
+                   for i, (t, r) in enumerate(zip(texts, reasons))]
+    else:
+        choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))]
+    return {**head, "object": "chat.completion" if chat else "text_completion", "choices": choices, "usage": run.usage()}
+
+
+def _sse(payload: dict[str, Any] | str) -> bytes:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n".encode()
+
+
+async def _stream(run: _Run, head: dict[str, Any], chat: bool, usage: bool):
+    """Server-sent events as OpenAI sends them; a client that goes away cancels the run."""
+    head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+
+    def chunk(i: int, text: str | None, reason: str | None) -> bytes:
+        if chat:
+            delta = {} if text is None else {"content": text}
+            choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
+        else:
+            choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": reason}
+        return _sse({**head, "choices": [choice]})
+
+    try:
+        if chat:
+            for i in range(len(run.seqs)):
+                yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                 "logprobs": None, "finish_reason": None}]})
+        async for i, (kind, value) in run:
+            if kind == "text":
+                yield chunk(i, value, None)
+            elif kind == "done":
+                yield chunk(i, None, value)
+            else:
+                yield _sse({"error": {"message": value, "type": "server_error", "code": None}})
+        if usage:
+            yield _sse({**head, "choices": [], "usage": run.usage()})
+        yield _sse("[DONE]")
+    finally:
+        run.cancel()  # a no-op for finished sequences
