@@ -39,13 +39,15 @@ class Busy(Exception):
 class Sampling:
     """How one completion is decoded: ``temperature`` 0 takes the argmax; otherwise a draw
     from ``softmax(logits / temperature)`` cut to the nucleus of mass ``top_p``, from a
-    generator seeded by ``seed`` (None: from torch's global generator)."""
+    generator seeded by ``seed`` (None: from torch's global generator). With ``ignore_eos``
+    a completion runs to ``max_tokens`` (load tests: vLLM's option of the same name)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
 
 
 class Sequence:
@@ -125,20 +127,29 @@ class Scheduler:
         self.inbox.put(("call", fn, args, future))
         return future
 
+    def run_until_done(self) -> None:
+        """Run every submitted sequence to its end on the calling thread (offline use, without :meth:`start`)."""
+        self._drain(block=False)
+        while self.rows or self.waiting:
+            self._step()
+
     # ---- the scheduler's thread ----------------------------------------------------------------
 
     def _loop(self) -> None:
         while not self._stop:
             self._drain(block=not (self.rows or self.waiting))
-            self._admit()
             try:
-                if len(self.rows) > self.running:
-                    self._prefill()
-                if self.running:
-                    self._decode()
+                self._step()
             except Exception as e:  # a bug or out of memory: fail the sequences in flight, keep serving
                 for seq in list(self.rows):
                     self._finish(seq, "error", f"generation failed: {type(e).__name__}: {e}")
+
+    def _step(self) -> None:
+        self._admit()
+        if len(self.rows) > self.running:
+            self._prefill()
+        if self.running:
+            self._decode()
 
     def _drain(self, block: bool) -> None:
         while True:
@@ -237,7 +248,7 @@ class Scheduler:
         """Add ``token``, emit the text that is now certain; the finish reason, if it ends here."""
         reason = None
         seq.sampled += 1
-        if token in self.eos:
+        if token in self.eos and not seq.sampling.ignore_eos:
             reason = "stop"
         else:
             seq.tokens.append(token)

@@ -110,6 +110,7 @@ class LoraLayer(nn.Module):
         self.disabled = False
         self.merged = False
         self.rows: RowPlan | None = None  # set by lorakit.adapter_per_row
+        self._stacked: tuple | None = None  # LoraLinear.add_rows' stacked factors while they stay valid
         self.register_buffer("unmerged_weight", None, persistent=False)
         self.train(base.training)  # a model in eval mode stays in eval mode (no dropout at inference)
 
@@ -134,9 +135,11 @@ class LoraLayer(nn.Module):
         self.lora_B[name] = nn.Parameter(B)
         self.lora_dropout[name] = (nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()).train(self.training)
         self.configs[name] = config
+        self._stacked = None
 
     def remove_adapter(self, name: str) -> None:
         del self.lora_A[name], self.lora_B[name], self.lora_dropout[name], self.configs[name]
+        self._stacked = None
         self.active = tuple(a for a in self.active if a != name)
 
     @property
@@ -303,18 +306,32 @@ class LoraLinear(LoraLayer):
         """
         if not names:
             return out
-        A = [self.lora_A[n] for n in names]
-        B = [self.full_B(n) * self.scaling(n) for n in names]
-        rank = max(a.shape[0] for a in A)
-        As = torch.stack([F.pad(a, (0, 0, 0, rank - a.shape[0])) for a in A] + [A[0].new_zeros(rank, self.in_features)])
-        Bs = torch.stack([F.pad(b, (0, rank - b.shape[1])) for b in B] + [B[0].new_zeros(self.out_features, rank)])
+        As, Bs = self._stacks(names)
         rows = self._rows_dropout(x.to(As.dtype), names, slot).reshape(len(slot), -1, self.in_features)
         h = torch.bmm(rows, As[slot].transpose(1, 2))  # (N, T, rank)
         delta = torch.bmm(h, Bs[slot].transpose(1, 2))  # (N, T, out)
         return out + delta.view(out.shape).to(out.dtype)
 
+    def _stacks(self, names: tuple[str, ...]) -> tuple[Tensor, Tensor]:
+        """``A`` and ``scaling * B`` of ``names`` padded to one rank and stacked, with a zero
+        slot last. Without autograd the stacks are kept for the next call (a server's decode
+        steps) until the adapters or a factor's contents change."""
+        A, B = self.lora_A._parameters, self.lora_B._parameters  # (plain dicts: fast to read at every step)
+        key = (names, tuple(A[n]._version for n in names), tuple(B[n]._version for n in names))
+        if self._stacked is not None and self._stacked[0] == key and not torch.is_grad_enabled():
+            return self._stacked[1]
+        A = [self.lora_A[n] for n in names]
+        B = [self.full_B(n) * self.scaling(n) for n in names]
+        rank = max(a.shape[0] for a in A)
+        As = torch.stack([F.pad(a, (0, 0, 0, rank - a.shape[0])) for a in A] + [A[0].new_zeros(rank, self.in_features)])
+        Bs = torch.stack([F.pad(b, (0, rank - b.shape[1])) for b in B] + [B[0].new_zeros(self.out_features, rank)])
+        self._stacked = None if torch.is_grad_enabled() else (key, (As, Bs))
+        return As, Bs
+
     def _rows_dropout(self, x: Tensor, names: tuple[str, ...], slot: Tensor) -> Tensor:
         """Each row through its adapter's dropout (one call per distinct dropout rate)."""
+        if not self.training:  # dropout is the identity
+            return x
         by_rate: dict[float, list[int]] = {}
         for i, name in enumerate(names):
             by_rate.setdefault(self.configs[name].dropout, []).append(i)

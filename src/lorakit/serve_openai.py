@@ -121,6 +121,7 @@ def _schemas():
         stream: bool = False
         stream_options: dict[str, bool] | None = None
         user: str | None = None
+        ignore_eos: bool = False  # vLLM's extension: run to max_tokens (load tests)
         # accepted at their neutral values only (refused otherwise, by name)
         n: int = 1
         presence_penalty: float = 0.0
@@ -174,7 +175,7 @@ def _sampling(body, config: ServeConfig, default_max: int) -> Sampling:
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > 4 or any(not s for s in stop):
         raise ClientError(400, "stop takes up to 4 non-empty strings")
-    return Sampling(max_tokens, body.temperature, body.top_p, body.seed, tuple(stop))
+    return Sampling(max_tokens, body.temperature, body.top_p, body.seed, tuple(stop), body.ignore_eos)
 
 
 def _check_prompts(prompts: list[list[int]], sampling: Sampling, config: ServeConfig) -> None:

