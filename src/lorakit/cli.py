@@ -258,7 +258,7 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
-_SERVE_KEYS = {"model": None, "adapter": [], "host": "127.0.0.1", "port": 8000, "precision": "auto"}
+_SERVE_KEYS = {"model": None, "adapter": [], "host": "127.0.0.1", "port": 8000, "precision": "auto", "quantize": None}
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -287,7 +287,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be between 1 and 65535, got {values['port']}")
     config = ServeConfig(**{k: values[k] for k in values if k not in _SERVE_KEYS and k != "token"},
                          token=values["token"] or os.environ.get("LORAKIT_TOKEN"))
-    serve(values["model"], adapters, config, values["host"], values["port"], values["precision"])
+    serve(values["model"], adapters, config, values["host"], values["port"], values["precision"], values["quantize"])
     return 0
 
 
@@ -426,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from .serve import ServeConfig
 
-    p = sub.add_parser("serve", help="serve classification adapters on one base model over HTTP (JSON)")
+    p = sub.add_parser("serve", help="serve classification or generation adapters on one base model over HTTP "
+                                     "(JSON; causal LMs: OpenAI's completions API)")
     p.add_argument("--model", help="base model (default: the first adapter's)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=FOLDER",
                    help="an adapter written by lorakit train, served as NAME (repeatable)")
@@ -444,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument(flag, type=hints[f.name], help=help_text)
     p.add_argument("--precision", choices=["fp32", "bf16", "auto"],
                    help="bf16: autocast (AMX / AVX-512 bf16 matmuls); auto (default): bf16 where the CPU/GPU has it natively")
+    p.add_argument("--quantize", choices=["int8"], help="causal LMs: int8 weights for the base's unadapted linear "
+                                                        "layers (bf16 precision only; faster decoding, near-equal outputs)")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("sweep", help="train LoRA at several placements / ranks (paper Tables 5 and 6)")

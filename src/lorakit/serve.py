@@ -572,7 +572,7 @@ def create_app(engine, config: ServeConfig | None = None, adapters: dict[str, st
 
 
 def serve(model: str | None, adapters: dict[str, str], config: ServeConfig, host: str, port: int,
-          precision: str = "auto") -> None:
+          precision: str = "auto", quantize: str | None = None) -> None:
     """Load the model and adapters and serve until interrupted."""
     import uvicorn
 
@@ -585,14 +585,14 @@ def serve(model: str | None, adapters: dict[str, str], config: ServeConfig, host
         if info is None or not info.is_file():
             raise ValueError("name the base model with --model (no adapter with a task.json to read it from)")
         model = json.loads(info.read_text())["model"]
-    engine = _engine(model, config, precision)
+    engine = _engine(model, config, precision, quantize)
     app = create_app(engine, config, adapters)
     print(f"lorakit serve: {model} ({engine.precision}) with adapters {sorted(adapters) or 'none'} "
           f"on http://{host}:{port}", flush=True)
     uvicorn.run(app, **uvicorn_options(config), host=host, port=port, log_level="warning")
 
 
-def _engine(model: str, config: ServeConfig, precision: str):
+def _engine(model: str, config: ServeConfig, precision: str, quantize: str | None = None):
     """A :class:`GenerationEngine` for a causal LM, else a classification :class:`Engine`."""
     from transformers import AutoConfig
 
@@ -600,7 +600,9 @@ def _engine(model: str, config: ServeConfig, precision: str):
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
         from .serve_openai import GenerationEngine
 
-        return GenerationEngine(model, config, precision)
+        return GenerationEngine(model, config, precision, quantize)
+    if quantize:
+        raise ValueError("--quantize applies to causal LMs (generation) only")
     return Engine(model, precision)
 
 

@@ -42,11 +42,22 @@ class GenAdapter:
 
 
 class GenerationEngine:
-    """A causal LM, its adapters and the :class:`Scheduler` that runs them."""
+    """A causal LM, its adapters and the :class:`Scheduler` that runs them.
 
-    def __init__(self, model_name: str, config: ServeConfig, precision: str = "auto") -> None:
+    ``quantize="int8"`` stores the base's linear layers as int8 (:mod:`lorakit.quantize`,
+    bf16 only) when the server starts: the layers adapted by the adapters loaded by then
+    stay as they are, and adapters loaded later must target those same layers.
+    """
+
+    def __init__(self, model_name: str, config: ServeConfig, precision: str = "auto", quantize: str | None = None) -> None:
         self.model_name = model_name
         self.precision = resolve_precision(precision)
+        if quantize not in (None, "int8"):
+            raise ValueError(f"--quantize takes int8, got {quantize!r}")
+        if quantize and self.precision != "bf16":
+            raise ValueError("--quantize int8 computes in bf16: use --precision bf16 (on a CPU with native bf16: "
+                             "avx512_bf16 or amx; elsewhere it is slower than fp32)")
+        self.quantize = quantize
         self.tokenizer, model = load_causal_lm(model_name)
         if self.precision == "bf16":  # weights in bf16: autocast would convert them at every step
             model.to(torch.bfloat16)
@@ -63,6 +74,10 @@ class GenerationEngine:
         return await asyncio.wrap_future(self.scheduler.call(fn, *args))
 
     def start(self) -> None:
+        if self.quantize:
+            from .quantize import quantize_int8
+
+            quantize_int8(self.model)
         self.scheduler.start()
 
     def stop(self) -> None:
@@ -84,7 +99,9 @@ class GenerationEngine:
                                        f"{self.model_name!r}")
             load_adapter(self.model, folder, name)
         except (ValueError, TypeError, RuntimeError, MemoryError) as e:
-            raise ClientError(400, " ".join(str(e).split())[:1000]) from None
+            hint = " (the server's int8 layers take no new adapters: adapt the layers the start-up adapters adapt)" \
+                if self.quantize else ""
+            raise ClientError(400, " ".join(str(e).split())[:1000] + hint) from None
         self.adapters[name] = GenAdapter(name, str(folder), task or info.get("task"))
         return self.adapters[name]
 
