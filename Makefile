@@ -48,6 +48,7 @@ bench: install
 	$(BENCH_ENV) $(PY) bench/lm_step.py
 	$(BENCH_ENV) $(PY) bench/lm_step.py --memory
 	$(BENCH_ENV) $(PY) bench/generation.py
+	$(BENCH_ENV) $(PY) bench/serve_gen.py
 	$(PY) bench/report.py
 
 bench-quick: install
@@ -61,4 +62,5 @@ bench-quick: install
 	$(BENCH_ENV) $(PY) bench/lm_step.py --quick
 	$(BENCH_ENV) $(PY) bench/lm_step.py --quick --memory
 	$(BENCH_ENV) $(PY) bench/generation.py --quick
+	$(BENCH_ENV) $(PY) bench/serve_gen.py --quick
 	$(PY) bench/report.py

@@ -101,6 +101,30 @@ def serve(r: dict) -> list[str]:
     return rows
 
 
+def serve_gen(r: dict) -> list[str]:
+    res, cfg = r["results"], r["config"]
+    off = res["offline"]
+    rows = [f"model: {cfg['model']}, {cfg['adapters']} adapters r={cfg['r']} q/v, {cfg['max_tokens']} new tokens per "
+            f"request (greedy, ignore_eos), server precision {cfg['precision']}, {cfg['seconds']} s x {cfg['rounds']} "
+            f"rounds per case, CPU flags {', '.join(cfg['cpu_flags'])}", "",
+            "| clients | case | tokens/s | TTFT p50 ms | TTFT p99 ms | per token p50 ms | per token p99 ms | failed |",
+            "|---|---|---|---|---|---|---|---|"]
+    for clients, v in res.items():
+        if clients.startswith("clients_"):
+            rows += [f"| {clients.split('_')[1]} | {case} | {c['tokens_per_s']:.1f} | {c['ttft_p50_ms']:.0f} | "
+                     f"{c['ttft_p99_ms']:.0f} | {c['per_token_p50_ms']:.1f} | {c['per_token_p99_ms']:.1f} | {c['failed']} |"
+                     for case, c in v["cases"].items()]
+    names = sorted({k for c, v in res.items() if c.startswith("clients_") for k in v["ratios"]})
+    rows += ["", "| clients | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    rows += [f"| {c.split('_')[1]} | " + " | ".join(_ratio(v["ratios"], k) for k in names) + " |"
+             for c, v in res.items() if c.startswith("clients_")]
+    rows += ["", f"Offline, one batch of {cfg['adapters']} prompts over {cfg['adapters']} adapters, fp32: lorakit scheduler "
+             f"{off['cases']['lorakit']['tokens_per_s']:.0f} tokens/s, PEFT `generate(adapter_names=...)` "
+             f"{off['cases']['peft']['tokens_per_s']:.0f} tokens/s (ratio {off['lorakit/peft tokens/s']:.3f}); greedy "
+             f"completions identical for {off['identical_completions']} of {cfg['adapters']}."]
+    return rows
+
+
 def _ratio_rows(ratios: dict[str, float]) -> list[str]:
     return ["", "| ratio | value |", "|---|---|", *[f"| {k} | {v:.3f} |" for k, v in ratios.items()]]
 
@@ -144,7 +168,9 @@ SECTIONS = [("train_step", "Training step (batch 16 x 128, forward + backward + 
             ("lm_step", "Causal-LM training step on real E2E batches of 8, r=4 q/v, label smoothing 0.1 "
              "(lorakit train vs a PEFT user's step)", lm_step),
             ("lm_memory", "Causal-LM training peak memory, as above, each case in its own process", lm_memory),
-            ("generation", "Generation latency, batch 1, greedy, fixed new tokens, E2E dev prompts", generation)]
+            ("generation", "Generation latency, batch 1, greedy, fixed new tokens, E2E dev prompts", generation),
+            ("serve_gen", "lorakit serve with a causal LM: OpenAI completions, continuous batching over adapters",
+             serve_gen)]
 # Records written by a script run with flags (default: bench/<record>.py).
 COMMANDS = {"serve_bf16": "serve.py --precision bf16", "lm_memory": "lm_step.py --memory"}
 
@@ -183,6 +209,21 @@ TARGETS = [
     ("Causal-LM train step lorakit --gradient-checkpointing / PEFT (reported, no target)", "lm_step",
      ("ratios", "lorakit_ckpt/peft"), None),
     ("Merged LoRA generation latency / base, batch 1", "generation", ("ratios_to_base", "merged"), ("<=", 1.01)),
+    # Issue #16: the generation server (SmolLM2-135M, 32 adapters r=4 q/v).
+    ("Generation server, 32 clients over 32 adapters: tokens/s / all on one adapter", "serve_gen",
+     ("clients_32", "ratios", "spread/one"), (">=", 0.90)),
+    ("Generation server, 32 clients: tokens/s / same server without batching", "serve_gen",
+     ("clients_32", "ratios", "spread/nobatch"), (">=", 4.0)),
+    ("Scheduler / PEFT generate(adapter_names), 32 prompts over 32 adapters (fp32)", "serve_gen",
+     ("offline", "lorakit/peft tokens/s"), (">=", 1.3)),
+    ("Generation server, 32 clients: tokens/s / llama.cpp llama-server -np 32", "serve_gen",
+     ("clients_32", "ratios", "spread/llamacpp"), (">=", 1.0)),
+    ("Generation server --quantize int8, 32 clients: tokens/s / llama.cpp", "serve_gen",
+     ("clients_32", "ratios", "int8/llamacpp"), (">=", 1.0)),
+    ("Single stream (1 client): tokens/s / llama.cpp", "serve_gen", ("clients_1", "ratios", "spread/llamacpp"),
+     (">=", 0.5)),
+    ("Single stream --quantize int8: tokens/s / llama.cpp", "serve_gen", ("clients_1", "ratios", "int8/llamacpp"),
+     (">=", 0.5)),
 ]
 
 

@@ -8,6 +8,8 @@ completion has the same length whatever the adapter). Cases, alternated in each 
 - ``spread``: request i names adapter a{i mod 32} (32 random r=4 q/v adapters);
 - ``one``: every request names a0 (same server);
 - ``nobatch``: as ``spread``, against a server started with ``--no-batching``;
+- ``int8``: as ``spread``, against a server started with ``--quantize int8`` (only where the
+  CPU has native bf16: the int8 path computes in bf16);
 - ``llamacpp``: llama.cpp's ``llama-server`` on the Q4_1 GGUF the lorakit model is
   dequantized from, ``-np 32`` parallel slots (continuous batching), no adapter; only if a
   ``llama-server`` binary is given (``--llama-server``, ``$LLAMA_SERVER``) or built under
@@ -41,6 +43,7 @@ import torch
 import lorakit
 from lorakit.benchtools import write_record
 from lorakit.models import cache_dir, resolve_model
+from lorakit.precision import resolve_precision
 from lorakit.tasks.lm import load_causal_lm, read_e2e
 from serve import _free_port, server
 
@@ -247,6 +250,9 @@ def run(model: str = "smollm2", adapters: int = 32, concurrency: tuple[int, ...]
         unbatched = stack.enter_context(server(model, paths, *flags, "--no-batching"))
         cases = {"spread": (batched, lambda i: f"a{i % adapters}"), "one": (batched, lambda i: "a0"),
                  "nobatch": (unbatched, lambda i: f"a{i % adapters}")}
+        if resolve_precision(precision) == "bf16":
+            bf16 = ("--precision", "bf16", *flags[2:])
+            cases["int8"] = (stack.enter_context(server(model, paths, *bf16, "--quantize", "int8")), cases["spread"][1])
         if llama_binary:
             url = stack.enter_context(llama_server(llama_binary, smollm2_gguf(), max(concurrency), 256, threads))
             cases["llamacpp"] = (url, lambda i: "base")
@@ -272,7 +278,8 @@ def run(model: str = "smollm2", adapters: int = 32, concurrency: tuple[int, ...]
                 return None
             return statistics.median(x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(s[a], s[b]))
 
-        ratios = {f"spread/{b}": ratio("spread", b) for b in ("one", "nobatch", "llamacpp")}
+        pairs = [("spread", "one"), ("spread", "nobatch"), ("spread", "llamacpp"), ("int8", "llamacpp"), ("int8", "spread")]
+        ratios = {f"{a}/{b}": ratio(a, b) for a, b in pairs}
         results[f"clients_{c}"] = {"cases": per_case, "ratios": {k: v for k, v in ratios.items() if v is not None}}
         print(f"{c} clients: " + "; ".join(f"{k} {v['tokens_per_s']:.0f} tok/s, TTFT p50 {v['ttft_p50_ms']:.0f} "
                                              f"p99 {v['ttft_p99_ms']:.0f} ms, per token p50 {v['per_token_p50_ms']:.1f} "

@@ -147,13 +147,16 @@ def test_serve_reads_a_config_file_and_flags_override_it(tmp_path, capsys, monke
     from lorakit import serve as serve_module
 
     seen = {}
-    monkeypatch.setattr(serve_module, "serve", lambda model, adapters, config, host, port, precision: seen.update(
-        model=model, adapters=adapters, config=config, host=host, port=port, precision=precision))
+    monkeypatch.setattr(serve_module, "serve", lambda model, adapters, config, host, port, precision, quantize: seen.update(
+        model=model, adapters=adapters, config=config, host=host, port=port, precision=precision, quantize=quantize))
     settings = tmp_path / "serve.yaml"
     settings.write_text("model: minilm\nadapter: {a: /x/a, b: /x/b}\nport: 9000\nmax_queue: 7\nprecision: fp32\n")
     assert cli.main(["serve", "--config", str(settings), "--max-queue", "9"]) == 0
     assert seen["adapters"] == {"a": "/x/a", "b": "/x/b"} and seen["port"] == 9000 and seen["precision"] == "fp32"
     assert seen["config"].max_queue == 9 and seen["config"].max_batch_rows == 64  # the flag wins; defaults fill in
+    assert seen["quantize"] is None
+    assert cli.main(["serve", "--config", str(settings), "--quantize", "int8", "--prefill-chunk", "64"]) == 0
+    assert seen["quantize"] == "int8" and seen["config"].prefill_chunk == 64
     settings.write_text("max_queue: 0\n")
     _one_line_error(capsys, ["serve", "--config", str(settings)], "max_queue must be a positive integer, got 0")
     settings.write_text("workers: 4\n")

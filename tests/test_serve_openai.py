@@ -369,7 +369,7 @@ def test_rows_stay_compact_as_sequences_leave_in_any_order(lm):
 def test_decoder_refuses_other_architectures():
     from transformers import BertConfig, BertForMaskedLM
 
-    with pytest.raises(ValueError, match="Llama-style decoders and GPT-2, not BertForMaskedLM"):
+    with pytest.raises(ValueError, match=r"Llama-style decoders \(llama, mistral, qwen2\) and GPT-2, not BertForMaskedLM"):
         Decoder(BertForMaskedLM(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)))
 
 
@@ -418,3 +418,23 @@ def test_quantized_engine_keeps_adapted_layers_and_refuses_new_targets(lm):
         r = client.post("/v1/adapters", json={"name": "wide", "path": folders["wide"]})  # every linear layer
         assert r.status_code == 400 and "int8 layers take no new adapters" in r.json()["error"]
         assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [model_dir, "small", "mid"]
+
+
+def test_a_failing_forward_ends_its_requests_with_500_and_the_server_goes_on(lm):
+    model_dir, folders = lm
+    config = ServeConfig(max_length=64, max_new_tokens=16)
+    engine = GenerationEngine(model_dir, config, "fp32")
+    forward, calls = engine.scheduler.decoder.forward, []
+
+    def flaky(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory (simulated)")
+        return forward(*args)
+
+    engine.scheduler.decoder.forward = flaky
+    with running(create_app(engine, config, folders)) as client:
+        r = client.post("/v1/completions", json={"model": "small", "prompt": "x", "max_tokens": 8, "ignore_eos": True})
+        assert r.status_code == 500 and "out of memory (simulated)" in r.json()["error"]["message"]
+        events = _stream(client, "/v1/completions", {"model": "small", "prompt": "x", "max_tokens": 8, "ignore_eos": True})
+        assert events[-1]["choices"][0]["finish_reason"] == "length" and client.get("/healthz").json()["running"] == 0

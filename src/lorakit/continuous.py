@@ -54,7 +54,8 @@ class Sequence:
     """One completion: its prompt, adapter (None: the base model) and decoding, and how far it got.
 
     ``emit`` receives, on the scheduler's thread, ``("text", delta)`` events, then one
-    ``("done", finish_reason)`` (``"stop"`` or ``"length"``) or ``("error", message)``.
+    ``("done", finish_reason)`` (``"stop"`` or ``"length"``) or ``("error", (status, message))``
+    with an HTTP status (404: its adapter was unloaded, 500: the forward pass failed).
     """
 
     def __init__(self, prompt: list[int], adapter: str | None, sampling: Sampling,
@@ -137,12 +138,14 @@ class Scheduler:
 
     def _loop(self) -> None:
         while not self._stop:
-            self._drain(block=not (self.rows or self.waiting))
             try:
+                self._drain(block=not (self.rows or self.waiting))
                 self._step()
             except Exception as e:  # a bug or out of memory: fail the sequences in flight, keep serving
-                for seq in list(self.rows):
-                    self._finish(seq, "error", f"generation failed: {type(e).__name__}: {e}")
+                failed, self.rows, self.running = self.rows, [], 0
+                for seq in failed:
+                    seq.row = -1
+                    self._fail(seq, 500, f"generation failed: {type(e).__name__}: {e}")
 
     def _step(self) -> None:
         self._admit()
@@ -268,26 +271,31 @@ class Scheduler:
             seq.sent = end
         return reason
 
-    def _finish(self, seq: Sequence, reason: str, message: str | None = None) -> None:
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self._end(seq, ("done", reason))
+
+    def _fail(self, seq: Sequence, status: int, message: str) -> None:
+        self._end(seq, ("error", (status, message)))
+
+    def _end(self, seq: Sequence, event: tuple[str, Any]) -> None:
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+            self._dequeued()
         if seq.row >= 0:
             self._remove(seq)
         seq.finished = True
-        seq.emit(("error", message) if reason == "error" else ("done", reason))
+        seq.emit(event)
 
-    def retire(self, predicate: Callable[[Sequence], bool], message: str) -> None:
-        """End every queued or running sequence for which ``predicate`` holds, with an error
+    def retire(self, predicate: Callable[[Sequence], bool], status: int, message: str) -> None:
+        """End every queued or running sequence for which ``predicate`` holds with an error
         (on the scheduler's thread: from a function given to :meth:`call`)."""
-        for seq in [s for s in self.waiting if predicate(s)]:
-            self.waiting.remove(seq)
-            self._dequeued()
-            self._finish(seq, "error", message)
-        for seq in [s for s in self.rows if predicate(s)]:
-            self._finish(seq, "error", message)
+        for seq in [s for s in [*self.waiting, *self.rows] if predicate(s)]:
+            self._fail(seq, status, message)
 
     def _remove(self, seq: Sequence) -> None:
         """Free ``seq``'s row, keeping the rows compact and in order: running rows fill the gap
         with the last running one; the prefilling rows then move down by one."""
-        i = seq.row
+        i, seq.row = seq.row, -1
         if i < self.running:
             last = self.running - 1
             if i != last:
@@ -297,11 +305,11 @@ class Scheduler:
         for j in range(i + 1, len(self.rows)):
             self._move(j, j - 1)
         self.rows.pop()
-        seq.row = -1
 
     def _move(self, src: int, dst: int) -> None:
         seq = self.rows[src]
-        self.cache.move(src, dst, seq.length)
+        if seq.length:  # (a row not prefilled yet may lie past the cache's rows so far)
+            self.cache.move(src, dst, seq.length)
         self.rows[dst] = seq
         seq.row = dst
 

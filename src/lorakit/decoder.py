@@ -6,8 +6,8 @@ all of them by a token, whatever their lengths. The model's own modules do the w
 projections with their LoRA layers, MLPs, rotary embeddings); this module only replaces
 transformers' cache and mask machinery, whose per-step overhead dominates decoding on a CPU.
 
-Supported: Llama-style decoders (Llama, Mistral, Qwen2, SmolLM: ``model.layers[i].self_attn
-.{q,k,v,o}_proj``) and GPT-2. Sliding-window attention is not implemented (refused).
+Supported (by ``config.model_type``): Llama-style decoders (``llama`` — SmolLM too —,
+``mistral``, ``qwen2``) and ``gpt2``. Sliding-window attention is not implemented (refused).
 """
 
 from __future__ import annotations
@@ -20,35 +20,39 @@ __all__ = ["RowCache", "Decoder"]
 
 
 class RowCache:
-    """Keys and values of up to ``rows`` sequences: per layer ``(rows, kv_heads, capacity, head_dim)``.
+    """Keys and values of up to ``max_rows`` sequences: per layer ``(rows, kv_heads, capacity, head_dim)``.
 
-    ``capacity`` grows (doubling, up to ``max_length``) as sequences get longer.
+    Rows and capacity grow (doubling, up to ``max_rows`` and ``max_length``) as sequences
+    arrive and get longer: memory follows the load, not the limits.
     """
 
-    def __init__(self, layers: int, rows: int, kv_heads: int, head_dim: int, max_length: int,
-                 dtype: torch.dtype, device: torch.device, capacity: int = 256) -> None:
-        self.shape = (rows, kv_heads, min(capacity, max_length), head_dim)
-        self.max_length = max_length
-        self.k = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.v = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in range(layers)]
+    def __init__(self, layers: int, max_rows: int, kv_heads: int, head_dim: int, max_length: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.max_rows, self.max_length = max_rows, max_length
+        shape = (min(4, max_rows), kv_heads, min(64, max_length), head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
 
     @property
     def capacity(self) -> int:
         return self.k[0].shape[2]
 
-    def reserve(self, length: int) -> None:
-        """Make room for ``length`` positions in every row."""
-        if length <= self.capacity:
+    def reserve(self, rows: int, length: int) -> None:
+        """Make room for ``rows`` rows of ``length`` positions."""
+        have_rows, have = self.k[0].shape[0], self.capacity
+        if rows <= have_rows and length <= have:
             return
-        if length > self.max_length:
-            raise ValueError(f"{length} positions exceed the cache's max_length {self.max_length}")
-        capacity = min(max(length, 2 * self.capacity), self.max_length)
+        if rows > self.max_rows or length > self.max_length:
+            raise ValueError(f"{rows} rows of {length} positions exceed the cache's {self.max_rows} x {self.max_length}")
+        rows = have_rows if rows <= have_rows else min(max(rows, 2 * have_rows), self.max_rows)
+        length = have if length <= have else min(max(length, 2 * have), self.max_length)
         for cache in (self.k, self.v):
             for i, old in enumerate(cache):
-                new = old.new_zeros(old.shape[0], old.shape[1], capacity, old.shape[3])
-                new[:, :, : old.shape[2]] = old
+                new = old.new_zeros(rows, old.shape[1], length, old.shape[3])
+                new[: old.shape[0], :, : old.shape[2]] = old
                 cache[i] = new
 
+    @torch.inference_mode()  # (the tensors are made in inference mode, within a forward)
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy the first ``length`` positions of row ``src`` into row ``dst``."""
         for cache in (self.k, self.v):
@@ -68,22 +72,23 @@ class Decoder:
 
     def __init__(self, model: nn.Module) -> None:
         config = model.config
+        kind = getattr(config, "model_type", None)
+        if kind not in ("llama", "mistral", "qwen2", "gpt2"):
+            raise ValueError(f"lorakit serve generates with Llama-style decoders (llama, mistral, qwen2) and GPT-2, "
+                             f"not {type(model).__name__} (model_type {kind!r})")
         if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-            raise ValueError(f"{config.model_type}: sliding-window attention is not supported by lorakit serve")
+            raise ValueError(f"{kind}: sliding-window attention is not supported by lorakit serve")
         self.model = model
         self.config = config
-        if hasattr(model, "transformer") and hasattr(model.transformer, "h"):  # GPT-2
+        if kind == "gpt2":
             self.kind = "gpt2"
             self.layers = list(model.transformer.h)
             self.heads = self.kv_heads = config.n_head
             self.head_dim = config.n_embd // config.n_head
             self.max_positions = config.n_positions
-        elif hasattr(model, "model") and hasattr(model.model, "layers") and hasattr(model.model.layers[0], "self_attn"):
+        else:
             self.kind = "llama"
             self.layers = list(model.model.layers)
-            attn = self.layers[0].self_attn
-            if not all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
-                raise ValueError(f"{type(model).__name__}: expected attention projections q_proj, k_proj, v_proj, o_proj")
             self.heads = config.num_attention_heads
             self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
             self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
@@ -91,8 +96,6 @@ class Decoder:
             from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
             self._rope = apply_rotary_pos_emb
-        else:
-            raise ValueError(f"lorakit serve generates with Llama-style decoders and GPT-2, not {type(model).__name__}")
 
     def cache(self, rows: int, max_length: int, dtype: torch.dtype | None = None) -> RowCache:
         dtype = dtype or next(self.model.parameters()).dtype
@@ -105,7 +108,7 @@ class Decoder:
         # (B, T); a padding token past the cache's end writes (garbage) into its last position instead
         positions = (start[:, None] + torch.arange(T, device=ids.device)).clamp(max=cache.max_length - 1)
         end = int(positions.max()) + 1
-        cache.reserve(end)
+        cache.reserve(rows.stop, end)
         # mask[b, 0, t, j]: query t of row b sees cache position j (its own past and itself)
         mask = (torch.arange(end, device=ids.device) <= positions[:, :, None])[:, None]
         where = (torch.arange(B, device=ids.device)[:, None].expand(B, T), positions)

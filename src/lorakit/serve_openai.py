@@ -108,7 +108,7 @@ class GenerationEngine:
     def unload(self, name: str) -> None:
         if name not in self.adapters:
             raise ClientError(404, f"no adapter named {name!r}; loaded: {sorted(self.adapters)}")
-        self.scheduler.retire(lambda s: s.adapter == name, f"adapter {name!r} was unloaded")
+        self.scheduler.retire(lambda s: s.adapter == name, 404, f"adapter {name!r} was unloaded")
         del self.adapters[name]
         remove_adapter(self.model, name)
 
@@ -314,7 +314,7 @@ async def _complete(request, run: _Run, head: dict[str, Any], chat: bool) -> dic
             if kind == "text":
                 texts[i] += value
             elif kind == "error":
-                raise ClientError(404 if "unloaded" in value else 500, value)
+                raise ClientError(*value)
             else:
                 reasons[i] = value
 
@@ -363,7 +363,9 @@ async def _stream(run: _Run, head: dict[str, Any], chat: bool, usage: bool):
             elif kind == "done":
                 yield chunk(i, None, value)
             else:
-                yield _sse({"error": {"message": value, "type": "server_error", "code": None}})
+                status, message = value
+                kind = "invalid_request_error" if status < 500 else "server_error"
+                yield _sse({"error": {"message": message, "type": kind, "code": status}})
         if usage:
             yield _sse({**head, "choices": [], "usage": run.usage()})
         yield _sse("[DONE]")
