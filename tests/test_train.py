@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import GLUE
+from helpers import GLUE, tiny_bert, tiny_roberta
 from lorakit import checkpoint, data, train
 from lorakit.baselines import freeze_for
-from lorakit.tasks.glue import load_classifier
+from lorakit.tasks.glue import load_classifier, mean_pooling
 
 pytestmark = pytest.mark.skipif(not GLUE.is_dir(), reason="../shared/data/glue not present")
 
@@ -202,3 +202,51 @@ def test_report_to_tensorboard_writes_readable_scalars(tiny_model, tmp_path, mon
     monkeypatch.setitem(__import__("sys").modules, "torch.utils.tensorboard", None)  # as if not installed
     with pytest.raises(ValueError, match="needs the tensorboard package: pip install tensorboard"):
         train.train(_cfg(tiny_model, tmp_path / "other", report_to="tensorboard"), seed=0)
+
+
+def _tiny_mpnet():
+    from transformers import MPNetConfig, MPNetForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = MPNetConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
+    return MPNetForSequenceClassification(cfg).eval()
+
+
+@pytest.mark.parametrize("make", [tiny_bert, tiny_roberta, _tiny_mpnet], ids=["bert", "roberta", "mpnet"])
+def test_mean_pooling_feeds_the_head_the_masked_mean(make):
+    model = make()
+    ids = torch.tensor([[5, 6, 7, 8, 9], [5, 10, 11, 1, 1]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        hidden = model.base_model(ids, attention_mask=mask).last_hidden_state
+        keep = mask[..., None].float()
+        mean = (hidden * keep).sum(1) / keep.sum(1)
+        cls_logits = model(ids, attention_mask=mask).logits
+        if hasattr(model, "bert"):  # BERT: pooler (dense + tanh) on position 0, then the classifier
+            want = model.classifier(model.bert.pooler.activation(model.bert.pooler.dense(mean)))
+        else:  # RoBERTa / MPNet: the head reads features[:, 0]
+            want = model.classifier(mean[:, None])
+        mean_pooling(model)
+        got = model(ids, attention_mask=mask).logits
+        alone = model(ids[1:, :3], attention_mask=mask[1:, :3]).logits  # padding changes nothing
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(alone, got[1:], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, cls_logits)
+
+
+def test_pooling_is_trained_recorded_and_reloaded(tiny_model, tmp_path, capsys):
+    from lorakit.cli import main
+    from lorakit.tasks import lm
+
+    train.train_seeds(_cfg(tiny_model, tmp_path, epochs=1, pooling="mean"))
+    run = tmp_path / "mrpc" / "seed0"
+    assert json.loads((run / "adapter" / "task.json").read_text())["pooling"] == "mean"
+    best = json.loads((run / "summary.json").read_text())["best"]["dev"]["accuracy"]
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(run / "adapter"), "--data-dir", str(GLUE), "--max-examples", "24",
+                 "--max-length", "48"]) == 0
+    assert f"{best:.2f}" in capsys.readouterr().out  # reloaded with mean pooling: the same dev accuracy
+    with pytest.raises(ValueError, match="pooling must be 'cls' or 'mean'"):
+        train.resolve_config(None, task="mrpc", pooling="max")
+    with pytest.raises(ValueError, match="--pooling applies to classifiers"):
+        lm.create(train.resolve_config(None, task="e2e", pooling="mean"))

@@ -93,7 +93,7 @@ def _load_adapted(args: argparse.Namespace):
     if _is_lm(info["task"]):
         tokenizer, model = lm.load_causal_lm(info["model"])
     else:
-        tokenizer, model = glue.load_classifier(info["model"], data.get_task(info["task"]))
+        tokenizer, model = glue.load_classifier(info["model"], data.get_task(info["task"]), info.get("pooling", "cls"))
     if (Path(args.adapter) / "trainable.safetensors").is_file():
         _load_trained(model, Path(args.adapter), info)
     else:

@@ -146,6 +146,9 @@ class Engine:
         folder = adapter_folder(path)
         info = task_info(folder)
         task = task or info.get("task")
+        if info.get("pooling", "cls") != "cls":
+            raise ClientError(400, f"adapter {name!r} was trained with {info['pooling']} pooling; the server's "
+                                   f"classifiers read the first token (use lorakit eval for it)")
         if not task:
             raise ClientError(400, f"{str(folder)[:200]!r} has no task.json; give the adapter's GLUE task")
         trained_on = info.get("model")

@@ -63,6 +63,8 @@ class TrainConfig:
     batch_size: int = _opt(16, "training batch size")
     lr: float = _opt(4e-4, "peak learning rate (AdamW, linear warm-up then linear decay)")
     max_length: int = _opt(128, "truncate examples to this many tokens (batches are padded dynamically)")
+    pooling: str = _opt("cls", "classifiers: the head reads the first token (cls, the model's own) or the masked "
+                               "mean of the last hidden states (mean: how sentence embedders were trained)")
     warmup_ratio: float = _opt(0.06, "fraction of steps spent warming up the learning rate")
     warmup_steps: int | None = _opt(None, "warm-up steps (overrides --warmup-ratio)")
     weight_decay: float = _opt(0.1, "AdamW weight decay on matrices (not on biases or norms)")
@@ -112,6 +114,8 @@ class TrainConfig:
             raise ValueError(f"prompt_format must be 'plain' or 'chat', got {self.prompt_format!r}")
         if self.report_to not in runfiles.REPORT_TO:
             raise ValueError(f"report_to must be one of {runfiles.REPORT_TO}, got {self.report_to!r}")
+        if self.pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling must be 'cls' or 'mean', got {self.pooling!r}")
         if self.decoding not in ("greedy", "paper"):
             raise ValueError(f"decoding must be 'greedy' or 'paper', got {self.decoding!r}")
 

@@ -14,7 +14,10 @@ from ..metrics import compute_metrics
 from ..models import resolve_model
 from . import Split
 
-__all__ = ["GlueTask", "load_classifier", "tokenize", "evaluate", "create", "presets", "canonical_name"]
+__all__ = ["GlueTask", "load_classifier", "mean_pooling", "tokenize", "evaluate", "create", "presets", "canonical_name",
+           "POOLINGS"]
+
+POOLINGS = ("cls", "mean")
 
 # Table 9 of the paper (RoBERTa-base, LoRA): batch size, epochs, learning rate per task;
 # r = 8, alpha = 16 (the official scripts), max length 512, warm-up 0.06, AdamW.
@@ -36,8 +39,11 @@ def canonical_name(name: str) -> str:
     return data.get_task(name).name
 
 
-def load_classifier(model_name: str, task: data.Task):
-    """Tokenizer and sequence-classification model for ``task`` (regression for STS-B)."""
+def load_classifier(model_name: str, task: data.Task, pooling: str = "cls"):
+    """Tokenizer and sequence-classification model for ``task`` (regression for STS-B); the
+    head reads the first token (``cls``, the model's own) or the masked mean (``mean``)."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging
 
@@ -49,8 +55,38 @@ def load_classifier(model_name: str, task: data.Task):
         path, num_labels=task.num_labels, problem_type="regression" if task.labels is None else None,
         ignore_mismatched_sizes=True,  # a folder with another task's head gets a fresh one
     )
-    return tokenizer, model
+    return tokenizer, mean_pooling(model) if pooling == "mean" else model
 
+
+def mean_pooling(model: nn.Module) -> nn.Module:
+    """Make the classification head of ``model`` (in place) read the mean of the last hidden
+    states over the tokens its ``attention_mask`` keeps, instead of the first token: how
+    sentence embedders such as all-MiniLM-L6-v2 and all-mpnet-base-v2 were trained.
+
+    The encoder's output gets the mean in its first position, which every HF head reads
+    (BERT's pooler, RoBERTa's and MPNet's classification heads), so the head itself and the
+    model's files are unchanged; the pooling is recorded in the run's ``task.json``.
+    """
+    base = model.base_model
+    encoder = getattr(base, "encoder", None)
+    if base is model or not isinstance(encoder, nn.Module):
+        raise ValueError(f"mean pooling needs an encoder classifier (model.<base>.encoder), not {type(model).__name__}")
+    mask: list[torch.Tensor | None] = [None]
+
+    def keep_mask(module, args, kwargs):
+        mask[0] = kwargs.get("attention_mask")
+
+    def pool(module, args, output):
+        hidden = output[0]
+        keep = torch.ones(hidden.shape[:2], device=hidden.device) if mask[0] is None else mask[0]
+        keep = keep.to(hidden.dtype).unsqueeze(-1)
+        mean = (hidden * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp(min=1)
+        output.last_hidden_state = torch.cat([mean, hidden[:, 1:]], dim=1)
+        return output
+
+    base.register_forward_pre_hook(keep_mask, with_kwargs=True)
+    encoder.register_forward_hook(pool)
+    return model
 
 def tokenize(tokenizer, examples: list[data.Example], max_length: int) -> Split:
     """Tokenise examples (pairs as two segments), truncated to ``max_length``; targets are the labels."""
@@ -118,7 +154,7 @@ class GlueTask:
         self.pad_id = 0
 
     def load_model(self, model_name: str):
-        tokenizer, model = load_classifier(model_name, self.task)
+        tokenizer, model = load_classifier(model_name, self.task, self.cfg.pooling)
         self.pad_id = tokenizer.pad_token_id or 0
         return tokenizer, model
 
@@ -146,7 +182,7 @@ class GlueTask:
                 for s, split in dev.items()}
 
     def info(self) -> dict[str, Any]:
-        return {"task": self.name}
+        return {"task": self.name, "pooling": self.cfg.pooling}
 
 
 def create(cfg) -> GlueTask:

@@ -312,6 +312,8 @@ class LMTask:
         self.tokenizer = None
         if self.name == "jsonl" and not (cfg.train_file and cfg.dev_file):
             raise ValueError("--task jsonl needs --train-file and --dev-file (JSONL, one row per line)")
+        if getattr(cfg, "pooling", "cls") != "cls":
+            raise ValueError(f"--pooling applies to classifiers, not to the causal-LM task {self.name}")
 
     def load_model(self, model_name: str):
         self.tokenizer, model = load_causal_lm(model_name)
