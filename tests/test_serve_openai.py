@@ -401,6 +401,25 @@ def test_int8_linear_computes_its_rounded_weights_and_stays_close():
     assert (rounding <= q.scale.float()[:, None] / 2 + 1e-3).all()  # each weight within half a step
 
 
+def test_int8_lora_layers_compute_the_base_in_int8_until_merged():
+    from lorakit.quantize import _reference, quantize_int8
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Linear(32, 16)).to(torch.bfloat16)
+    lorakit.add_lora(model, lorakit.LoraConfig(r=4, target_modules=["0"]))
+    randomize(model, 1, std=0.3)
+    x = torch.randn(5, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = model(x)
+        assert quantize_int8(model) == 2
+        layer = model[0]
+        inner = _reference(x, layer.int8_base) + layer.lora_forward(x, "default")
+        torch.testing.assert_close(model[0](x).float(), inner, rtol=3e-2, atol=3e-2)
+        torch.testing.assert_close(model(x).float(), want.float(), rtol=0.1, atol=0.1)  # close to unquantized
+        lorakit.merge(model)  # merged: the float weight (adapter included), not the stale int8 copy
+        torch.testing.assert_close(model[0](x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+
 def test_quantized_engine_keeps_adapted_layers_and_refuses_new_targets(lm):
     from lorakit.layers import LoraLayer
     from lorakit.quantize import Int8Linear
@@ -412,7 +431,8 @@ def test_quantized_engine_keeps_adapted_layers_and_refuses_new_targets(lm):
     engine = GenerationEngine(model_dir, config, "bf16", quantize="int8")
     with running(create_app(engine, config, {"small": folders["small"]})) as client:
         kinds = {type(m) for m in engine.model.modules()}
-        assert Int8Linear in kinds and any(isinstance(m, LoraLayer) for m in engine.model.modules())
+        lora = [m for m in engine.model.modules() if isinstance(m, LoraLayer)]
+        assert Int8Linear in kinds and lora and all(isinstance(m.int8_base, Int8Linear) for m in lora)
         assert _complete(client, "small", PROMPTS[0], max_tokens=8)["usage"]["completion_tokens"] >= 1
         assert client.post("/v1/adapters", json={"name": "mid", "path": folders["mid"]}).status_code == 201  # same layers
         r = client.post("/v1/adapters", json={"name": "wide", "path": folders["wide"]})  # every linear layer

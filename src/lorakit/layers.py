@@ -280,6 +280,9 @@ class LoraLinear(LoraLayer):
         return blocks.new_zeros(self.out_features, blocks.shape[1]).index_copy(0, rows.to(B.device), blocks)
 
     def base_forward(self, x: Tensor, weight: Tensor) -> Tensor:
+        quantized = self.__dict__.get("int8_base")  # set by lorakit.quantize (serving): the weight in int8
+        if quantized is not None and weight is self.weight and not self.merged:
+            return quantized(x)
         if not self.fan_in_fan_out:
             return F.linear(x, weight, self.bias)
         out = x.reshape(-1, x.shape[-1]) @ weight  # Conv1D: (N, in) @ (in, out)

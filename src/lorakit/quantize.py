@@ -2,10 +2,11 @@
 output channel, activations in bf16 (``torch._weight_int8pack_mm``).
 
 Decoding one token reads every weight once, so on a CPU its speed follows the bytes read:
-int8 weights read a quarter of fp32's. LoRA layers keep their base weight as it is (they
-add the adapters' updates to it), and so do embeddings. Outputs differ from the unquantized
-model's by the rounding of each weight to 1/127 of its row's largest magnitude;
-docs/BENCH.md measures how often greedy completions stay identical.
+int8 weights read a quarter of fp32's. LoRA layers compute their base product with an int8
+copy of their weight too (the float weight stays, for merging and ``delta_weight``; a merged
+layer uses it); embeddings stay as they are. Outputs differ from the unquantized model's by
+the rounding of each weight to 1/127 of its row's largest magnitude; docs/BENCH.md measures
+how often greedy completions stay identical.
 """
 
 from __future__ import annotations
@@ -44,12 +45,20 @@ class Int8Linear(nn.Module):
 
 def quantize_int8(model: nn.Module) -> int:
     """Replace ``model``'s plain linear layers (``nn.Linear`` and GPT-2's ``Conv1D``) by
-    :class:`Int8Linear`, in place; returns how many. LoRA layers are left as they are, so
-    attach the adapters first: a layer quantized here cannot take an adapter later."""
+    :class:`Int8Linear` and give its LoRA linear layers an int8 copy of their weight, in
+    place; returns how many layers. Attach the adapters first: a layer replaced here cannot
+    take an adapter later (a LoRA layer can take more)."""
     from transformers.pytorch_utils import Conv1D
 
+    from .layers import LoraLinear
+
     count = 0
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
+        if isinstance(module, LoraLinear) and module.__dict__.get("int8_base") is None:
+            weight = module.weight.T if module.fan_in_fan_out else module.weight
+            module.__dict__["int8_base"] = Int8Linear(weight, module.bias)  # not a submodule: no new state_dict keys
+            count += 1
+            continue
         for child_name, child in list(module.named_children()):
             if isinstance(child, LoraLayer) or not isinstance(child, nn.Linear | Conv1D):
                 continue
