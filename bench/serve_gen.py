@@ -12,8 +12,8 @@ completion has the same length whatever the adapter). Cases, alternated in each 
   CPU has native bf16: the int8 path computes in bf16);
 - ``llamacpp``: llama.cpp's ``llama-server`` on the Q4_1 GGUF the lorakit model is
   dequantized from, ``-np 32`` parallel slots (continuous batching), no adapter; only if a
-  ``llama-server`` binary is given (``--llama-server``, ``$LLAMA_SERVER``) or built under
-  ``runs/llamacpp-src`` (see docs/BENCH.md).
+  ``llama-server`` binary is given (``--llama-server``, ``$LLAMA_SERVER``) or was built by
+  ``bench/build_llama_server.sh``.
 
 Reported per case: tokens/s (streamed chunks, each one token, received within the
 window), p50/p99 time to first token and per-token latency (time between a completion's
@@ -85,7 +85,7 @@ def smollm2_gguf() -> Path:
 
 def find_llama_server(given: str | None) -> str | None:
     candidates = [given, os.environ.get("LLAMA_SERVER"),
-                  *map(str, sorted(ROOT.glob("runs/llamacpp-src/*/vendor/llama.cpp/build/bin/llama-server")))]
+                  *map(str, sorted(ROOT.glob("runs/llamacpp-src/*/vendor/llama.cpp/build-noamx/bin/llama-server")))]
     return next((c for c in candidates if c and Path(c).is_file()), None)
 
 
