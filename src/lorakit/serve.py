@@ -592,7 +592,31 @@ def serve(model: str | None, adapters: dict[str, str], config: ServeConfig, host
     app = create_app(engine, config, adapters)
     print(f"lorakit serve: {model} ({engine.precision}) with adapters {sorted(adapters) or 'none'} "
           f"on http://{host}:{port}", flush=True)
-    uvicorn.run(app, **uvicorn_options(config), host=host, port=port, log_level="warning")
+    options = dict(**uvicorn_options(config), host=host, port=port, log_level="warning")
+    if isinstance(engine, Engine):
+        uvicorn.run(app, **options)
+        return
+    # Generation: the scheduler on the main thread (see Scheduler.run), HTTP on another one.
+    import threading
+
+    engine.main_thread = True
+    server = uvicorn.Server(uvicorn.Config(app, **options))
+
+    def http() -> None:
+        try:
+            server.run()
+        finally:  # the server stopped (or never started: a port in use): so does the scheduler
+            engine.scheduler.stop()
+
+    thread = threading.Thread(target=http, name="lorakit-http", daemon=True)
+    thread.start()
+    try:
+        engine.scheduler.run()  # until the app's shutdown stops it
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.should_exit = True
+        thread.join(30)
 
 
 def _engine(model: str, config: ServeConfig, precision: str, quantize: str | None = None):

@@ -73,12 +73,15 @@ class GenerationEngine:
         """``fn(*args)`` on the scheduler's thread, between two decode steps."""
         return await asyncio.wrap_future(self.scheduler.call(fn, *args))
 
+    main_thread = False  # True: the caller runs self.scheduler.run() on the main thread (lorakit serve)
+
     def start(self) -> None:
         if self.quantize:
             from .quantize import quantize_int8
 
             quantize_int8(self.model)
-        self.scheduler.start()
+        if not self.main_thread:
+            self.scheduler.start()
 
     def stop(self) -> None:
         self.scheduler.stop()
