@@ -309,18 +309,20 @@ class LoraLinear(LoraLayer):
         """
         if not names:
             return out
-        As, Bs = self._stacks(names)
+        # Inference in bf16/fp16 (a server): the factors in the activations' dtype too.
+        low = not torch.is_grad_enabled() and x.dtype in (torch.bfloat16, torch.float16)
+        As, Bs = self._stacks(names, x.dtype if low else None)
         rows = self._rows_dropout(x.to(As.dtype), names, slot).reshape(len(slot), -1, self.in_features)
         h = torch.bmm(rows, As[slot].transpose(1, 2))  # (N, T, rank)
         delta = torch.bmm(h, Bs[slot].transpose(1, 2))  # (N, T, out)
         return out + delta.view(out.shape).to(out.dtype)
 
-    def _stacks(self, names: tuple[str, ...]) -> tuple[Tensor, Tensor]:
+    def _stacks(self, names: tuple[str, ...], dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
         """``A`` and ``scaling * B`` of ``names`` padded to one rank and stacked, with a zero
-        slot last. Without autograd the stacks are kept for the next call (a server's decode
-        steps) until the adapters or a factor's contents change."""
+        slot last (cast to ``dtype`` if given). Without autograd the stacks are kept for the
+        next call (a server's decode steps) until the adapters or a factor's contents change."""
         A, B = self.lora_A._parameters, self.lora_B._parameters  # (plain dicts: fast to read at every step)
-        key = (names, tuple(A[n]._version for n in names), tuple(B[n]._version for n in names))
+        key = (names, dtype, tuple(A[n]._version for n in names), tuple(B[n]._version for n in names))
         if self._stacked is not None and self._stacked[0] == key and not torch.is_grad_enabled():
             return self._stacked[1]
         A = [self.lora_A[n] for n in names]
@@ -328,6 +330,8 @@ class LoraLinear(LoraLayer):
         rank = max(a.shape[0] for a in A)
         As = torch.stack([F.pad(a, (0, 0, 0, rank - a.shape[0])) for a in A] + [A[0].new_zeros(rank, self.in_features)])
         Bs = torch.stack([F.pad(b, (0, rank - b.shape[1])) for b in B] + [B[0].new_zeros(self.out_features, rank)])
+        if dtype is not None:
+            As, Bs = As.to(dtype), Bs.to(dtype)
         self._stacked = None if torch.is_grad_enabled() else (key, (As, Bs))
         return As, Bs
 

@@ -75,11 +75,18 @@ class GenerationEngine:
 
     main_thread = False  # True: the caller runs self.scheduler.run() on the main thread (lorakit serve)
 
-    def start(self) -> None:
-        if self.quantize:
+    def prepare(self) -> None:
+        """Quantize (once) now that the start-up adapters are loaded."""
+        if self.quantize and not self.quantized:
             from .quantize import quantize_int8
 
             quantize_int8(self.model)
+            self.quantized = True
+
+    quantized = False
+
+    def start(self) -> None:
+        self.prepare()
         if not self.main_thread:
             self.scheduler.start()
 
