@@ -71,12 +71,12 @@ class RowPlan:
         self.used = tuple(dict.fromkeys(n for n in self.names if n is not None))
         self._slots: dict[tuple, Tensor] = {}
 
-    def for_layer(self, present: Sequence[str], x: Tensor) -> tuple[tuple[str, ...], Tensor]:
-        """The used adapters this layer has, and each row's slot among them
-        (``len(names)`` for rows whose adapter is absent or None)."""
+    def for_layer(self, present: Sequence[str], x: Tensor, every: bool = False) -> tuple[tuple[str, ...], Tensor]:
+        """The used adapters this layer has (``every``: all it has), and each row's slot
+        among them (``len(names)`` for rows whose adapter is absent or None)."""
         if x.shape[0] != len(self.names):
             raise ValueError(f"adapter_per_row was given {len(self.names)} adapter names for a batch of {x.shape[0]} rows")
-        names = tuple(n for n in self.used if n in present)
+        names = tuple(present) if every else tuple(n for n in self.used if n in present)
         key = (names, x.device)
         if key not in self._slots:  # layers of one model mostly share their adapters
             where = {n: i for i, n in enumerate(names)}
@@ -92,6 +92,8 @@ class LoraLayer(nn.Module):
 
     # Names of the factors in PEFT's files, after ``<module path>.``.
     file_keys: tuple[str, str] = ("lora_A.weight", "lora_B.weight")
+    # Without autograd, add_rows gets every adapter of the layer (not only the batch's): see LoraLinear._stacks.
+    rows_over_every_adapter = False
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
@@ -172,7 +174,8 @@ class LoraLayer(nn.Module):
         if self.rows is not None:
             if self.merged:
                 raise RuntimeError("per-row adapters need an unmerged model; call lorakit.unmerge(model) first")
-            return self.add_rows(out, x, *self.rows.for_layer(self.adapters, x))
+            every = self.rows_over_every_adapter and not torch.is_grad_enabled()
+            return self.add_rows(out, x, *self.rows.for_layer(self.adapters, x, every))
         if not self.merged:
             for name in self.active:
                 out = out + self.lora_forward(x, name).to(out.dtype)
@@ -247,6 +250,8 @@ class LoraLinear(LoraLayer):
     slice ``i`` being updated by ``B_i A_i`` (``loralib.MergedLinear``).
     """
 
+    rows_over_every_adapter = True
+
     def __init__(self, base: nn.Module) -> None:
         super().__init__(base)
         self.fan_in_fan_out = not isinstance(base, nn.Linear)
@@ -320,7 +325,9 @@ class LoraLinear(LoraLayer):
     def _stacks(self, names: tuple[str, ...], dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
         """``A`` and ``scaling * B`` of ``names`` padded to one rank and stacked, with a zero
         slot last (cast to ``dtype`` if given). Without autograd the stacks are kept for the
-        next call (a server's decode steps) until the adapters or a factor's contents change."""
+        next call until the adapters or a factor's contents change, and ``names`` are all the
+        layer's adapters: a server's decode steps, whose batches mix different adapters from
+        one step to the next, reuse one stack."""
         A, B = self.lora_A._parameters, self.lora_B._parameters  # (plain dicts: fast to read at every step)
         key = (names, dtype, tuple(A[n]._version for n in names), tuple(B[n]._version for n in names))
         if self._stacked is not None and self._stacked[0] == key and not torch.is_grad_enabled():
