@@ -65,34 +65,41 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
+def running_process(cmd: list[str], health_url: str, what: str, timeout: float = 300):
+    """Run ``cmd`` until the block ends, after ``health_url`` answers 200 (else the log's end)."""
+    import httpx
+
+    log = tempfile.TemporaryFile("w+")  # not a pipe: nobody reads it while the server runs
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + timeout
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"{what} exited: {log.read()[-2000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(health_url, timeout=1).status_code == 200:
+                    break
+            if time.time() > deadline:
+                raise RuntimeError(f"{what} did not start in {timeout:.0f} s")
+            time.sleep(0.2)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+@contextlib.contextmanager
 def server(model: str, adapters: dict[str, str], *flags: str):
     """A ``lorakit serve`` process on loopback; yields its base URL."""
     port = _free_port()
     cmd = [sys.executable, "-m", "lorakit", "serve", "--model", model, "--port", str(port), *flags]
     for name, path in adapters.items():
         cmd += ["--adapter", f"{name}={path}"]
-    log = tempfile.TemporaryFile("w+")  # not a pipe: nobody reads it while the server runs
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        import httpx
-
-        deadline = time.time() + 300
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                raise RuntimeError(f"server exited: {log.read()[-2000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            if time.time() > deadline:
-                raise RuntimeError("server did not start in 300 s")
-            time.sleep(0.2)
+    with running_process(cmd, f"{url}/healthz", "server"):
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
 
 
 async def load(url: str, clients: int, seconds: float, pairs: list[list[str]], rows: int,

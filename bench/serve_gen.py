@@ -32,7 +32,6 @@ import contextlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +44,7 @@ from lorakit.benchtools import write_record
 from lorakit.models import cache_dir, resolve_model
 from lorakit.precision import resolve_precision
 from lorakit.tasks.lm import load_causal_lm, read_e2e
-from serve import _free_port, server
+from serve import _free_port, running_process, server
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "e2e"
@@ -92,31 +91,12 @@ def find_llama_server(given: str | None) -> str | None:
 @contextlib.contextmanager
 def llama_server(binary: str, gguf: Path, slots: int, context: int, threads: int):
     """llama.cpp's server on loopback; yields its base URL."""
-    import httpx
-
     port = _free_port()
     cmd = [binary, "-m", str(gguf), "--port", str(port), "--host", "127.0.0.1", "-np", str(slots),
            "-c", str(slots * context), "-t", str(threads), "-tb", str(threads), "--no-webui"]
-    log = tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                raise RuntimeError(f"llama-server exited: {log.read()[-2000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            if time.time() > deadline:
-                raise RuntimeError("llama-server did not start in 120 s")
-            time.sleep(0.2)
+    with running_process(cmd, f"{url}/health", "llama-server", timeout=120):
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
 
 
 async def load(url: str, clients: int, seconds: float, prompts: list[str], model_of, max_tokens: int) -> dict:
@@ -194,7 +174,8 @@ def offline(model: str, paths: dict[str, str], prompts: list[str], max_tokens: i
     ids = [tokenizer(p)["input_ids"] for p in prompts[: len(names)]]
     scheduler = Scheduler(ours, tokenizer, eos=set(), max_rows=len(names), max_length=512)
     tokenizer.padding_side = "left"
-    batch = tokenizer(prompts[: len(names)], return_tensors="pt", padding=True)
+    encoded = tokenizer(prompts[: len(names)], return_tensors="pt", padding=True)
+    batch = {k: encoded[k] for k in ("input_ids", "attention_mask")}
 
     def run_lorakit() -> list[list[int]]:
         seqs = [Sequence(p, a, Sampling(max_tokens=max_tokens, temperature=0), lambda e: None) for p, a in zip(ids, names)]

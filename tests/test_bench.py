@@ -91,3 +91,17 @@ def test_serve_load_test_runs_both_servers_without_failures(tiny_model, tmp_path
     assert set(cases) == {"one", "spread", "spread_nobatch"}
     assert all(c["failed"] == 0 and c["rows_per_s"] > 0 for c in cases.values())
     assert json.loads((tmp_path / "serve.json").read_text())["results"]["clients_2"]["ratios"] == results["clients_2"]["ratios"]
+
+
+def test_generation_load_test_runs_its_servers_and_the_peft_comparison(tiny_llama, tmp_path, monkeypatch):
+    import report
+    import serve_gen
+
+    monkeypatch.setattr(serve_gen, "find_llama_server", lambda given: None)  # no llama.cpp in CI
+    results = serve_gen.run(model=tiny_llama, adapters=3, concurrency=(2,), seconds=1, rounds=1, max_tokens=4,
+                            precision="fp32", out_dir=str(tmp_path))
+    cases = results["clients_2"]["cases"]
+    assert set(cases) == {"spread", "one", "nobatch"}
+    assert all(c["failed"] == 0 and c["tokens_per_s"] > 0 for c in cases.values())
+    assert results["offline"]["identical_completions"] == 3  # fp32, tiny model: the same greedy tokens as PEFT
+    assert "| 2 | spread |" in report.build(tmp_path)
