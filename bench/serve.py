@@ -45,16 +45,22 @@ GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
 def make_adapters(model: str, n: int, folder: Path) -> dict[str, str]:
     """``n`` MRPC-style adapters a0..a{n-1} with random factors and heads, saved in ``folder``."""
     _, base = load_classifier(model, data.get_task("mrpc"))
+    config = lorakit.LoraConfig(r=8, alpha=16, target_modules=["query", "value"], modules_to_save=["classifier"])
+    return save_random_adapters(base, config, n, folder, {"task": "mrpc", "model": model})
+
+
+def save_random_adapters(base, config, n: int, folder: Path, info: dict) -> dict[str, str]:
+    """``n`` adapters a0..a{n-1} of ``config`` on ``base`` with random factors (seeded), each
+    saved in ``folder`` with ``info`` as its task.json; name -> folder."""
     g = torch.Generator().manual_seed(0)
     paths = {}
     for i in range(n):
-        lorakit.add_lora(base, lorakit.LoraConfig(r=8, alpha=16, target_modules=["query", "value"],
-                                                  modules_to_save=["classifier"]), adapter=f"a{i}")
+        lorakit.add_lora(base, config, adapter=f"a{i}")
         with torch.no_grad():
             for _, p in lorakit.lora_parameters(base, f"a{i}"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
         paths[f"a{i}"] = str(lorakit.save_adapter(base, folder / f"a{i}", f"a{i}"))
-        (folder / f"a{i}" / "task.json").write_text(json.dumps({"task": "mrpc", "model": model}))
+        (folder / f"a{i}" / "task.json").write_text(json.dumps(info))
     return paths
 
 

@@ -44,7 +44,7 @@ from lorakit.benchtools import write_record
 from lorakit.models import cache_dir, resolve_model
 from lorakit.precision import resolve_precision
 from lorakit.tasks.lm import load_causal_lm, read_e2e
-from serve import _free_port, running_process, server
+from serve import _free_port, running_process, save_random_adapters, server
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "e2e"
@@ -53,16 +53,7 @@ DATA = ROOT.parent / "shared" / "data" / "e2e"
 def make_adapters(model: str, n: int, folder: Path) -> dict[str, str]:
     """``n`` adapters a0..a{n-1}: r=4, alpha 32 on q and v (the E2E recipe), random factors."""
     _, base = load_causal_lm(model)
-    g = torch.Generator().manual_seed(0)
-    paths = {}
-    for i in range(n):
-        lorakit.add_lora(base, lorakit.LoraConfig(r=4, alpha=32), adapter=f"a{i}")
-        with torch.no_grad():
-            for _, p in lorakit.lora_parameters(base, f"a{i}"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-        paths[f"a{i}"] = str(lorakit.save_adapter(base, folder / f"a{i}", f"a{i}"))
-        (folder / f"a{i}" / "task.json").write_text(json.dumps({"task": "jsonl", "model": model}))
-    return paths
+    return save_random_adapters(base, lorakit.LoraConfig(r=4, alpha=32), n, folder, {"task": "jsonl", "model": model})
 
 
 def smollm2_gguf() -> Path:
