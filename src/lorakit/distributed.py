@@ -8,8 +8,10 @@ has one code path. CPU processes talk through gloo, GPU processes through NCCL.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -66,7 +68,21 @@ def setup() -> World:
         device = torch.device("cpu")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(_close)
     return World(dist.get_rank(), dist.get_world_size(), device)
+
+
+def _close() -> None:
+    """At exit, let gloo's worker threads finish before the interpreter does.
+
+    A gloo worker releases a finished collective's tensors after waking the caller, and
+    needs the GIL for it; if the interpreter is already finalizing, that thread exits
+    inside C++ code and the process aborts ("terminate called without an active
+    exception") after all its work is done. Sleeping releases the GIL to them.
+    """
+    if dist.is_initialized():
+        time.sleep(0.05)
+        dist.destroy_process_group()
 
 
 def shard_rows(batch: list[int], world: World) -> tuple[list[int], float]:
