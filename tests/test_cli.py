@@ -45,6 +45,28 @@ def test_train_eval_merge(tiny_model, tmp_path, capsys):
     assert cli.main(["merge", "--adapter", str(adapter), "--out", str(tmp_path / "merged"), "--overwrite"]) == 0
 
 
+@pytest.mark.skipif(not GLUE.is_dir(), reason="../shared/data/glue not present")
+def test_report_counts_seeds_trained_by_separate_commands(tiny_model, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["train", "--task", "rte", "--model", tiny_model, "--data-dir", str(GLUE), "--epochs", "1",
+              "--max-train-examples", "16", "--max-eval-examples", "16", "--max-length", "32", "--no-progress"]
+    for seed in ("1", "0", "2"):  # e.g. one process per core or per GPU, all into one folder
+        assert cli.main([*common, "--out", str(out), "--seeds", seed]) == 0
+    capsys.readouterr()
+    assert cli.main(["report", str(out)]) == 0
+    row = capsys.readouterr().out.splitlines()[2].split(" | ")
+    accuracy = [100 * json.loads((out / f"seed{s}" / "summary.json").read_text())["best"]["dev"]["accuracy"] for s in range(3)]
+    assert row[3] == "3" and row[6] == ", ".join(f"{s}: {a:.2f}" for s, a in enumerate(accuracy))
+    assert row[5] == f"accuracy {sorted(accuracy)[1]:.2f}"  # the median
+    # a seed of another recipe in the folder has no place in the median
+    assert cli.main([*common, "--out", str(out), "--seeds", "3", "--r", "4"]) == 0
+    capsys.readouterr()
+    assert cli.main(["report", str(out)]) == 2
+    assert "these runs differ in r; a median over seeds needs one recipe" in capsys.readouterr().err
+    assert cli.main(["report", str(tmp_path)]) == 2
+    assert "no finished run (seed*/summary.json) in" in capsys.readouterr().err
+
+
 def test_a_missing_plotting_library_loses_no_results(tiny_model, tmp_path, monkeypatch):
     from lorakit import runfiles
 

@@ -336,20 +336,27 @@ def _analyze(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    """A markdown table of finished runs (their report.json files)."""
-    from .tasks import format_metrics
+    """A markdown table of runs: the seeds finished in each --out folder (their summaries), so
+    seeds trained by separate processes or resumed runs are counted together."""
+    from .tasks import PERCENT_METRICS, format_metrics
+    from .train import seeds_report
 
-    rows = ["| task | model | method | seeds | epochs | dev (median of best epochs) | trainable params | saved MB | wall min |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| task | model | method | seeds | epochs | dev (median of best epochs) | per seed | trainable params | "
+            "saved MB | wall min |", "|---|---|---|---|---|---|---|---|---|---|"]
     for path in args.runs:
-        report_path = Path(path) / "report.json"
-        if not report_path.is_file():
-            raise ValueError(f"no report.json in {path!r}; is it the --out folder of a finished lorakit train?")
-        r = json.loads(report_path.read_text())
-        summary = json.loads((Path(path) / f"seed{r['seeds'][0]}" / "summary.json").read_text())
-        metrics = format_metrics({"dev": r["median"]})
-        rows.append(f"| {r['task']} | {r['model']} | {r['method']} | {len(r['seeds'])} | {summary['config']['epochs']} | "
-                    f"{metrics} | {r['trainable_params']:,} | {r['weights_bytes'] / 1e6:.2f} | {r['wall_seconds'] / 60:.0f} |")
+        summaries = sorted((json.loads(p.read_text()) for p in Path(path).glob("seed*/summary.json")),
+                           key=lambda summary: summary["config"]["seed"])
+        if not summaries:
+            raise ValueError(f"no finished run (seed*/summary.json) in {path!r}; is it the --out folder of lorakit train?")
+        r = seeds_report(summaries)
+        config = summaries[0]["config"]
+        method = r["method"] + (f", {config['pooling']} pooling" if config.get("pooling", "cls") != "cls" else "")
+        main = summaries[0]["main_metric"][1]
+        scale = 100 if main in PERCENT_METRICS else 1
+        per_seed = ", ".join(f"{s}: {scale * m[main]:.2f}" for s, m in r["per_seed"].items())
+        rows.append(f"| {r['task']} | {r['model']} | {method} | {len(r['seeds'])} | {config['epochs']} | "
+                    f"{format_metrics({'dev': r['median']})} | {per_seed} | {r['trainable_params']:,} | "
+                    f"{r['weights_bytes'] / 1e6:.2f} | {r['wall_seconds'] / 60:.0f} |")
     print("\n".join(rows))
     return 0
 

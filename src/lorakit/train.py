@@ -39,7 +39,7 @@ from .precision import PRECISIONS, precision_context, resolve_precision
 from .tasks import Task, format_metrics
 
 __all__ = ["TrainConfig", "resolve_config", "read_config_file", "write_config_file", "read_yaml", "train", "train_seeds",
-           "attach_method", "BASELINE_LR", "DEFAULT_MODELS"]
+           "seeds_report", "attach_method", "BASELINE_LR", "DEFAULT_MODELS"]
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -443,17 +443,33 @@ def _summarize(cfg: TrainConfig, task: Task, run: Path, record: dict[str, Any], 
 
 def train_seeds(cfg: TrainConfig) -> dict[str, Any]:
     """Run every seed; report each run's best epoch and the median over seeds (paper protocol)."""
-    runs = [train(cfg, seed) for seed in cfg.seeds]
-    split = runs[0]["main_metric"][0]
-    splits = runs[0]["best"]
+    report = seeds_report([train(cfg, seed) for seed in cfg.seeds])
+    if setup().main:
+        (cfg.run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+# Settings that do not change what a run learns: seeds that differ only in these share a median.
+_RUN_CONTROLS = frozenset({"seed", "seeds", "out", "resume", "overwrite", "progress", "save_every", "report_to",
+                           "eval_batch_size"})
+
+
+def seeds_report(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The paper's protocol over finished runs (their summaries, one per seed): each run's best
+    epoch, the median over seeds. Runs of different recipes are refused."""
+    first = runs[0]
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # for runs of older versions
+    configs = [{**defaults, **r["config"]} for r in runs]
+    differ = sorted({k for c in configs for k in c if k not in _RUN_CONTROLS and c[k] != configs[0].get(k)})
+    if differ:
+        raise ValueError(f"these runs differ in {', '.join(differ)}; a median over seeds needs one recipe")
+    split, splits = first["main_metric"][0], first["best"]
     median = {
         f"{s}/{m}" if len(splits) > 1 else m: statistics.median(r["best"][s][m] for r in runs)
         for s in splits for m in splits[s] if all(r["best"][s][m] is not None for r in runs)
     }
-    report = {"task": runs[0]["task"], "model": cfg.model, "method": cfg.method, "seeds": list(cfg.seeds),
-              "median": median, "per_seed": {str(s): r["best"][split] for s, r in zip(cfg.seeds, runs)},
-              "trainable_params": runs[0]["trainable_params"], "weights_bytes": runs[0]["weights_bytes"],
-              "wall_seconds": sum(r["wall_seconds"] for r in runs)}
-    if setup().main:
-        (cfg.run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    return report
+    return {"task": first["task"], "model": first["config"]["model"], "method": first["config"]["method"],
+            "seeds": [r["config"]["seed"] for r in runs], "median": median,
+            "per_seed": {str(r["config"]["seed"]): r["best"][split] for r in runs},
+            "trainable_params": first["trainable_params"], "weights_bytes": first["weights_bytes"],
+            "wall_seconds": sum(r["wall_seconds"] for r in runs)}
