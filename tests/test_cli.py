@@ -53,7 +53,8 @@ def test_report_counts_seeds_trained_by_separate_commands(tiny_model, tmp_path, 
     for seed in ("1", "0", "2"):  # e.g. one process per core or per GPU, all into one folder
         assert cli.main([*common, "--out", str(out), "--seeds", seed]) == 0
     capsys.readouterr()
-    assert cli.main(["report", str(out)]) == 0
+    assert cli.main(["report", str(out), "--plot", str(tmp_path / "curves.png")]) == 0
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
     row = capsys.readouterr().out.splitlines()[2].split(" | ")
     accuracy = [100 * json.loads((out / f"seed{s}" / "summary.json").read_text())["best"]["dev"]["accuracy"] for s in range(3)]
     assert row[3] == "3" and row[6] == ", ".join(f"{s}: {a:.2f}" for s, a in enumerate(accuracy))

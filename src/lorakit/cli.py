@@ -343,6 +343,7 @@ def _report(args: argparse.Namespace) -> int:
 
     rows = ["| task | model | method | seeds | epochs | dev (median of best epochs) | per seed | trainable params | "
             "saved MB | wall min |", "|---|---|---|---|---|---|---|---|---|---|"]
+    curves = []
     for path in args.runs:
         summaries = sorted((json.loads(p.read_text()) for p in Path(path).glob("seed*/summary.json")),
                            key=lambda summary: summary["config"]["seed"])
@@ -357,6 +358,11 @@ def _report(args: argparse.Namespace) -> int:
         rows.append(f"| {r['task']} | {r['model']} | {method} | {len(r['seeds'])} | {config['epochs']} | "
                     f"{format_metrics({'dev': r['median']})} | {per_seed} | {r['trainable_params']:,} | "
                     f"{r['weights_bytes'] / 1e6:.2f} | {r['wall_seconds'] / 60:.0f} |")
+        curves.append((f"{r['model']} {method}", summaries))
+    if args.plot:
+        from .runfiles import plot_runs
+
+        plot_runs(curves, Path(args.plot))
     print("\n".join(rows))
     return 0
 
@@ -476,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("report", help="markdown table of finished runs")
     p.add_argument("runs", nargs="+", help="--out folders of finished lorakit train runs")
+    p.add_argument("--plot", help="also draw every seed's dev curve per epoch in this PNG")
     p.set_defaults(func=_report)
 
     args = parser.parse_args(argv)

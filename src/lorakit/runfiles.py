@@ -100,6 +100,31 @@ def plot_curve(history: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def plot_runs(runs: list[tuple[str, list[dict[str, Any]]]], path: Path) -> None:
+    """Run folders' seeds (a label and their summaries each) as dev main-metric curves per epoch:
+    one colour per folder, a line per seed, each seed's best epoch marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for (label, summaries), color in zip(runs, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4):
+        split, metric = summaries[0]["main_metric"]
+        scale = 100 if metric in PERCENT_METRICS else 1
+        for i, summary in enumerate(summaries):
+            values = [scale * h["dev"][split][metric] for h in summary["epochs"]]
+            ax.plot(range(1, len(values) + 1), values, "-", color=color, alpha=0.7, label=label if i == 0 else None)
+            ax.plot(summary["best_epoch"], values[summary["best_epoch"] - 1], "o", color=color)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"{split} {metric}" + (" (%)" if scale == 100 else ""))
+    ax.set_title("dev per epoch: a line per seed, dot = best epoch", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 class Tracker:
     """Experiment tracking (transformers' ``report_to``): per optimizer step the loss, learning
     rate, gradient norm and throughput, per epoch the dev metrics, as TensorBoard scalars in
