@@ -34,8 +34,9 @@ __all__ = ["Progress", "checkpoints", "save", "resume", "KEEP"]
 
 KEEP = 2
 _NAME = re.compile(r"checkpoint-(\d+)-(\d+)\.pt")
-# Fields that may change between a run and its resumption: how often it saves, the bar.
-_MAY_CHANGE = ("resume", "progress", "save_every", "seeds", "overwrite", "report_to")
+# Settings that may change between a run and its resumption (how often it saves, the bar):
+# they do not change what it learns.
+MAY_CHANGE = frozenset({"resume", "progress", "save_every", "seeds", "overwrite", "report_to"})
 
 
 @dataclass
@@ -127,7 +128,7 @@ def resume(run: Path, record: dict[str, Any], model: nn.Module, optimizer, sched
                          "--out must be on a file system all processes share")
     # a field added to lorakit after the checkpoint was written must keep its default (the old behaviour)
     written = {**{k: v for k, v in (defaults or {}).items() if k not in state["config"]}, **state["config"]}
-    same_run = {k: v for k, v in record.items() if k not in _MAY_CHANGE}
+    same_run = {k: v for k, v in record.items() if k not in MAY_CHANGE}
     if {k: v for k, v in written.items() if k in same_run} != same_run:
         raise ValueError(f"{chosen} belongs to a run with another configuration; use another --out or remove it")
     if state["world_size"] != world.size:

@@ -449,18 +449,14 @@ def train_seeds(cfg: TrainConfig) -> dict[str, Any]:
     return report
 
 
-# Settings that do not change what a run learns: seeds that differ only in these share a median.
-_RUN_CONTROLS = frozenset({"seed", "seeds", "out", "resume", "overwrite", "progress", "save_every", "report_to",
-                           "eval_batch_size"})
-
-
 def seeds_report(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The paper's protocol over finished runs (their summaries, one per seed): each run's best
     epoch, the median over seeds. Runs of different recipes are refused."""
     first = runs[0]
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # for runs of older versions
     configs = [{**defaults, **r["config"]} for r in runs]
-    differ = sorted({k for c in configs for k in c if k not in _RUN_CONTROLS and c[k] != configs[0].get(k)})
+    same = checkpoint.MAY_CHANGE | {"seed", "out"}
+    differ = sorted({k for c in configs for k in c if k not in same and c[k] != configs[0].get(k)})
     if differ:
         raise ValueError(f"these runs differ in {', '.join(differ)}; a median over seeds needs one recipe")
     split, splits = first["main_metric"][0], first["best"]
