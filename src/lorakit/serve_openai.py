@@ -74,6 +74,7 @@ class GenerationEngine:
         return await asyncio.wrap_future(self.scheduler.call(fn, *args))
 
     main_thread = False  # True: the caller runs self.scheduler.run() on the main thread (lorakit serve)
+    quantized = False  # prepare() has run --quantize
 
     def prepare(self) -> None:
         """Quantize (once) now that the start-up adapters are loaded."""
@@ -82,8 +83,6 @@ class GenerationEngine:
 
             quantize_int8(self.model)
             self.quantized = True
-
-    quantized = False
 
     def start(self) -> None:
         self.prepare()

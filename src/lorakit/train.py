@@ -367,8 +367,7 @@ def train(cfg: TrainConfig, seed: int) -> dict[str, Any]:
     train_split, dev = task.read(tokenizer)
     global_batch = cfg.batch_size * world.size
     optimizer, scheduler = _optimizer(model, cfg, math.ceil(len(train_split) / global_batch) * cfg.epochs)
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    progress = (checkpoint.resume(run, record, model, optimizer, scheduler, world, defaults) if cfg.resume
+    progress = (checkpoint.resume(run, record, model, optimizer, scheduler, world, _defaults()) if cfg.resume
                 else checkpoint.Progress())
     if world.main and progress.epoch == progress.step == 0:
         _fresh_start(run)
@@ -441,6 +440,10 @@ def _summarize(cfg: TrainConfig, task: Task, run: Path, record: dict[str, Any], 
     return summary
 
 
+def _defaults() -> dict[str, Any]:
+    return {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
 def train_seeds(cfg: TrainConfig) -> dict[str, Any]:
     """Run every seed; report each run's best epoch and the median over seeds (paper protocol)."""
     report = seeds_report([train(cfg, seed) for seed in cfg.seeds])
@@ -453,7 +456,7 @@ def seeds_report(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The paper's protocol over finished runs (their summaries, one per seed): each run's best
     epoch, the median over seeds. Runs of different recipes are refused."""
     first = runs[0]
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # for runs of older versions
+    defaults = _defaults()  # a field added since a run was made keeps its default
     configs = [{**defaults, **r["config"]} for r in runs]
     same = checkpoint.MAY_CHANGE | {"seed", "out"}
     differ = sorted({k for c in configs for k in c if k not in same and c[k] != configs[0].get(k)})
