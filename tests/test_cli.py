@@ -57,8 +57,8 @@ def test_report_counts_seeds_trained_by_separate_commands(tiny_model, tmp_path, 
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
     row = capsys.readouterr().out.splitlines()[2].split(" | ")
     accuracy = [100 * json.loads((out / f"seed{s}" / "summary.json").read_text())["best"]["dev"]["accuracy"] for s in range(3)]
-    assert row[3] == "3" and row[6] == ", ".join(f"{s}: {a:.2f}" for s, a in enumerate(accuracy))
-    assert row[5] == f"accuracy {sorted(accuracy)[1]:.2f}"  # the median
+    assert row[3] == "3" and row[5] == "0.001" and row[7] == ", ".join(f"{s}: {a:.2f}" for s, a in enumerate(accuracy))
+    assert row[6] == f"accuracy {sorted(accuracy)[1]:.2f}"  # the median
     # a seed of another recipe in the folder has no place in the median
     assert cli.main([*common, "--out", str(out), "--seeds", "3", "--r", "4"]) == 0
     capsys.readouterr()

@@ -341,8 +341,8 @@ def _report(args: argparse.Namespace) -> int:
     from .tasks import PERCENT_METRICS, format_metrics
     from .train import seeds_report
 
-    rows = ["| task | model | method | seeds | epochs | dev (median of best epochs) | per seed | trainable params | "
-            "saved MB | wall min |", "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| task | model | method | seeds | epochs | lr | dev (median of best epochs) | per seed | trainable params | "
+            "saved MB | wall min |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     curves = []
     for path in args.runs:
         summaries = sorted((json.loads(p.read_text()) for p in Path(path).glob("seed*/summary.json")),
@@ -355,7 +355,7 @@ def _report(args: argparse.Namespace) -> int:
         main = summaries[0]["main_metric"][1]
         scale = 100 if main in PERCENT_METRICS else 1
         per_seed = ", ".join(f"{s}: {scale * m[main]:.2f}" for s, m in r["per_seed"].items())
-        rows.append(f"| {r['task']} | {r['model']} | {method} | {len(r['seeds'])} | {config['epochs']} | "
+        rows.append(f"| {r['task']} | {r['model']} | {method} | {len(r['seeds'])} | {config['epochs']} | {config['lr']:g} | "
                     f"{format_metrics({'dev': r['median']})} | {per_seed} | {r['trainable_params']:,} | "
                     f"{r['weights_bytes'] / 1e6:.2f} | {r['wall_seconds'] / 60:.0f} |")
         curves.append((f"{r['model']} {method}", summaries))
