@@ -358,7 +358,7 @@ def _report(args: argparse.Namespace) -> int:
         rows.append(f"| {r['task']} | {r['model']} | {method} | {len(r['seeds'])} | {config['epochs']} | {config['lr']:g} | "
                     f"{format_metrics({'dev': r['median']})} | {per_seed} | {r['trainable_params']:,} | "
                     f"{r['weights_bytes'] / 1e6:.2f} | {r['wall_seconds'] / 60:.0f} |")
-        curves.append((f"{r['model']} {method}", summaries))
+        curves.append((f"{r['model']} {method}, lr {config['lr']:g}", summaries))
     if args.plot:
         from .runfiles import plot_runs
 

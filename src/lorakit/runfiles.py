@@ -101,25 +101,31 @@ def plot_curve(history: list[dict[str, Any]], path: Path, title: str) -> None:
 
 
 def plot_runs(runs: list[tuple[str, list[dict[str, Any]]]], path: Path) -> None:
-    """Run folders' seeds (a label and their summaries each) as dev main-metric curves per epoch:
-    one colour per folder, a line per seed, each seed's best epoch marked."""
+    """Run folders' seeds (a label and their summaries each) per epoch: the dev main metric,
+    each seed's best epoch marked, beside the training loss; one colour per folder, a line per seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, (dev, loss) = plt.subplots(1, 2, figsize=(10, 4))
     for (label, summaries), color in zip(runs, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4):
         split, metric = summaries[0]["main_metric"]
         scale = 100 if metric in PERCENT_METRICS else 1
         for i, summary in enumerate(summaries):
+            epochs = range(1, len(summary["epochs"]) + 1)
             values = [scale * h["dev"][split][metric] for h in summary["epochs"]]
-            ax.plot(range(1, len(values) + 1), values, "-", color=color, alpha=0.7, label=label if i == 0 else None)
-            ax.plot(summary["best_epoch"], values[summary["best_epoch"] - 1], "o", color=color)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(f"{split} {metric}" + (" (%)" if scale == 100 else ""))
-    ax.set_title("dev per epoch: a line per seed, dot = best epoch", fontsize=9)
-    ax.legend(fontsize=8)
+            dev.plot(epochs, values, "-", color=color, alpha=0.7, label=label if i == 0 else None)
+            dev.plot(summary["best_epoch"], values[summary["best_epoch"] - 1], "o", color=color)
+            loss.plot(epochs, [h["train_loss"] for h in summary["epochs"]], "-", color=color, alpha=0.7)
+    dev.set_ylabel(f"{split} {metric}" + (" (%)" if scale == 100 else ""))
+    dev.set_title("dev per epoch: a line per seed, dot = best epoch", fontsize=9)
+    dev.legend(fontsize=8)
+    loss.set_yscale("log")
+    loss.set_ylabel("training loss (epoch mean)")
+    loss.set_title("training loss per epoch", fontsize=9)
+    for ax in (dev, loss):
+        ax.set_xlabel("epoch")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
