@@ -352,13 +352,14 @@ def _report(args: argparse.Namespace) -> int:
         r = seeds_report(summaries)
         config = summaries[0]["config"]
         method = r["method"] + (f", {config['pooling']} pooling" if config.get("pooling", "cls") != "cls" else "")
+        lr = f"{config['lr']:g}"
         main = summaries[0]["main_metric"][1]
         scale = 100 if main in PERCENT_METRICS else 1
         per_seed = ", ".join(f"{s}: {scale * m[main]:.2f}" for s, m in r["per_seed"].items())
-        rows.append(f"| {r['task']} | {r['model']} | {method} | {len(r['seeds'])} | {config['epochs']} | {config['lr']:g} | "
+        rows.append(f"| {r['task']} | {r['model']} | {method} | {len(r['seeds'])} | {config['epochs']} | {lr} | "
                     f"{format_metrics({'dev': r['median']})} | {per_seed} | {r['trainable_params']:,} | "
                     f"{r['weights_bytes'] / 1e6:.2f} | {r['wall_seconds'] / 60:.0f} |")
-        curves.append((f"{r['model']} {method}, lr {config['lr']:g}", summaries))
+        curves.append((f"{r['model']} {method}, lr {lr}", summaries))
     if args.plot:
         from .runfiles import plot_runs
 
