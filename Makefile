@@ -49,6 +49,7 @@ bench: install
 	$(BENCH_ENV) $(PY) bench/lm_step.py --memory
 	$(BENCH_ENV) $(PY) bench/generation.py
 	$(BENCH_ENV) $(PY) bench/serve_gen.py
+	$(BENCH_ENV) $(PY) bench/padding.py
 	$(PY) bench/report.py
 
 bench-quick: install
@@ -63,4 +64,5 @@ bench-quick: install
 	$(BENCH_ENV) $(PY) bench/lm_step.py --quick --memory
 	$(BENCH_ENV) $(PY) bench/generation.py --quick
 	$(BENCH_ENV) $(PY) bench/serve_gen.py --quick
+	$(BENCH_ENV) $(PY) bench/padding.py --quick
 	$(PY) bench/report.py

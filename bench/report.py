@@ -156,6 +156,19 @@ def generation(r: dict) -> list[str]:
     return rows
 
 
+def padding(r: dict) -> list[str]:
+    res = r["results"]
+    rows = [f"model: {r['config']['model']}, {r['config']['epochs']} epochs of MRPC, each variant in its own process "
+            "(one thread), side by side", "",
+            "| pad to | epoch | seconds | RSS MB | heap in use MB | heap free MB | free chunks |",
+            "|---|---|---|---|---|---|---|"]
+    for name, v in res.items():
+        rows += [f"| {name.split('=')[1]} | {e['epoch']} | {e['seconds']:.0f} | {e['rss_mb']} | {e.get('heap_in_use_mb', '—')} | "
+                 f"{e.get('heap_free_mb', '—')} | {e.get('free_chunks', '—')} |" for e in v["epochs"]]
+    ratios = {f"{name}: {k}": x for name, v in res.items() for k, x in v.items() if " / " in k}
+    return rows + _ratio_rows(ratios)
+
+
 SECTIONS = [("train_step", "Training step (batch 16 x 128, forward + backward + AdamW)", train_step),
             ("memory", "Peak memory of training (each case in its own process)", memory),
             ("latency", "Inference latency, GPT-2 medium shape (paper Table 1 style)", latency),
@@ -170,7 +183,8 @@ SECTIONS = [("train_step", "Training step (batch 16 x 128, forward + backward + 
             ("lm_memory", "Causal-LM training peak memory, as above, each case in its own process", lm_memory),
             ("generation", "Generation latency, batch 1, greedy, fixed new tokens, E2E dev prompts", generation),
             ("serve_gen", "lorakit serve with a causal LM: OpenAI completions, continuous batching over adapters",
-             serve_gen)]
+             serve_gen),
+            ("padding", "A long training process: batches padded to the longest row or to a multiple of 8", padding)]
 # Records written by a script run with flags (default: bench/<record>.py).
 COMMANDS = {"serve_bf16": "serve.py --precision bf16", "lm_memory": "lm_step.py --memory"}
 
@@ -224,6 +238,10 @@ TARGETS = [
      (">=", 0.5)),
     ("Single stream --quantize int8: tokens/s / llama.cpp", "serve_gen", ("clients_1", "ratios", "int8/llamacpp"),
      (">=", 0.5)),
+    ("MRPC epochs, batches padded to a multiple of 8: epoch time / to the longest (reported, no target)", "padding",
+     ("multiple=8", "epoch time / multiple=1"), None),
+    ("As above: resident memory after the last epoch / to the longest (reported, no target)", "padding",
+     ("multiple=8", "last-epoch rss / multiple=1"), None),
 ]
 
 
@@ -259,10 +277,11 @@ def build(results: Path) -> str:
                 continue
             r = json.loads(path.read_text())
             env = r["environment"]
+            cpu = env["cpu"] + (", bf16 native" if env.get("cpu_bf16") else "")
             command = COMMANDS.get(name, f"{name}.py")
             out += [f"## {title}{' (quick)' if suffix else ''}", "",
                     f"`python bench/{command}{' --quick' if suffix else ''}` — {r['time']}, git {str(env['git_sha'])[:10]}, "
-                    f"{env['cpu']}, {env['threads']} threads, torch {env['versions']['torch']}, peft {env['versions']['peft']}",
+                    f"{cpu}, {env['threads']} threads, torch {env['versions']['torch']}, peft {env['versions']['peft']}",
                     "", *render(r), ""]
     return "\n".join(out)
 

@@ -105,3 +105,14 @@ def test_generation_load_test_runs_its_servers_and_the_peft_comparison(tiny_llam
     assert all(c["failed"] == 0 and c["tokens_per_s"] > 0 for c in cases.values())
     assert results["offline"]["identical_completions"] == 3  # fp32, tiny model: the same greedy tokens as PEFT
     assert "| 2 | spread |" in report.build(tmp_path)
+
+
+def test_padding_bench_runs_both_variants_and_reports(tiny_model, tmp_path):
+    import padding
+    import report
+
+    results = padding.run(tiny_model, epochs=1, max_examples=40, multiples=[1, 8], name="padding", out_dir=str(tmp_path))
+    (longest,), (rounded,) = results["multiple=1"]["epochs"], results["multiple=8"]["epochs"]
+    assert rounded["padded_tokens"] > longest["padded_tokens"] and rounded["padded_tokens"] % 8 == 0
+    assert longest["rss_mb"] > 0 and results["multiple=8"]["epoch time / multiple=1"] > 0
+    assert "| 8 | 1 |" in report.build(tmp_path)

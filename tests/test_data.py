@@ -80,9 +80,13 @@ def test_length_grouped_batches_cover_everything_once_and_group_lengths():
     assert spread < 10  # random batches of 16 would span ~90
 
 
-def test_collate_pads_to_the_longest():
-    batch = data.collate([{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1]}, {"input_ids": [5], "attention_mask": [1]}],
-                         [1, 0], pad_id=0, regression=False)
+def test_collate_pads_to_the_longest_rounded_up():
+    features = [{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1]}, {"input_ids": [5], "attention_mask": [1]}]
+    batch = data.collate(features, [1, 0], pad_id=0, regression=False, multiple=1)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].dtype.is_floating_point is False
+    batch = data.collate(features, [1, 0], pad_id=0, regression=False)  # default: a multiple of 8
+    assert batch["input_ids"].tolist() == [[5, 6, 7] + [0] * 5, [5] + [0] * 7]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1] + [0] * 5, [1] + [0] * 7]
+    assert data.padded_width([8, 3]) == 8 and data.padded_width([9]) == 16

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from .precision import native_bf16
+
 __all__ = ["BenchmarkMismatch", "environment", "interleave", "median_ratio", "summarize", "write_record", "check_close"]
 
 
@@ -56,7 +58,7 @@ def environment() -> dict[str, Any]:
     dirty = _git("status", "--porcelain", "--untracked-files=no")
     return {"git_sha": _git("rev-parse", "HEAD"), "git_dirty": None if dirty is None else bool(dirty),
             "versions": versions, "python": platform.python_version(), "cpu": _cpu_model(),
-            "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
+            "cpu_bf16": native_bf16(), "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
 
 
 def interleave(cases: dict[str, Callable[[], Any]], repeats: int = 5, warmup: int = 1) -> dict[str, list[float]]:

@@ -62,7 +62,7 @@ class TrainConfig:
     epochs: int = _opt(10, "training epochs (the best epoch is reported, as in the paper)")
     batch_size: int = _opt(16, "training batch size")
     lr: float = _opt(4e-4, "peak learning rate (AdamW, linear warm-up then linear decay)")
-    max_length: int = _opt(128, "truncate examples to this many tokens (batches are padded dynamically)")
+    max_length: int = _opt(128, "truncate examples to this many tokens (batches are padded dynamically, to a multiple of 8)")
     pooling: str = _opt("cls", "classifiers: the head reads the first token (cls, the model's own) or the masked "
                                "mean of the last hidden states (mean: how sentence embedders were trained)")
     warmup_ratio: float = _opt(0.06, "fraction of steps spent warming up the learning rate")

@@ -234,9 +234,10 @@ def _encode_messages(tokenizer, messages: list[dict[str, str]]) -> tuple[list[in
     return ids, labels
 
 
-def collate(features: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (``IGNORE`` on padding)."""
-    width = max(len(f["input_ids"]) for f in features)
+def collate(features: list[dict[str, list[int]]], pad_id: int, multiple: int = data.PAD_MULTIPLE) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (``IGNORE`` on padding), as
+    wide as the longest row rounded up to ``multiple``."""
+    width = data.padded_width((len(f["input_ids"]) for f in features), multiple)
     pad = [width - len(f["input_ids"]) for f in features]
     return {
         "input_ids": torch.tensor([f["input_ids"] + [pad_id] * n for f, n in zip(features, pad)]),
