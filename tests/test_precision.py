@@ -29,3 +29,13 @@ def test_the_default_is_auto_and_bf16_autocasts():
         assert not torch.is_autocast_enabled("cpu")
     with precision.precision_context("bf16"):
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+def test_run_records_name_the_cpu_model_and_its_speed_flags(monkeypatch):
+    from lorakit import runfiles
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512_bf16", "sse4_2"}))
+    assert precision.cpu_features() == ["avx2", "fma", "avx512_bf16"]  # only the flags that pick kernels
+    record = runfiles.versions()
+    assert record["cpu"] == precision.cpu_model() and record["cpu"] not in ("", "x86_64")
+    assert record["cpu_flags"] == "avx2 fma avx512_bf16"

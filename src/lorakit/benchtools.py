@@ -18,23 +18,13 @@ from typing import Any
 
 import torch
 
-from .precision import native_bf16
+from .precision import cpu_features, cpu_model, native_bf16
 
 __all__ = ["BenchmarkMismatch", "environment", "interleave", "median_ratio", "summarize", "write_record", "check_close"]
 
 
 class BenchmarkMismatch(RuntimeError):
     """The cases of a benchmark do not compute the same thing: no timing is reported."""
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _git(*args: str) -> str | None:
@@ -57,8 +47,8 @@ def environment() -> dict[str, Any]:
             versions[name] = None
     dirty = _git("status", "--porcelain", "--untracked-files=no")
     return {"git_sha": _git("rev-parse", "HEAD"), "git_dirty": None if dirty is None else bool(dirty),
-            "versions": versions, "python": platform.python_version(), "cpu": _cpu_model(),
-            "cpu_bf16": native_bf16(), "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
+            "versions": versions, "python": platform.python_version(), "cpu": cpu_model(),
+            "cpu_flags": cpu_features(), "cpu_bf16": native_bf16(), "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
 
 
 def interleave(cases: dict[str, Callable[[], Any]], repeats: int = 5, warmup: int = 1) -> dict[str, list[float]]:

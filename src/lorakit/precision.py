@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import platform
 import warnings
 from pathlib import Path
 
 import torch
 
-__all__ = ["precision_context", "native_bf16", "resolve_precision", "cpu_flags", "PRECISIONS"]
+__all__ = ["precision_context", "native_bf16", "resolve_precision", "cpu_flags", "cpu_model", "cpu_features", "PRECISIONS"]
 
 PRECISIONS = ("fp32", "bf16", "auto")
 
@@ -25,6 +26,29 @@ def cpu_flags() -> frozenset[str]:
         return frozenset()
     line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
     return frozenset(line.partition(":")[2].split())
+
+
+@functools.cache
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (else what ``platform`` knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# The flags that decide which kernels run fast (and so which figures a run can be compared with).
+_SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
+                "amx_int8", "avx_vnni")
+
+
+def cpu_features() -> list[str]:
+    """Of the flags that decide which kernels run fast, those this CPU has."""
+    flags = cpu_flags()
+    return [f for f in _SPEED_FLAGS if f in flags]
 
 
 def native_bf16(device: torch.device = torch.device("cpu")) -> bool:

@@ -51,13 +51,16 @@ def append_log(run: Path, record: dict[str, Any]) -> None:
 
 
 def versions() -> dict[str, str]:
+    """Versions and the machine, for a run's summary: the CPU's model and its speed-relevant flags
+    (figures from different CPU kinds are not comparable)."""
     import transformers
 
     from . import __version__
+    from .precision import cpu_features, cpu_model
 
     return {"lorakit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
-            "threads": str(torch.get_num_threads())}
+            "python": platform.python_version(), "cpu": cpu_model(), "cpu_flags": " ".join(cpu_features()),
+            "machine": platform.machine(), "threads": str(torch.get_num_threads())}
 
 
 def write_summary(run: Path, summary: dict[str, Any], title: str) -> None:
