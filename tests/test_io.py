@@ -167,3 +167,18 @@ def test_a_failed_load_leaves_nothing_behind(saved, tmp_path):
     assert (lorakit.trainable_parameters(model), sorted(model.state_dict()), lorakit.active_adapters(model)) == before
     lorakit.load_adapter(model, path, "x")  # the name is free again
     assert lorakit.adapter_names(model) == ["good", "x"]
+
+
+def test_non_finite_adapters_are_refused_at_load_by_name(saved):
+    _, path = saved
+    tensors = load_file(path / "adapter_model.safetensors")
+    key = "base_model.model.bert.encoder.layer.1.attention.self.value.lora_B.weight"
+    save_file({**tensors, key: tensors[key].index_fill(0, torch.tensor([0]), float("inf"))}, path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=rf"NaN or infinite values in 1 tensor\(s\): {key}"):
+        lorakit.load_adapter(tiny_bert(), path)
+    save_file(tensors, path / "adapter_model.safetensors")
+    text = (path / "adapter_config.json").read_text()
+    (path / "adapter_config.json").write_text(text.replace('"lora_alpha": 8', '"lora_alpha": Infinity'))
+    with pytest.raises(ValueError, match="adapter_config.json sets lora_alpha=inf; every number of a LoRA config must "
+                                         "be finite"):
+        lorakit.load_adapter(tiny_bert(), path)
