@@ -15,7 +15,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 __all__ = ["LoraConfig", "CONFIG_NAME"]
 
@@ -59,7 +59,10 @@ _PEFT_METADATA = ("peft_type", "auto_mapping", "peft_version", "revision", "infe
                   "runtime_config", "qalora_group_size", "layers_pattern", "fan_in_fan_out")
 
 
-def _peft_keywords(cls: type) -> type:
+_Cls = TypeVar("_Cls", bound=type)
+
+
+def _peft_keywords(cls: _Cls) -> _Cls:
     """Let ``cls(...)`` take PEFT's option names as files do: at PEFT's "off" value an option
     is accepted (lorakit always behaves so) and dropped, any other value is refused by name
     (:func:`_refuse_unsupported`); a keyword nobody knows is a ``TypeError`` naming it."""
