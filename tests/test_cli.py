@@ -184,3 +184,40 @@ def test_serve_reads_a_config_file_and_flags_override_it(tmp_path, capsys, monke
     _one_line_error(capsys, ["serve", "--config", str(settings)], "max_queue must be a positive integer, got 0")
     settings.write_text("workers: 4\n")
     _one_line_error(capsys, ["serve", "--config", str(settings)], "unknown key(s) ['workers']")
+
+
+def test_merge_reads_a_peft_causal_lm_adapter_and_saves_the_dtype_asked(tiny_llama, tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    peft = pytest.importorskip("peft")
+    theirs = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), peft.LoraConfig(
+        task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    theirs.save_pretrained(tmp_path / "adapter")  # PEFT's files only: no task.json
+    x = torch.randint(3, 99, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = theirs.eval()(x).logits
+        assert not torch.allclose(expected, AutoModelForCausalLM.from_pretrained(tiny_llama)(x).logits)
+    # bf16 rounds each merged weight once (8 significant bits): logits move by ~4e-3 here, the adapter by ~0.7
+    for dtype, tol in ((None, dict(rtol=1e-5, atol=1e-5)), ("bf16", dict(rtol=0.02, atol=0.01))):
+        out = tmp_path / f"merged-{dtype}"
+        assert cli.main(["merge", "--adapter", str(tmp_path / "adapter"), "--out", str(out),
+                         *(["--dtype", dtype] if dtype else [])]) == 0, capsys.readouterr().err
+        want = torch.bfloat16 if dtype else torch.float32
+        assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {want}
+        assert json.loads((out / "config.json").read_text())["dtype"] == str(want).removeprefix("torch.")
+        merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        assert not any("lora" in n for n in merged.state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(merged(x).logits, expected, **tol)
+    # a merged weight beyond fp16's range is refused by name, not saved as inf
+    from safetensors.torch import save_file
+
+    factors = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    save_file({k: t * 1e8 if ".lora_B." in k else t for k, t in factors.items()},
+              tmp_path / "adapter" / "adapter_model.safetensors")
+    capsys.readouterr()
+    assert cli.main(["merge", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "fp16"), "--dtype", "fp16"]) == 2
+    err = capsys.readouterr().err
+    assert "--dtype fp16: model.layers.0.self_attn.q_proj.weight has values beyond fp16's range" in err, err

@@ -23,8 +23,8 @@ def test_lists_are_normalised_to_tuples_and_regex_stays_a_string():
         (dict(r=0), r"r must be a positive integer, got r=0"),
         (dict(r=-2), r"r must be a positive integer, got r=-2"),
         (dict(r=2.5), r"r must be a positive integer, got r=2.5"),
-        (dict(alpha=0), r"alpha must be a positive number, got alpha=0"),
-        (dict(alpha=-1.0), r"alpha must be a positive number, got alpha=-1.0"),
+        (dict(alpha=0), r"alpha must be a finite positive number, got alpha=0"),
+        (dict(alpha=-1.0), r"alpha must be a finite positive number, got alpha=-1.0"),
         (dict(dropout=1.0), r"dropout must be in \[0, 1\), got dropout=1.0"),
         (dict(dropout=-0.1), r"dropout must be in \[0, 1\), got dropout=-0.1"),
         (dict(bias="some"), r"bias must be 'none', 'all' or 'lora_only', got bias='some'"),
@@ -98,3 +98,49 @@ def test_peft_names_and_peft_configs_are_accepted():
                               "target_modules": ["q", "v"]}) == ours
     with pytest.raises(ValueError, match="the PEFT config sets use_dora=True, which lorakit does not support"):
         LoraConfig.coerce(peft.LoraConfig(use_dora=True))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(alpha=math.inf), r"alpha must be a finite positive number, got alpha=inf"),
+    (dict(lora_alpha=math.inf), r"alpha must be a finite positive number, got alpha=inf"),
+    (dict(alpha=math.nan), r"alpha must be a finite positive number, got alpha=nan"),
+    (dict(dropout=math.nan), r"dropout must be in \[0, 1\), got dropout=nan"),
+    (dict(dropout=math.inf), r"dropout must be in \[0, 1\), got dropout=inf"),
+    (dict(r=math.inf), r"r must be a positive integer, got r=inf"),
+])
+def test_non_finite_numbers_are_refused_by_name(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LoraConfig(**kwargs)
+
+
+@pytest.mark.parametrize("key, text", [("lora_alpha", "Infinity"), ("lora_alpha", "NaN"), ("lora_dropout", "NaN"),
+                                       ("r", "-Infinity")])
+def test_adapter_files_with_non_finite_numbers_are_refused_by_key(tmp_path, key, text):
+    d = json.loads(LoraConfig(target_modules=("q",)).to_json())
+    (tmp_path / "adapter_config.json").write_text(json.dumps(d).replace(f'"{key}": {d[key]}', f'"{key}": {text}'))
+    with pytest.raises(ValueError, match=rf"adapter_config.json sets {key}=-?(inf|nan); every number of a LoRA "
+                                         "config must be finite"):
+        LoraConfig.load(tmp_path)
+
+
+def test_peft_only_keywords_are_accepted_off_and_refused_by_name_otherwise():
+    assert LoraConfig(r=4, rank_pattern={}, use_dora=False, layers_to_transform=None, lora_bias=False) == LoraConfig(r=4)
+    for kwargs, shown in [(dict(use_dora=True), "use_dora=True"), (dict(rank_pattern={"q": 2}), r"rank_pattern=\{'q': 2\}"),
+                          (dict(layers_to_transform=[0]), r"layers_to_transform=\[0\]"),
+                          (dict(lora_bias=True), "lora_bias=True"), (dict(target_parameters=["w"]), "target_parameters")]:
+        with pytest.raises(ValueError, match=rf"LoraConfig\(...\) sets {shown}.*which lorakit does not support"):
+            LoraConfig(**kwargs)
+    # the same refusal as for files
+    d = json.loads(LoraConfig(target_modules=("q",)).to_json())
+    with pytest.raises(ValueError, match=r"sets use_dora=True, which lorakit does not support \(only PEFT's off value"):
+        LoraConfig.from_peft_dict({**d, "use_dora": True})
+
+
+def test_unknown_keywords_are_a_type_error_naming_them_with_a_hint():
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['lora_alhpa'\] \(did you mean 'lora_alpha'"):
+        LoraConfig(lora_alhpa=16)
+    with pytest.raises(TypeError, match=r"\['inference_mode'\] \(inference_mode is a PEFT setting LoraConfig does not "
+                                        "take: leave it out"):
+        LoraConfig(inference_mode=False)
+    with pytest.raises(TypeError, match=r"\[.zzz.\]; it takes alpha, base_model_name_or_path, bias"):
+        LoraConfig(zzz=1)

@@ -30,3 +30,51 @@ def test_trainer_checkpoints_hold_peft_adapters(tmp_path):
     torch.testing.assert_close(output(theirs, x), output(model, x), **MODEL_TOL)
     ours = lorakit.load_adapter(clone(base), tmp_path).eval()
     torch.testing.assert_close(output(ours, x), output(model, x), **MODEL_TOL)
+
+
+def _llama_trainer(tmp_path, seed: int, max_steps: int = 2):
+    """A Trainer on a tiny tied-embedding Llama with a LoRA adapter (A drawn from ``seed``)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    torch.manual_seed(seed)
+    model = lorakit.add_lora(base, lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": x, "labels": x} for x in torch.randint(0, 99, (8, 10), generator=g)]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=max_steps, save_steps=1,
+                             learning_rate=5e-2, report_to=[], use_cpu=True, logging_strategy="no", seed=0)
+    return model, Trainer(model=model, args=args, train_dataset=rows, callbacks=[SaveAdapterCallback()])
+
+
+def test_trainer_checkpoints_hold_the_trainable_tensors_only_and_resume_from_them(tmp_path):
+    from safetensors.torch import load_file
+
+    model, trainer = _llama_trainer(tmp_path / "whole", seed=1)
+    trainer.train()
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(".lora_A." in n or ".lora_B." in n for n in trained)
+    for step in (1, 2):
+        folder = tmp_path / "whole" / f"checkpoint-{step}"
+        assert (folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file()
+        assert load_file(folder / "model.safetensors").keys() == trained.keys()  # no frozen base, no tied lm_head
+        assert (folder / "model.safetensors").stat().st_size < 2 * (folder / "adapter_model.safetensors").stat().st_size
+    assert model._keys_to_ignore_on_save == set()  # the model's own list is back: a later save is whole
+    # resuming from checkpoint-1 (a fresh adapter, other random A) ends where the whole run ended
+    fresh, trainer = _llama_trainer(tmp_path / "resumed", seed=7)
+    assert not torch.equal(dict(fresh.named_parameters())[next(iter(trained))], next(iter(trained.values())))
+    trainer.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-1"))
+    for name, p in fresh.named_parameters():
+        if name in trained:
+            torch.testing.assert_close(p.detach(), trained[name], rtol=0, atol=0, msg=name)
+
+
+def test_integrations_is_reached_from_import_lorakit_without_importing_transformers():
+    import subprocess
+    import sys
+
+    code = ("import lorakit, sys; assert 'transformers' not in sys.modules; "
+            "assert lorakit.integrations.SaveAdapterCallback.__name__ == 'SaveAdapterCallback'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

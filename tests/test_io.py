@@ -1,6 +1,7 @@
 """Adapter files: round trip, strict loading, every bad input named."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -34,7 +35,10 @@ def test_round_trip_gives_the_same_outputs(saved):
     assert "base_model.model.classifier.weight" in keys and len(keys) == 2 * 2 * 2 + 2
     loaded = lorakit.load_adapter(tiny_bert(), path)
     torch.testing.assert_close(output(loaded, ids()), output(model, ids()), **TOL[torch.float32])
-    assert lorakit.adapter_config(loaded, "default") == lorakit.adapter_config(model, "default")
+    # the file names the task its head belongs to (the model says it); the model's config is untouched
+    assert config["task_type"] == "SEQ_CLS" and lorakit.adapter_config(model, "default").task_type is None
+    assert config["base_model_name_or_path"] is None  # built in memory: no folder to name
+    assert lorakit.adapter_config(loaded, "default") == replace(lorakit.adapter_config(model, "default"), task_type="SEQ_CLS")
 
 
 def test_load_as_second_adapter_and_sliced_gpt2_round_trip(saved, tmp_path):
@@ -167,3 +171,45 @@ def test_a_failed_load_leaves_nothing_behind(saved, tmp_path):
     assert (lorakit.trainable_parameters(model), sorted(model.state_dict()), lorakit.active_adapters(model)) == before
     lorakit.load_adapter(model, path, "x")  # the name is free again
     assert lorakit.adapter_names(model) == ["good", "x"]
+
+
+def test_non_finite_adapters_are_refused_at_load_by_name(saved):
+    _, path = saved
+    tensors = load_file(path / "adapter_model.safetensors")
+    key = "base_model.model.bert.encoder.layer.1.attention.self.value.lora_B.weight"
+    save_file({**tensors, key: tensors[key].index_fill(0, torch.tensor([0]), float("inf"))}, path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=rf"NaN or infinite values in 1 tensor\(s\): {key}"):
+        lorakit.load_adapter(tiny_bert(), path)
+    save_file(tensors, path / "adapter_model.safetensors")
+    text = (path / "adapter_config.json").read_text()
+    (path / "adapter_config.json").write_text(text.replace('"lora_alpha": 8', '"lora_alpha": Infinity'))
+    with pytest.raises(ValueError, match="adapter_config.json sets lora_alpha=inf; every number of a LoRA config must "
+                                         "be finite"):
+        lorakit.load_adapter(tiny_bert(), path)
+
+
+def test_adapters_saved_from_python_name_their_base_and_task_for_peft(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    peft = pytest.importorskip("peft")
+    model = lorakit.add_lora(AutoModelForCausalLM.from_pretrained(tiny_llama),
+                             LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    randomize(model)
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == tiny_llama and config["task_type"] == "CAUSAL_LM"
+    assert lorakit.adapter_config(model, "default").task_type is None  # the file is filled, the config not rewritten
+    theirs = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()
+    x = ids()
+    torch.testing.assert_close(output(theirs, x), output(model.eval(), x), **TOL[torch.float32])
+    # what the user set is kept; a classifier whose head the adapter does not hold gets no SEQ_CLS (its
+    # readers would then look for the head in the file); a bare model is FEATURE_EXTRACTION
+    mine = lorakit.add_lora(AutoModelForCausalLM.from_pretrained(tiny_llama),
+                            LoraConfig(target_modules=["q_proj"], base_model_name_or_path="org/base", task_type="SEQ_2_SEQ_LM"))
+    lorakit.save_adapter(mine, tmp_path / "mine")
+    config = json.loads((tmp_path / "mine" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "org/base" and config["task_type"] == "SEQ_2_SEQ_LM"
+    lorakit.save_adapter(lorakit.add_lora(tiny_bert(), LoraConfig()), tmp_path / "no-head")
+    assert json.loads((tmp_path / "no-head" / "adapter_config.json").read_text())["task_type"] is None
+    lorakit.save_adapter(lorakit.add_lora(tiny_bert().bert, LoraConfig()), tmp_path / "bare")
+    assert json.loads((tmp_path / "bare" / "adapter_config.json").read_text())["task_type"] == "FEATURE_EXTRACTION"

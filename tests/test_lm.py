@@ -257,3 +257,50 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_llama, tmp_path):
     assert cfgs[1].gradient_checkpointing and grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.fixture(scope="module")
+def tied_llama(tiny_llama, tmp_path_factory):
+    """The tiny Llama with its output layer tied to the input embedding (as SmolLM2's)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("tied-llama")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_llama, tie_word_embeddings=True))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(folder)
+    return str(folder)
+
+
+def test_checkpoints_hold_the_trainable_tensors_only_and_resume_exactly(tied_llama, tmp_path, monkeypatch):
+    from lorakit import checkpoint
+
+    rows = [{"prompt": f"count {i}", "completion": " ".join(str(j) for j in range(i, i + 4))} for i in range(12)]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = dict(task="jsonl", train_file=str(data), dev_file=str(data), method="lora", lora_dropout=0.1)
+    whole = train.train(_run_cfg(tied_llama, tmp_path / "whole", **common), seed=0)
+    path = tmp_path / "whole" / "jsonl" / "seed0" / "checkpoint-2-0.pt"
+    state = torch.load(path, weights_only=True)
+    assert state["trainable"] and all(".lora_A.default" in k or ".lora_B.default" in k for k in state["trainable"])
+    factors = sum(t.numel() * t.element_size() for t in state["trainable"].values())
+    embedding = 32 * 30522 * 4  # the tied frozen embedding, which a checkpoint must not hold
+    assert path.stat().st_size < 4 * factors + 200_000 < embedding  # two copies of Adam moments, RNG, records
+
+    real_save = checkpoint._atomic_save
+
+    def crash_after_first_epoch(obj, target):
+        real_save(obj, target)
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(checkpoint, "_atomic_save", crash_after_first_epoch)
+    cfg = _run_cfg(tied_llama, tmp_path / "split", **common)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(cfg, seed=0)
+    monkeypatch.setattr(checkpoint, "_atomic_save", real_save)
+    resumed = train.train(train.TrainConfig(**{**cfg.__dict__, "resume": True}), seed=0)
+    assert [h["dev"] for h in resumed["epochs"]] == [h["dev"] for h in whole["epochs"]]
+    again = torch.load(tmp_path / "split" / "jsonl" / "seed0" / "checkpoint-2-0.pt", weights_only=True)
+    assert again["trainable"].keys() == state["trainable"].keys()
+    assert all(torch.equal(again["trainable"][k], t) for k, t in state["trainable"].items())

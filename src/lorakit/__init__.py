@@ -31,6 +31,16 @@ from .model import (
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    """``lorakit.integrations`` on first use: it imports transformers, which ``import lorakit`` does not."""
+    if name == "integrations":
+        import importlib
+
+        return importlib.import_module(f"{__name__}.integrations")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "LoraConfig",
     "add_lora",

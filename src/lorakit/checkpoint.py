@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from .distributed import World, reshard
 from .io import atomic_write
+from .model import frozen_parameter_names
 
 __all__ = ["Progress", "checkpoints", "save", "resume", "KEEP"]
 
@@ -74,7 +75,10 @@ def save(run: Path, record: dict[str, Any], progress: Progress, model: nn.Module
     """Called by every process (each contributes its random state and loss sums)."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     reshard(model)
-    trainable = get_model_state_dict(model, options=options)  # whole tensors, also from an FSDP-sharded model
+    # whole tensors, also from an FSDP-sharded model; ignore_frozen_params keeps the aliases of tied
+    # frozen weights (a tied lm_head: the whole embedding), so they are filtered by name here
+    frozen = frozen_parameter_names(model)
+    trainable = {k: v for k, v in get_model_state_dict(model, options=options).items() if k not in frozen}
     optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
     ranks = world.gather({"torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
                           "cuda_rng": torch.cuda.get_rng_state(world.device) if world.device.type == "cuda" else None,

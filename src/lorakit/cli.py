@@ -69,7 +69,7 @@ def _run_info(adapter: str, task: str | None = None, model: str | None = None) -
 
     info_path = Path(adapter) / "task.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    info["task"] = task or info.get("task")
+    info["task"] = task or info.get("task") or _task_of_peft_adapter(adapter)
     info["model"] = model or info.get("model") or LoraConfig.load(adapter).base_model_name_or_path
     if not info["task"] or not info["model"]:
         raise ValueError(f"cannot tell the task and model of {adapter!r}; pass --task and --model")
@@ -151,6 +151,17 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _task_of_peft_adapter(adapter: str) -> str | None:
+    """``jsonl`` (the causal-LM path) for an adapter without task.json whose ``adapter_config.json``
+    says ``CAUSAL_LM`` (e.g. written by PEFT). A classifier's task stays unknown: its labels (the
+    head's size, regression or not) are not in PEFT's files, so it needs --task."""
+    from .config import CONFIG_NAME, LoraConfig
+
+    if not (Path(adapter) / CONFIG_NAME).is_file():
+        return None
+    return "jsonl" if LoraConfig.load(adapter).task_type == "CAUSAL_LM" else None
+
+
 def _merge(args: argparse.Namespace) -> int:
     from .model import merge_and_unload
 
@@ -167,13 +178,27 @@ def _merge(args: argparse.Namespace) -> int:
     except OSError as e:
         raise unwritable(e) from None
     _, tokenizer, model = _load_adapted(args)
+    merged = merge_and_unload(model)  # in the dtype the base loaded in (causal LMs: float32), ΔW in float32
+    if args.dtype:
+        _cast_merged(merged, args.dtype)
     try:
-        merge_and_unload(model).save_pretrained(out)
+        merged.save_pretrained(out)
         tokenizer.save_pretrained(out)
     except OSError as e:
         raise unwritable(e) from None
     print(f"merged model written to {out} (a plain Hugging Face folder)")
     return 0
+
+
+def _cast_merged(model, dtype: str) -> None:
+    """Round the merged weights once to ``dtype`` (--dtype); a weight beyond its range is refused by name."""
+    import torch
+
+    model.to(getattr(torch, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]))
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"--dtype {dtype}: {name} has values beyond {dtype}'s range once merged; "
+                             "use --dtype bf16 or fp32")
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -410,6 +435,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             p.add_argument("--out", required=True, help="output folder")
             p.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty --out folder")
+            p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
+                           help="dtype of the saved merged weights, rounded once after merging in float32 "
+                                "(default: the base's dtype as loaded, float32)")
         p.set_defaults(func=func)
 
     p = sub.add_parser("generate", help="generate completions with a causal LM and its adapter(s)")

@@ -8,12 +8,14 @@ lorakit load in ``peft.PeftModel.from_pretrained`` and the other way round.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 __all__ = ["LoraConfig", "CONFIG_NAME"]
 
@@ -57,6 +59,59 @@ _PEFT_METADATA = ("peft_type", "auto_mapping", "peft_version", "revision", "infe
                   "runtime_config", "qalora_group_size", "layers_pattern", "fan_in_fan_out")
 
 
+_Cls = TypeVar("_Cls", bound=type)
+
+
+def _peft_keywords(cls: _Cls) -> _Cls:
+    """Let ``cls(...)`` take PEFT's option names as files do: at PEFT's "off" value an option
+    is accepted (lorakit always behaves so) and dropped, any other value is refused by name
+    (:func:`_refuse_unsupported`); a keyword nobody knows is a ``TypeError`` naming it."""
+    fields_init = cls.__init__
+
+    @functools.wraps(fields_init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        _refuse_unsupported(kwargs, "LoraConfig(...)")
+        kwargs = {k: v for k, v in kwargs.items() if k not in _UNSUPPORTED_PEFT_OPTIONS}
+        known = {f.name for f in dataclasses.fields(cls)} | set(_PEFT_NAMES)  # fields and PEFT's names (InitVars)
+        unknown = sorted(kwargs.keys() - known)
+        if unknown:
+            raise TypeError(_unknown_keywords(unknown, known))
+        fields_init(self, *args, **kwargs)
+
+    cls.__init__ = __init__  # type: ignore[misc]
+    return cls
+
+
+def _unknown_keywords(unknown: list[str], known: set[str]) -> str:
+    """The message for keywords ``LoraConfig`` does not take, with the likely intended name."""
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, sorted(known | _UNSUPPORTED_PEFT_OPTIONS.keys()), n=1)
+        if name in _PEFT_METADATA:
+            hints.append(f"{name} is a PEFT setting LoraConfig does not take: leave it out")
+        elif close:
+            hints.append(f"did you mean {close[0]!r} for {name!r}?")
+    return (f"LoraConfig got unexpected keyword argument(s) {unknown}" + (f" ({'; '.join(hints)})" if hints else "")
+            + f"; it takes {', '.join(sorted(known))}, and PEFT's other options at their off values (docs/PEFT.md)")
+
+
+def _refuse_unsupported(options: Mapping[str, Any], source: str) -> None:
+    """Refuse each PEFT option of ``options`` (a file's dict or keywords) set to anything but its
+    "off" value: lorakit would compute something else than the option asks."""
+    for key, off in _UNSUPPORTED_PEFT_OPTIONS.items():
+        if options.get(key) not in (None, off):
+            raise ValueError(f"{source} sets {key}={options[key]!r}, which lorakit does not support "
+                             f"(only PEFT's off value {off!r} is accepted)")
+
+
+def _refuse_non_finite(d: Mapping[str, Any], source: str) -> None:
+    """JSON files may hold ``Infinity`` / ``NaN`` (Python's json reads them); no LoRA setting is one."""
+    for key, value in d.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{source} sets {key}={value!r}; every number of a LoRA config must be finite")
+
+
+@_peft_keywords
 @dataclass(frozen=True)
 class LoraConfig:
     """Hyper-parameters of one LoRA adapter (paper section 4.1).
@@ -102,8 +157,9 @@ class LoraConfig:
         self._take_peft_names(lora_alpha, lora_dropout, init_lora_weights)
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"r must be a positive integer, got r={self.r!r}")
-        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not self.alpha > 0:
-            raise ValueError(f"alpha must be a positive number, got alpha={self.alpha!r}")
+        if (not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not self.alpha > 0
+                or not math.isfinite(self.alpha)):  # inf would make every output inf or NaN
+            raise ValueError(f"alpha must be a finite positive number, got alpha={self.alpha!r}")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got dropout={self.dropout!r}")
         if self.bias not in ("none", "all", "lora_only"):
@@ -180,9 +236,8 @@ class LoraConfig:
             )
         if d["peft_type"] != "LORA":
             raise ValueError(f"{source} has peft_type={d['peft_type']!r}; lorakit reads only 'LORA' adapters")
-        for key, default in _UNSUPPORTED_PEFT_OPTIONS.items():
-            if d.get(key) not in (None, default):
-                raise ValueError(f"{source} sets {key}={d[key]!r}, which lorakit does not support")
+        _refuse_non_finite(d, source)
+        _refuse_unsupported(d, source)
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(k for k in d if _PEFT_NAMES.get(k, k) not in fields
                          and k not in _UNSUPPORTED_PEFT_OPTIONS and k not in _PEFT_METADATA)

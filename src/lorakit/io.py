@@ -9,7 +9,9 @@ Only safetensors is read or written: nothing is ever unpickled.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -20,13 +22,29 @@ from torch import Tensor, nn
 
 from .config import CONFIG_NAME, LoraConfig
 from .layers import LoraLayer, ModulesToSave
-from .model import active_adapters, adapter_config, add_lora, outside_saved_modules, remove_adapter, set_adapter
+from .model import (
+    _SEQ_CLS_HEADS,
+    active_adapters,
+    adapter_config,
+    add_lora,
+    outside_saved_modules,
+    remove_adapter,
+    set_adapter,
+)
 
 __all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "read_weights", "copy_strict", "atomic_write",
            "WEIGHTS_NAME", "PREFIX"]
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+# PEFT's task type of a transformers model, by the Auto class whose mapping names its class
+# (the bare models last: a few classes are in both)
+_TASK_TYPES = (("CAUSAL_LM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
+               ("SEQ_2_SEQ_LM", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"),
+               ("SEQ_CLS", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"),
+               ("TOKEN_CLS", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES"),
+               ("QUESTION_ANS", "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES"),
+               ("FEATURE_EXTRACTION", "MODEL_MAPPING_NAMES"))
 
 
 def adapter_state_dict(model: nn.Module, adapter: str) -> dict[str, Tensor]:
@@ -70,13 +88,43 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter: str | None = 
         if len(active) != 1:
             raise ValueError(f"name the adapter to save: the model has active adapters {list(active)}")
         adapter = active[0]
-    config = adapter_config(model, adapter)
+    config = _described(model, adapter)
     tensors = {k: v.detach().contiguous() for k, v in adapter_state_dict(model, adapter).items()}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(config.to_json()))
     return directory
+
+
+def _described(model: nn.Module, adapter: str) -> LoraConfig:
+    """``adapter``'s config with what PEFT needs to load the file alone, taken from the model where
+    the config leaves it unset (the model's own config object is not changed): the base's
+    ``name_or_path`` (as ``PeftModel.save_pretrained``) and the task type of a transformers model."""
+    config = adapter_config(model, adapter)
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    task = _task_type(model)
+    if task == "SEQ_CLS" and not any(isinstance(m, ModulesToSave) and adapter in m.copies and n in _SEQ_CLS_HEADS
+                                     for n, m in model.named_children()):
+        task = None  # with SEQ_CLS, PEFT and lorakit load the head from the file: only if the adapter has it
+    return dataclasses.replace(config, base_model_name_or_path=config.base_model_name_or_path or name or None,
+                               task_type=config.task_type or task)
+
+
+def _task_type(model: nn.Module) -> str | None:
+    """PEFT's task type of a transformers model (``LlamaForCausalLM``: ``CAUSAL_LM``), else None."""
+    if "transformers" not in sys.modules:  # then the model is no transformers model: no import for nothing
+        return None
+    from transformers.models.auto import modeling_auto
+
+    classes = [cls.__name__ for cls in type(model).__mro__]
+    for task, mapping in _TASK_TYPES:
+        names: set[str] = set()
+        for value in getattr(modeling_auto, mapping, {}).values():
+            names.update((value,) if isinstance(value, str) else value)
+        if any(c in names for c in classes):
+            return task
+    return None
 
 
 def atomic_write(path: Path, write) -> None:

@@ -38,6 +38,7 @@ __all__ = [
     "active_adapters",
     "adapter_config",
     "default_target_modules",
+    "frozen_parameter_names",
 ]
 
 # Attention query/value projections by the names common model families give them.
@@ -102,6 +103,13 @@ def trainable_parameters(model: nn.Module) -> ParameterCount:
     """Trainable and total parameter counts (shared parameters counted once)."""
     params = {id(p): p for p in model.parameters()}.values()
     return ParameterCount(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+
+
+def frozen_parameter_names(model: nn.Module) -> set[str]:
+    """Every state-dict name of every frozen parameter, tied aliases included (``lm_head.weight``
+    of a model whose output layer shares the input embedding): what training checkpoints leave out.
+    Judged on the parameter itself, so an alias is frozen exactly when what it names is."""
+    return {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
 
 
 # ---- attaching ---------------------------------------------------------------------------
