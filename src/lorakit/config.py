@@ -71,7 +71,8 @@ def _peft_keywords(cls: _Cls) -> _Cls:
     @functools.wraps(fields_init)
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         _refuse_unsupported(kwargs, "LoraConfig(...)")
-        kwargs = {k: v for k, v in kwargs.items() if k not in _UNSUPPORTED_PEFT_OPTIONS}
+        # PEFT's inference_mode (in most PEFT snippets) says whether PEFT freezes the factors: no effect on outputs
+        kwargs = {k: v for k, v in kwargs.items() if k not in _UNSUPPORTED_PEFT_OPTIONS and k != "inference_mode"}
         known = {f.name for f in dataclasses.fields(cls)} | set(_PEFT_NAMES)  # fields and PEFT's names (InitVars)
         unknown = sorted(kwargs.keys() - known)
         if unknown:
