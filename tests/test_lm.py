@@ -257,3 +257,13 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_llama, tmp_path):
     assert cfgs[1].gradient_checkpointing and grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_all_linear_targets_every_linear_layer_from_the_config(tiny_llama, tmp_path):
+    cfg = _run_cfg(tiny_llama, tmp_path, task="jsonl", train_file="x", dev_file="y", targets="all-linear")
+    task = lm.LMTask(cfg)
+    _, model = task.load_model(tiny_llama)
+    adapted = train.attach_method(model, cfg, task)
+    assert {name.rsplit(".", 1)[-1] for name in adapted} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                            "up_proj", "down_proj"}
+    assert len(adapted) == 2 * 7  # not the output layer

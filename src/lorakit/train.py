@@ -73,7 +73,8 @@ class TrainConfig:
     r: int = _opt(8, "LoRA rank")
     alpha: float = _opt(16.0, "LoRA alpha (scaling alpha/r)")
     lora_dropout: float = _opt(0.1, "dropout on the LoRA branch input")
-    targets: str | None = _opt(None, "comma-separated LoRA target modules (default: the query/value projections)")
+    targets: str | None = _opt(None, "comma-separated LoRA target modules, or all-linear (every linear layer but the "
+                                     "output layer; default: the query/value projections)")
     adapter_dim: int = _opt(64, "bottleneck size of Houlsby adapters (method adapter)")
     init_adapter: str | None = _opt(None, "start the LoRA factors from this adapter (the paper's MNLI start)")
     resume: bool = _opt(False, "continue from the newest complete checkpoint in the run folder")
@@ -184,7 +185,9 @@ def resolve_config(preset: str | None, **overrides: Any) -> TrainConfig:
 
 
 def _lora_config(model: nn.Module, cfg: TrainConfig, task: Task, head: str | None) -> LoraConfig:
-    targets = tuple(cfg.targets.split(",")) if cfg.targets else None
+    targets: tuple[str, ...] | str | None = tuple(cfg.targets.split(",")) if cfg.targets else None
+    if cfg.targets == "all-linear":  # LoraConfig's (and PEFT's) keyword: every linear layer but the output
+        targets = cfg.targets
     enable = {}
     if targets is None and _is_fused_qkv(model):  # GPT-2's c_attn = q|k|v: adapt the q and v slices (paper)
         targets, enable = ("c_attn",), {"c_attn": (True, False, True)}
