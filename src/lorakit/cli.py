@@ -30,11 +30,19 @@ def _add_train_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
         if hints[f.name] is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif f.name == "seeds":
-            parser.add_argument(flag, type=lambda s: tuple(int(x) for x in s.split(",")), default=None, help=help_text)
+            parser.add_argument(flag, type=_seed_list, default=None, help=help_text)
         else:
             hint = next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name])
             kind = {int: int, float: float}.get(hint, str)
             parser.add_argument(flag, type=kind, default=None, help=help_text)
+
+
+def _seed_list(text: str) -> tuple[int, ...]:
+    """``--seeds 0,1,2``."""
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 0,1,2; got {text!r}") from None
 
 
 def _train_config(args: argparse.Namespace, **defaults):
@@ -259,6 +267,37 @@ def _models(args: argparse.Namespace) -> int:
 
 
 _SERVE_KEYS = {"model": None, "adapter": [], "host": "127.0.0.1", "port": 8000, "precision": "auto", "quantize": None}
+_SERVE_TYPES = {"model": str, "host": str, "port": int, "precision": str, "quantize": str}  # besides ServeConfig's
+
+
+def _serve_settings(path: str, config_type: type) -> dict[str, typing.Any]:
+    """``lorakit serve --config``: each value checked against its type (``config_type``'s fields,
+    :data:`_SERVE_TYPES`; see :mod:`lorakit.settings`); ``adapter`` is a mapping of names to
+    folders or a list of NAME=FOLDER strings. Null values are left out (the default applies)."""
+    from .settings import read_yaml, typed
+
+    hints = {**_SERVE_TYPES, **typing.get_type_hints(config_type)}
+    found = read_yaml(path, set(hints) | {"adapter"})
+    try:
+        values = {k: typed(k, v, hints[k]) for k, v in found.items() if k != "adapter" and v is not None}
+        if found.get("adapter") is not None:
+            values["adapter"] = _adapter_specs(found["adapter"])
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return values
+
+
+def _adapter_specs(value: typing.Any) -> list[str]:
+    """``adapter: {name: folder}`` or ``adapter: [NAME=FOLDER, ...]`` as NAME=FOLDER strings."""
+    from .settings import MAX_ITEMS, string_list, type_error
+
+    if not isinstance(value, dict):
+        return string_list("adapter", value)
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise type_error("adapter", value, "a mapping of adapter names to folders (strings)")
+    if len(value) > MAX_ITEMS:
+        raise ValueError(f"adapter has {len(value)} entries; at most {MAX_ITEMS}")
+    return [f"{k}={v}" for k, v in value.items()]
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -268,12 +307,7 @@ def _serve(args: argparse.Namespace) -> int:
     defaults = {**_SERVE_KEYS, **{f.name: f.default for f in dataclasses.fields(ServeConfig)}}
     values = dict(defaults)
     if args.config:
-        from .train import read_yaml
-
-        found = read_yaml(args.config, set(defaults))
-        if isinstance(found.get("adapter"), dict):  # adapter: {name: folder}
-            found["adapter"] = [f"{k}={v}" for k, v in found["adapter"].items()]
-        values.update(found)
+        values.update(_serve_settings(args.config, ServeConfig))
     values.update({k: getattr(args, k) for k in defaults if getattr(args, k, None) not in (None, [])})
     adapters = {}
     for spec in values.pop("adapter"):

@@ -14,6 +14,7 @@ killed run where it stopped. Under ``torchrun`` the same code trains with DDP.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -21,6 +22,7 @@ import random
 import shutil
 import statistics
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ from .io import PREFIX, adapter_state_dict, copy_strict, read_weights
 from .model import add_lora, lora_layers, trainable_parameters
 from .models import resolve_model
 from .precision import PRECISIONS, precision_context, resolve_precision
+from .settings import check_fields, int_list, read_yaml, string_list, typed
 from .tasks import Task, format_metrics
 
 __all__ = ["TrainConfig", "resolve_config", "read_config_file", "write_config_file", "read_yaml", "train", "train_seeds",
@@ -95,6 +98,7 @@ class TrainConfig:
                                   "bf16 (autocast: bfloat16 matmuls, fp32 weights and optimizer)")
 
     def __post_init__(self) -> None:
+        check_fields(self, _field_types())
         tasks.canonical_name(self.task)
         if self.method not in baselines.METHODS:
             raise ValueError(f"method must be one of {baselines.METHODS}, got {self.method!r}")
@@ -109,6 +113,9 @@ class TrainConfig:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if not self.seeds:
             raise ValueError("seeds must name at least one seed")
+        for name in ("max_train_examples", "max_eval_examples"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive (or None: all rows), got {getattr(self, name)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.prompt_format not in ("plain", "chat"):
@@ -125,6 +132,11 @@ class TrainConfig:
         return Path(self.out.format(task=tasks.canonical_name(self.task), model=self.model, method=self.method))
 
 
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
 # Presets hold LoRA's learning rates; the baselines take these instead (full fine-tuning
 # in the range RoBERTa used, BitFit and adapters as in their papers' GLUE runs).
 BASELINE_LR = {"full": 5e-5, "bitfit": 1e-3, "adapter": 5e-4}
@@ -132,29 +144,27 @@ BASELINE_LR = {"full": 5e-5, "bitfit": 1e-3, "adapter": 5e-4}
 DEFAULT_MODELS = {"e2e": "smollm2", "jsonl": "smollm2"}
 
 
-def read_yaml(path: str | Path, known: set[str]) -> dict[str, Any]:
-    """A YAML mapping of settings whose keys are all in ``known`` (else an error naming them)."""
-    import yaml
-
-    try:
-        values = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ValueError(f"cannot read the config file {path}: {' '.join(str(e).split())}") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"{path} must hold a mapping of settings, got {type(values).__name__}")
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{path}: unknown key(s) {unknown}; the keys are the command's flags (underscores): "
-                         f"{', '.join(sorted(known))}")
-    return values
-
-
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A YAML file of TrainConfig fields (and ``preset``)."""
+    """A YAML file of TrainConfig fields (and ``preset``), each value checked against its field's
+    type (see :mod:`lorakit.settings`: ``lr: 1e-4``, a string in YAML 1.1, reads as the number);
+    ``seeds`` is an integer or a flat list of them, ``targets`` a string (comma-separated) or a
+    flat list of module names. Errors name the file and the key."""
     values = read_yaml(path, {f.name for f in dataclasses.fields(TrainConfig)} | {"preset"})
-    if isinstance(values.get("seeds"), list):
-        values["seeds"] = tuple(values["seeds"])
-    return values
+    hints = {**_field_types(), "preset": str}
+    try:
+        return {key: _config_value(key, value, hints[key]) for key, value in values.items()}
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def _config_value(key: str, value: Any, hint: Any) -> Any:
+    if value is None:
+        return None
+    if key == "seeds":
+        return tuple(int_list(key, value))
+    if key == "targets" and not isinstance(value, str):
+        return ",".join(string_list(key, value))
+    return typed(key, value, hint)
 
 
 def write_config_file(cfg: TrainConfig, seed: int, path: Path) -> None:
