@@ -267,3 +267,29 @@ def test_all_linear_targets_every_linear_layer_from_the_config(tiny_llama, tmp_p
     assert {name.rsplit(".", 1)[-1] for name in adapted} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                             "up_proj", "down_proj"}
     assert len(adapted) == 2 * 7  # not the output layer
+
+
+SYSTEM_TEMPLATE = (  # as SmolLM2's and Qwen2.5's: a default system prompt when the conversation has none
+    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}[unused1]system\nyou are helpful[SEP]\n{% endif %}"
+    "[unused1]{{ m['role'] }}\n{{ m['content'] }}[SEP]\n{% endfor %}{% if add_generation_prompt %}[unused1]assistant\n{% endif %}"
+)
+
+
+@pytest.mark.parametrize("template", ["own", "default system prompt"])
+def test_an_opening_assistant_turn_learns_its_content_only(tiny_llama, template):
+    tokenizer, _ = lm.load_causal_lm(tiny_llama)
+    if template != "own":
+        tokenizer.chat_template = SYSTEM_TEMPLATE
+    messages = [{"role": "assistant", "content": "how can i help"}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello there"}]
+    f = lm.encode(tokenizer, {"messages": messages}, "plain", 512)
+    assert tokenizer.decode([t for t in f["labels"] if t != lm.IGNORE]) == "how can i help [SEP] hello there [SEP]"
+    if template != "own":
+        assert tokenizer.decode(f["input_ids"]).startswith("[ unused1 ] system you are helpful [SEP]")
+
+
+def test_a_chat_template_that_refuses_a_conversation_is_a_value_error(tiny_llama):
+    tokenizer, _ = lm.load_causal_lm(tiny_llama)
+    tokenizer.chat_template = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+    with pytest.raises(ValueError, match="the chat template refused a conversation: Conversation roles must alternate"):
+        lm.encode(tokenizer, {"messages": [{"role": "assistant", "content": "hi"}]}, "plain", 64)

@@ -193,7 +193,12 @@ def _ids(tokenizer, text: str, special: bool = False) -> list[int]:
 def _chat(tokenizer, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("prompt_format 'chat' needs a tokenizer with a chat template; use --prompt-format plain")
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    from jinja2 import TemplateError
+
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except TemplateError as e:  # a template's raise_exception(), e.g. "roles must alternate user/assistant"
+        raise ValueError(f"the chat template refused a conversation: {e}") from None
     return _ids(tokenizer, text)
 
 
@@ -222,16 +227,31 @@ def encode(tokenizer, row: dict[str, Any], prompt_format: str, max_length: int) 
 
 def _encode_messages(tokenizer, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
     """The whole conversation through the chat template; labels on each assistant turn
-    (the tokens its message adds after the generation prompt)."""
+    (the tokens its message adds after the generation prompt), never on anything else."""
     ids = _chat(tokenizer, messages, generation_prompt=False)
     labels = [IGNORE] * len(ids)
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = len(_chat(tokenizer, messages[:i], generation_prompt=True)) if i else 0
+        start = len(_chat(tokenizer, messages[:i], generation_prompt=True)) if i else _first_turn_start(tokenizer, messages)
         end = len(_chat(tokenizer, messages[: i + 1], generation_prompt=False))
         labels[start:end] = ids[start:end]
     return ids, labels
+
+
+_MARK = "\x1florakit-turn\x1f"  # a content no conversation holds (a control character each side)
+
+
+def _first_turn_start(tokenizer, messages: list[dict[str, str]]) -> int:
+    """Tokens before the content of an opening assistant turn. The template of no message with
+    a generation prompt is not that prefix: templates add a default system prompt only when
+    the conversation has messages (SmolLM2's, Qwen's), so render the turn with a marker as its
+    content and count the tokens before the marker."""
+    text = tokenizer.apply_chat_template([{**messages[0], "content": _MARK}], tokenize=False, add_generation_prompt=False)
+    if _MARK not in text:
+        raise ValueError("the chat template does not show an opening assistant message's content; "
+                         "start the conversation with a user (or system) message")
+    return len(_ids(tokenizer, text[: text.index(_MARK)]))
 
 
 def collate(features: list[dict[str, list[int]]], pad_id: int, multiple: int = data.PAD_MULTIPLE) -> dict[str, torch.Tensor]:
