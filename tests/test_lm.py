@@ -293,3 +293,12 @@ def test_a_chat_template_that_refuses_a_conversation_is_a_value_error(tiny_llama
     tokenizer.chat_template = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
     with pytest.raises(ValueError, match="the chat template refused a conversation: Conversation roles must alternate"):
         lm.encode(tokenizer, {"messages": [{"role": "assistant", "content": "hi"}]}, "plain", 64)
+
+
+def test_non_utf8_files_are_named_with_the_line(tmp_path):
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b'{"prompt": "ok", "completion": "fine"}\n{"prompt": "caf\xe9", "completion": "x"}\n')
+    with pytest.raises(ValueError, match=r"latin1\.jsonl:2: not UTF-8 text \(byte 16 of the line: invalid continuation byte\)"):
+        lm.read_jsonl(bad)
+    with pytest.raises(ValueError, match=r"latin1\.jsonl:2: not UTF-8 text"):
+        lm.read_prompts(bad)

@@ -122,17 +122,26 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a JSONL file, each ``{"prompt": str, "completion": str}`` or
     ``{"messages": [{"role": ..., "content": str}, ...]}`` with at least one assistant turn.
     Errors name the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"no such file: {path}")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if line.strip():
-                rows.append(_check_row(line, f"{path}:{number}"))
+    rows = [_check_row(line, where) for line, where in _lines(path)]
     if not rows:
         raise ValueError(f"{path}: no rows (expected one JSON object per line)")
     return rows
+
+
+def _lines(path: str | Path) -> Iterable[tuple[str, str]]:
+    """The non-blank lines of a UTF-8 text file, each with ``"path:line"`` for errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no such file: {path}")
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{number}: not UTF-8 text (byte {e.start + 1} of the line: {e.reason}); "
+                                 "save the file as UTF-8") from None
+            if line.strip():
+                yield line, f"{path}:{number}"
 
 
 def _json_object(line: str, where: str) -> dict[str, Any]:
@@ -147,16 +156,11 @@ def _json_object(line: str, where: str) -> dict[str, Any]:
 
 def read_prompts(path: str | Path) -> list[dict[str, Any]]:
     """Rows ``{"prompt": str, "adapter": str (optional)}`` of a JSONL file for generation."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"no such file: {path}")
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        row = _json_object(line, f"{path}:{number}")
+    for line, where in _lines(path):
+        row = _json_object(line, where)
         if not isinstance(row.get("prompt"), str) or not isinstance(row.get("adapter", ""), str):
-            raise ValueError(f"{path}:{number}: expected {{\"prompt\": str}} (and optionally \"adapter\": str)")
+            raise ValueError(f"{where}: expected {{\"prompt\": str}} (and optionally \"adapter\": str)")
         rows.append(row)
     if not rows:
         raise ValueError(f"{path}: no rows (expected one JSON object per line)")
