@@ -259,6 +259,24 @@ def test_bad_seeds_and_non_finite_flags_name_the_flag(capsys):
     _one_line_error(capsys, ["train", "--alpha", "nan"], "alpha must be a finite number, got nan")
 
 
+def test_the_default_preset_is_demo_for_glue_and_e2e_and_none_for_your_own_data(tmp_path, monkeypatch, capsys):
+    files = ["--train-file", "t.jsonl", "--dev-file", "d.jsonl"]
+    jsonl, printed = _resolved(monkeypatch, capsys, ["--task", "jsonl", *files])
+    assert "preset: none (the default of --task jsonl; --preset names another)" in printed
+    assert (jsonl.label_smoothing, jsonl.warmup_steps, jsonl.warmup_ratio, jsonl.max_train_examples,
+            jsonl.max_eval_examples) == (0.0, None, 0.06, None, None)
+    e2e, printed = _resolved(monkeypatch, capsys, ["--task", "e2e"])
+    assert "preset: demo (the default of --task e2e" in printed
+    assert (e2e.label_smoothing, e2e.warmup_steps, e2e.max_train_examples, e2e.max_eval_examples) == (0.1, 50, 2400, 100)
+    named, printed = _resolved(monkeypatch, capsys, ["--task", "jsonl", *files, "--preset", "demo"])
+    assert printed.startswith("preset: demo\n") and named.label_smoothing == 0.1  # named: the E2E demo recipe
+    settings = tmp_path / "run.yaml"
+    settings.write_text("preset: paper\ntask: jsonl\n")
+    from_file, printed = _resolved(monkeypatch, capsys, ["--config", str(settings), *files])
+    assert printed.startswith("preset: paper\n") and from_file.warmup_steps == 500
+    assert _resolved(monkeypatch, capsys, ["--task", "rte"])[0].epochs == 8  # GLUE's demo, as before
+
+
 def test_serve_config_values_are_checked_against_their_types(tmp_path, capsys, monkeypatch):
     from lorakit import serve as serve_module
 

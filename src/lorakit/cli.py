@@ -19,8 +19,9 @@ def _add_train_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
     parser.add_argument("--config", help="YAML file of settings (any flag below as a key, and preset); "
                                           "flags given here override it; a run's config.yaml repeats the run")
     parser.add_argument("--preset", default=None, choices=["demo", "paper", "none"],
-                        help="recipe the other flags override: demo (CPU-sized, default), paper (GLUE: Table 9; "
-                             "e2e/jsonl: Table 11), none")
+                        help="recipe the other flags override: demo (CPU-sized; the default for GLUE tasks and e2e), "
+                             "paper (GLUE: Table 9; e2e/jsonl: Table 11), none (the defaults below; the default for "
+                             "jsonl, your own data)")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if f.name in skip:
@@ -46,22 +47,28 @@ def _seed_list(text: str) -> tuple[int, ...]:
 
 
 def _train_config(args: argparse.Namespace, **defaults):
-    """The run's TrainConfig: defaults, the --config file, then the flags given."""
+    """The run's TrainConfig and its preset (as printed): defaults, the --config file, then the
+    flags given. Without a preset named, the task's default (demo; none for jsonl, your own data)."""
+    from .tasks import default_preset
     from .train import TrainConfig, read_config_file, resolve_config
 
     values = {**defaults, **(read_config_file(args.config) if args.config else {})}
     given = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(TrainConfig)}
     values.update({k: v for k, v in given.items() if v is not None})
-    preset = args.preset or values.pop("preset", None) or "demo"
+    named = args.preset or values.pop("preset", None)
     values.pop("preset", None)
-    return resolve_config(None if preset == "none" else preset, **values)
+    task = values.get("task") or TrainConfig.task
+    preset = named or default_preset(task)
+    cfg = resolve_config(None if preset == "none" else preset, **values)
+    return cfg, preset if named else f"{preset} (the default of --task {task}; --preset names another)"
 
 
 def _train(args: argparse.Namespace) -> int:
     from .tasks import format_metrics
     from .train import train_seeds
 
-    cfg = _train_config(args)
+    cfg, preset = _train_config(args)
+    print(f"preset: {preset}")
     report = train_seeds(cfg)
     metrics = format_metrics({"dev": report["median"]})
     print(f"\n{report['task']} / {report['model']} / {report['method']}: dev {metrics} "
@@ -144,7 +151,7 @@ def _eval(args: argparse.Namespace) -> int:
         with precision_context(resolve_precision(args.precision)):
             scores = lm.evaluate_e2e(model, tokenizer, args.split, data_dir=args.data_dir, prompt_format=info.get(
                 "prompt_format", "plain"), decoding=_decoding(args), batch_size=args.batch_size,
-                max_examples=args.max_examples, out=out)
+                max_examples=args.max_examples, out=out, prompt_separator=info.get("prompt_separator", "\n"))
         print(json.dumps(scores, indent=2))
         print(f"outputs and scores written to {out}")
         return 0
@@ -198,6 +205,7 @@ def _generate(args: argparse.Namespace) -> int:
     if not info["model"]:
         raise ValueError("pass --model (or an --adapter that names its base model)")
     fmt = args.prompt_format or info.get("prompt_format", "plain")
+    separator = args.prompt_separator if args.prompt_separator is not None else info.get("prompt_separator", "\n")
     rows = _prompt_rows(args)
     unknown = sorted({r["adapter"] for r in rows if r.get("adapter") not in (None, *adapters)})
     if unknown:
@@ -211,7 +219,7 @@ def _generate(args: argparse.Namespace) -> int:
             raise ValueError("--merge needs every row on one adapter")
         merge(model)
     with precision_context(resolve_precision(args.precision)):
-        ids = generate_ids(model, [lm.prompt_ids(tokenizer, r["prompt"], fmt) for r in rows],
+        ids = generate_ids(model, [lm.prompt_ids(tokenizer, r["prompt"], fmt, separator) for r in rows],
                            pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, decoding=_decoding(args),
                            adapters=None if args.merge or not adapters else names, batch_size=args.batch_size,
                            progress=args.output is not None)
@@ -328,7 +336,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from .sweep import sweep
 
-    cfg = _train_config(args, out="runs/sweep-{task}")
+    cfg, _ = _train_config(args, out="runs/sweep-{task}")
     ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else None
     table = sweep(cfg, args.placements.split(","), args.budget, ranks)
     metrics = list(table["rows"][0]["median"])
@@ -454,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input", help="JSONL file of {\"prompt\": ..., \"adapter\": NAME (optional)} rows")
     p.add_argument("--output", help="JSONL file for {prompt, adapter, completion} rows (default: stdout)")
     p.add_argument("--prompt-format", choices=["plain", "chat"], help="default: the adapter's (task.json), else plain")
+    p.add_argument("--prompt-separator", help="plain prompts: text added after each prompt (default: the adapter's, "
+                                              "from task.json, else a newline; '' adds nothing)")
     p.add_argument("--merge", action="store_true", help="merge the (one) adapter into the weights first")
     _add_generation_flags(p, paper_default=False)
     p.set_defaults(func=_generate)

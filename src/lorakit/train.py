@@ -59,7 +59,9 @@ class TrainConfig:
     data_dir: str | None = _opt(None, "GLUE tsv / E2E csv folder, or 'hub' (default: ../shared/data/glue or /e2e)")
     train_file: str | None = _opt(None, "jsonl task: training rows {prompt, completion} or {messages}")
     dev_file: str | None = _opt(None, "jsonl task: dev rows, same format")
-    prompt_format: str = _opt("plain", "causal LM prompts: plain (prompt, newline, completion) or chat (chat template)")
+    prompt_format: str = _opt("plain", "causal LM prompts: plain (prompt, separator, completion) or chat (chat template)")
+    prompt_separator: str = _opt("\n", "plain prompts: the text between prompt and completion, recorded in task.json "
+                                       "for generate and eval (default: a newline; '' joins them verbatim, as TRL does)")
     out: str = _opt("runs/{task}", "output folder; one seed<N>/ subfolder per seed")
     seeds: tuple[int, ...] = _opt((0,), "comma-separated seeds; the reported figure is the median over seeds")
     epochs: int = _opt(10, "training epochs (the best epoch is reported, as in the paper)")
@@ -263,7 +265,7 @@ def _optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int):
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total_steps)
+    warmup = _warmup(cfg, total_steps)
 
     def schedule(step: int) -> float:
         if step < warmup:
@@ -271,6 +273,25 @@ def _optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int):
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def _warmup(cfg: TrainConfig, total_steps: int) -> int:
+    return cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total_steps)
+
+
+def _recipe(cfg: TrainConfig, task: Task, train_rows: int, dev_rows: int, steps_per_epoch: int) -> str:
+    """The resolved values a run's result depends on, in one line (printed as it starts)."""
+    warmup = _warmup(cfg, steps_per_epoch * cfg.epochs)
+    smoothing = f", label smoothing {cfg.label_smoothing:g}" if task.task_type == "CAUSAL_LM" else ""
+    how = "--warmup-steps" if cfg.warmup_steps is not None else f"ratio {cfg.warmup_ratio:g}"
+    method = (f"lora r {cfg.r}, alpha {cfg.alpha:g}, dropout {cfg.lora_dropout:g}, targets {cfg.targets or 'default'}"
+              if cfg.method == "lora" else cfg.method + (f" (dim {cfg.adapter_dim})" if cfg.method == "adapter" else ""))
+    limits = "".join(f", {flag} {value}" for flag, value in (("--max-train-examples", cfg.max_train_examples),
+                                                            ("--max-eval-examples", cfg.max_eval_examples)) if value)
+    return (f"recipe: {cfg.model}, {method}; lr {cfg.lr:g}, {cfg.epochs} epochs x {steps_per_epoch} steps of "
+            f"{cfg.batch_size} rows, warm-up {warmup} steps ({how}){smoothing}, weight "
+            f"decay {cfg.weight_decay:g}, grad clip {cfg.grad_clip:g}, max length {cfg.max_length}; {train_rows:,} "
+            f"training rows, {dev_rows:,} dev rows{limits}")
 
 
 def _train_epoch(loss_fn: nn.Module, task: Task, cfg: TrainConfig, precision: str, split, order: list[list[int]], optimizer,
@@ -290,6 +311,8 @@ def _train_epoch(loss_fn: nn.Module, task: Task, cfg: TrainConfig, precision: st
         with precision_context(precision, world.device):
             loss = loss_fn(**{k: v.to(world.device) for k, v in batch.items()})
         value = loss.item()
+        reported = getattr(getattr(loss_fn, "module", loss_fn), "reported", None)  # unsmoothed (causal LMs)
+        shown = value if reported is None else reported.item()
         (loss * weight).backward()
         norm = _local(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)).item()
         if world.any(not (math.isfinite(value) and math.isfinite(norm))):  # one collective per step
@@ -299,10 +322,10 @@ def _train_epoch(loss_fn: nn.Module, task: Task, cfg: TrainConfig, precision: st
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         n = len(rows) if weight else 0
-        progress.step, progress.loss_sum, progress.seen = step + 1, progress.loss_sum + value * n, progress.seen + n
+        progress.step, progress.loss_sum, progress.seen = step + 1, progress.loss_sum + shown * n, progress.seen + n
         progress.seconds = time.perf_counter() - started
         tracker.step(progress.epoch * len(order) + progress.step,
-                     {"loss": value, "lr": scheduler.get_last_lr()[0], "grad_norm": norm,
+                     {"loss": shown, "lr": scheduler.get_last_lr()[0], "grad_norm": norm,
                       "examples_per_second": progress.seen * world.size / progress.seconds})
         bar.update()
         bar.set_postfix(loss=f"{progress.loss_sum / max(1, progress.seen):.4f}",
@@ -379,7 +402,10 @@ def train(cfg: TrainConfig, seed: int) -> dict[str, Any]:
             print(f"FSDP2: sharded {', '.join(blocks)} and the rest over {world.size} processes")
     train_split, dev = task.read(tokenizer)
     global_batch = cfg.batch_size * world.size
-    optimizer, scheduler = _optimizer(model, cfg, math.ceil(len(train_split) / global_batch) * cfg.epochs)
+    steps_per_epoch = math.ceil(len(train_split) / global_batch)
+    if world.main:
+        print(_recipe(cfg, task, len(train_split), sum(map(len, dev.values())), steps_per_epoch))
+    optimizer, scheduler = _optimizer(model, cfg, steps_per_epoch * cfg.epochs)
     progress = (checkpoint.resume(run, record, model, optimizer, scheduler, world, _defaults()) if cfg.resume
                 else checkpoint.Progress())
     if world.main and progress.epoch == progress.step == 0:
