@@ -221,3 +221,117 @@ def test_merge_reads_a_peft_causal_lm_adapter_and_saves_the_dtype_asked(tiny_lla
     assert cli.main(["merge", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "fp16"), "--dtype", "fp16"]) == 2
     err = capsys.readouterr().err
     assert "--dtype fp16: model.layers.0.self_attn.q_proj.weight has values beyond fp16's range" in err, err
+
+
+BILLION_LAUGHS = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8)) + "seeds: *i\n"
+
+
+@pytest.mark.parametrize("text, message", [
+    ('epochs: "three"', "epochs must be an integer, got 'three' (str)"),
+    ("epochs: true", "epochs must be an integer, got True (bool)"),
+    ("batch_size: 2.5", "batch_size must be an integer, got 2.5 (float)"),
+    ("r: [1, 2]", "r must be an integer, got [1, 2] (list)"),
+    ("out: 5", "out must be a string (quote it), got 5 (int)"),
+    ("lr: fast", "lr must be a number, got 'fast' (str)"),
+    ("lr: .inf", "lr must be a finite number, got inf"),
+    ('lr: "1e400"', "lr must be a finite number, got inf"),
+    ("alpha: .nan", "alpha must be a finite number, got nan"),
+    ("progress: 1", "progress must be true or false, got 1 (int)"),
+    ('seeds: "abc"', "seeds must be an integer or a flat list of integers, got 'abc' (str)"),
+    ("seeds: [0, [1, 2]]", "seeds must be an integer or a flat list of integers, got [0, [1, 2]] (list)"),
+    ("seeds: [0, 1.5]", "seeds must be an integer or a flat list of integers"),
+    ("targets: {q: 1}", "targets must be a string or a flat list of strings, got {'q': 1} (dict)"),
+    ("targets: [q, [k]]", "targets must be a string or a flat list of strings"),
+    ("targets: [[[[q]]]]", "line 1, targets: nested too deeply"),
+    ("targets: &t q\nmodel: *t", "line 1, targets: YAML anchors and aliases (&name, *name) are not allowed"),
+    (BILLION_LAUGHS, "line 1, a: YAML anchors and aliases (&name, *name) are not allowed"),
+    ("model: " + "x" * (1 << 20), "is 1,048,584 bytes; a settings file is at most 1,048,576"),
+    ("seeds: [" + ", ".join(["0"] * 1001) + "]", "seeds has 1001 entries; at most 1000"),
+])
+def test_config_file_values_are_checked_against_the_fields_types(tmp_path, capsys, monkeypatch, text, message):
+    from lorakit import train
+
+    monkeypatch.setattr(train, "train_seeds", lambda cfg: pytest.fail("a bad config file must not start training"))
+    settings = tmp_path / "run.yaml"
+    settings.write_text(text + "\n")
+    monkeypatch.chdir(tmp_path)
+    _one_line_error(capsys, ["train", "--config", str(settings)], message)
+    assert [p.name for p in tmp_path.iterdir()] == ["run.yaml"]  # no run folder (the alias bomb's was "seed['lol', ...")
+
+
+class _Resolved(Exception):
+    pass
+
+
+def _resolved(monkeypatch, capsys, args: list[str]):
+    """The TrainConfig `lorakit train args` would run, and what it printed first."""
+    from lorakit import train
+
+    def stop(cfg):
+        raise _Resolved(cfg)
+
+    monkeypatch.setattr(train, "train_seeds", stop)
+    with pytest.raises(_Resolved) as resolved:
+        cli.main(["train", *args])
+    return resolved.value.args[0], capsys.readouterr().out
+
+
+def test_config_files_accept_numbers_yaml_reads_as_strings_and_flat_lists(tmp_path, monkeypatch, capsys):
+    settings = tmp_path / "run.yaml"
+    settings.write_text("lr: 1e-4\nalpha: 32\nseeds: 3\ntargets: [query, value]\nwarmup_steps: null\n")
+    cfg, _ = _resolved(monkeypatch, capsys, ["--config", str(settings)])
+    assert (cfg.lr, cfg.alpha, cfg.seeds, cfg.targets, cfg.warmup_steps) == (1e-4, 32, (3,), "query,value", None)
+    settings.write_text("seeds: [1, 2]\nlr: 2.0e-4\n")
+    cfg, _ = _resolved(monkeypatch, capsys, ["--config", str(settings)])
+    assert (cfg.seeds, cfg.lr) == ((1, 2), 2e-4)
+
+
+def test_bad_seeds_and_non_finite_flags_name_the_flag(capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["train", "--seeds", "abc"])
+    assert exit.value.code == 2
+    assert "argument --seeds: expected comma-separated integers, e.g. 0,1,2; got 'abc'" in capsys.readouterr().err
+    _one_line_error(capsys, ["train", "--lr", "inf"], "lr must be a finite number, got inf")
+    _one_line_error(capsys, ["train", "--alpha", "nan"], "alpha must be a finite number, got nan")
+
+
+def test_the_default_preset_is_demo_for_glue_and_e2e_and_none_for_your_own_data(tmp_path, monkeypatch, capsys):
+    files = ["--train-file", "t.jsonl", "--dev-file", "d.jsonl"]
+    jsonl, printed = _resolved(monkeypatch, capsys, ["--task", "jsonl", *files])
+    assert "preset: none (the default of --task jsonl; --preset names another)" in printed
+    assert (jsonl.label_smoothing, jsonl.warmup_steps, jsonl.warmup_ratio, jsonl.max_train_examples,
+            jsonl.max_eval_examples) == (0.0, None, 0.06, None, None)
+    e2e, printed = _resolved(monkeypatch, capsys, ["--task", "e2e"])
+    assert "preset: demo (the default of --task e2e" in printed
+    assert (e2e.label_smoothing, e2e.warmup_steps, e2e.max_train_examples, e2e.max_eval_examples) == (0.1, 50, 2400, 100)
+    named, printed = _resolved(monkeypatch, capsys, ["--task", "jsonl", *files, "--preset", "demo"])
+    assert printed.startswith("preset: demo\n") and named.label_smoothing == 0.1  # named: the E2E demo recipe
+    settings = tmp_path / "run.yaml"
+    settings.write_text("preset: paper\ntask: jsonl\n")
+    from_file, printed = _resolved(monkeypatch, capsys, ["--config", str(settings), *files])
+    assert printed.startswith("preset: paper\n") and from_file.warmup_steps == 500
+    assert _resolved(monkeypatch, capsys, ["--task", "rte"])[0].epochs == 8  # GLUE's demo, as before
+
+
+def test_serve_config_values_are_checked_against_their_types(tmp_path, capsys, monkeypatch):
+    from lorakit import serve as serve_module
+
+    monkeypatch.setattr(serve_module, "serve", lambda *args: pytest.fail("a bad config file must not start the server"))
+    settings = tmp_path / "serve.yaml"
+    for text, message in [("port: '8000'", "port must be an integer, got '8000' (str)"),
+                          ("max_queue: 2.5", "max_queue must be an integer, got 2.5 (float)"),
+                          ("max_wait_ms: .inf", "max_wait_ms must be a finite number, got inf"),
+                          ("batching: 'no'", "batching must be true or false, got 'no' (str)"),
+                          ("host: [a, b]", "host must be a string (quote it), got ['a', 'b'] (list)"),
+                          ("adapter: [[a]]", "adapter must be a string or a flat list of strings"),
+                          ("adapter: {a: [x]}", "adapter must be a mapping of adapter names to folders (strings)"),
+                          ("adapter: {a: &x /x, b: *x}", "line 1, adapter: YAML anchors and aliases (&name, *name) are not allowed")]:
+        settings.write_text(text + "\n")
+        _one_line_error(capsys, ["serve", "--config", str(settings)], message)
+    seen = {}
+    monkeypatch.setattr(serve_module, "serve", lambda model, adapters, config, host, port, *rest: seen.update(
+        adapters=adapters, config=config, port=port))
+    settings.write_text("adapter: [a=/x/a, b=/x/b]\nmax_wait_ms: 5\nport: null\n")
+    assert cli.main(["serve", "--config", str(settings)]) == 0
+    assert seen["adapters"] == {"a": "/x/a", "b": "/x/b"} and seen["config"].max_wait_ms == 5 and seen["port"] == 8000

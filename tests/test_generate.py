@@ -266,3 +266,14 @@ def test_generate_errors():
     lorakit.merge(model)
     with pytest.raises(ValueError, match="cannot use per-row adapters while adapters are merged"):
         generate_ids(model, prompts[:1], adapters=["a"], **kw)
+
+
+@pytest.mark.parametrize("arch", MODELS)
+def test_a_temperature_too_small_to_sample_from_is_greedy(arch):
+    # logits / 1e-40 overflows float32: transformers' own warper gives inf - inf = NaN and torch.multinomial fails
+    model, prompts = MODELS[arch](), _prompts()
+    tiny = Decoding(max_new_tokens=12, strategy="sample", temperature=1e-40, top_p=0.5, seed=0)
+    greedy = generate_ids(model, prompts, pad_id=PAD, eos_id=EOS, decoding=Decoding(max_new_tokens=12))
+    assert generate_ids(model, prompts, pad_id=PAD, eos_id=EOS, decoding=tiny) == greedy
+    warm = Decoding(max_new_tokens=12, strategy="sample", temperature=1.5, seed=0)  # rows that do not overflow still sample
+    assert generate_ids(model, prompts, pad_id=PAD, eos_id=EOS, decoding=warm) != greedy

@@ -209,8 +209,8 @@ def test_a_full_fine_tuning_run_reloads_for_eval(tiny_llama, tmp_path, capsys):
     train.train(_run_cfg(tiny_llama, tmp_path, task="e2e", method="full", epochs=1, lr=1e-3, max_eval_examples=3,
                          data_dir=str(E2E)), seed=0)
     run = tmp_path / "e2e" / "seed0"
-    assert json.loads((run / "task.json").read_text()) == {"task": "e2e", "prompt_format": "plain", "model": tiny_llama,
-                                                           "method": "full"}
+    assert json.loads((run / "task.json").read_text()) == {"task": "e2e", "prompt_format": "plain", "prompt_separator": "\n",
+                                                           "model": tiny_llama, "method": "full"}
     assert main(["eval", "--adapter", str(run), "--split", "dev", "--data-dir", str(E2E), "--max-examples", "3",
                  "--no-paper", "--max-new-tokens", "8", "--out", str(tmp_path / "eval")]) == 0
     # the reloaded weights generate what the trained model generated on dev (greedy, same prompts)
@@ -304,3 +304,154 @@ def test_checkpoints_hold_the_trainable_tensors_only_and_resume_exactly(tied_lla
     again = torch.load(tmp_path / "split" / "jsonl" / "seed0" / "checkpoint-2-0.pt", weights_only=True)
     assert again["trainable"].keys() == state["trainable"].keys()
     assert all(torch.equal(again["trainable"][k], t) for k, t in state["trainable"].items())
+
+
+def test_all_linear_targets_every_linear_layer_from_the_config(tiny_llama, tmp_path):
+    cfg = _run_cfg(tiny_llama, tmp_path, task="jsonl", train_file="x", dev_file="y", targets="all-linear")
+    task = lm.LMTask(cfg)
+    _, model = task.load_model(tiny_llama)
+    adapted = train.attach_method(model, cfg, task)
+    assert {name.rsplit(".", 1)[-1] for name in adapted} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                            "up_proj", "down_proj"}
+    assert len(adapted) == 2 * 7  # not the output layer
+
+
+SYSTEM_TEMPLATE = (  # as SmolLM2's and Qwen2.5's: a default system prompt when the conversation has none
+    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}[unused1]system\nyou are helpful[SEP]\n{% endif %}"
+    "[unused1]{{ m['role'] }}\n{{ m['content'] }}[SEP]\n{% endfor %}{% if add_generation_prompt %}[unused1]assistant\n{% endif %}"
+)
+
+
+@pytest.mark.parametrize("template", ["own", "default system prompt"])
+def test_an_opening_assistant_turn_learns_its_content_only(tiny_llama, template):
+    tokenizer, _ = lm.load_causal_lm(tiny_llama)
+    if template != "own":
+        tokenizer.chat_template = SYSTEM_TEMPLATE
+    messages = [{"role": "assistant", "content": "how can i help"}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello there"}]
+    f = lm.encode(tokenizer, {"messages": messages}, "plain", 512)
+    assert tokenizer.decode([t for t in f["labels"] if t != lm.IGNORE]) == "how can i help [SEP] hello there [SEP]"
+    if template != "own":
+        assert tokenizer.decode(f["input_ids"]).startswith("[ unused1 ] system you are helpful [SEP]")
+
+
+def test_a_chat_template_that_refuses_a_conversation_is_a_value_error(tiny_llama):
+    tokenizer, _ = lm.load_causal_lm(tiny_llama)
+    tokenizer.chat_template = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+    with pytest.raises(ValueError, match="the chat template refused a conversation: Conversation roles must alternate"):
+        lm.encode(tokenizer, {"messages": [{"role": "assistant", "content": "hi"}]}, "plain", 64)
+
+
+def test_non_utf8_files_are_named_with_the_line(tmp_path):
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b'{"prompt": "ok", "completion": "fine"}\n{"prompt": "caf\xe9", "completion": "x"}\n')
+    with pytest.raises(ValueError, match=r"latin1\.jsonl:2: not UTF-8 text \(byte 16 of the line: invalid continuation byte\)"):
+        lm.read_jsonl(bad)
+    with pytest.raises(ValueError, match=r"latin1\.jsonl:2: not UTF-8 text"):
+        lm.read_prompts(bad)
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_rows_over_max_length_are_counted_and_all_of_them_refused(tiny_llama, tmp_path, capsys):
+    from lorakit.cli import main
+
+    long = [{"prompt": "word " * 30, "completion": "an answer"} for _ in range(24)]
+    data = _jsonl(tmp_path / "long.jsonl", long)
+    args = ["train", "--task", "jsonl", "--model", tiny_llama, "--dev-file", data, "--max-length", "16", "--epochs", "1",
+            "--no-progress"]
+    assert main([*args, "--train-file", data, "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["lorakit: error: all 24 training rows are longer than --max-length 16 (no completion token left): "
+                   "raise --max-length"]
+    short = [{"prompt": "a b", "completion": "c d"} for _ in range(4)]
+    mixed = _jsonl(tmp_path / "mixed.jsonl", short + long[:2])
+    assert main([*args[:-3], "--dev-file", mixed, "--train-file", mixed, "--out", str(tmp_path / "b"), "--epochs", "1",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "dropped 2 of 6 training rows: longer than --max-length 16 (no completion token left)" in out
+    assert "dropped 2 of 6 dev rows: longer than --max-length 16" in out
+
+
+def test_a_jsonl_run_prints_its_recipe_and_reports_the_unsmoothed_training_loss(tiny_llama, tmp_path, capsys):
+    rows = [{"prompt": f"count {i}", "completion": " ".join(str(j) for j in range(i, i + 4))} for i in range(7)]
+    # one step on the first 6 rows at a negligible learning rate, no dropout: the training loss of that step and
+    # the dev loss on the same 6 rows are the same mean cross-entropy, if both leave the label smoothing out
+    cfg = _run_cfg(tiny_llama, tmp_path, task="jsonl", train_file=_jsonl(tmp_path / "train.jsonl", rows), epochs=1,
+                   dev_file=_jsonl(tmp_path / "dev.jsonl", rows[:6]), batch_size=6, lr=1e-12, lora_dropout=0.0,
+                   label_smoothing=0.1, max_train_examples=6, max_eval_examples=None)
+    epoch = train.train(cfg, seed=0)["epochs"][0]
+    assert epoch["train_loss"] == pytest.approx(epoch["dev"]["dev"]["loss"], rel=1e-5)
+    out = capsys.readouterr().out
+    assert "using the first 6 of 7 training rows (--max-train-examples 6)" in out
+    recipe = next(line for line in out.splitlines() if line.startswith("recipe: "))
+    assert ("lora r 4, alpha 8, dropout 0, targets default; lr 1e-12, 1 epochs x 1 steps of 6 rows, warm-up 0 steps "
+            "(ratio 0.06), label smoothing 0.1, weight decay 0.1, grad clip 1, max length 64; 6 training rows, 6 dev rows, "
+            "--max-train-examples 6") in recipe
+
+
+def test_causal_lm_loss_reports_the_plain_cross_entropy_beside_the_smoothed_objective(tiny_llama):
+    tokenizer, model = lm.load_causal_lm(tiny_llama)
+    rows = [{"prompt": "a b c", "completion": "d e"}, {"prompt": "x", "completion": "y z w v"}]
+    batch = lm.collate([lm.encode(tokenizer, r, "plain", 64) for r in rows], tokenizer.pad_token_id)
+    plain, smoothed = lm.CausalLMLoss(model.eval()), lm.CausalLMLoss(model, 0.1)
+    objective = smoothed(**batch)
+    assert abs(objective.item() - plain(**batch).item()) > 1e-3
+    assert smoothed.reported.item() == pytest.approx(plain(**batch).item(), rel=1e-6) == plain.reported.item()
+    assert not smoothed.reported.requires_grad
+
+
+def test_an_adapter_records_the_prompt_format_it_was_trained_with(tiny_llama, tmp_path, capsys, monkeypatch):
+    from lorakit.cli import main
+
+    chats = [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": f"hello {i}"}]}
+             for i in range(4)]
+    data = _jsonl(tmp_path / "chats.jsonl", chats)
+    assert main(["train", "--task", "jsonl", "--model", tiny_llama, "--train-file", data, "--dev-file", data, "--epochs",
+                 "1", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    adapter = tmp_path / "run" / "seed0" / "adapter"
+    assert json.loads((adapter / "task.json").read_text())["prompt_format"] == "chat"
+    seen = []
+    monkeypatch.setattr(lm, "prompt_ids", lambda tokenizer, prompt, fmt, separator: seen.append((fmt, separator)) or [5, 6])
+    assert main(["generate", "--adapter", str(adapter), "--prompt", "hi", "--max-new-tokens", "2"]) == 0
+    assert seen == [("chat", "\n")]  # generate prompts it as it was trained
+
+
+def test_the_recorded_prompt_format_of_mixed_files(capsys):
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    plain = {"prompt": "a", "completion": "b"}
+    assert lm.trained_prompt_format([chat, chat], "plain") == "chat"
+    assert lm.trained_prompt_format([plain], "plain") == "plain" and lm.trained_prompt_format([plain, chat], "chat") == "chat"
+    assert capsys.readouterr().out == ""
+    assert lm.trained_prompt_format([plain, chat, plain], "plain") == "plain"
+    assert "1 of 3 training rows are conversations (chat template), the others plain" in capsys.readouterr().out
+
+
+def test_a_prompt_separator_joins_prompt_and_completion_as_given(tiny_gpt2_lm, tmp_path, capsys, monkeypatch):
+    from lorakit.cli import main
+
+    tokenizer, _ = lm.load_causal_lm(tiny_gpt2_lm)
+    row = {"prompt": "Capital:", "completion": " Paris"}
+    texts = []
+    real_ids = lm._ids
+    monkeypatch.setattr(lm, "_ids", lambda tok, text, special=False: texts.append(text) or real_ids(tok, text, special))
+    lm.encode(tokenizer, row, "plain", 64, separator="")
+    lm.encode(tokenizer, row, "plain", 64)
+    assert texts == ["Capital:", " Paris", "Capital:\n", " Paris"]  # verbatim; the default inserts a newline
+    monkeypatch.undo()
+    data = _jsonl(tmp_path / "capitals.jsonl", [row] * 4)
+    assert main(["train", "--task", "jsonl", "--model", tiny_gpt2_lm, "--train-file", data, "--dev-file", data, "--epochs",
+                 "1", "--prompt-separator", "", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    adapter = tmp_path / "run" / "seed0" / "adapter"
+    info = json.loads((adapter / "task.json").read_text())
+    assert (info["prompt_format"], info["prompt_separator"]) == ("plain", "")
+    seen = []
+    real = lm.prompt_ids
+    monkeypatch.setattr(lm, "prompt_ids", lambda tok, prompt, fmt, separator: seen.append(separator) or real(tok, prompt, fmt, separator))
+    assert main(["generate", "--adapter", str(adapter), "--prompt", "Capital:", "--max-new-tokens", "2"]) == 0
+    assert main(["generate", "--adapter", str(adapter), "--prompt", "Capital:", "--max-new-tokens", "2",
+                 "--prompt-separator", " => "]) == 0
+    assert seen == ["", " => "]

@@ -45,6 +45,25 @@ def test_bad_config(kw, message):
         train.TrainConfig(**kw)
 
 
+@pytest.mark.parametrize("kw, error, message", [
+    (dict(epochs=True), TypeError, r"TrainConfig.epochs must be an integer, got True \(bool\)"),
+    (dict(batch_size=2.5), TypeError, r"TrainConfig.batch_size must be an integer, got 2.5 \(float\)"),
+    (dict(lr="1e-4"), TypeError, r"TrainConfig.lr must be a number, got '1e-4' \(str\)"),
+    (dict(out=5), TypeError, r"TrainConfig.out must be a string, got 5 \(int\)"),
+    (dict(progress=1), TypeError, r"TrainConfig.progress must be True or False, got 1 \(int\)"),
+    (dict(seeds=(0, 1.5)), TypeError, r"TrainConfig.seeds must be a sequence of integers, got \(0, 1.5\)"),
+    (dict(warmup_steps=2.0), TypeError, r"TrainConfig.warmup_steps must be an integer, got 2.0"),
+    (dict(lr=float("inf")), ValueError, "lr must be a finite number, got inf"),
+    (dict(alpha=float("inf")), ValueError, "alpha must be a finite number, got inf"),
+    (dict(label_smoothing=float("nan")), ValueError, "label_smoothing must be a finite number, got nan"),
+    (dict(max_train_examples=0), ValueError, r"max_train_examples must be positive \(or None: all rows\), got 0"),
+])
+def test_config_fields_have_their_types_and_numbers_are_finite(kw, error, message):
+    with pytest.raises(error, match=message):
+        train.TrainConfig(**kw)
+    assert train.TrainConfig(lr=1, alpha=32, seeds=[0, 1], warmup_steps=None).lr == 1  # an int is a number
+
+
 @pytest.mark.parametrize("method", ["lora", "full", "bitfit", "adapter"])
 def test_methods_train_the_right_parameters(tiny_model, tmp_path, method):
     task = data.get_task("mrpc")

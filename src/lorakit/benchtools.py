@@ -47,8 +47,8 @@ def environment() -> dict[str, Any]:
             versions[name] = None
     dirty = _git("status", "--porcelain", "--untracked-files=no")
     return {"git_sha": _git("rev-parse", "HEAD"), "git_dirty": None if dirty is None else bool(dirty),
-            "versions": versions, "python": platform.python_version(), "cpu": cpu_model(),
-            "cpu_flags": cpu_features(), "cpu_bf16": native_bf16(), "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
+            "versions": versions, "python": platform.python_version(), "cpu": cpu_model(), "cpu_flags": cpu_features(),
+            "cpu_bf16": native_bf16(), "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
 
 
 def interleave(cases: dict[str, Callable[[], Any]], repeats: int = 5, warmup: int = 1) -> dict[str, list[float]]:

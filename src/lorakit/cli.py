@@ -19,8 +19,9 @@ def _add_train_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
     parser.add_argument("--config", help="YAML file of settings (any flag below as a key, and preset); "
                                           "flags given here override it; a run's config.yaml repeats the run")
     parser.add_argument("--preset", default=None, choices=["demo", "paper", "none"],
-                        help="recipe the other flags override: demo (CPU-sized, default), paper (GLUE: Table 9; "
-                             "e2e/jsonl: Table 11), none")
+                        help="recipe the other flags override: demo (CPU-sized; the default for GLUE tasks and e2e), "
+                             "paper (GLUE: Table 9; e2e/jsonl: Table 11), none (the defaults below; the default for "
+                             "jsonl, your own data)")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if f.name in skip:
@@ -30,30 +31,44 @@ def _add_train_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
         if hints[f.name] is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif f.name == "seeds":
-            parser.add_argument(flag, type=lambda s: tuple(int(x) for x in s.split(",")), default=None, help=help_text)
+            parser.add_argument(flag, type=_seed_list, default=None, help=help_text)
         else:
             hint = next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name])
             kind = {int: int, float: float}.get(hint, str)
             parser.add_argument(flag, type=kind, default=None, help=help_text)
 
 
+def _seed_list(text: str) -> tuple[int, ...]:
+    """``--seeds 0,1,2``."""
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 0,1,2; got {text!r}") from None
+
+
 def _train_config(args: argparse.Namespace, **defaults):
-    """The run's TrainConfig: defaults, the --config file, then the flags given."""
+    """The run's TrainConfig and its preset (as printed): defaults, the --config file, then the
+    flags given. Without a preset named, the task's default (demo; none for jsonl, your own data)."""
+    from .tasks import default_preset
     from .train import TrainConfig, read_config_file, resolve_config
 
     values = {**defaults, **(read_config_file(args.config) if args.config else {})}
     given = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(TrainConfig)}
     values.update({k: v for k, v in given.items() if v is not None})
-    preset = args.preset or values.pop("preset", None) or "demo"
+    named = args.preset or values.pop("preset", None)
     values.pop("preset", None)
-    return resolve_config(None if preset == "none" else preset, **values)
+    task = values.get("task") or TrainConfig.task
+    preset = named or default_preset(task)
+    cfg = resolve_config(None if preset == "none" else preset, **values)
+    return cfg, preset if named else f"{preset} (the default of --task {task}; --preset names another)"
 
 
 def _train(args: argparse.Namespace) -> int:
     from .tasks import format_metrics
     from .train import train_seeds
 
-    cfg = _train_config(args)
+    cfg, preset = _train_config(args)
+    print(f"preset: {preset}")
     report = train_seeds(cfg)
     metrics = format_metrics({"dev": report["median"]})
     print(f"\n{report['task']} / {report['model']} / {report['method']}: dev {metrics} "
@@ -136,7 +151,7 @@ def _eval(args: argparse.Namespace) -> int:
         with precision_context(resolve_precision(args.precision)):
             scores = lm.evaluate_e2e(model, tokenizer, args.split, data_dir=args.data_dir, prompt_format=info.get(
                 "prompt_format", "plain"), decoding=_decoding(args), batch_size=args.batch_size,
-                max_examples=args.max_examples, out=out)
+                max_examples=args.max_examples, out=out, prompt_separator=info.get("prompt_separator", "\n"))
         print(json.dumps(scores, indent=2))
         print(f"outputs and scores written to {out}")
         return 0
@@ -215,6 +230,7 @@ def _generate(args: argparse.Namespace) -> int:
     if not info["model"]:
         raise ValueError("pass --model (or an --adapter that names its base model)")
     fmt = args.prompt_format or info.get("prompt_format", "plain")
+    separator = args.prompt_separator if args.prompt_separator is not None else info.get("prompt_separator", "\n")
     rows = _prompt_rows(args)
     unknown = sorted({r["adapter"] for r in rows if r.get("adapter") not in (None, *adapters)})
     if unknown:
@@ -228,7 +244,7 @@ def _generate(args: argparse.Namespace) -> int:
             raise ValueError("--merge needs every row on one adapter")
         merge(model)
     with precision_context(resolve_precision(args.precision)):
-        ids = generate_ids(model, [lm.prompt_ids(tokenizer, r["prompt"], fmt) for r in rows],
+        ids = generate_ids(model, [lm.prompt_ids(tokenizer, r["prompt"], fmt, separator) for r in rows],
                            pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, decoding=_decoding(args),
                            adapters=None if args.merge or not adapters else names, batch_size=args.batch_size,
                            progress=args.output is not None)
@@ -284,6 +300,37 @@ def _models(args: argparse.Namespace) -> int:
 
 
 _SERVE_KEYS = {"model": None, "adapter": [], "host": "127.0.0.1", "port": 8000, "precision": "auto", "quantize": None}
+_SERVE_TYPES = {"model": str, "host": str, "port": int, "precision": str, "quantize": str}  # besides ServeConfig's
+
+
+def _serve_settings(path: str, config_type: type) -> dict[str, typing.Any]:
+    """``lorakit serve --config``: each value checked against its type (``config_type``'s fields,
+    :data:`_SERVE_TYPES`; see :mod:`lorakit.settings`); ``adapter`` is a mapping of names to
+    folders or a list of NAME=FOLDER strings. Null values are left out (the default applies)."""
+    from .settings import read_yaml, typed
+
+    hints = {**_SERVE_TYPES, **typing.get_type_hints(config_type)}
+    found = read_yaml(path, set(hints) | {"adapter"})
+    try:
+        values = {k: typed(k, v, hints[k]) for k, v in found.items() if k != "adapter" and v is not None}
+        if found.get("adapter") is not None:
+            values["adapter"] = _adapter_specs(found["adapter"])
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return values
+
+
+def _adapter_specs(value: typing.Any) -> list[str]:
+    """``adapter: {name: folder}`` or ``adapter: [NAME=FOLDER, ...]`` as NAME=FOLDER strings."""
+    from .settings import MAX_ITEMS, string_list, type_error
+
+    if not isinstance(value, dict):
+        return string_list("adapter", value)
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise type_error("adapter", value, "a mapping of adapter names to folders (strings)")
+    if len(value) > MAX_ITEMS:
+        raise ValueError(f"adapter has {len(value)} entries; at most {MAX_ITEMS}")
+    return [f"{k}={v}" for k, v in value.items()]
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -293,12 +340,7 @@ def _serve(args: argparse.Namespace) -> int:
     defaults = {**_SERVE_KEYS, **{f.name: f.default for f in dataclasses.fields(ServeConfig)}}
     values = dict(defaults)
     if args.config:
-        from .train import read_yaml
-
-        found = read_yaml(args.config, set(defaults))
-        if isinstance(found.get("adapter"), dict):  # adapter: {name: folder}
-            found["adapter"] = [f"{k}={v}" for k, v in found["adapter"].items()]
-        values.update(found)
+        values.update(_serve_settings(args.config, ServeConfig))
     values.update({k: getattr(args, k) for k in defaults if getattr(args, k, None) not in (None, [])})
     adapters = {}
     for spec in values.pop("adapter"):
@@ -319,7 +361,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from .sweep import sweep
 
-    cfg = _train_config(args, out="runs/sweep-{task}")
+    cfg, _ = _train_config(args, out="runs/sweep-{task}")
     ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else None
     table = sweep(cfg, args.placements.split(","), args.budget, ranks)
     metrics = list(table["rows"][0]["median"])
@@ -448,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input", help="JSONL file of {\"prompt\": ..., \"adapter\": NAME (optional)} rows")
     p.add_argument("--output", help="JSONL file for {prompt, adapter, completion} rows (default: stdout)")
     p.add_argument("--prompt-format", choices=["plain", "chat"], help="default: the adapter's (task.json), else plain")
+    p.add_argument("--prompt-separator", help="plain prompts: text added after each prompt (default: the adapter's, "
+                                              "from task.json, else a newline; '' adds nothing)")
     p.add_argument("--merge", action="store_true", help="merge the (one) adapter into the weights first")
     _add_generation_flags(p, paper_default=False)
     p.set_defaults(func=_generate)

@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
-from transformers import GenerationConfig, LogitsProcessorList, NoRepeatNGramLogitsProcessor
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, NoRepeatNGramLogitsProcessor
 
 from .model import adapter_per_row
 
@@ -44,7 +44,9 @@ class Decoding:
     keep their neutral values, so a setting is never silently ignored).
 
     ``greedy`` takes the argmax; ``sample`` draws from ``softmax(logits / temperature)`` cut to
-    the ``top_k`` tokens (0: all) and the nucleus of mass ``top_p``, seeded by ``seed``;
+    the ``top_k`` tokens (0: all) and the nucleus of mass ``top_p`` (always the top token),
+    seeded by ``seed``; a temperature so small that ``logits / temperature`` overflows (e.g.
+    ``1e-40``) draws its limit, the argmax, as ``lorakit serve`` does;
     ``beam`` keeps ``num_beams`` hypotheses scored ``sum log p / len ** length_penalty`` (``len``
     counts completion tokens) and runs until no hypothesis can improve (no early-stop heuristic).
     ``no_repeat_ngram_size = n > 0`` forbids any n-gram twice in a completion; unlike transformers'
@@ -88,6 +90,22 @@ class Decoding:
 # scripts stop at both <|endoftext|> and "\n\n" on GPT-2: pass eos_id=[50256, 628]. (Their README's
 # E2E command uses --length_penalty 0.8, Table 11's value for WebNLG and DART.)
 PAPER_DECODING = Decoding(max_new_tokens=64, strategy="beam", num_beams=10, length_penalty=0.9, no_repeat_ngram_size=4)
+
+
+class _OverflowIsArgmax(LogitsProcessor):
+    """Rows whose ``scores / temperature`` would overflow become the argmax alone (0 there,
+    -inf elsewhere), so the temperature warper after it gives a one-hot distribution instead of
+    inf - inf = NaN: the limit of sampling as the temperature goes to 0. Other rows pass as they are."""
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature = temperature
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        over = (torch.isinf(scores / self.temperature) & torch.isfinite(scores)).any(-1)  # (B,); -inf: a banned token
+        if not bool(over.any()):
+            return scores
+        argmax = torch.full_like(scores, -torch.inf).scatter_(-1, scores.argmax(-1, keepdim=True), 0.0)
+        return torch.where(over[:, None], argmax, scores)
 
 
 class _CompletionNoRepeatNGram(NoRepeatNGramLogitsProcessor):
@@ -164,6 +182,8 @@ def _generate_batch(model: nn.Module, prompts: Sequence[list[int]], adapters: li
     ids, mask = _left_pad(prompts, config.pad_token_id, model.device)
     n = decoding.no_repeat_ngram_size
     processors = LogitsProcessorList([_CompletionNoRepeatNGram(n, ids.shape[1])] if n else [])
+    if decoding.strategy == "sample":  # transformers runs these before its temperature warper
+        processors.append(_OverflowIsArgmax(decoding.temperature))
     # generate repeats row i num_beams times in place (repeat_interleave) and reorders beams only
     # within a row's group, so row i's hypotheses stay at rows i*num_beams ... (i+1)*num_beams - 1.
     rows = nullcontext() if adapters is None else adapter_per_row(model, [a for a in adapters for _ in range(decoding.num_beams)])

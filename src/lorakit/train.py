@@ -14,6 +14,7 @@ killed run where it stopped. Under ``torchrun`` the same code trains with DDP.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -21,6 +22,7 @@ import random
 import shutil
 import statistics
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ from .io import PREFIX, adapter_state_dict, copy_strict, read_weights
 from .model import add_lora, lora_layers, trainable_parameters
 from .models import resolve_model
 from .precision import PRECISIONS, precision_context, resolve_precision
+from .settings import check_fields, int_list, read_yaml, string_list, typed
 from .tasks import Task, format_metrics
 
 __all__ = ["TrainConfig", "resolve_config", "read_config_file", "write_config_file", "read_yaml", "train", "train_seeds",
@@ -56,7 +59,9 @@ class TrainConfig:
     data_dir: str | None = _opt(None, "GLUE tsv / E2E csv folder, or 'hub' (default: ../shared/data/glue or /e2e)")
     train_file: str | None = _opt(None, "jsonl task: training rows {prompt, completion} or {messages}")
     dev_file: str | None = _opt(None, "jsonl task: dev rows, same format")
-    prompt_format: str = _opt("plain", "causal LM prompts: plain (prompt, newline, completion) or chat (chat template)")
+    prompt_format: str = _opt("plain", "causal LM prompts: plain (prompt, separator, completion) or chat (chat template)")
+    prompt_separator: str = _opt("\n", "plain prompts: the text between prompt and completion, recorded in task.json "
+                                       "for generate and eval (default: a newline; '' joins them verbatim, as TRL does)")
     out: str = _opt("runs/{task}", "output folder; one seed<N>/ subfolder per seed")
     seeds: tuple[int, ...] = _opt((0,), "comma-separated seeds; the reported figure is the median over seeds")
     epochs: int = _opt(10, "training epochs (the best epoch is reported, as in the paper)")
@@ -73,7 +78,8 @@ class TrainConfig:
     r: int = _opt(8, "LoRA rank")
     alpha: float = _opt(16.0, "LoRA alpha (scaling alpha/r)")
     lora_dropout: float = _opt(0.1, "dropout on the LoRA branch input")
-    targets: str | None = _opt(None, "comma-separated LoRA target modules (default: the query/value projections)")
+    targets: str | None = _opt(None, "comma-separated LoRA target modules, or all-linear (every linear layer but the "
+                                     "output layer; default: the query/value projections)")
     adapter_dim: int = _opt(64, "bottleneck size of Houlsby adapters (method adapter)")
     init_adapter: str | None = _opt(None, "start the LoRA factors from this adapter (the paper's MNLI start)")
     resume: bool = _opt(False, "continue from the newest complete checkpoint in the run folder")
@@ -94,6 +100,7 @@ class TrainConfig:
                                   "bf16 (autocast: bfloat16 matmuls, fp32 weights and optimizer)")
 
     def __post_init__(self) -> None:
+        check_fields(self, _field_types())
         tasks.canonical_name(self.task)
         if self.method not in baselines.METHODS:
             raise ValueError(f"method must be one of {baselines.METHODS}, got {self.method!r}")
@@ -108,6 +115,9 @@ class TrainConfig:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if not self.seeds:
             raise ValueError("seeds must name at least one seed")
+        for name in ("max_train_examples", "max_eval_examples"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive (or None: all rows), got {getattr(self, name)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.prompt_format not in ("plain", "chat"):
@@ -124,6 +134,11 @@ class TrainConfig:
         return Path(self.out.format(task=tasks.canonical_name(self.task), model=self.model, method=self.method))
 
 
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
 # Presets hold LoRA's learning rates; the baselines take these instead (full fine-tuning
 # in the range RoBERTa used, BitFit and adapters as in their papers' GLUE runs).
 BASELINE_LR = {"full": 5e-5, "bitfit": 1e-3, "adapter": 5e-4}
@@ -131,29 +146,27 @@ BASELINE_LR = {"full": 5e-5, "bitfit": 1e-3, "adapter": 5e-4}
 DEFAULT_MODELS = {"e2e": "smollm2", "jsonl": "smollm2"}
 
 
-def read_yaml(path: str | Path, known: set[str]) -> dict[str, Any]:
-    """A YAML mapping of settings whose keys are all in ``known`` (else an error naming them)."""
-    import yaml
-
-    try:
-        values = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ValueError(f"cannot read the config file {path}: {' '.join(str(e).split())}") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"{path} must hold a mapping of settings, got {type(values).__name__}")
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{path}: unknown key(s) {unknown}; the keys are the command's flags (underscores): "
-                         f"{', '.join(sorted(known))}")
-    return values
-
-
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A YAML file of TrainConfig fields (and ``preset``)."""
+    """A YAML file of TrainConfig fields (and ``preset``), each value checked against its field's
+    type (see :mod:`lorakit.settings`: ``lr: 1e-4``, a string in YAML 1.1, reads as the number);
+    ``seeds`` is an integer or a flat list of them, ``targets`` a string (comma-separated) or a
+    flat list of module names. Errors name the file and the key."""
     values = read_yaml(path, {f.name for f in dataclasses.fields(TrainConfig)} | {"preset"})
-    if isinstance(values.get("seeds"), list):
-        values["seeds"] = tuple(values["seeds"])
-    return values
+    hints = {**_field_types(), "preset": str}
+    try:
+        return {key: _config_value(key, value, hints[key]) for key, value in values.items()}
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def _config_value(key: str, value: Any, hint: Any) -> Any:
+    if value is None:
+        return None
+    if key == "seeds":
+        return tuple(int_list(key, value))
+    if key == "targets" and not isinstance(value, str):
+        return ",".join(string_list(key, value))
+    return typed(key, value, hint)
 
 
 def write_config_file(cfg: TrainConfig, seed: int, path: Path) -> None:
@@ -184,7 +197,9 @@ def resolve_config(preset: str | None, **overrides: Any) -> TrainConfig:
 
 
 def _lora_config(model: nn.Module, cfg: TrainConfig, task: Task, head: str | None) -> LoraConfig:
-    targets = tuple(cfg.targets.split(",")) if cfg.targets else None
+    targets: tuple[str, ...] | str | None = tuple(cfg.targets.split(",")) if cfg.targets else None
+    if cfg.targets == "all-linear":  # LoraConfig's (and PEFT's) keyword: every linear layer but the output
+        targets = cfg.targets
     enable = {}
     if targets is None and _is_fused_qkv(model):  # GPT-2's c_attn = q|k|v: adapt the q and v slices (paper)
         targets, enable = ("c_attn",), {"c_attn": (True, False, True)}
@@ -250,7 +265,7 @@ def _optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int):
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total_steps)
+    warmup = _warmup(cfg, total_steps)
 
     def schedule(step: int) -> float:
         if step < warmup:
@@ -258,6 +273,25 @@ def _optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int):
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def _warmup(cfg: TrainConfig, total_steps: int) -> int:
+    return cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total_steps)
+
+
+def _recipe(cfg: TrainConfig, task: Task, train_rows: int, dev_rows: int, steps_per_epoch: int) -> str:
+    """The resolved values a run's result depends on, in one line (printed as it starts)."""
+    warmup = _warmup(cfg, steps_per_epoch * cfg.epochs)
+    smoothing = f", label smoothing {cfg.label_smoothing:g}" if task.task_type == "CAUSAL_LM" else ""
+    how = "--warmup-steps" if cfg.warmup_steps is not None else f"ratio {cfg.warmup_ratio:g}"
+    method = (f"lora r {cfg.r}, alpha {cfg.alpha:g}, dropout {cfg.lora_dropout:g}, targets {cfg.targets or 'default'}"
+              if cfg.method == "lora" else cfg.method + (f" (dim {cfg.adapter_dim})" if cfg.method == "adapter" else ""))
+    limits = "".join(f", {flag} {value}" for flag, value in (("--max-train-examples", cfg.max_train_examples),
+                                                            ("--max-eval-examples", cfg.max_eval_examples)) if value)
+    return (f"recipe: {cfg.model}, {method}; lr {cfg.lr:g}, {cfg.epochs} epochs x {steps_per_epoch} steps of "
+            f"{cfg.batch_size} rows, warm-up {warmup} steps ({how}){smoothing}, weight "
+            f"decay {cfg.weight_decay:g}, grad clip {cfg.grad_clip:g}, max length {cfg.max_length}; {train_rows:,} "
+            f"training rows, {dev_rows:,} dev rows{limits}")
 
 
 def _train_epoch(loss_fn: nn.Module, task: Task, cfg: TrainConfig, precision: str, split, order: list[list[int]], optimizer,
@@ -277,6 +311,8 @@ def _train_epoch(loss_fn: nn.Module, task: Task, cfg: TrainConfig, precision: st
         with precision_context(precision, world.device):
             loss = loss_fn(**{k: v.to(world.device) for k, v in batch.items()})
         value = loss.item()
+        reported = getattr(getattr(loss_fn, "module", loss_fn), "reported", None)  # unsmoothed (causal LMs)
+        shown = value if reported is None else reported.item()
         (loss * weight).backward()
         norm = _local(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)).item()
         if world.any(not (math.isfinite(value) and math.isfinite(norm))):  # one collective per step
@@ -286,10 +322,10 @@ def _train_epoch(loss_fn: nn.Module, task: Task, cfg: TrainConfig, precision: st
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         n = len(rows) if weight else 0
-        progress.step, progress.loss_sum, progress.seen = step + 1, progress.loss_sum + value * n, progress.seen + n
+        progress.step, progress.loss_sum, progress.seen = step + 1, progress.loss_sum + shown * n, progress.seen + n
         progress.seconds = time.perf_counter() - started
         tracker.step(progress.epoch * len(order) + progress.step,
-                     {"loss": value, "lr": scheduler.get_last_lr()[0], "grad_norm": norm,
+                     {"loss": shown, "lr": scheduler.get_last_lr()[0], "grad_norm": norm,
                       "examples_per_second": progress.seen * world.size / progress.seconds})
         bar.update()
         bar.set_postfix(loss=f"{progress.loss_sum / max(1, progress.seen):.4f}",
@@ -366,7 +402,10 @@ def train(cfg: TrainConfig, seed: int) -> dict[str, Any]:
             print(f"FSDP2: sharded {', '.join(blocks)} and the rest over {world.size} processes")
     train_split, dev = task.read(tokenizer)
     global_batch = cfg.batch_size * world.size
-    optimizer, scheduler = _optimizer(model, cfg, math.ceil(len(train_split) / global_batch) * cfg.epochs)
+    steps_per_epoch = math.ceil(len(train_split) / global_batch)
+    if world.main:
+        print(_recipe(cfg, task, len(train_split), sum(map(len, dev.values())), steps_per_epoch))
+    optimizer, scheduler = _optimizer(model, cfg, steps_per_epoch * cfg.epochs)
     progress = (checkpoint.resume(run, record, model, optimizer, scheduler, world, _defaults()) if cfg.resume
                 else checkpoint.Progress())
     if world.main and progress.epoch == progress.step == 0:

@@ -8,6 +8,7 @@ completion tasks (:mod:`.lm`: the E2E NLG Challenge and the user's own JSONL fil
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -17,7 +18,8 @@ from torch import nn
 
 from ..distributed import World
 
-__all__ = ["Task", "Split", "create", "canonical_name", "presets", "format_metrics", "PERCENT_METRICS"]
+__all__ = ["Task", "Split", "create", "canonical_name", "presets", "default_preset", "format_metrics",
+           "PERCENT_METRICS", "report", "first_rows"]
 
 
 @dataclass
@@ -65,6 +67,19 @@ class Task(Protocol):
         """What an adapter folder's ``task.json`` records about the task."""
 
 
+def report(message: str) -> None:
+    """Print ``message`` once: in the main process under ``torchrun`` (``RANK`` 0)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message)
+
+
+def first_rows(rows: list[Any], limit: int | None, what: str, flag: str) -> list[Any]:
+    """The first ``limit`` of ``rows`` (None: all), said when that cuts any."""
+    if limit is not None and limit < len(rows):
+        report(f"using the first {limit:,} of {len(rows):,} {what} ({flag} {limit})")
+    return rows[:limit]
+
+
 # Metrics shown as percentages (stored as fractions, as the official scorers print them).
 PERCENT_METRICS = frozenset({"accuracy", "f1", "matthews", "pearson", "spearman", "BLEU", "METEOR", "ROUGE_L",
                              "token_accuracy"})
@@ -103,6 +118,13 @@ def canonical_name(name: str) -> str:
 def presets(name: str) -> dict[str, dict[str, Any]]:
     """``{preset: {field: value}}`` for the task (``paper``, ``demo``)."""
     return _family(name).presets(name)
+
+
+def default_preset(name: str) -> str:
+    """The preset ``lorakit train`` uses when none is named: ``demo`` for GLUE and E2E (their
+    CPU-sized demos), ``none`` for the user's own JSONL data (the TrainConfig defaults: no label
+    smoothing, no warm-up override, no truncation)."""
+    return _family(name).default_preset(name)
 
 
 def create(cfg) -> Task:

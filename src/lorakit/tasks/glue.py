@@ -12,10 +12,10 @@ from .. import data
 from ..distributed import World
 from ..metrics import compute_metrics
 from ..models import resolve_model
-from . import Split
+from . import Split, first_rows
 
-__all__ = ["GlueTask", "load_classifier", "mean_pooling", "tokenize", "evaluate", "create", "presets", "canonical_name",
-           "POOLINGS"]
+__all__ = ["GlueTask", "load_classifier", "mean_pooling", "tokenize", "evaluate", "create", "presets", "default_preset",
+           "canonical_name", "POOLINGS"]
 
 POOLINGS = ("cls", "mean")
 
@@ -33,6 +33,10 @@ def presets(name: str) -> dict[str, dict[str, Any]]:
         # A CPU-sized recipe for the embedded MiniLM: shorter, with a higher learning rate.
         "demo": dict(batch_size=16, epochs=8, lr=1e-3, max_length=128),
     }
+
+
+def default_preset(name: str) -> str:
+    return "demo"
 
 
 def canonical_name(name: str) -> str:
@@ -164,8 +168,10 @@ class GlueTask:
     def read(self, tokenizer) -> tuple[Split, dict[str, Split]]:
         cfg = self.cfg
         data_dir = cfg.data_dir if cfg.data_dir is not None else data.default_data_dir()
-        train = data.read_split(self.task, "train", data_dir)[: cfg.max_train_examples]
-        dev = {s: tokenize(tokenizer, data.read_split(self.task, s, data_dir)[: cfg.max_eval_examples], cfg.max_length)
+        train = first_rows(data.read_split(self.task, "train", data_dir), cfg.max_train_examples, "training rows",
+                           "--max-train-examples")
+        dev = {s: tokenize(tokenizer, first_rows(data.read_split(self.task, s, data_dir), cfg.max_eval_examples,
+                                                 f"{s} rows", "--max-eval-examples"), cfg.max_length)
                for s in self.task.dev_splits}
         return tokenize(tokenizer, train, cfg.max_length), dev
 

@@ -7,8 +7,10 @@ section 5.5 and Table 3: GPT-2 on the E2E NLG Challenge; Table 11: its recipe).
 - ``jsonl``: the user's files, one JSON object per line, ``{"prompt", "completion"}``
   or ``{"messages": [{"role", "content"}, ...]}`` (chat template, loss on assistant turns).
 
-Prompts are plain text (``prompt_format="plain"``: the prompt, a newline, the
-completion) or the model's chat template (``"chat"``: the prompt is the user's turn).
+Prompts are plain text (``prompt_format="plain"``: the prompt, ``prompt_separator`` (a
+newline unless set; ``""`` joins TRL-style rows verbatim), the completion) or the model's chat
+template (``"chat"``: the prompt is the user's turn). ``task.json`` records both, so that
+``lorakit generate`` and ``eval`` prompt an adapter as it was trained.
 The training loss is the token-level mean cross-entropy with label smoothing
 ``eps`` over completion tokens ``y_t``:
 ``-(1 - eps) log p(y_t) - eps / V sum_v log p(v)``; logits are computed only where the
@@ -31,11 +33,11 @@ from torch import nn
 from .. import data
 from ..distributed import World
 from ..models import resolve_model
-from . import Split
+from . import Split, first_rows, report
 
 __all__ = ["TASKS", "LMTask", "CausalLMLoss", "read_e2e", "read_jsonl", "encode", "collate", "load_causal_lm",
-           "e2e_data_dir", "create", "presets", "canonical_name", "decoding_for", "evaluate_e2e", "prompt_ids",
-           "group_references", "score_outputs", "read_prompts"]
+           "e2e_data_dir", "create", "presets", "default_preset", "canonical_name", "decoding_for", "evaluate_e2e", "prompt_ids",
+           "group_references", "score_outputs", "read_prompts", "trained_prompt_format"]
 
 TASKS = ("e2e", "jsonl")
 IGNORE = -100
@@ -52,6 +54,12 @@ _DEMO = dict(batch_size=8, epochs=1, lr=1e-3, warmup_steps=50, weight_decay=0.01
 def presets(name: str) -> dict[str, dict[str, Any]]:
     """``paper``: Table 11 (GPT-2 M on E2E); ``demo``: sized for a 2-core CPU."""
     return {"paper": dict(_PAPER), "demo": dict(_DEMO)}
+
+
+def default_preset(name: str) -> str:
+    """``demo`` for E2E (its CPU-sized demo); ``none`` for your own JSONL data: a neutral recipe
+    (no label smoothing, no warm-up override, no truncation) unless a preset is named."""
+    return "demo" if name.lower() == "e2e" else "none"
 
 
 def canonical_name(name: str) -> str:
@@ -122,17 +130,26 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a JSONL file, each ``{"prompt": str, "completion": str}`` or
     ``{"messages": [{"role": ..., "content": str}, ...]}`` with at least one assistant turn.
     Errors name the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"no such file: {path}")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if line.strip():
-                rows.append(_check_row(line, f"{path}:{number}"))
+    rows = [_check_row(line, where) for line, where in _lines(path)]
     if not rows:
         raise ValueError(f"{path}: no rows (expected one JSON object per line)")
     return rows
+
+
+def _lines(path: str | Path) -> Iterable[tuple[str, str]]:
+    """The non-blank lines of a UTF-8 text file, each with ``"path:line"`` for errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no such file: {path}")
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{number}: not UTF-8 text (byte {e.start + 1} of the line: {e.reason}); "
+                                 "save the file as UTF-8") from None
+            if line.strip():
+                yield line, f"{path}:{number}"
 
 
 def _json_object(line: str, where: str) -> dict[str, Any]:
@@ -147,16 +164,11 @@ def _json_object(line: str, where: str) -> dict[str, Any]:
 
 def read_prompts(path: str | Path) -> list[dict[str, Any]]:
     """Rows ``{"prompt": str, "adapter": str (optional)}`` of a JSONL file for generation."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"no such file: {path}")
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        row = _json_object(line, f"{path}:{number}")
+    for line, where in _lines(path):
+        row = _json_object(line, where)
         if not isinstance(row.get("prompt"), str) or not isinstance(row.get("adapter", ""), str):
-            raise ValueError(f"{path}:{number}: expected {{\"prompt\": str}} (and optionally \"adapter\": str)")
+            raise ValueError(f"{where}: expected {{\"prompt\": str}} (and optionally \"adapter\": str)")
         rows.append(row)
     if not rows:
         raise ValueError(f"{path}: no rows (expected one JSON object per line)")
@@ -193,25 +205,35 @@ def _ids(tokenizer, text: str, special: bool = False) -> list[int]:
 def _chat(tokenizer, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("prompt_format 'chat' needs a tokenizer with a chat template; use --prompt-format plain")
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    from jinja2 import TemplateError
+
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except TemplateError as e:  # a template's raise_exception(), e.g. "roles must alternate user/assistant"
+        raise ValueError(f"the chat template refused a conversation: {e}") from None
     return _ids(tokenizer, text)
 
 
-def prompt_ids(tokenizer, prompt: str, prompt_format: str) -> list[int]:
-    """The tokens a completion follows: ``prompt + "\\n"`` (plain) or the user's turn and
-    the assistant header of the chat template (chat)."""
+def prompt_ids(tokenizer, prompt: str, prompt_format: str, separator: str = "\n") -> list[int]:
+    """The tokens a completion follows: ``prompt + separator`` (plain; a newline by default,
+    ``""`` for rows whose prompt and completion join verbatim, as TRL's ``"Capital:"`` +
+    ``" Paris"``) or the user's turn and the assistant header of the chat template (chat)."""
     if prompt_format == "chat":
         return _chat(tokenizer, [{"role": "user", "content": prompt}], generation_prompt=True)
-    return _ids(tokenizer, prompt + "\n", special=True)
+    return _ids(tokenizer, prompt + separator, special=True)
 
 
-def encode(tokenizer, row: dict[str, Any], prompt_format: str, max_length: int) -> dict[str, list[int]] | None:
+def encode(tokenizer, row: dict[str, Any], prompt_format: str, max_length: int,
+           separator: str = "\n") -> dict[str, list[int]] | None:
     """``{"input_ids", "labels"}`` with labels ``IGNORE`` outside the completion (or the
-    assistant turns); None when truncation leaves no completion token."""
+    assistant turns); None when truncation leaves no completion token. Prompt/completion rows
+    are ``prompt_ids(prompt, prompt_format, separator)`` + the completion's tokens + EOS
+    (tokenized apart, as a prompt is at generation); ``messages`` rows always go through the
+    chat template."""
     if "messages" in row:
         ids, labels = _encode_messages(tokenizer, row["messages"])
     else:
-        prompt = prompt_ids(tokenizer, row["prompt"], prompt_format)
+        prompt = prompt_ids(tokenizer, row["prompt"], prompt_format, separator)
         completion = _ids(tokenizer, row["completion"]) + [tokenizer.eos_token_id]
         ids, labels = prompt + completion, [IGNORE] * len(prompt) + completion
     ids, labels = ids[:max_length], labels[:max_length]
@@ -222,16 +244,31 @@ def encode(tokenizer, row: dict[str, Any], prompt_format: str, max_length: int) 
 
 def _encode_messages(tokenizer, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
     """The whole conversation through the chat template; labels on each assistant turn
-    (the tokens its message adds after the generation prompt)."""
+    (the tokens its message adds after the generation prompt), never on anything else."""
     ids = _chat(tokenizer, messages, generation_prompt=False)
     labels = [IGNORE] * len(ids)
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = len(_chat(tokenizer, messages[:i], generation_prompt=True)) if i else 0
+        start = len(_chat(tokenizer, messages[:i], generation_prompt=True)) if i else _first_turn_start(tokenizer, messages)
         end = len(_chat(tokenizer, messages[: i + 1], generation_prompt=False))
         labels[start:end] = ids[start:end]
     return ids, labels
+
+
+_MARK = "\x1florakit-turn\x1f"  # a content no conversation holds (a control character each side)
+
+
+def _first_turn_start(tokenizer, messages: list[dict[str, str]]) -> int:
+    """Tokens before the content of an opening assistant turn. The template of no message with
+    a generation prompt is not that prefix: templates add a default system prompt only when
+    the conversation has messages (SmolLM2's, Qwen's), so render the turn with a marker as its
+    content and count the tokens before the marker."""
+    text = tokenizer.apply_chat_template([{**messages[0], "content": _MARK}], tokenize=False, add_generation_prompt=False)
+    if _MARK not in text:
+        raise ValueError("the chat template does not show an opening assistant message's content; "
+                         "start the conversation with a user (or system) message")
+    return len(_ids(tokenizer, text[: text.index(_MARK)]))
 
 
 def collate(features: list[dict[str, list[int]]], pad_id: int, multiple: int = data.PAD_MULTIPLE) -> dict[str, torch.Tensor]:
@@ -277,12 +314,17 @@ class CausalLMLoss(nn.Module):
     The decoder runs on ``input_ids: (B, T)``; the output projection only on the
     ``N`` positions whose next token is a label: ``(N, H) -> (N, V)`` instead of
     ``(B, T, V)`` (for a 49k vocabulary the full logits dominate memory).
+
+    ``forward`` returns the training objective (smoothed when ``label_smoothing > 0``) and
+    keeps the plain cross-entropy of the same tokens in ``reported`` (detached): the training
+    loss lorakit shows, comparable with the dev loss, which is never smoothed.
     """
 
     def __init__(self, model: nn.Module, label_smoothing: float = 0.0) -> None:
         super().__init__()
         self.model = model
         self.label_smoothing = label_smoothing
+        self.reported: torch.Tensor | None = None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if _right_padded(attention_mask):
@@ -293,8 +335,14 @@ class CausalLMLoss(nn.Module):
                                           use_cache=False).last_hidden_state  # (B, T, H)
         targets = labels[:, 1:]
         where = targets != IGNORE
-        logits = self.model.get_output_embeddings()(hidden[:, :-1][where])  # (N, V)
-        return F.cross_entropy(logits.float(), targets[where], label_smoothing=self.label_smoothing)
+        logits = self.model.get_output_embeddings()(hidden[:, :-1][where]).float()  # (N, V)
+        loss = F.cross_entropy(logits, targets[where], label_smoothing=self.label_smoothing)
+        if not self.label_smoothing:
+            self.reported = loss.detach()
+            return loss
+        with torch.no_grad():
+            self.reported = F.cross_entropy(logits, targets[where])
+        return loss
 
 
 # ---- the task ------------------------------------------------------------------------------
@@ -311,6 +359,7 @@ class LMTask:
         self.higher_is_better = self.name == "e2e"  # e2e: dev BLEU; jsonl: dev loss
         self.main = ("dev", "BLEU" if self.name == "e2e" else "loss")
         self.tokenizer = None
+        self.prompt_format = cfg.prompt_format  # how the training rows were encoded: set by read()
         if self.name == "jsonl" and not (cfg.train_file and cfg.dev_file):
             raise ValueError("--task jsonl needs --train-file and --dev-file (JSONL, one row per line)")
         if getattr(cfg, "pooling", "cls") != "cls":
@@ -328,20 +377,31 @@ class LMTask:
             return read_jsonl(self.cfg.train_file if split == "train" else self.cfg.dev_file)
         return [{"prompt": mr, "completion": ref} for mr, ref in read_e2e(split, self.cfg.data_dir)]
 
-    def encode_rows(self, rows: list[dict[str, Any]], tokenizer) -> Split:
-        encoded = [encode(tokenizer, row, self.cfg.prompt_format, self.cfg.max_length) for row in rows]
+    def encode_rows(self, rows: list[dict[str, Any]], tokenizer, what: str = "training rows") -> Split:
+        """``rows`` encoded; rows that leave no completion token within ``max_length`` are
+        dropped and counted (all of them: an error)."""
+        cfg = self.cfg
+        encoded = [encode(tokenizer, row, cfg.prompt_format, cfg.max_length, cfg.prompt_separator) for row in rows]
         kept = [(f, row) for f, row in zip(encoded, rows) if f is not None]
+        why = f"longer than --max-length {cfg.max_length} (no completion token left)"
+        if not kept:
+            raise ValueError(f"all {len(rows):,} {what} are {why}: raise --max-length")
         if len(kept) < len(rows):
-            print(f"skipped {len(rows) - len(kept)} rows whose completion does not fit in --max-length {self.cfg.max_length}")
+            report(f"dropped {len(rows) - len(kept):,} of {len(rows):,} {what}: {why}")
         return Split([f for f, _ in kept], [row for _, row in kept])
 
     def read(self, tokenizer) -> tuple[Split, dict[str, Split]]:
-        train = self.encode_rows(self._rows("train")[: self.cfg.max_train_examples], tokenizer)
+        rows = first_rows(self._rows("train"), self.cfg.max_train_examples, "training rows", "--max-train-examples")
+        self.prompt_format = trained_prompt_format(rows, self.cfg.prompt_format)
+        train = self.encode_rows(rows, tokenizer)
         dev_rows = self._rows("dev")
+        what = "dev rows"
         if self.name == "e2e":  # one row per MR, carrying all its references
             mrs, refs = group_references((r["prompt"], r["completion"]) for r in dev_rows)
             dev_rows = [{"prompt": mr, "completion": group[0], "references": group} for mr, group in zip(mrs, refs)]
-        return train, {"dev": self.encode_rows(dev_rows[: self.cfg.max_eval_examples], tokenizer)}
+            what = "dev MRs"
+        dev_rows = first_rows(dev_rows, self.cfg.max_eval_examples, what, "--max-eval-examples")
+        return train, {"dev": self.encode_rows(dev_rows, tokenizer, what)}
 
     def collate(self, split: Split, rows: list[int]) -> dict[str, torch.Tensor]:
         return collate([split.features[i] for i in rows], self.tokenizer.pad_token_id)
@@ -366,7 +426,8 @@ class LMTask:
         split = dev["dev"]
         metrics = {"loss": self.dev_loss(model, split, world)}
         if self.name == "e2e":
-            prompts = [prompt_ids(self.tokenizer, row["prompt"], self.cfg.prompt_format) for row in split.targets]
+            prompts = [prompt_ids(self.tokenizer, row["prompt"], self.cfg.prompt_format, self.cfg.prompt_separator)
+                       for row in split.targets]
             outputs = self.generate(model, prompts, world)
             metrics.update(score_outputs(outputs, [row["references"] for row in split.targets], out, "dev"))
         return {"dev": metrics}
@@ -387,7 +448,25 @@ class LMTask:
         return texts
 
     def info(self) -> dict[str, Any]:
-        return {"task": self.name, "prompt_format": self.cfg.prompt_format}
+        """``prompt_format``: how the adapter saw prompts (see :func:`trained_prompt_format`);
+        ``prompt_separator``: what joined a plain prompt to its completion. ``lorakit
+        generate`` and ``eval`` prompt the adapter the same way."""
+        return {"task": self.name, "prompt_format": self.prompt_format, "prompt_separator": self.cfg.prompt_separator}
+
+
+def trained_prompt_format(rows: list[dict[str, Any]], prompt_format: str) -> str:
+    """How an adapter trained on ``rows`` saw a prompt, for ``task.json``: ``prompt_format``
+    where the rows include prompt/completion rows (a generation prompt is such a prompt), else
+    ``chat`` (``messages`` rows always go through the chat template). A file that mixes
+    ``messages`` rows with plain prompt/completion rows trained both; it records ``plain``, said
+    when reading; ``lorakit generate --prompt-format chat`` prompts it like the conversations."""
+    conversations = sum("messages" in row for row in rows)
+    if conversations == len(rows):
+        return "chat"
+    if conversations and prompt_format == "plain":
+        report(f"{conversations:,} of {len(rows):,} training rows are conversations (chat template), the others "
+               "plain prompt/completion rows: the adapter records prompt_format plain, as its prompts were")
+    return prompt_format
 
 
 def score_outputs(outputs: list[str], references: list[list[str]], out: Path | None, split: str) -> dict[str, float]:
@@ -404,14 +483,16 @@ def score_outputs(outputs: list[str], references: list[list[str]], out: Path | N
 
 def evaluate_e2e(model: nn.Module, tokenizer, split: str = "test", *, data_dir: str | Path | None = None,
                  prompt_format: str = "plain", decoding=None, batch_size: int = 8, max_examples: int | None = None,
-                 out: Path | None = None, progress: bool = True) -> dict[str, float]:
+                 out: Path | None = None, progress: bool = True, prompt_separator: str = "\n") -> dict[str, float]:
     """One output per unique MR of ``split`` (630 in test), scored against all its
-    references with the five E2E metrics (paper Table 3); outputs and scores go to ``out``."""
+    references with the five E2E metrics (paper Table 3); outputs and scores go to ``out``.
+    Prompts are built as in training (``prompt_format``, ``prompt_separator``: task.json's)."""
     from ..generate import PAPER_DECODING, generate_ids
 
     mrs, refs = group_references(read_e2e(split, data_dir))
     mrs, refs = mrs[:max_examples], refs[:max_examples]
-    ids = generate_ids(model, [prompt_ids(tokenizer, mr, prompt_format) for mr in mrs], pad_id=tokenizer.pad_token_id,
+    prompts = [prompt_ids(tokenizer, mr, prompt_format, prompt_separator) for mr in mrs]
+    ids = generate_ids(model, prompts, pad_id=tokenizer.pad_token_id,
                        eos_id=tokenizer.eos_token_id, decoding=decoding or PAPER_DECODING, batch_size=batch_size,
                        progress=progress)
     outputs = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in ids]
