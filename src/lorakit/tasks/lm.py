@@ -331,8 +331,10 @@ class CausalLMLoss(nn.Module):
             # Causal attention never lets a real token see the padding after it, and padded
             # positions carry no label: the plain causal mask (SDPA's is_causal path) suffices.
             attention_mask = None
-        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                          use_cache=False).last_hidden_state  # (B, T, H)
+        # base_model: the decoder stack in every transformers version (get_decoder() is the whole
+        # model for GPT-2 before transformers 5)
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                       use_cache=False).last_hidden_state  # (B, T, H)
         targets = labels[:, 1:]
         where = targets != IGNORE
         logits = self.model.get_output_embeddings()(hidden[:, :-1][where]).float()  # (N, V)
