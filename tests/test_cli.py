@@ -60,10 +60,18 @@ def test_report_counts_seeds_trained_by_separate_commands(tiny_model, tmp_path, 
     assert row[3] == "3" and row[5] == "0.001" and row[7] == ", ".join(f"{s}: {a:.2f}" for s, a in enumerate(accuracy))
     assert row[6] == f"accuracy {sorted(accuracy)[1]:.2f}"  # the median
     # a seed of another recipe in the folder has no place in the median
+    # a run summarized before the PEFT/TRL names (r, alpha, targets) still counts as the same recipe
+    old = out / "seed1" / "summary.json"
+    summary = json.loads(old.read_text())
+    for name, new in (("r", "lora_r"), ("alpha", "lora_alpha"), ("targets", "target_modules")):
+        summary["config"][name] = summary["config"].pop(new)
+    old.write_text(json.dumps(summary))
+    assert cli.main(["report", str(out)]) == 0
+    assert capsys.readouterr().out.splitlines()[2].split(" | ")[6] == f"accuracy {sorted(accuracy)[1]:.2f}"
     assert cli.main([*common, "--out", str(out), "--seeds", "3", "--r", "4"]) == 0
     capsys.readouterr()
     assert cli.main(["report", str(out)]) == 2
-    assert "these runs differ in r; a median over seeds needs one recipe" in capsys.readouterr().err
+    assert "these runs differ in lora_r; a median over seeds needs one recipe" in capsys.readouterr().err
     assert cli.main(["report", str(tmp_path)]) == 2
     assert "no finished run (seed*/summary.json) in" in capsys.readouterr().err
 
@@ -279,9 +287,9 @@ def _resolved(monkeypatch, capsys, args: list[str]):
 
 def test_config_files_accept_numbers_yaml_reads_as_strings_and_flat_lists(tmp_path, monkeypatch, capsys):
     settings = tmp_path / "run.yaml"
-    settings.write_text("lr: 1e-4\nalpha: 32\nseeds: 3\ntargets: [query, value]\nwarmup_steps: null\n")
+    settings.write_text("lr: 1e-4\nlora_alpha: 32\nseeds: 3\ntarget_modules: [query, value]\nwarmup_steps: null\n")
     cfg, _ = _resolved(monkeypatch, capsys, ["--config", str(settings)])
-    assert (cfg.lr, cfg.alpha, cfg.seeds, cfg.targets, cfg.warmup_steps) == (1e-4, 32, (3,), "query,value", None)
+    assert (cfg.lr, cfg.lora_alpha, cfg.seeds, cfg.target_modules, cfg.warmup_steps) == (1e-4, 32, (3,), "query,value", None)
     settings.write_text("seeds: [1, 2]\nlr: 2.0e-4\n")
     cfg, _ = _resolved(monkeypatch, capsys, ["--config", str(settings)])
     assert (cfg.seeds, cfg.lr) == ((1, 2), 2e-4)
@@ -335,3 +343,35 @@ def test_serve_config_values_are_checked_against_their_types(tmp_path, capsys, m
     settings.write_text("adapter: [a=/x/a, b=/x/b]\nmax_wait_ms: 5\nport: null\n")
     assert cli.main(["serve", "--config", str(settings)]) == 0
     assert seen["adapters"] == {"a": "/x/a", "b": "/x/b"} and seen["config"].max_wait_ms == 5 and seen["port"] == 8000
+
+
+def test_peft_and_trl_names_are_canonical_and_the_older_ones_still_work(tmp_path, monkeypatch, capsys):
+    new, _ = _resolved(monkeypatch, capsys, ["--lora-r", "4", "--lora-alpha", "8", "--lora-target-modules", "query,key"])
+    old, _ = _resolved(monkeypatch, capsys, ["--r", "4", "--alpha", "8", "--targets", "query,key"])
+    assert new == old and (new.lora_r, new.lora_alpha, new.target_modules) == (4, 8.0, "query,key")
+    settings = tmp_path / "run.yaml"
+    for text in ("r: 4\nalpha: 8\ntargets: [query, key]\n", "lora_r: 4\nlora_alpha: 8\nlora_target_modules: query,key\n"):
+        settings.write_text(text)  # lorakit's older keys (old runs' config.yaml), TRL's lora_target_modules
+        assert _resolved(monkeypatch, capsys, ["--config", str(settings)])[0] == new
+    settings.write_text("alpha: 8\nlora_alpha: 16\n")
+    _one_line_error(capsys, ["train", "--config", str(settings)], "give lora_alpha or its other name alpha, not both (16 vs 8)")
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    assert "--lora-r LORA_R, --r LORA_R" in capsys.readouterr().out
+
+
+def test_version_and_the_model_list(capsys, tmp_path, monkeypatch):
+    from lorakit import __version__
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"lorakit {__version__}"
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))
+    (tmp_path / "models" / "SmolLM2-135M-Instruct").mkdir(parents=True)
+    (tmp_path / "models" / "SmolLM2-135M-Instruct" / "config.json").write_text("{}")
+    assert cli.main(["models", "list"]) == 0
+    rows = {line.split(" | ")[0].strip("| "): line for line in capsys.readouterr().out.splitlines()}
+    assert "installed with lorakit" in rows["minilm"]
+    assert "not installed: lorakit models install mpnet-base" in rows["mpnet-base"]
+    assert str(tmp_path / "models" / "SmolLM2-135M-Instruct") in rows["smollm2"]
+    _one_line_error(capsys, ["models", "install"], "lorakit models install takes the model to install")

@@ -95,7 +95,7 @@ def test_jsonl_cli_errors_are_one_line(tmp_path, capsys, tiny_llama):
 def _run_cfg(model, tmp_path, **kw):
     values = dict(model=model, out=str(tmp_path / "{task}"), epochs=2, batch_size=4, lr=1e-2, max_length=64,
                   max_train_examples=16, max_eval_examples=4, eval_batch_size=4, max_new_tokens=8, progress=False,
-                  label_smoothing=0.1, r=4, alpha=8.0)
+                  label_smoothing=0.1, lora_r=4, lora_alpha=8.0)
     return train.TrainConfig(**{**values, **kw})
 
 
@@ -307,7 +307,7 @@ def test_checkpoints_hold_the_trainable_tensors_only_and_resume_exactly(tied_lla
 
 
 def test_all_linear_targets_every_linear_layer_from_the_config(tiny_llama, tmp_path):
-    cfg = _run_cfg(tiny_llama, tmp_path, task="jsonl", train_file="x", dev_file="y", targets="all-linear")
+    cfg = _run_cfg(tiny_llama, tmp_path, task="jsonl", train_file="x", dev_file="y", target_modules="all-linear")
     task = lm.LMTask(cfg)
     _, model = task.load_model(tiny_llama)
     adapted = train.attach_method(model, cfg, task)

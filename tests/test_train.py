@@ -22,7 +22,7 @@ def _cfg(tiny_model, tmp_path, **kw):
 
 def test_presets_and_overrides():
     cfg = train.resolve_config("paper", task="mrpc")
-    assert (cfg.batch_size, cfg.epochs, cfg.lr, cfg.max_length, cfg.r, cfg.alpha) == (16, 30, 4e-4, 512, 8, 16.0)
+    assert (cfg.batch_size, cfg.epochs, cfg.lr, cfg.max_length, cfg.lora_r, cfg.lora_alpha) == (16, 30, 4e-4, 512, 8, 16.0)
     assert train.resolve_config("paper", task="rte").epochs == 80
     assert train.resolve_config("paper", task="cola", lr=1e-3, epochs=None).lr == 1e-3  # a flag beats the preset
     assert train.resolve_config(None, task="rte").epochs == train.TrainConfig.epochs
@@ -54,14 +54,14 @@ def test_bad_config(kw, message):
     (dict(seeds=(0, 1.5)), TypeError, r"TrainConfig.seeds must be a sequence of integers, got \(0, 1.5\)"),
     (dict(warmup_steps=2.0), TypeError, r"TrainConfig.warmup_steps must be an integer, got 2.0"),
     (dict(lr=float("inf")), ValueError, "lr must be a finite number, got inf"),
-    (dict(alpha=float("inf")), ValueError, "alpha must be a finite number, got inf"),
+    (dict(lora_alpha=float("inf")), ValueError, "lora_alpha must be a finite number, got inf"),
     (dict(label_smoothing=float("nan")), ValueError, "label_smoothing must be a finite number, got nan"),
     (dict(max_train_examples=0), ValueError, r"max_train_examples must be positive \(or None: all rows\), got 0"),
 ])
 def test_config_fields_have_their_types_and_numbers_are_finite(kw, error, message):
     with pytest.raises(error, match=message):
         train.TrainConfig(**kw)
-    assert train.TrainConfig(lr=1, alpha=32, seeds=[0, 1], warmup_steps=None).lr == 1  # an int is a number
+    assert train.TrainConfig(lr=1, lora_alpha=32, seeds=[0, 1], warmup_steps=None).lr == 1  # an int is a number
 
 
 @pytest.mark.parametrize("method", ["lora", "full", "bitfit", "adapter"])
@@ -140,7 +140,7 @@ def test_init_adapter_copies_factors_but_not_the_head(tiny_model, tmp_path):
     assert torch.equal(layer.lora_B["default"], saved["base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.weight"])
     _, other = load_classifier(tiny_model, task)
     with pytest.raises(ValueError, match="shape mismatches"):
-        train.attach_method(other, _cfg(tiny_model, tmp_path, task="stsb", r=4, init_adapter=str(source)))
+        train.attach_method(other, _cfg(tiny_model, tmp_path, task="stsb", lora_r=4, init_adapter=str(source)))
 
 
 def test_freeze_for_rejects_unknown_method():
@@ -195,6 +195,8 @@ def test_resume_reads_checkpoints_older_than_a_new_field(tiny_model, tmp_path):
     path = tmp_path / "mrpc" / "seed0" / "checkpoint-1-0.pt"
     state = torch.load(path, weights_only=True)
     del state["config"]["label_smoothing"]  # as if written before the field existed
+    for old, new in (("r", "lora_r"), ("alpha", "lora_alpha"), ("targets", "target_modules")):  # and the older names
+        state["config"][old] = state["config"].pop(new)
     torch.save(state, path)
     (tmp_path / "mrpc" / "seed0" / "checkpoint-2-0.pt").unlink()
     resumed = train.train(train.TrainConfig(**{**cfg.__dict__, "resume": True}), seed=0)  # default value: same run

@@ -31,13 +31,28 @@ from .distributed import World, reshard
 from .io import atomic_write
 from .model import frozen_parameter_names
 
-__all__ = ["Progress", "checkpoints", "save", "resume", "KEEP"]
+__all__ = ["Progress", "checkpoints", "save", "resume", "current_names", "KEEP", "MAY_CHANGE", "ALIASES"]
 
 KEEP = 2
 _NAME = re.compile(r"checkpoint-(\d+)-(\d+)\.pt")
 # Settings that may change between a run and its resumption (how often it saves, the bar):
 # they do not change what it learns.
 MAY_CHANGE = frozenset({"resume", "progress", "save_every", "seeds", "overwrite", "report_to"})
+
+# Other names of TrainConfig fields: lorakit's older ones (in runs, config files and checkpoints written
+# before the PEFT/TRL names) and TRL's lora_target_modules.
+ALIASES = {"r": "lora_r", "alpha": "lora_alpha", "targets": "target_modules", "lora_target_modules": "target_modules"}
+
+
+def current_names(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with :data:`ALIASES` renamed to today's field names (both given: an error)."""
+    out = dict(values)
+    for old, new in ALIASES.items():
+        if old in out:
+            if new in out and out[new] != out[old]:
+                raise ValueError(f"give {new} or its other name {old}, not both ({out[new]!r} vs {out[old]!r})")
+            out[new] = out.pop(old)
+    return out
 
 
 @dataclass
@@ -131,7 +146,8 @@ def resume(run: Path, record: dict[str, Any], model: nn.Module, optimizer, sched
         raise ValueError(f"{chosen} cannot be read by every process ({failed or 'another process failed'}); "
                          "--out must be on a file system all processes share")
     # a field added to lorakit after the checkpoint was written must keep its default (the old behaviour)
-    written = {**{k: v for k, v in (defaults or {}).items() if k not in state["config"]}, **state["config"]}
+    config = current_names(state["config"])
+    written = {**{k: v for k, v in (defaults or {}).items() if k not in config}, **config}
     same_run = {k: v for k, v in record.items() if k not in MAY_CHANGE}
     if {k: v for k, v in written.items() if k in same_run} != same_run:
         raise ValueError(f"{chosen} belongs to a run with another configuration; use another --out or remove it")

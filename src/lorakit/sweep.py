@@ -62,11 +62,12 @@ def sweep(cfg: TrainConfig, placements: list[str], budget: int | None = None, ra
     task = data.get_task(cfg.task)
     rows: list[dict[str, Any]] = []
     for placement, r in pairs:
-        run_cfg = dataclasses.replace(cfg, method="lora", r=r, targets=",".join(names[c] for c in placement),
+        run_cfg = dataclasses.replace(cfg, method="lora", lora_r=r,
+                                      target_modules=",".join(names[c] for c in placement),
                                       out=str(Path(cfg.run_dir) / f"{placement}-r{r}"))
-        print(f"\n== {placement} (r={r}): {run_cfg.targets}", flush=True)
+        print(f"\n== {placement} (r={r}): {run_cfg.target_modules}", flush=True)
         report = train_seeds(run_cfg)
-        rows.append({"placement": placement, "r": r, "targets": run_cfg.targets, "median": report["median"],
+        rows.append({"placement": placement, "r": r, "targets": run_cfg.target_modules, "median": report["median"],
                      "per_seed": report["per_seed"], "trainable_params": report["trainable_params"]})
     table = {"task": task.name, "model": cfg.model, "seeds": list(cfg.seeds), "epochs": cfg.epochs,
              "budget": budget, "rows": rows}

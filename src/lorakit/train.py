@@ -65,7 +65,7 @@ class TrainConfig:
     out: str = _opt("runs/{task}", "output folder; one seed<N>/ subfolder per seed")
     seeds: tuple[int, ...] = _opt((0,), "comma-separated seeds; the reported figure is the median over seeds")
     epochs: int = _opt(10, "training epochs (the best epoch is reported, as in the paper)")
-    batch_size: int = _opt(16, "training batch size")
+    batch_size: int = _opt(16, "training batch size per process (under torchrun the global batch is N times larger)")
     lr: float = _opt(4e-4, "peak learning rate (AdamW, linear warm-up then linear decay)")
     max_length: int = _opt(128, "truncate examples to this many tokens (batches are padded dynamically, to a multiple of 8)")
     pooling: str = _opt("cls", "classifiers: the head reads the first token (cls, the model's own) or the masked "
@@ -75,11 +75,11 @@ class TrainConfig:
     weight_decay: float = _opt(0.1, "AdamW weight decay on matrices (not on biases or norms)")
     grad_clip: float = _opt(1.0, "clip the gradient norm to this value (0: no clipping)")
     label_smoothing: float = _opt(0.0, "causal LM: label smoothing of the completion loss")
-    r: int = _opt(8, "LoRA rank")
-    alpha: float = _opt(16.0, "LoRA alpha (scaling alpha/r)")
+    lora_r: int = _opt(8, "LoRA rank r (PEFT's r)")
+    lora_alpha: float = _opt(16.0, "LoRA alpha: the update is scaled by alpha/r (PEFT's lora_alpha)")
     lora_dropout: float = _opt(0.1, "dropout on the LoRA branch input")
-    targets: str | None = _opt(None, "comma-separated LoRA target modules, or all-linear (every linear layer but the "
-                                     "output layer; default: the query/value projections)")
+    target_modules: str | None = _opt(None, "comma-separated LoRA target modules, or all-linear (every linear layer but "
+                                            "the output layer; default: the query/value projections)")
     adapter_dim: int = _opt(64, "bottleneck size of Houlsby adapters (method adapter)")
     init_adapter: str | None = _opt(None, "start the LoRA factors from this adapter (the paper's MNLI start)")
     resume: bool = _opt(False, "continue from the newest complete checkpoint in the run folder")
@@ -104,7 +104,7 @@ class TrainConfig:
         tasks.canonical_name(self.task)
         if self.method not in baselines.METHODS:
             raise ValueError(f"method must be one of {baselines.METHODS}, got {self.method!r}")
-        for name in ("epochs", "batch_size", "max_length", "eval_batch_size", "r", "adapter_dim", "max_new_tokens"):
+        for name in ("epochs", "batch_size", "max_length", "eval_batch_size", "lora_r", "adapter_dim", "max_new_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.save_every < 0 or (self.warmup_steps or 0) < 0:
@@ -149,12 +149,14 @@ DEFAULT_MODELS = {"e2e": "smollm2", "jsonl": "smollm2"}
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """A YAML file of TrainConfig fields (and ``preset``), each value checked against its field's
     type (see :mod:`lorakit.settings`: ``lr: 1e-4``, a string in YAML 1.1, reads as the number);
-    ``seeds`` is an integer or a flat list of them, ``targets`` a string (comma-separated) or a
-    flat list of module names. Errors name the file and the key."""
-    values = read_yaml(path, {f.name for f in dataclasses.fields(TrainConfig)} | {"preset"})
+    ``seeds`` is an integer or a flat list of them, ``target_modules`` a string (comma-separated) or
+    a flat list of module names. Older names (``r``, ``alpha``, ``targets``, in runs written before
+    the PEFT/TRL names) and TRL's ``lora_target_modules`` are read as today's. Errors name the file and the key."""
+    values = read_yaml(path, {f.name for f in dataclasses.fields(TrainConfig)} | set(checkpoint.ALIASES) | {"preset"})
     hints = {**_field_types(), "preset": str}
-    try:
-        return {key: _config_value(key, value, hints[key]) for key, value in values.items()}
+    try:  # each value checked under the name the file gives it, then renamed
+        return checkpoint.current_names({key: _config_value(key, value, hints[checkpoint.ALIASES.get(key, key)])
+                                         for key, value in values.items()})
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
 
@@ -164,7 +166,7 @@ def _config_value(key: str, value: Any, hint: Any) -> Any:
         return None
     if key == "seeds":
         return tuple(int_list(key, value))
-    if key == "targets" and not isinstance(value, str):
+    if checkpoint.ALIASES.get(key, key) == "target_modules" and not isinstance(value, str):
         return ",".join(string_list(key, value))
     return typed(key, value, hint)
 
@@ -189,7 +191,7 @@ def resolve_config(preset: str | None, **overrides: Any) -> TrainConfig:
         values.update(recipes[preset])
         if method in BASELINE_LR:
             values["lr"] = BASELINE_LR[method]
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    values.update({k: v for k, v in checkpoint.current_names(overrides).items() if v is not None})
     return TrainConfig(**values)
 
 
@@ -197,14 +199,14 @@ def resolve_config(preset: str | None, **overrides: Any) -> TrainConfig:
 
 
 def _lora_config(model: nn.Module, cfg: TrainConfig, task: Task, head: str | None) -> LoraConfig:
-    targets: tuple[str, ...] | str | None = tuple(cfg.targets.split(",")) if cfg.targets else None
-    if cfg.targets == "all-linear":  # LoraConfig's (and PEFT's) keyword: every linear layer but the output
-        targets = cfg.targets
+    targets: tuple[str, ...] | str | None = tuple(cfg.target_modules.split(",")) if cfg.target_modules else None
+    if cfg.target_modules == "all-linear":  # LoraConfig's (and PEFT's) keyword: every linear layer but the output
+        targets = cfg.target_modules
     enable = {}
     if targets is None and _is_fused_qkv(model):  # GPT-2's c_attn = q|k|v: adapt the q and v slices (paper)
         targets, enable = ("c_attn",), {"c_attn": (True, False, True)}
     # a path or hub id PEFT's AutoPeftModel* can load (not lorakit's alias such as "minilm")
-    return LoraConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.lora_dropout, target_modules=targets,
+    return LoraConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=targets,
                       modules_to_save=(head,) if head else (), enable_lora=enable,
                       base_model_name_or_path=resolve_model(cfg.model), task_type=task.task_type)
 
@@ -284,7 +286,8 @@ def _recipe(cfg: TrainConfig, task: Task, train_rows: int, dev_rows: int, steps_
     warmup = _warmup(cfg, steps_per_epoch * cfg.epochs)
     smoothing = f", label smoothing {cfg.label_smoothing:g}" if task.task_type == "CAUSAL_LM" else ""
     how = "--warmup-steps" if cfg.warmup_steps is not None else f"ratio {cfg.warmup_ratio:g}"
-    method = (f"lora r {cfg.r}, alpha {cfg.alpha:g}, dropout {cfg.lora_dropout:g}, targets {cfg.targets or 'default'}"
+    method = (f"lora r {cfg.lora_r}, alpha {cfg.lora_alpha:g}, dropout {cfg.lora_dropout:g}, "
+              f"targets {cfg.target_modules or 'default'}"
               if cfg.method == "lora" else cfg.method + (f" (dim {cfg.adapter_dim})" if cfg.method == "adapter" else ""))
     limits = "".join(f", {flag} {value}" for flag, value in (("--max-train-examples", cfg.max_train_examples),
                                                             ("--max-eval-examples", cfg.max_eval_examples)) if value)
@@ -496,7 +499,7 @@ def seeds_report(runs: list[dict[str, Any]]) -> dict[str, Any]:
     epoch, the median over seeds. Runs of different recipes are refused."""
     first = runs[0]
     defaults = _defaults()  # a field added since a run was made keeps its default
-    configs = [{**defaults, **r["config"]} for r in runs]
+    configs = [{**defaults, **checkpoint.current_names(r["config"])} for r in runs]
     same = checkpoint.MAY_CHANGE | {"seed", "out"}
     differ = sorted({k for c in configs for k in c if k not in same and c[k] != configs[0].get(k)})
     if differ:

@@ -28,7 +28,7 @@ _PAPER = {"mnli": (16, 30, 5e-4), "sst2": (16, 60, 5e-4), "mrpc": (16, 30, 4e-4)
 def presets(name: str) -> dict[str, dict[str, Any]]:
     bs, epochs, lr = _PAPER[canonical_name(name)]
     return {
-        "paper": dict(batch_size=bs, epochs=epochs, lr=lr, max_length=512, r=8, alpha=16.0, warmup_ratio=0.06,
+        "paper": dict(batch_size=bs, epochs=epochs, lr=lr, max_length=512, lora_r=8, lora_alpha=16.0, warmup_ratio=0.06,
                       weight_decay=0.1, grad_clip=1.0),
         # A CPU-sized recipe for the embedded MiniLM: shorter, with a higher learning rate.
         "demo": dict(batch_size=16, epochs=8, lr=1e-3, max_length=128),

@@ -43,11 +43,11 @@ TASKS = ("e2e", "jsonl")
 IGNORE = -100
 
 _PAPER = dict(batch_size=8, epochs=5, lr=2e-4, warmup_steps=500, weight_decay=0.01, lora_dropout=0.1,
-              label_smoothing=0.1, r=4, alpha=32.0, max_length=512, grad_clip=0.0, decoding="paper")
+              label_smoothing=0.1, lora_r=4, lora_alpha=32.0, max_length=512, grad_clip=0.0, decoding="paper")
 # CPU-sized (make demo-e2e): 300 steps on the first 2,400 E2E training rows, dev on 100 MRs with
 # greedy decoding; a higher learning rate than the paper's 5-epoch recipe.
 _DEMO = dict(batch_size=8, epochs=1, lr=1e-3, warmup_steps=50, weight_decay=0.01, lora_dropout=0.1,
-             label_smoothing=0.1, r=4, alpha=32.0, max_length=128, grad_clip=1.0, decoding="greedy",
+             label_smoothing=0.1, lora_r=4, lora_alpha=32.0, max_length=128, grad_clip=1.0, decoding="greedy",
              max_train_examples=2400, max_eval_examples=100)
 
 
