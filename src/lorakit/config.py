@@ -180,6 +180,16 @@ class LoraConfig:
             )
         if d["peft_type"] != "LORA":
             raise ValueError(f"{source} has peft_type={d['peft_type']!r}; lorakit reads only 'LORA' adapters")
+        if isinstance(d.get("target_parameters"), list | tuple | set) and not d["target_parameters"]:
+            d = {**d, "target_parameters": None}  # PEFT 0.21 writes [] for MoE models: no parameter targeted
+        if d.get("target_parameters") is not None:
+            raise ValueError(f"{source} sets target_parameters={d['target_parameters']!r} (LoRA on parameters such as "
+                             "a mixture-of-experts model's router and fused experts), which lorakit does not support; "
+                             "adapters on modules only (e.g. the attention) load")
+        if d.get("ensure_weight_tying"):
+            raise ValueError(f"{source} sets ensure_weight_tying={d['ensure_weight_tying']!r} (PEFT then also puts "
+                             "a LoRA tied to the input embedding's on the tied output embedding), which lorakit does "
+                             "not support; without it the tied head keeps the base weight, as in PEFT")
         for key, default in _UNSUPPORTED_PEFT_OPTIONS.items():
             if d.get(key) not in (None, default):
                 raise ValueError(f"{source} sets {key}={d[key]!r}, which lorakit does not support")
