@@ -5,13 +5,62 @@ matrix over every family is tests/test_architectures.py; these pin the details."
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
+import torch
+from torch import nn
 
+import lorakit
+import zoo
+from helpers import MODEL_TOL
 from lorakit import LoraConfig
+from zoo import ARCHS
 
 peft = pytest.importorskip("peft")
+
+
+def _randomize(model: nn.Module, seed: int = 2) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in lorakit.lora_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+# ---- 1. the embedding wrapper keeps what the wrapped class does ------------------------------
+
+
+def test_gemma_lora_embedding_scales_its_update_and_follows_dtype_moves():
+    arch = ARCHS["gemma3"]
+    base, x = zoo.base(arch), zoo.inputs(arch)
+    model = lorakit.add_lora(copy.deepcopy(base), LoraConfig(r=4, target_modules=["embed_tokens"]))
+    layer = model.model.embed_tokens
+    assert "embed_scale" in dict(layer.named_buffers()) and layer.embed_scale.item() == pytest.approx(32 ** 0.5)
+    torch.testing.assert_close(zoo.logits(model, x), zoo.logits(base, x), rtol=0, atol=0)  # fresh: A = 0
+    _randomize(model)
+    delta = layer.delta_weight("default")[x["input_ids"]] * layer.embed_scale  # the update, scaled as the base
+    torch.testing.assert_close(layer(x["input_ids"]), base.model.embed_tokens(x["input_ids"]) + delta, **MODEL_TOL)
+    model.double()  # the wrapper owns the buffer: it moves with the model
+    assert layer.embed_scale.dtype == torch.float64 and layer(x["input_ids"]).dtype == torch.float64
+
+
+def test_lora_embedding_keeps_padding_index_and_max_norm():
+    torch.manual_seed(0)
+    base = nn.Embedding(10, 4, padding_idx=0, max_norm=1.0)
+    ids = torch.tensor([[0, 3, 9, 3]])
+    layer = lorakit.LoraEmbedding(copy.deepcopy(base))
+    layer.add_adapter("default", LoraConfig(r=2))
+    layer.active = ("default",)
+    torch.testing.assert_close(layer(ids), base(ids), rtol=0, atol=0)
+    assert layer(ids).norm(dim=-1).max() <= 1.0 + 1e-6
+
+
+def test_an_embedding_whose_forward_lorakit_cannot_follow_is_refused_by_name():
+    opt = ARCHS["opt"]
+    with pytest.raises(ValueError, match=r"cannot put LoRA on OPTLearnedPositionalEmbedding: it overrides "
+                                         r"nn.Embedding.forward"):
+        lorakit.add_lora(zoo.base(opt), LoraConfig(target_modules=["embed_positions"]))
 
 
 # ---- 2. tied input and output embeddings -----------------------------------------------------

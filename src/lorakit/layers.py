@@ -100,8 +100,12 @@ class LoraLayer(nn.Module):
         self._param_names = tuple(base._parameters)
         for name in self._param_names:
             self.register_parameter(name, base._parameters[name])
+        # Buffers too (Gemma's embed_scale): so that .to(device) and .to(dtype) move them with the model.
+        self._buffer_names = tuple(base._buffers)
+        for name in self._buffer_names:
+            self.register_buffer(name, base._buffers[name], persistent=name not in base._non_persistent_buffers_set)
         template = copy.copy(base)
-        template._parameters = {}
+        template._parameters, template._buffers = {}, {}
         # A plain attribute, not a submodule: it holds hyper-parameters only.
         object.__setattr__(self, "base_template", template)
         self.lora_A = nn.ParameterDict()
@@ -228,10 +232,18 @@ class LoraLayer(nn.Module):
         self.merged = False
 
     def unwrap(self) -> nn.Module:
-        """A plain module of the wrapped type holding this layer's current parameters."""
+        """A plain module of the wrapped type holding this layer's current parameters and buffers."""
+        plain = self._plain(self.weight)
+        plain.train(self.training)
+        return plain
+
+    def _plain(self, weight: Tensor) -> nn.Module:
+        """A shallow copy of the wrapped module holding ``weight`` and this layer's other
+        parameters and buffers (the template itself is never changed: thread-safe)."""
         plain = copy.copy(self.base_template)
         plain._parameters = {name: self._parameters[name] for name in self._param_names}
-        plain.train(self.training)
+        plain._parameters["weight"] = weight
+        plain._buffers = {name: self._buffers[name] for name in self._buffer_names}
         return plain
 
     def extra_repr(self) -> str:
@@ -363,9 +375,24 @@ class LoraEmbedding(LoraLayer):
 
     As in loralib and PEFT, ``A`` starts at zero and ``B`` Gaussian, and no dropout
     is applied to token ids. ``delta_weight = scaling * (B A)^T``.
+
+    The base output comes from the wrapped module's own forward, so what a subclass
+    adds is kept: Gemma's scaled embedding multiplies by ``embed_scale`` (sqrt(hidden)),
+    and the LoRA branch is multiplied by it too (as PEFT does), so that merged =
+    unmerged. A subclass that changes the output in any other way is refused.
     """
 
     file_keys = ("lora_embedding_A", "lora_embedding_B")
+
+    def __init__(self, base: nn.Module) -> None:
+        overridden = type(base).forward is not nn.Embedding.forward
+        if overridden and _scalar(getattr(base, "embed_scale", None)) is None:
+            raise ValueError(
+                f"lorakit cannot put LoRA on {type(base).__name__}: it overrides nn.Embedding.forward "
+                "(positions, normalisation, ...) in a way the LoRA update cannot follow; only plain "
+                "embeddings and scaled ones (a scalar embed_scale, as Gemma's) are supported"
+            )
+        super().__init__(base)
 
     def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         num, dim = self.weight.shape
@@ -382,14 +409,29 @@ class LoraEmbedding(LoraLayer):
         return F.embedding(ids, table, t.padding_idx, t.max_norm, t.norm_type, t.scale_grad_by_freq, t.sparse)
 
     def base_forward(self, x: Tensor, weight: Tensor) -> Tensor:
-        return self._embed(x, weight)
+        # The wrapped class's forward (scaling and all), called on the class: not a forward patched onto
+        # the original instance (accelerate's hooks) that would read the original's weight instead of ``weight``.
+        return type(self.base_template).forward(self._plain(weight), x)
 
     def lora_forward(self, x: Tensor, name: str) -> Tensor:
         h = self._embed(x, self.lora_A[name].T)  # (..., r)
-        return h @ self.lora_B[name].T * self.scaling(name)
+        out = h @ self.lora_B[name].T * self.scaling(name)
+        scale = _scalar(self._buffers.get("embed_scale", getattr(self.base_template, "embed_scale", None)),
+                        self.weight.dtype)
+        return out if scale is None else out * scale.to(device=out.device, dtype=out.dtype)
 
     def delta_weight(self, name: str) -> Tensor:
         return (_f32(self.lora_B[name]) @ _f32(self.lora_A[name])).T * self.scaling(name)
+
+
+def _scalar(value: object, dtype: torch.dtype = torch.float32) -> Tensor | None:
+    """``embed_scale`` as a tensor if it is one number (PEFT's ``_get_embed_scale``: a Python
+    number in the weight's ``dtype``), else None."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return torch.tensor(value, dtype=dtype)
+    if isinstance(value, Tensor) and value.numel() == 1:
+        return value
+    return None
 
 
 class LoraConv(LoraLayer):
