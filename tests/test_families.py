@@ -10,6 +10,8 @@ import json
 
 import pytest
 import torch
+import transformers as T
+from safetensors import safe_open
 from torch import nn
 
 import lorakit
@@ -64,6 +66,53 @@ def test_an_embedding_whose_forward_lorakit_cannot_follow_is_refused_by_name():
 
 
 # ---- 2. tied input and output embeddings -----------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["lm_head", "embed_tokens"])
+def test_merging_into_a_tied_embedding_unties_it_and_saves_an_untied_model(target, tmp_path):
+    arch = ARCHS["qwen2"]  # tie_word_embeddings=True, as Qwen2.5-0.5B
+    base, x = zoo.base(arch), zoo.inputs(arch)
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+    model = lorakit.add_lora(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj", target]))
+    _randomize(model)
+    unmerged = zoo.logits(model, x)
+    with pytest.warns(lorakit.model.UntiedWeightsWarning, match=rf"merging gave .*{target} its own copy .*"
+                                                               r"config.tie_word_embeddings set to False"):
+        lorakit.merge(model)
+    assert not model.config.tie_word_embeddings
+    torch.testing.assert_close(zoo.logits(model, x), unmerged, **MODEL_TOL)
+    lorakit.unmerge(model)  # ties them again
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
+    with pytest.warns(lorakit.model.UntiedWeightsWarning):
+        lorakit.merge_and_unload(model).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["tie_word_embeddings"] is False
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        assert {"lm_head.weight", "model.embed_tokens.weight"} <= set(f.keys())  # one more vocab x hidden matrix
+    reloaded = T.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(zoo.logits(reloaded, x), unmerged, **MODEL_TOL)
+
+
+def test_lorakit_merge_on_a_tied_model_says_so_and_writes_an_untied_model(tiny_llama, tmp_path, capsys):
+    from lorakit import cli
+
+    tokenizer = T.AutoTokenizer.from_pretrained(tiny_llama)
+    folder = tmp_path / "tied"
+    torch.manual_seed(0)
+    config = T.Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    T.Qwen2ForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    model = lorakit.add_lora(T.AutoModelForCausalLM.from_pretrained(folder),
+                             LoraConfig(r=2, target_modules=["lm_head"], base_model_name_or_path=str(folder)))
+    _randomize(model)
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    assert cli.main(["merge", "--adapter", str(tmp_path / "adapter"), "--task", "jsonl",
+                     "--out", str(tmp_path / "merged")]) == 0
+    assert "lorakit: note: merging gave lm_head its own copy" in capsys.readouterr().err
+    merged = T.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not merged.config.tie_word_embeddings
+    x = torch.tensor([[101, 2023, 2003, 102]])
+    torch.testing.assert_close(zoo.logits(merged, {"input_ids": x}), zoo.logits(model, {"input_ids": x}), **MODEL_TOL)
 
 
 def test_peft_ensure_weight_tying_is_refused_by_name():

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import typing
+import warnings
 from pathlib import Path
 
 __all__ = ["main"]
@@ -152,7 +153,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from .model import merge_and_unload
+    from .model import UntiedWeightsWarning, merge_and_unload
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -167,8 +168,16 @@ def _merge(args: argparse.Namespace) -> int:
     except OSError as e:
         raise unwritable(e) from None
     _, tokenizer, model = _load_adapted(args)
+    with warnings.catch_warnings(record=True) as notes:  # tied weights untied: said as a note, not a traceback line
+        warnings.simplefilter("always", UntiedWeightsWarning)
+        merge_and_unload(model)
+    for note in notes:
+        if issubclass(note.category, UntiedWeightsWarning):
+            print(f"lorakit: note: {note.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(note.message, note.category, note.filename, note.lineno)
     try:
-        merge_and_unload(model).save_pretrained(out)
+        model.save_pretrained(out)
         tokenizer.save_pretrained(out)
     except OSError as e:
         raise unwritable(e) from None

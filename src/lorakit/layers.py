@@ -118,6 +118,7 @@ class LoraLayer(nn.Module):
         self.rows: RowPlan | None = None  # set by lorakit.adapter_per_row
         self._stacked: tuple | None = None  # LoraLinear.add_rows' stacked factors while they stay valid
         self.register_buffer("unmerged_weight", None, persistent=False)
+        self.__dict__["tied_weight"] = None  # while merged: the weight shared with another module (see merge)
         self.train(base.training)  # a model in eval mode stays in eval mode (no dropout at inference)
 
     # ---- adapters --------------------------------------------------------------------
@@ -203,19 +204,29 @@ class LoraLayer(nn.Module):
     @property
     def original_weight(self) -> Tensor:
         """The wrapped layer's weight without any adapter merged in."""
-        return self.unmerged_weight if self.merged else self.weight
+        if not self.merged:
+            return self.weight
+        return self.unmerged_weight if self.tied_weight is None else self.tied_weight
 
     @torch.no_grad()
-    def merge(self, keep_original: bool = True) -> None:
+    def merge(self, keep_original: bool = True, untie: bool = False) -> None:
         """Add the active adapters' ``delta_weight`` to ``weight``; a no-op if merged already.
 
         The sum is formed in float32 and rounded to the weight's dtype once. With
         ``keep_original`` a copy of the weight is kept so that ``unmerge`` is exact.
+        With ``untie`` (the weight is shared with another module: tied word embeddings)
+        the merged weight becomes this layer's own new Parameter and the shared one is
+        left untouched, so the other module does not change; ``unmerge`` ties them again.
         """
         if self.merged or not self.active:
             return
         delta = sum(self.delta_weight(name) for name in self.active)
-        if keep_original:
+        if untie:
+            shared = self.weight
+            self.weight = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
+            if keep_original:
+                self.__dict__["tied_weight"] = shared  # a plain attribute: not a second state-dict entry
+        elif keep_original:
             self.unmerged_weight = self.weight.detach().clone()
         self.weight.copy_((self.weight.to(delta.dtype) + delta).to(self.weight.dtype))
         self.merged = True
@@ -225,10 +236,17 @@ class LoraLayer(nn.Module):
         """Restore the weight saved by ``merge``, bit for bit; a no-op if not merged."""
         if not self.merged:
             return
-        if self.unmerged_weight is None:
+        if self.tied_weight is not None:
+            shared = self.tied_weight  # the shared Parameter, never written to
+            if (shared.device, shared.dtype) != (self.weight.device, self.weight.dtype):
+                shared.data = shared.data.to(self.weight)  # held by no module while merged: .to() missed it
+            self.weight = shared
+            self.__dict__["tied_weight"] = None
+        elif self.unmerged_weight is None:
             raise RuntimeError("this layer was merged without keeping its original weight; it cannot unmerge")
-        self.weight.copy_(self.unmerged_weight)
-        self.unmerged_weight = None
+        else:
+            self.weight.copy_(self.unmerged_weight)
+            self.unmerged_weight = None
         self.merged = False
 
     def unwrap(self) -> nn.Module:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import NamedTuple
@@ -16,6 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .architectures import embedding_modules
 from .config import LoraConfig
 from .layers import LoraLayer, LoraLinear, ModulesToSave, RowPlan, lora_class_for
 
@@ -38,6 +41,7 @@ __all__ = [
     "active_adapters",
     "adapter_config",
     "default_target_modules",
+    "UntiedWeightsWarning",
 ]
 
 # Attention query/value projections by the names common model families give them.
@@ -46,6 +50,11 @@ _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
 # The classification heads of transformers' sequence classifiers; PEFT trains them whole
 # (modules_to_save) for task_type SEQ_CLS and never puts LoRA on them.
 _SEQ_CLS_HEADS = ("classifier", "score")
+
+
+class UntiedWeightsWarning(UserWarning):
+    """Merging gave a layer its own copy of a weight it shared (tied embeddings): the model
+    grows by that matrix and its config no longer ties them."""
 
 
 class ParameterCount(NamedTuple):
@@ -397,25 +406,74 @@ def _set_on_adapter_modules(model: nn.Module, attr: str, value) -> Iterator[None
 
 
 def merge(model: nn.Module) -> None:
-    """Merge the active adapters into the base weights (idempotent, exact to unmerge)."""
-    for _, layer in lora_layers(model):
-        layer.merge()
+    """Merge the active adapters into the base weights (idempotent, exact to unmerge).
+
+    A LoRA layer whose weight another module shares (tied input and output embeddings,
+    T5's shared embedding) gets its own merged copy, so the other module keeps the base
+    weight and merged = unmerged; the model then holds one more matrix and its config says
+    ``tie_word_embeddings=False``, so that a saved copy is not tied again on load. A
+    warning says so; :func:`unmerge` ties them again.
+    """
+    _merge(model, keep_original=True)
 
 
 def unmerge(model: nn.Module) -> None:
-    """Restore the base weights exactly as they were before :func:`merge`."""
+    """Restore the base weights exactly as they were before :func:`merge` (and re-tie
+    the weights that merging untied)."""
+    retie = any(layer.tied_weight is not None for _, layer in lora_layers(model))
     for _, layer in lora_layers(model):
         layer.unmerge()
+    if retie and _embeddings_tied(model) is True:
+        _set_tie_flag(model, True)
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge the active adapters and return ``model`` with only plain torch modules:
-    LoRA wrappers become the layers they wrapped, saved modules their active copy."""
+    LoRA wrappers become the layers they wrapped, saved modules their active copy.
+    Shared weights are untied as in :func:`merge`."""
+    _merge(model, keep_original=False)
     for name, module in list(model.named_modules()):
         if isinstance(module, LoraLayer):
-            module.merge(keep_original=False)  # a no-op if merged already
             _replace(model, name, module.unwrap())
         elif isinstance(module, ModulesToSave):
             _replace(model, name, module.current)
+    if _embeddings_tied(model) is False and _set_tie_flag(model, False):  # a saved copy of the head (modules_to_save)
+        warnings.warn("the output embedding no longer shares its weight with the input embedding; "
+                      "config.tie_word_embeddings set to False so that a saved copy is not tied again on load",
+                      UntiedWeightsWarning, stacklevel=2)
     return model
 
+
+def _merge(model: nn.Module, keep_original: bool) -> None:
+    counts = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    untied = []
+    for name, layer in lora_layers(model):
+        untie = counts[id(layer.weight)] > 1 and not layer.merged and bool(layer.active)
+        layer.merge(keep_original, untie=untie)
+        if untie:
+            untied.append(name)
+    if untied:
+        flag = _embeddings_tied(model) is False and _set_tie_flag(model, False)
+        warnings.warn(
+            f"merging gave {', '.join(untied)} its own copy of a weight it shared with another module (tied "
+            "embeddings), so that module keeps the base weight and merged = unmerged; the model holds one more "
+            "matrix per untied layer" + ("; config.tie_word_embeddings set to False so that a saved copy is not "
+                                         "tied again on load" if flag else ""), UntiedWeightsWarning, stacklevel=3)
+
+
+def _embeddings_tied(model: nn.Module) -> bool | None:
+    """Whether the input and output embeddings hold the same weight; None if the model
+    has not both (not a transformers language model)."""
+    embed, head = embedding_modules(model)
+    return None if embed is None or head is None else embed.weight is head.weight
+
+
+def _set_tie_flag(model: nn.Module, value: bool) -> bool:
+    """Set ``tie_word_embeddings`` on the model's config (and its text config) where it
+    says the opposite; True if any changed."""
+    config = getattr(model, "config", None)
+    configs = {id(c): c for c in (config, getattr(config, "get_text_config", lambda: None)()) if c is not None}
+    changed = [c for c in configs.values() if getattr(c, "tie_word_embeddings", value) is not value]
+    for c in changed:
+        c.tie_word_embeddings = value
+    return bool(changed)
