@@ -129,3 +129,24 @@ def test_peft_writes_an_empty_target_parameters_list_which_is_the_default():
     assert LoraConfig.from_peft_dict(d | {"target_parameters": []}).target_modules == ("q_proj",)
     with pytest.raises(ValueError, match=r"sets target_parameters=\['experts.down_proj'\] \(LoRA on parameters"):
         LoraConfig.from_peft_dict(d | {"target_parameters": ["experts.down_proj"]})
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe"])
+def test_moe_targets_that_peft_maps_to_experts_are_refused_by_name(name):
+    arch = ARCHS[name]
+    with pytest.raises(ValueError, match=r"all-linear' on this mixture-of-experts model .*mlp.experts.down_proj, "
+                                         r"mlp.experts.gate_up_proj, mlp.gate.weight: 6 tensors here\)"):
+        lorakit.add_lora(zoo.base(arch), LoraConfig(target_modules="all-linear"))
+    with pytest.raises(ValueError, match=r"matches 'model.layers.0.mlp.gate' \(\w+TopKRouter\), a layer lorakit cannot"):
+        lorakit.add_lora(zoo.base(arch), LoraConfig(target_modules=["q_proj", "gate"]))
+    v4 = "w2" if name == "mixtral" else "down_proj"
+    with pytest.raises(ValueError, match=rf"target_modules entry '{v4}' \(a transformers-4 expert name\) on this mix"):
+        lorakit.add_lora(zoo.base(arch), LoraConfig(target_modules=["q_proj", v4]))
+
+
+def test_a_peft_all_linear_moe_adapter_is_refused_by_name(tmp_path):
+    arch = ARCHS["mixtral"]
+    peft.get_peft_model(zoo.base(arch), peft.LoraConfig(r=2, target_modules="all-linear")).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"sets target_parameters=\[.*'down_proj'.*\] \(LoRA on parameters such as "
+                                         r"a mixture-of-experts model's router and fused experts\)"):
+        lorakit.load_adapter(zoo.base(arch), tmp_path)

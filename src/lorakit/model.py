@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .architectures import embedding_modules
+from .architectures import MOE_PROJECTION_NAMES, embedding_modules, expert_weights, model_type
 from .config import LoraConfig
 from .layers import LoraLayer, LoraLinear, ModulesToSave, RowPlan, lora_class_for
 
@@ -159,10 +159,12 @@ def _resolve_targets(model: nn.Module, config: LoraConfig) -> tuple[LoraConfig, 
         if not any(name == s or name.startswith(s + ".") for s in saved)
     }
     if targets == "all-linear":  # as PEFT: every linear layer but the output layer and a classification head
+        _check_no_experts(model, "target_modules='all-linear'")
         output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         chosen = {n: m for n, m in candidates.items()
                   if _kind(m) is LoraLinear and m is not output and n.split(".", 1)[0] not in _SEQ_CLS_HEADS}
     else:
+        _check_reachable(model, targets, saved)
         chosen = {n: m for n, m in candidates.items() if _matches(n, targets)}
     if not chosen:
         raise ValueError(
@@ -170,6 +172,41 @@ def _resolve_targets(model: nn.Module, config: LoraConfig) -> tuple[LoraConfig, 
             f"{_leaf_names(list(candidates))}"
         )
     return config, chosen
+
+
+def _check_no_experts(model: nn.Module, what: str, peft_does: str = "also adapts the router and the fused expert "
+                      "weights") -> None:
+    """Refuse where PEFT would also adapt a mixture-of-experts model's router and fused
+    experts (its target_parameters), which lorakit cannot: never adapt less, silently."""
+    experts = expert_weights(model, lambda m: _kind(m) is not None)
+    if experts:
+        leaves = ", ".join(sorted({re.sub(r"^.*\.\d+\.", "", n) for n in experts}))  # per-layer names
+        raise ValueError(
+            f"{what} on this mixture-of-experts model ({model_type(model)}): PEFT {peft_does} ({leaves}: "
+            f"{len(experts)} tensors here) through target_parameters, which lorakit does not support (LoRA on fused "
+            "expert tensors); name the modules to adapt instead, e.g. "
+            "target_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj'] for the attention only"
+        )
+
+
+def _check_reachable(model: nn.Module, targets: Sequence[str] | str, saved: list[str]) -> None:
+    """Refuse a target that names weights lorakit cannot adapt and PEFT would: a module that owns
+    a weight matrix but is no layer type lorakit wraps (a MoE router), or, on a mixture-of-experts
+    model, a transformers-4 expert name (``w1``, ``gate_proj``) that PEFT maps to fused experts."""
+    skip = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, LoraLayer)) + tuple(f"{s}." for s in saved)
+    for name, module in model.named_modules():
+        if (name and _kind(module) is None and _matches(name, targets) and not name.startswith(skip)
+                and any(p.dim() >= 2 for p in module.parameters(recurse=False))):
+            raise ValueError(f"target_modules={targets!r} matches {name!r} ({type(module).__name__}), a layer lorakit "
+                             "cannot adapt: it adapts Linear, GPT-2's Conv1D, Embedding and Conv1d/Conv2d, not other "
+                             "modules' weights (PEFT's target_parameters, e.g. a mixture-of-experts router)")
+    if isinstance(targets, str) or not expert_weights(model, lambda m: _kind(m) is not None):
+        return
+    names = [n for n, _ in model.named_modules()]
+    for t in targets:
+        if t in MOE_PROJECTION_NAMES and not any(_matches(n, [t]) for n in names):
+            _check_no_experts(model, f"target_modules entry {t!r} (a transformers-4 expert name)",
+                              "maps it to the router or fused expert weights")
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
