@@ -150,3 +150,69 @@ def test_a_peft_all_linear_moe_adapter_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match=r"sets target_parameters=\[.*'down_proj'.*\] \(LoRA on parameters such as "
                                          r"a mixture-of-experts model's router and fused experts\)"):
         lorakit.load_adapter(zoo.base(arch), tmp_path)
+
+
+# ---- 5. enable_lora on fused projections follows the real layout ----------------------------
+
+
+def _falcon(**kw) -> nn.Module:
+    return T.FalconForCausalLM(T.FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                              bos_token_id=2, eos_token_id=2, **kw))
+
+
+def _bloom() -> nn.Module:
+    return T.BloomForCausalLM(T.BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=4))
+
+
+def _rows_by_model(name: str, model: nn.Module, attn: nn.Module, out: int) -> tuple[torch.Tensor, ...]:
+    """The q, k and v rows of the fused output, as the model's own code splits it."""
+    rows = torch.arange(out, dtype=torch.float64).view(1, 1, out)
+    if name.startswith("falcon"):  # (grouped: k and v broadcast to every query head of their group)
+        return tuple(t.flatten().long().unique() for t in attn._split_heads(rows)[:3])
+    if name == "bloom":
+        return tuple(t.flatten().long() for t in attn._reshape(rows))
+    if name == "gpt_neox":  # GPTNeoXAttention.forward: view(..., -1, 3 * head_size).chunk(3, dim=-1)
+        return tuple(t.flatten().long() for t in rows.view(1, 1, -1, 3 * attn.head_size).chunk(3, dim=-1))
+    q = model.config.num_attention_heads * attn.head_dim  # Phi3Attention.forward: query_pos
+    kv = attn.num_key_value_heads * attn.head_dim
+    return rows[..., :q].flatten().long(), rows[..., q:q + kv].flatten().long(), rows[..., q + kv:].flatten().long()
+
+
+FUSED = {
+    "phi3": (lambda: zoo.base(ARCHS["phi3"]), "qkv_proj", lambda m: m.model.layers[0].self_attn),  # q 32, k 8, v 8
+    "gpt_neox": (lambda: zoo.base(ARCHS["gpt_neox"]), "query_key_value", lambda m: m.gpt_neox.layers[0].attention),
+    "falcon": (_falcon, "query_key_value", lambda m: m.transformer.h[0].self_attention),  # multi-query
+    "falcon-per-head": (lambda: _falcon(multi_query=False), "query_key_value",
+                        lambda m: m.transformer.h[0].self_attention),
+    "falcon-grouped": (lambda: _falcon(new_decoder_architecture=True, num_kv_heads=2), "query_key_value",
+                       lambda m: m.transformer.h[0].self_attention),
+    "bloom": (_bloom, "query_key_value", lambda m: m.transformer.h[0].self_attention),
+}
+
+
+@pytest.mark.parametrize("name", FUSED)
+def test_enable_lora_adapts_the_query_and_value_rows_of_a_fused_projection(name, tmp_path):
+    make, target, attention = FUSED[name]
+    torch.manual_seed(0)
+    model = lorakit.add_lora(make().eval(), LoraConfig(r=2, target_modules=[target],
+                                                       enable_lora={target: (True, False, True)}))
+    _randomize(model)
+    layer = getattr(attention(model), target)
+    changed = layer.delta_weight("default").abs().sum(1) > 0  # (out,): the rows the adapter updates
+    q, k, v = _rows_by_model(name, model, attention(model), layer.out_features)
+    assert changed[q].all() and changed[v].all() and not changed[k].any()
+    assert changed.sum() == len(q) + len(v)
+    lorakit.save_adapter(model, tmp_path)  # and the rows survive a round trip
+    torch.manual_seed(0)
+    again = lorakit.load_adapter(make().eval(), tmp_path)
+    torch.testing.assert_close(getattr(attention(again), target).delta_weight("default"), layer.delta_weight("default"))
+
+
+def test_enable_lora_on_a_projection_whose_layout_is_unknown_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"enable_lora on 'model.layers.0.self_attn.q_proj': lorakit does not know how "
+                                         r"a 'qwen2' model lays out the output slices of 'q_proj'"):
+        lorakit.add_lora(zoo.base(ARCHS["qwen2"]), LoraConfig(target_modules=["q_proj"],
+                                                               enable_lora={"q_proj": (True, False)}))
+    with pytest.raises(ValueError, match=r"enable_lora=\(True, False\) has 2 entries but this projection has 3"):
+        lorakit.add_lora(zoo.base(ARCHS["phi3"]), LoraConfig(target_modules=["qkv_proj"],
+                                                              enable_lora={"qkv_proj": (True, False)}))

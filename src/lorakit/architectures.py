@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-__all__ = ["model_type", "embedding_modules", "MOE_PROJECTION_NAMES", "expert_weights"]
+__all__ = ["model_type", "embedding_modules", "MOE_PROJECTION_NAMES", "expert_weights", "fused_slices"]
 
 
 # ---- the model's config and embeddings -------------------------------------------------------
@@ -70,3 +70,82 @@ def expert_weights(model: nn.Module, adaptable: Callable[[nn.Module], bool]) -> 
         found += [f"{prefix}.{name}" if prefix else name
                   for name, p in module.named_parameters(recurse=False) if p.dim() >= 2]
     return found
+
+
+# ---- fused projections ---------------------------------------------------------------------
+
+
+def _contiguous(*sizes: int) -> tuple[Tensor, ...]:
+    return torch.arange(sum(sizes)).split(list(sizes))
+
+
+def _grid(shape: tuple[int, ...], picks: list) -> tuple[Tensor, ...]:
+    """Rows laid out as ``shape`` (e.g. (heads, 3, head_dim)); slice ``i`` = ``rows[picks[i]]``."""
+    rows = torch.arange(torch.Size(shape).numel()).view(shape)
+    return tuple(rows[p].flatten() for p in picks)
+
+
+def _heads(cfg) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head size)."""
+    heads = cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_kv_heads", None) or heads
+    size = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return heads, kv, size
+
+
+def _phi3(cfg, leaf: str) -> tuple[Tensor, ...] | None:
+    if leaf == "gate_up_proj":  # gate | up
+        return _contiguous(cfg.intermediate_size, cfg.intermediate_size)
+    heads, kv, size = _heads(cfg)
+    return _contiguous(heads * size, kv * size, kv * size) if leaf == "qkv_proj" else None
+
+
+def _per_head(cfg, leaf: str) -> tuple[Tensor, ...] | None:
+    """GPT-NeoX, BLOOM: ``(heads, 3, head_dim)``: q, k, v interleaved per head."""
+    heads, _, size = _heads(cfg)
+    return _grid((heads, 3, size), [(slice(None), i) for i in range(3)]) if leaf == "query_key_value" else None
+
+
+def _falcon(cfg, leaf: str) -> tuple[Tensor, ...] | None:
+    """Falcon's three layouts, as FalconAttention._split_heads reads them."""
+    if leaf != "query_key_value":
+        return None
+    heads, size = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+    if cfg.new_decoder_architecture:  # (kv groups, queries per group + k + v, head_dim)
+        group = heads // cfg.num_kv_heads
+        return _grid((cfg.num_kv_heads, group + 2, size),
+                     [(slice(None), slice(0, group)), (slice(None), group), (slice(None), group + 1)])
+    if cfg.multi_query:  # all query heads, then one k head and one v head
+        return _contiguous(heads * size, size, size)
+    return _grid((heads, 3, size), [(slice(None), i) for i in range(3)])
+
+
+def _thirds(cfg, leaf: str) -> tuple[Tensor, ...] | None:
+    """GPT-2's ``c_attn``: q | k | v, each ``hidden`` wide."""
+    return _contiguous(*[cfg.hidden_size] * 3) if leaf == "c_attn" else None
+
+
+_FUSED: dict[str, Callable] = {"gpt2": _thirds, "phi3": _phi3, "gpt_neox": _per_head, "bloom": _per_head,
+                               "falcon": _falcon}
+
+
+def fused_slices(model: nn.Module, name: str, out_features: int) -> tuple[Tensor, ...] | None:
+    """The output rows of each slice of the fused projection ``name`` (q, k, v or gate, up),
+    from the model's config; None for a model without ``config.model_type`` (a plain torch
+    model: equal contiguous slices, loralib's MergedLinear). Raises where the layout is not
+    known, rather than guess."""
+    config = _text_config(model)
+    kind = getattr(config, "model_type", None)
+    if kind is None:
+        return None
+    leaf = name.rsplit(".", 1)[-1]
+    layout = _FUSED.get(kind, lambda cfg, leaf: None)(config, leaf)
+    if layout is None:
+        known = ", ".join(sorted(_FUSED))
+        raise ValueError(f"enable_lora on {name!r}: lorakit does not know how a {kind!r} model lays out the output "
+                         f"slices of {leaf!r}, so it would adapt the wrong rows; it knows the fused projections of "
+                         f"{known}. Adapt the whole projection (no enable_lora) or name separate q/k/v modules")
+    if sum(len(s) for s in layout) != out_features:
+        raise ValueError(f"enable_lora on {name!r}: the {kind!r} config gives {sum(len(s) for s in layout)} output "
+                         f"rows, the module has {out_features}; the config does not describe this module")
+    return layout

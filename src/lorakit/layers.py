@@ -123,7 +123,8 @@ class LoraLayer(nn.Module):
 
     # ---- adapters --------------------------------------------------------------------
 
-    def add_adapter(self, name: str, config: LoraConfig, enable: tuple[bool, ...] | None = None) -> None:
+    def add_adapter(self, name: str, config: LoraConfig, enable: tuple[bool, ...] | None = None,
+                    slices: Sequence[Tensor] | None = None) -> None:
         """Create the factors of adapter ``name``: ``B = 0`` so the output is unchanged."""
         if enable is not None:
             raise ValueError(f"enable_lora applies to linear layers only, not {type(self.base_template).__name__}")
@@ -274,10 +275,13 @@ class LoraLinear(LoraLayer):
     """LoRA on ``nn.Linear`` (weight ``(out, in)``) or transformers' GPT-2 ``Conv1D``
     (weight stored transposed, ``(in, out)``).
 
-    An adapter may cover only some equal output slices of a fused projection
+    An adapter may cover only some output slices of a fused projection
     (``enable=(True, False, True)`` on GPT-2's ``c_attn`` = q|k|v adapts q and v):
-    then ``A: (k r, in)`` and ``B: (k out/n, r)`` for the ``k`` enabled of ``n`` slices,
-    slice ``i`` being updated by ``B_i A_i`` (``loralib.MergedLinear``).
+    then ``A: (k r, in)`` and ``B: (m, r)`` for the ``k`` enabled of ``n`` slices holding
+    ``m`` output rows together, slice ``i`` being updated by ``B_i A_i``
+    (``loralib.MergedLinear``). The slices are ``n`` equal contiguous blocks unless
+    ``slices`` gives each one's output rows (grouped-query q|k|v of unequal sizes,
+    q/k/v interleaved per head): see ``lorakit.architectures.fused_slices``.
     """
 
     rows_over_every_adapter = True
@@ -288,31 +292,45 @@ class LoraLinear(LoraLayer):
         rows, cols = self.weight.shape
         self.in_features, self.out_features = (rows, cols) if self.fan_in_fan_out else (cols, rows)
         self.enable: dict[str, tuple[bool, ...] | None] = {}
+        self.enabled_rows: dict[str, tuple[Tensor, ...]] = {}  # output rows of each enabled slice
 
-    def add_adapter(self, name: str, config: LoraConfig, enable: tuple[bool, ...] | None = None) -> None:
-        if enable is not None and self.out_features % len(enable):
+    def add_adapter(self, name: str, config: LoraConfig, enable: tuple[bool, ...] | None = None,
+                    slices: Sequence[Tensor] | None = None) -> None:
+        rows = self.out_features
+        if enable is not None:
+            slices = self._equal_slices(enable) if slices is None else tuple(slices)
+            if len(slices) != len(enable):
+                raise ValueError(f"enable_lora={enable!r} has {len(enable)} entries but this projection has "
+                                 f"{len(slices)} output slices; give one boolean per slice")
+            self.enabled_rows[name] = tuple(s.to(self.weight.device) for s, on in zip(slices, enable) if on)
+            rows = sum(len(s) for s in self.enabled_rows[name])
+        self.enable[name] = enable
+        k = 1 if enable is None else sum(enable)
+        self._add_factors(name, config, (k * config.r, self.in_features), (rows, config.r))
+
+    def _equal_slices(self, enable: tuple[bool, ...]) -> tuple[Tensor, ...]:
+        if self.out_features % len(enable):
             raise ValueError(
                 f"enable_lora={enable!r} splits {self.out_features} output features into "
                 f"{len(enable)} slices, which does not divide evenly"
             )
-        self.enable[name] = enable
-        k = 1 if enable is None else sum(enable)
-        rows = self.out_features if enable is None else self.out_features // len(enable) * k
-        self._add_factors(name, config, (k * config.r, self.in_features), (rows, config.r))
+        return torch.arange(self.out_features).chunk(len(enable))
 
     def remove_adapter(self, name: str) -> None:
         super().remove_adapter(name)
         del self.enable[name]
+        self.enabled_rows.pop(name, None)
 
     def full_B(self, name: str) -> Tensor:
-        """``B`` as an ``(out, k r)`` matrix: block-diagonal over the enabled slices."""
+        """``B`` as an ``(out, k r)`` matrix: block-diagonal over the enabled slices, each
+        block's rows placed at its slice's output rows."""
         B, enable = self.lora_B[name], self.enable[name]
         if enable is None:
             return B
-        size = self.out_features // len(enable)
-        rows = torch.cat([torch.arange(i * size, (i + 1) * size) for i, on in enumerate(enable) if on])
-        blocks = torch.block_diag(*B.split(size))  # (k size, k r)
-        return blocks.new_zeros(self.out_features, blocks.shape[1]).index_copy(0, rows.to(B.device), blocks)
+        slices = self.enabled_rows[name]
+        rows = torch.cat(slices).to(B.device)
+        blocks = torch.block_diag(*B.split([len(s) for s in slices]))  # (m, k r)
+        return blocks.new_zeros(self.out_features, blocks.shape[1]).index_copy(0, rows, blocks)
 
     def base_forward(self, x: Tensor, weight: Tensor) -> Tensor:
         quantized = self.__dict__.get("int8_base")  # set by lorakit.quantize (serving): the weight in int8
@@ -416,7 +434,8 @@ class LoraEmbedding(LoraLayer):
         num, dim = self.weight.shape
         return (r, num), (dim, r)
 
-    def add_adapter(self, name: str, config: LoraConfig, enable: tuple[bool, ...] | None = None) -> None:
+    def add_adapter(self, name: str, config: LoraConfig, enable: tuple[bool, ...] | None = None,
+                    slices: Sequence[Tensor] | None = None) -> None:
         super().add_adapter(name, config, enable)
         with torch.no_grad():
             nn.init.zeros_(self.lora_A[name])

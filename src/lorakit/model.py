@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .architectures import MOE_PROJECTION_NAMES, embedding_modules, expert_weights, model_type
+from .architectures import MOE_PROJECTION_NAMES, embedding_modules, expert_weights, fused_slices, model_type
 from .config import LoraConfig
 from .layers import LoraLayer, LoraLinear, ModulesToSave, RowPlan, lora_class_for
 
@@ -245,7 +245,9 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter: str = "default") -> 
                 module = lora_class_for(module)(module)
                 _replace(model, name, module)
             enable = next((mask for key, mask in config.enable_lora.items() if _matches(name, [key])), None)
-            module.add_adapter(adapter, config, enable)
+            linear = enable is not None and isinstance(module, LoraLinear)
+            slices = fused_slices(model, name, module.out_features) if linear else None
+            module.add_adapter(adapter, config, enable, slices)
         _add_saved_modules(model, config, adapter)
     except BaseException:
         remove_adapter(model, adapter)
