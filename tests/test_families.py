@@ -18,6 +18,7 @@ import lorakit
 import zoo
 from helpers import MODEL_TOL
 from lorakit import LoraConfig
+from lorakit.architectures import PEFT_DEFAULT_TARGETS
 from zoo import ARCHS
 
 peft = pytest.importorskip("peft")
@@ -216,3 +217,33 @@ def test_enable_lora_on_a_projection_whose_layout_is_unknown_is_refused_by_name(
     with pytest.raises(ValueError, match=r"enable_lora=\(True, False\) has 2 entries but this projection has 3"):
         lorakit.add_lora(zoo.base(ARCHS["phi3"]), LoraConfig(target_modules=["qkv_proj"],
                                                               enable_lora={"qkv_proj": (True, False)}))
+
+
+# ---- 6. PEFT's defaults and the embedding weights in its files -------------------------------
+
+
+def test_default_targets_are_peft_defaults():
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFTS
+
+    assert {k: v if isinstance(v, str) else list(v) for k, v in PEFT_DEFAULT_TARGETS.items()} == PEFTS
+    for name in ("gpt_neox", "falcon"):
+        assert lorakit.default_target_modules(zoo.base(ARCHS[name])) == ("query_key_value",)
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "embed_tokens"], ["q_proj"]])
+def test_a_peft_adapter_with_a_resized_vocabulary_loads_after_resizing(targets, tmp_path):
+    arch = ARCHS["mistral"]
+    base, x = zoo.base(arch), zoo.inputs(arch)
+    resized = copy.deepcopy(base)
+    resized.resize_token_embeddings(zoo.VOCAB + 8)
+    theirs = peft.get_peft_model(copy.deepcopy(resized), peft.LoraConfig(r=2, target_modules=targets,
+                                                                         init_lora_weights=False))
+    with torch.no_grad():  # trained rows for the new tokens
+        theirs.get_input_embeddings().weight[zoo.VOCAB:].normal_()
+    theirs.save_pretrained(tmp_path, save_embedding_layers=True)
+    with pytest.raises(ValueError, match=r"holds model.embed_tokens with shape \(136, 32\), the model's is \(128, 32\)"
+                                         r": its vocabulary was resized; call model.resize_token_embeddings\(136\)"):
+        lorakit.load_adapter(copy.deepcopy(base), tmp_path)
+    ours = lorakit.load_adapter(resized, tmp_path)
+    x = {"input_ids": torch.cat([x["input_ids"], torch.full((4, 1), zoo.VOCAB + 3)], 1)}
+    torch.testing.assert_close(zoo.logits(ours, x), zoo.logits(theirs.eval(), x), **MODEL_TOL)

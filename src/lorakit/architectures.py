@@ -13,7 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["model_type", "embedding_modules", "MOE_PROJECTION_NAMES", "expert_weights", "fused_slices"]
+__all__ = ["model_type", "embedding_modules", "PEFT_DEFAULT_TARGETS", "MOE_PROJECTION_NAMES", "expert_weights",
+           "fused_slices"]
 
 
 # ---- the model's config and embeddings -------------------------------------------------------
@@ -40,6 +41,54 @@ def embedding_modules(model: nn.Module) -> tuple[nn.Module | None, nn.Module | N
             module = None
         found.append(module if isinstance(getattr(module, "weight", None), torch.Tensor) else None)
     return found[0], found[1]
+
+
+# ---- PEFT's default targets -------------------------------------------------------------------
+
+# PEFT 0.21's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING: what PEFT adapts when a
+# config gives no target_modules (tests/test_families.py checks it equals PEFT's).
+PEFT_DEFAULT_TARGETS: dict[str, tuple[str, ...] | str] = {
+    "t5": ("q", "v"),
+    "mt5": ("q", "v"),
+    "bart": ("q_proj", "v_proj"),
+    "gpt2": ("c_attn",),
+    "bloom": ("query_key_value",),
+    "blip-2": ("q", "v", "q_proj", "v_proj"),
+    "opt": ("q_proj", "v_proj"),
+    "gptj": ("q_proj", "v_proj"),
+    "gpt_neox": ("query_key_value",),
+    "gpt_neo": ("q_proj", "v_proj"),
+    "bert": ("query", "value"),
+    "roberta": ("query", "value"),
+    "xlm-roberta": ("query", "value"),
+    "electra": ("query", "value"),
+    "deberta-v2": ("query_proj", "value_proj"),
+    "deberta": ("in_proj",),
+    "layoutlm": ("query", "value"),
+    "llama": ("q_proj", "v_proj"),
+    "llama4": ("q_proj", "v_proj"),
+    "chatglm": ("query_key_value",),
+    "gpt_bigcode": ("c_attn",),
+    "mpt": ("Wqkv",),
+    "RefinedWebModel": ("query_key_value",),
+    "RefinedWeb": ("query_key_value",),
+    "falcon": ("query_key_value",),
+    "btlm": ("c_proj", "c_attn"),
+    "codegen": ("qkv_proj",),
+    "mistral": ("q_proj", "v_proj"),
+    "mixtral": ("q_proj", "v_proj"),
+    "stablelm": ("q_proj", "v_proj"),
+    "phi": ("q_proj", "v_proj", "fc1", "fc2"),
+    "gemma": ("q_proj", "v_proj"),
+    "gemma2": ("q_proj", "v_proj"),
+    "gemma3_text": ("q_proj", "v_proj"),
+    "gemma4": r".*language_model\..*\.(q_proj|v_proj)",
+    "qwen2": ("q_proj", "v_proj"),
+    "qwen3": ("q_proj", "v_proj"),
+    "nemotron_h": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "rwkv": ("key", "value", "receptance", "output"),
+    "rwkv7": ("r_proj", "k_proj", "v_proj", "o_proj", "key", "value"),
+}
 
 
 # ---- mixture of experts ----------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .architectures import MOE_PROJECTION_NAMES, embedding_modules, expert_weights, fused_slices, model_type
+from .architectures import MOE_PROJECTION_NAMES, PEFT_DEFAULT_TARGETS, embedding_modules, expert_weights, fused_slices, model_type
 from .config import LoraConfig
 from .layers import LoraLayer, LoraLinear, ModulesToSave, RowPlan, lora_class_for
 
@@ -135,8 +135,12 @@ def _leaf_names(names: Sequence[str]) -> str:
     return ", ".join(sorted({n.rsplit(".", 1)[-1] for n in names}))
 
 
-def default_target_modules(model: nn.Module) -> tuple[str, ...]:
-    """The model's attention query and value projections, whatever they are called."""
+def default_target_modules(model: nn.Module) -> tuple[str, ...] | str:
+    """What PEFT adapts by default for the model's family (``config.model_type``), else the
+    model's attention query and value projections, whatever they are called."""
+    kind = model_type(model)
+    if kind in PEFT_DEFAULT_TARGETS:
+        return PEFT_DEFAULT_TARGETS[kind]
     leaves = {name.rsplit(".", 1)[-1] for name in _adaptable(model)}
     for names in _QUERY_VALUE_NAMES:
         if set(names) <= leaves:
