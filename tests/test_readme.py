@@ -6,8 +6,8 @@ import shlex
 from pathlib import Path
 
 import pytest
-from tests.helpers import GLUE
 
+from helpers import GLUE
 from lorakit import cli
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import typing
+import warnings
 from pathlib import Path
 
 __all__ = ["main", "build_parser"]
@@ -183,7 +184,7 @@ def _task_of_peft_adapter(adapter: str) -> str | None:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from .model import merge_and_unload
+    from .model import UntiedWeightsWarning, merge_and_unload
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -198,7 +199,14 @@ def _merge(args: argparse.Namespace) -> int:
     except OSError as e:
         raise unwritable(e) from None
     _, tokenizer, model = _load_adapted(args)
-    merged = merge_and_unload(model)  # in the dtype the base loaded in (causal LMs: float32), ΔW in float32
+    with warnings.catch_warnings(record=True) as notes:  # tied weights untied: said as a note, not a traceback line
+        warnings.simplefilter("always", UntiedWeightsWarning)
+        merged = merge_and_unload(model)  # in the dtype the base loaded in (causal LMs: float32), ΔW in float32
+    for note in notes:
+        if issubclass(note.category, UntiedWeightsWarning):
+            print(f"lorakit: note: {note.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(note.message, note.category, note.filename, note.lineno)
     if args.dtype:
         _cast_merged(merged, args.dtype)
     try:

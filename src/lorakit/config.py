@@ -100,6 +100,8 @@ def _refuse_unsupported(options: Mapping[str, Any], source: str) -> None:
     """Refuse each PEFT option of ``options`` (a file's dict or keywords) set to anything but its
     "off" value: lorakit would compute something else than the option asks."""
     for key, off in _UNSUPPORTED_PEFT_OPTIONS.items():
+        if key == "target_parameters" and options.get(key) == []:  # PEFT 0.21 writes [] for MoE models: none
+            continue
         if options.get(key) not in (None, off):
             raise ValueError(f"{source} sets {key}={options[key]!r}, which lorakit does not support "
                              f"(only PEFT's off value {off!r} is accepted)")
@@ -238,6 +240,16 @@ class LoraConfig:
         if d["peft_type"] != "LORA":
             raise ValueError(f"{source} has peft_type={d['peft_type']!r}; lorakit reads only 'LORA' adapters")
         _refuse_non_finite(d, source)
+        if isinstance(d.get("target_parameters"), list | tuple | set) and not d["target_parameters"]:
+            d = {**d, "target_parameters": None}  # PEFT 0.21 writes [] for MoE models: no parameter targeted
+        if d.get("target_parameters") is not None:
+            raise ValueError(f"{source} sets target_parameters={d['target_parameters']!r} (LoRA on parameters such as "
+                             "a mixture-of-experts model's router and fused experts), which lorakit does not support; "
+                             "adapters on modules only (e.g. the attention) load")
+        if d.get("ensure_weight_tying"):
+            raise ValueError(f"{source} sets ensure_weight_tying={d['ensure_weight_tying']!r} (PEFT then also puts "
+                             "a LoRA tied to the input embedding's on the tied output embedding), which lorakit does "
+                             "not support; without it the tied head keeps the base weight, as in PEFT")
         _refuse_unsupported(d, source)
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(k for k in d if _PEFT_NAMES.get(k, k) not in fields

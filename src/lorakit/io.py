@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .architectures import embedding_modules
 from .config import CONFIG_NAME, LoraConfig
 from .layers import LoraLayer, ModulesToSave
 from .model import (
@@ -188,13 +189,33 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter: str = "defaul
     try:
         if resize_saved:
             _resize_saved_copies(model, adapter, tensors)
-        copy_strict(adapter_state_dict(model, adapter), tensors, str(directory))
+        expected = {**adapter_state_dict(model, adapter), **_embedding_weights(model, tensors, str(directory))}
+        copy_strict(expected, tensors, str(directory))
     except BaseException:
         if active:
             set_adapter(model, active)
         remove_adapter(model, adapter)
         raise
     return model
+
+
+def _embedding_weights(model: nn.Module, tensors: dict[str, Tensor], source: str) -> dict[str, Tensor]:
+    """The model's input and output embedding weights that the file carries in full (PEFT's
+    ``save_embedding_layers``, on by default when they are targeted or the vocabulary was
+    resized): ``<path>.base_layer.weight`` in a LoRA layer, ``<path>.weight`` otherwise. PEFT
+    loads them into the base model, and so does lorakit (tied weights change together)."""
+    embeddings = [e for e in embedding_modules(model) if e is not None]
+    out: dict[str, Tensor] = {}
+    for name, module in outside_saved_modules(model):
+        if name and any(module is e for e in embeddings):
+            key = f"{PREFIX}{name}.{'base_layer.' if isinstance(module, LoraLayer) else ''}weight"
+            if key in tensors and tensors[key].shape != module.weight.shape:
+                raise ValueError(f"the adapter in {source!r} holds {name} with shape {tuple(tensors[key].shape)}, the "
+                                 f"model's is {tuple(module.weight.shape)}: its vocabulary was resized; call "
+                                 f"model.resize_token_embeddings({tensors[key].shape[0]}) before loading it")
+            if key in tensors:
+                out[key] = module.weight
+    return out
 
 
 def _resize_saved_copies(model: nn.Module, adapter: str, tensors: dict[str, Tensor]) -> None:

@@ -100,8 +100,12 @@ class LoraLayer(nn.Module):
         self._param_names = tuple(base._parameters)
         for name in self._param_names:
             self.register_parameter(name, base._parameters[name])
+        # Buffers too (Gemma's embed_scale): so that .to(device) and .to(dtype) move them with the model.
+        self._buffer_names = tuple(base._buffers)
+        for name in self._buffer_names:
+            self.register_buffer(name, base._buffers[name], persistent=name not in base._non_persistent_buffers_set)
         template = copy.copy(base)
-        template._parameters = {}
+        template._parameters, template._buffers = {}, {}
         # A plain attribute, not a submodule: it holds hyper-parameters only.
         object.__setattr__(self, "base_template", template)
         self.lora_A = nn.ParameterDict()
@@ -114,11 +118,13 @@ class LoraLayer(nn.Module):
         self.rows: RowPlan | None = None  # set by lorakit.adapter_per_row
         self._stacked: tuple | None = None  # LoraLinear.add_rows' stacked factors while they stay valid
         self.register_buffer("unmerged_weight", None, persistent=False)
+        self.__dict__["tied_weight"] = None  # while merged: the weight shared with another module (see merge)
         self.train(base.training)  # a model in eval mode stays in eval mode (no dropout at inference)
 
     # ---- adapters --------------------------------------------------------------------
 
-    def add_adapter(self, name: str, config: LoraConfig, enable: tuple[bool, ...] | None = None) -> None:
+    def add_adapter(self, name: str, config: LoraConfig, enable: tuple[bool, ...] | None = None,
+                    slices: Sequence[Tensor] | None = None) -> None:
         """Create the factors of adapter ``name``: ``B = 0`` so the output is unchanged."""
         if enable is not None:
             raise ValueError(f"enable_lora applies to linear layers only, not {type(self.base_template).__name__}")
@@ -199,19 +205,29 @@ class LoraLayer(nn.Module):
     @property
     def original_weight(self) -> Tensor:
         """The wrapped layer's weight without any adapter merged in."""
-        return self.unmerged_weight if self.merged else self.weight
+        if not self.merged:
+            return self.weight
+        return self.unmerged_weight if self.tied_weight is None else self.tied_weight
 
     @torch.no_grad()
-    def merge(self, keep_original: bool = True) -> None:
+    def merge(self, keep_original: bool = True, untie: bool = False) -> None:
         """Add the active adapters' ``delta_weight`` to ``weight``; a no-op if merged already.
 
         The sum is formed in float32 and rounded to the weight's dtype once. With
         ``keep_original`` a copy of the weight is kept so that ``unmerge`` is exact.
+        With ``untie`` (the weight is shared with another module: tied word embeddings)
+        the merged weight becomes this layer's own new Parameter and the shared one is
+        left untouched, so the other module does not change; ``unmerge`` ties them again.
         """
         if self.merged or not self.active:
             return
         delta = sum(self.delta_weight(name) for name in self.active)
-        if keep_original:
+        if untie:
+            shared = self.weight
+            self.weight = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
+            if keep_original:
+                self.__dict__["tied_weight"] = shared  # a plain attribute: not a second state-dict entry
+        elif keep_original:
             self.unmerged_weight = self.weight.detach().clone()
         self.weight.copy_((self.weight.to(delta.dtype) + delta).to(self.weight.dtype))
         self.merged = True
@@ -221,17 +237,32 @@ class LoraLayer(nn.Module):
         """Restore the weight saved by ``merge``, bit for bit; a no-op if not merged."""
         if not self.merged:
             return
-        if self.unmerged_weight is None:
+        if self.tied_weight is not None:
+            shared = self.tied_weight  # the shared Parameter, never written to
+            if (shared.device, shared.dtype) != (self.weight.device, self.weight.dtype):
+                shared.data = shared.data.to(self.weight)  # held by no module while merged: .to() missed it
+            self.weight = shared
+            self.__dict__["tied_weight"] = None
+        elif self.unmerged_weight is None:
             raise RuntimeError("this layer was merged without keeping its original weight; it cannot unmerge")
-        self.weight.copy_(self.unmerged_weight)
-        self.unmerged_weight = None
+        else:
+            self.weight.copy_(self.unmerged_weight)
+            self.unmerged_weight = None
         self.merged = False
 
     def unwrap(self) -> nn.Module:
-        """A plain module of the wrapped type holding this layer's current parameters."""
+        """A plain module of the wrapped type holding this layer's current parameters and buffers."""
+        plain = self._plain(self.weight)
+        plain.train(self.training)
+        return plain
+
+    def _plain(self, weight: Tensor) -> nn.Module:
+        """A shallow copy of the wrapped module holding ``weight`` and this layer's other
+        parameters and buffers (the template itself is never changed: thread-safe)."""
         plain = copy.copy(self.base_template)
         plain._parameters = {name: self._parameters[name] for name in self._param_names}
-        plain.train(self.training)
+        plain._parameters["weight"] = weight
+        plain._buffers = {name: self._buffers[name] for name in self._buffer_names}
         return plain
 
     def extra_repr(self) -> str:
@@ -244,10 +275,13 @@ class LoraLinear(LoraLayer):
     """LoRA on ``nn.Linear`` (weight ``(out, in)``) or transformers' GPT-2 ``Conv1D``
     (weight stored transposed, ``(in, out)``).
 
-    An adapter may cover only some equal output slices of a fused projection
+    An adapter may cover only some output slices of a fused projection
     (``enable=(True, False, True)`` on GPT-2's ``c_attn`` = q|k|v adapts q and v):
-    then ``A: (k r, in)`` and ``B: (k out/n, r)`` for the ``k`` enabled of ``n`` slices,
-    slice ``i`` being updated by ``B_i A_i`` (``loralib.MergedLinear``).
+    then ``A: (k r, in)`` and ``B: (m, r)`` for the ``k`` enabled of ``n`` slices holding
+    ``m`` output rows together, slice ``i`` being updated by ``B_i A_i``
+    (``loralib.MergedLinear``). The slices are ``n`` equal contiguous blocks unless
+    ``slices`` gives each one's output rows (grouped-query q|k|v of unequal sizes,
+    q/k/v interleaved per head): see ``lorakit.architectures.fused_slices``.
     """
 
     rows_over_every_adapter = True
@@ -258,31 +292,45 @@ class LoraLinear(LoraLayer):
         rows, cols = self.weight.shape
         self.in_features, self.out_features = (rows, cols) if self.fan_in_fan_out else (cols, rows)
         self.enable: dict[str, tuple[bool, ...] | None] = {}
+        self.enabled_rows: dict[str, tuple[Tensor, ...]] = {}  # output rows of each enabled slice
 
-    def add_adapter(self, name: str, config: LoraConfig, enable: tuple[bool, ...] | None = None) -> None:
-        if enable is not None and self.out_features % len(enable):
+    def add_adapter(self, name: str, config: LoraConfig, enable: tuple[bool, ...] | None = None,
+                    slices: Sequence[Tensor] | None = None) -> None:
+        rows = self.out_features
+        if enable is not None:
+            slices = self._equal_slices(enable) if slices is None else tuple(slices)
+            if len(slices) != len(enable):
+                raise ValueError(f"enable_lora={enable!r} has {len(enable)} entries but this projection has "
+                                 f"{len(slices)} output slices; give one boolean per slice")
+            self.enabled_rows[name] = tuple(s.to(self.weight.device) for s, on in zip(slices, enable) if on)
+            rows = sum(len(s) for s in self.enabled_rows[name])
+        self.enable[name] = enable
+        k = 1 if enable is None else sum(enable)
+        self._add_factors(name, config, (k * config.r, self.in_features), (rows, config.r))
+
+    def _equal_slices(self, enable: tuple[bool, ...]) -> tuple[Tensor, ...]:
+        if self.out_features % len(enable):
             raise ValueError(
                 f"enable_lora={enable!r} splits {self.out_features} output features into "
                 f"{len(enable)} slices, which does not divide evenly"
             )
-        self.enable[name] = enable
-        k = 1 if enable is None else sum(enable)
-        rows = self.out_features if enable is None else self.out_features // len(enable) * k
-        self._add_factors(name, config, (k * config.r, self.in_features), (rows, config.r))
+        return torch.arange(self.out_features).chunk(len(enable))
 
     def remove_adapter(self, name: str) -> None:
         super().remove_adapter(name)
         del self.enable[name]
+        self.enabled_rows.pop(name, None)
 
     def full_B(self, name: str) -> Tensor:
-        """``B`` as an ``(out, k r)`` matrix: block-diagonal over the enabled slices."""
+        """``B`` as an ``(out, k r)`` matrix: block-diagonal over the enabled slices, each
+        block's rows placed at its slice's output rows."""
         B, enable = self.lora_B[name], self.enable[name]
         if enable is None:
             return B
-        size = self.out_features // len(enable)
-        rows = torch.cat([torch.arange(i * size, (i + 1) * size) for i, on in enumerate(enable) if on])
-        blocks = torch.block_diag(*B.split(size))  # (k size, k r)
-        return blocks.new_zeros(self.out_features, blocks.shape[1]).index_copy(0, rows.to(B.device), blocks)
+        slices = self.enabled_rows[name]
+        rows = torch.cat(slices).to(B.device)
+        blocks = torch.block_diag(*B.split([len(s) for s in slices]))  # (m, k r)
+        return blocks.new_zeros(self.out_features, blocks.shape[1]).index_copy(0, rows, blocks)
 
     def base_forward(self, x: Tensor, weight: Tensor) -> Tensor:
         quantized = self.__dict__.get("int8_base")  # set by lorakit.quantize (serving): the weight in int8
@@ -363,15 +411,31 @@ class LoraEmbedding(LoraLayer):
 
     As in loralib and PEFT, ``A`` starts at zero and ``B`` Gaussian, and no dropout
     is applied to token ids. ``delta_weight = scaling * (B A)^T``.
+
+    The base output comes from the wrapped module's own forward, so what a subclass
+    adds is kept: Gemma's scaled embedding multiplies by ``embed_scale`` (sqrt(hidden)),
+    and the LoRA branch is multiplied by it too (as PEFT does), so that merged =
+    unmerged. A subclass that changes the output in any other way is refused.
     """
 
     file_keys = ("lora_embedding_A", "lora_embedding_B")
+
+    def __init__(self, base: nn.Module) -> None:
+        overridden = type(base).forward is not nn.Embedding.forward
+        if overridden and _scalar(getattr(base, "embed_scale", None)) is None:
+            raise ValueError(
+                f"lorakit cannot put LoRA on {type(base).__name__}: it overrides nn.Embedding.forward "
+                "(positions, normalisation, ...) in a way the LoRA update cannot follow; only plain "
+                "embeddings and scaled ones (a scalar embed_scale, as Gemma's) are supported"
+            )
+        super().__init__(base)
 
     def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         num, dim = self.weight.shape
         return (r, num), (dim, r)
 
-    def add_adapter(self, name: str, config: LoraConfig, enable: tuple[bool, ...] | None = None) -> None:
+    def add_adapter(self, name: str, config: LoraConfig, enable: tuple[bool, ...] | None = None,
+                    slices: Sequence[Tensor] | None = None) -> None:
         super().add_adapter(name, config, enable)
         with torch.no_grad():
             nn.init.zeros_(self.lora_A[name])
@@ -382,14 +446,29 @@ class LoraEmbedding(LoraLayer):
         return F.embedding(ids, table, t.padding_idx, t.max_norm, t.norm_type, t.scale_grad_by_freq, t.sparse)
 
     def base_forward(self, x: Tensor, weight: Tensor) -> Tensor:
-        return self._embed(x, weight)
+        # The wrapped class's forward (scaling and all), called on the class: not a forward patched onto
+        # the original instance (accelerate's hooks) that would read the original's weight instead of ``weight``.
+        return type(self.base_template).forward(self._plain(weight), x)
 
     def lora_forward(self, x: Tensor, name: str) -> Tensor:
         h = self._embed(x, self.lora_A[name].T)  # (..., r)
-        return h @ self.lora_B[name].T * self.scaling(name)
+        out = h @ self.lora_B[name].T * self.scaling(name)
+        scale = _scalar(self._buffers.get("embed_scale", getattr(self.base_template, "embed_scale", None)),
+                        self.weight.dtype)
+        return out if scale is None else out * scale.to(device=out.device, dtype=out.dtype)
 
     def delta_weight(self, name: str) -> Tensor:
         return (_f32(self.lora_B[name]) @ _f32(self.lora_A[name])).T * self.scaling(name)
+
+
+def _scalar(value: object, dtype: torch.dtype = torch.float32) -> Tensor | None:
+    """``embed_scale`` as a tensor if it is one number (PEFT's ``_get_embed_scale``: a Python
+    number in the weight's ``dtype``), else None."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return torch.tensor(value, dtype=dtype)
+    if isinstance(value, Tensor) and value.numel() == 1:
+        return value
+    return None
 
 
 class LoraConv(LoraLayer):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import NamedTuple
@@ -16,6 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .architectures import MOE_PROJECTION_NAMES, PEFT_DEFAULT_TARGETS, embedding_modules, expert_weights, fused_slices, model_type
 from .config import LoraConfig
 from .layers import LoraLayer, LoraLinear, ModulesToSave, RowPlan, lora_class_for
 
@@ -39,6 +42,7 @@ __all__ = [
     "adapter_config",
     "default_target_modules",
     "frozen_parameter_names",
+    "UntiedWeightsWarning",
 ]
 
 # Attention query/value projections by the names common model families give them.
@@ -47,6 +51,11 @@ _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
 # The classification heads of transformers' sequence classifiers; PEFT trains them whole
 # (modules_to_save) for task_type SEQ_CLS and never puts LoRA on them.
 _SEQ_CLS_HEADS = ("classifier", "score")
+
+
+class UntiedWeightsWarning(UserWarning):
+    """Merging gave a layer its own copy of a weight it shared (tied embeddings): the model
+    grows by that matrix and its config no longer ties them."""
 
 
 class ParameterCount(NamedTuple):
@@ -134,8 +143,12 @@ def _leaf_names(names: Sequence[str]) -> str:
     return ", ".join(sorted({n.rsplit(".", 1)[-1] for n in names}))
 
 
-def default_target_modules(model: nn.Module) -> tuple[str, ...]:
-    """The model's attention query and value projections, whatever they are called."""
+def default_target_modules(model: nn.Module) -> tuple[str, ...] | str:
+    """What PEFT adapts by default for the model's family (``config.model_type``), else the
+    model's attention query and value projections, whatever they are called."""
+    kind = model_type(model)
+    if kind in PEFT_DEFAULT_TARGETS:
+        return PEFT_DEFAULT_TARGETS[kind]
     leaves = {name.rsplit(".", 1)[-1] for name in _adaptable(model)}
     for names in _QUERY_VALUE_NAMES:
         if set(names) <= leaves:
@@ -158,10 +171,12 @@ def _resolve_targets(model: nn.Module, config: LoraConfig) -> tuple[LoraConfig, 
         if not any(name == s or name.startswith(s + ".") for s in saved)
     }
     if targets == "all-linear":  # as PEFT: every linear layer but the output layer and a classification head
+        _check_no_experts(model, "target_modules='all-linear'")
         output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         chosen = {n: m for n, m in candidates.items()
                   if _kind(m) is LoraLinear and m is not output and n.split(".", 1)[0] not in _SEQ_CLS_HEADS}
     else:
+        _check_reachable(model, targets, saved)
         chosen = {n: m for n, m in candidates.items() if _matches(n, targets)}
     if not chosen:
         raise ValueError(
@@ -169,6 +184,41 @@ def _resolve_targets(model: nn.Module, config: LoraConfig) -> tuple[LoraConfig, 
             f"{_leaf_names(list(candidates))}"
         )
     return config, chosen
+
+
+def _check_no_experts(model: nn.Module, what: str, peft_does: str = "also adapts the router and the fused expert "
+                      "weights") -> None:
+    """Refuse where PEFT would also adapt a mixture-of-experts model's router and fused
+    experts (its target_parameters), which lorakit cannot: never adapt less, silently."""
+    experts = expert_weights(model, lambda m: _kind(m) is not None)
+    if experts:
+        leaves = ", ".join(sorted({re.sub(r"^.*\.\d+\.", "", n) for n in experts}))  # per-layer names
+        raise ValueError(
+            f"{what} on this mixture-of-experts model ({model_type(model)}): PEFT {peft_does} ({leaves}: "
+            f"{len(experts)} tensors here) through target_parameters, which lorakit does not support (LoRA on fused "
+            "expert tensors); name the modules to adapt instead, e.g. "
+            "target_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj'] for the attention only"
+        )
+
+
+def _check_reachable(model: nn.Module, targets: Sequence[str] | str, saved: list[str]) -> None:
+    """Refuse a target that names weights lorakit cannot adapt and PEFT would: a module that owns
+    a weight matrix but is no layer type lorakit wraps (a MoE router), or, on a mixture-of-experts
+    model, a transformers-4 expert name (``w1``, ``gate_proj``) that PEFT maps to fused experts."""
+    skip = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, LoraLayer)) + tuple(f"{s}." for s in saved)
+    for name, module in model.named_modules():
+        if (name and _kind(module) is None and _matches(name, targets) and not name.startswith(skip)
+                and any(p.dim() >= 2 for p in module.parameters(recurse=False))):
+            raise ValueError(f"target_modules={targets!r} matches {name!r} ({type(module).__name__}), a layer lorakit "
+                             "cannot adapt: it adapts Linear, GPT-2's Conv1D, Embedding and Conv1d/Conv2d, not other "
+                             "modules' weights (PEFT's target_parameters, e.g. a mixture-of-experts router)")
+    if isinstance(targets, str) or not expert_weights(model, lambda m: _kind(m) is not None):
+        return
+    names = [n for n, _ in model.named_modules()]
+    for t in targets:
+        if t in MOE_PROJECTION_NAMES and not any(_matches(n, [t]) for n in names):
+            _check_no_experts(model, f"target_modules entry {t!r} (a transformers-4 expert name)",
+                              "maps it to the router or fused expert weights")
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -207,7 +257,9 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter: str = "default") -> 
                 module = lora_class_for(module)(module)
                 _replace(model, name, module)
             enable = next((mask for key, mask in config.enable_lora.items() if _matches(name, [key])), None)
-            module.add_adapter(adapter, config, enable)
+            linear = enable is not None and isinstance(module, LoraLinear)
+            slices = fused_slices(model, name, module.out_features) if linear else None
+            module.add_adapter(adapter, config, enable, slices)
         _add_saved_modules(model, config, adapter)
     except BaseException:
         remove_adapter(model, adapter)
@@ -405,25 +457,74 @@ def _set_on_adapter_modules(model: nn.Module, attr: str, value) -> Iterator[None
 
 
 def merge(model: nn.Module) -> None:
-    """Merge the active adapters into the base weights (idempotent, exact to unmerge)."""
-    for _, layer in lora_layers(model):
-        layer.merge()
+    """Merge the active adapters into the base weights (idempotent, exact to unmerge).
+
+    A LoRA layer whose weight another module shares (tied input and output embeddings,
+    T5's shared embedding) gets its own merged copy, so the other module keeps the base
+    weight and merged = unmerged; the model then holds one more matrix and its config says
+    ``tie_word_embeddings=False``, so that a saved copy is not tied again on load. A
+    warning says so; :func:`unmerge` ties them again.
+    """
+    _merge(model, keep_original=True)
 
 
 def unmerge(model: nn.Module) -> None:
-    """Restore the base weights exactly as they were before :func:`merge`."""
+    """Restore the base weights exactly as they were before :func:`merge` (and re-tie
+    the weights that merging untied)."""
+    retie = any(layer.tied_weight is not None for _, layer in lora_layers(model))
     for _, layer in lora_layers(model):
         layer.unmerge()
+    if retie and _embeddings_tied(model) is True:
+        _set_tie_flag(model, True)
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge the active adapters and return ``model`` with only plain torch modules:
-    LoRA wrappers become the layers they wrapped, saved modules their active copy."""
+    LoRA wrappers become the layers they wrapped, saved modules their active copy.
+    Shared weights are untied as in :func:`merge`."""
+    _merge(model, keep_original=False)
     for name, module in list(model.named_modules()):
         if isinstance(module, LoraLayer):
-            module.merge(keep_original=False)  # a no-op if merged already
             _replace(model, name, module.unwrap())
         elif isinstance(module, ModulesToSave):
             _replace(model, name, module.current)
+    if _embeddings_tied(model) is False and _set_tie_flag(model, False):  # a saved copy of the head (modules_to_save)
+        warnings.warn("the output embedding no longer shares its weight with the input embedding; "
+                      "config.tie_word_embeddings set to False so that a saved copy is not tied again on load",
+                      UntiedWeightsWarning, stacklevel=2)
     return model
 
+
+def _merge(model: nn.Module, keep_original: bool) -> None:
+    counts = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    untied = []
+    for name, layer in lora_layers(model):
+        untie = counts[id(layer.weight)] > 1 and not layer.merged and bool(layer.active)
+        layer.merge(keep_original, untie=untie)
+        if untie:
+            untied.append(name)
+    if untied:
+        flag = _embeddings_tied(model) is False and _set_tie_flag(model, False)
+        warnings.warn(
+            f"merging gave {', '.join(untied)} its own copy of a weight it shared with another module (tied "
+            "embeddings), so that module keeps the base weight and merged = unmerged; the model holds one more "
+            "matrix per untied layer" + ("; config.tie_word_embeddings set to False so that a saved copy is not "
+                                         "tied again on load" if flag else ""), UntiedWeightsWarning, stacklevel=3)
+
+
+def _embeddings_tied(model: nn.Module) -> bool | None:
+    """Whether the input and output embeddings hold the same weight; None if the model
+    has not both (not a transformers language model)."""
+    embed, head = embedding_modules(model)
+    return None if embed is None or head is None else embed.weight is head.weight
+
+
+def _set_tie_flag(model: nn.Module, value: bool) -> bool:
+    """Set ``tie_word_embeddings`` on the model's config (and its text config) where it
+    says the opposite; True if any changed."""
+    config = getattr(model, "config", None)
+    configs = {id(c): c for c in (config, getattr(config, "get_text_config", lambda: None)()) if c is not None}
+    changed = [c for c in configs.values() if getattr(c, "tie_word_embeddings", value) is not value]
+    for c in changed:
+        c.tie_word_embeddings = value
+    return bool(changed)
