@@ -267,6 +267,11 @@ def test_pooling_is_trained_recorded_and_reloaded(tiny_model, tmp_path, capsys):
     assert main(["eval", "--adapter", str(run / "adapter"), "--data-dir", str(GLUE), "--max-examples", "24",
                  "--max-length", "48"]) == 0
     assert f"{best:.2f}" in capsys.readouterr().out  # reloaded with mean pooling: the same dev accuracy
+    # a merged HF classifier reads the first token: merging would change the answers, so it is refused
+    assert main(["merge", "--adapter", str(run / "adapter"), "--out", str(tmp_path / "merged")]) == 2
+    assert "trained with --pooling mean, but a merged Hugging Face classifier's head reads the first token" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "merged").exists()
     with pytest.raises(ValueError, match="pooling must be 'cls' or 'mean'"):
         train.resolve_config(None, task="mrpc", pooling="max")
     with pytest.raises(ValueError, match="--pooling applies to classifiers"):

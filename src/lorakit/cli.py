@@ -186,6 +186,10 @@ def _task_of_peft_adapter(adapter: str) -> str | None:
 def _merge(args: argparse.Namespace) -> int:
     from .model import UntiedWeightsWarning, merge_and_unload
 
+    if _run_info(args.adapter, args.task, args.model).get("pooling", "cls") != "cls":
+        raise ValueError(f"{args.adapter} was trained with --pooling mean, but a merged Hugging Face classifier's head "
+                         "reads the first token, so it would answer differently from the adapter; serve or evaluate "
+                         "the adapter itself (lorakit serve / lorakit eval), or train with --pooling cls to merge")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; the merged model is a folder")
