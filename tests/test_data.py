@@ -90,3 +90,16 @@ def test_collate_pads_to_the_longest_rounded_up():
     assert batch["input_ids"].tolist() == [[5, 6, 7] + [0] * 5, [5] + [0] * 7]
     assert batch["attention_mask"].tolist() == [[1, 1, 1] + [0] * 5, [1] + [0] * 7]
     assert data.padded_width([8, 3]) == 8 and data.padded_width([9]) == 16
+
+
+def test_the_hub_without_the_datasets_package_is_a_one_line_error(tiny_llama, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from lorakit import cli
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed: import raises ImportError
+    for args in (["train", "--task", "rte", "--data-dir", "hub"],
+                 ["train", "--task", "e2e", "--model", tiny_llama, "--data-dir", "hub"]):
+        assert cli.main([*args, "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "with the `datasets` package, which is not installed: pip install 'lorakit[hub]'" in err

@@ -11,11 +11,12 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 __all__ = ["Task", "TASKS", "Example", "get_task", "read_split", "default_data_dir", "length_grouped_batches", "collate",
-           "padded_width", "PAD_MULTIPLE"]
+           "padded_width", "load_hub_dataset", "PAD_MULTIPLE"]
 
 
 @dataclass(frozen=True)
@@ -147,13 +148,19 @@ def _read_tsv(task: Task, path: Path) -> list[Example]:
     return examples
 
 
-def _read_hub(task: Task, split: str) -> list[Example]:
+def load_hub_dataset(name: str, *args: Any, **kwargs: Any):
+    """``datasets.load_dataset(name, ...)``; a one-line error where the optional ``datasets`` package is missing."""
     try:
         import datasets
     except ImportError:
-        raise ValueError("--data-dir hub needs the `datasets` package: pip install datasets") from None
+        raise ValueError(f"--data-dir hub reads {name} from the Hugging Face Hub with the `datasets` package, which "
+                         "is not installed: pip install 'lorakit[hub]' (or datasets)") from None
+    return datasets.load_dataset(name, *args, **kwargs)
+
+
+def _read_hub(task: Task, split: str) -> list[Example]:
     hub_split = {"dev": "validation", "dev_matched": "validation_matched", "dev_mismatched": "validation_mismatched"}
-    rows = datasets.load_dataset("nyu-mll/glue", task.name, split=hub_split.get(split, split))
+    rows = load_hub_dataset("nyu-mll/glue", task.name, split=hub_split.get(split, split))
     return [Example(tuple(row[c] for c in task.hub_columns), row["label"]) for row in rows]
 
 

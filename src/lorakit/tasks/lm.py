@@ -103,9 +103,7 @@ def read_e2e(split: str, data_dir: str | Path | None = None) -> list[tuple[str, 
     if split not in _E2E_FILES:
         raise ValueError(f"E2E split must be one of {list(_E2E_FILES)}, got {split!r}")
     if str(data_dir) == "hub":
-        import datasets
-
-        rows = datasets.load_dataset("tuetschek/e2e_nlg", split={"dev": "validation"}.get(split, split))
+        rows = data.load_hub_dataset("tuetschek/e2e_nlg", split={"dev": "validation"}.get(split, split))
         return [(r["meaning_representation"], r["human_reference"]) for r in rows]
     path = e2e_data_dir(data_dir) / _E2E_FILES[split]
     if not path.is_file():
