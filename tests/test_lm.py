@@ -120,7 +120,14 @@ def test_a_short_e2e_run_writes_outputs_and_scores(e2e_run):
     assert summary["main_metric"] == ["dev", "BLEU"] and summary["higher_is_better"]
     assert math.isfinite(summary["best"]["dev"]["loss"])
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
-    assert config["task_type"] == "CAUSAL_LM" and config["enable_lora"] == {"c_attn": [True, False, True]}  # q and v slices
+    # the q and v slices of c_attn, written as PEFT's rank-2r c_attn LoRA (lora_r 4): B is zero on the k rows
+    assert config["task_type"] == "CAUSAL_LM" and config["target_modules"] == ["c_attn"] and config["r"] == 8
+    from safetensors.torch import load_file
+
+    for key, B in load_file(run / "adapter" / "adapter_model.safetensors").items():
+        if key.endswith("lora_B.weight"):
+            width = B.shape[0] // 3
+            assert not B[width:2 * width].any() and B[:width, :4].any() and B[2 * width:, 4:].any()
     assert json.loads((run / "adapter" / "task.json").read_text())["task"] == "e2e"
 
 
@@ -150,7 +157,7 @@ def test_full_fine_tuning_of_a_causal_lm_trains_everything(tiny_llama, tmp_path)
 def test_resolve_config_defaults_and_presets():
     paper = train.resolve_config("paper", task="e2e")
     assert (paper.model, paper.batch_size, paper.epochs, paper.lr, paper.warmup_steps, paper.label_smoothing,
-            paper.weight_decay, paper.r, paper.alpha, paper.lora_dropout, paper.decoding) == (
+            paper.weight_decay, paper.lora_r, paper.lora_alpha, paper.lora_dropout, paper.decoding) == (
         "smollm2", 8, 5, 2e-4, 500, 0.1, 0.01, 4, 32.0, 0.1, "paper")
     assert train.resolve_config("demo", task="e2e", method="full").lr == train.BASELINE_LR["full"]
     assert SimpleNamespace(**lm.presets("jsonl")["demo"]).decoding == "greedy"

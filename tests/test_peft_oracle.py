@@ -67,3 +67,28 @@ def test_a_peft_seq_cls_adapter_loads_with_its_head(tmp_path):
     assert set(saved["modules_to_save"]) == {"classifier", "score"}  # PEFT names both heads
     ours = lorakit.load_adapter(clone(base), tmp_path).eval()
     torch.testing.assert_close(output(ours, x), expected, **MODEL_TOL)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_gpt2_q_v_slices_are_written_so_that_peft_loads_them(tmp_path, rslora):
+    """The paper's GPT-2 setting (LoRA on the q and v slices of the fused c_attn) is saved as PEFT's plain
+    rank-2r c_attn LoRA of the same function: B with zero k-rows, alpha scaled to keep the scaling."""
+    base, x = tiny_gpt2(), ids()
+    cfg = lorakit.LoraConfig(r=4, alpha=8, target_modules=["c_attn"], enable_lora={"c_attn": (True, False, True)},
+                             use_rslora=rslora)
+    model = lorakit.add_lora(clone(base), cfg)
+    randomize(model)
+    ours = output(model, x)
+    assert not torch.allclose(ours, output(base, x))
+    lorakit.save_adapter(model, tmp_path / "peft")
+    saved = __import__("json").loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert saved["r"] == 8 and saved["lora_alpha"] == (8 * 2 ** 0.5 if rslora else 16) and "enable_lora" not in saved
+    theirs = peft.PeftModel.from_pretrained(clone(base), tmp_path / "peft").eval()
+    torch.testing.assert_close(output(theirs, x), ours, **MODEL_TOL)
+    again = lorakit.load_adapter(clone(base), tmp_path / "peft").eval()  # lorakit reads it back: same function
+    torch.testing.assert_close(output(again, x), ours, **MODEL_TOL)
+    lorakit.save_adapter(model, tmp_path / "compact", compact=True)  # lorakit's own form: half of B's bytes
+    compact = lorakit.load_adapter(clone(base), tmp_path / "compact").eval()
+    torch.testing.assert_close(output(compact, x), ours, **MODEL_TOL)
+    assert (tmp_path / "compact" / "adapter_model.safetensors").stat().st_size < \
+        (tmp_path / "peft" / "adapter_model.safetensors").stat().st_size

@@ -13,6 +13,7 @@ import dataclasses
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -78,11 +79,16 @@ def _state_tensors(module: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def save_adapter(model: nn.Module, directory: str | Path, adapter: str | None = None) -> Path:
+def save_adapter(model: nn.Module, directory: str | Path, adapter: str | None = None, *, compact: bool = False) -> Path:
     """Write ``adapter`` (default: the active one) to ``directory`` in PEFT's format.
 
-    Both files are written to temporary names and renamed into place, so a crash
-    never leaves a half-written adapter behind.
+    An adapter on some output slices of fused projections (``enable_lora``, e.g. GPT-2's
+    q and v in ``c_attn``) is written as PEFT's plain LoRA of the same function: rank
+    ``k r`` for ``k`` enabled slices, ``B`` block-diagonal with zero rows on the other
+    slices, alpha scaled so that the scaling is unchanged; ``compact=True`` keeps
+    lorakit's own form instead (``B`` without the zero rows: half the bytes on GPT-2,
+    readable by lorakit only). Both files are written to temporary names and renamed
+    into place, so a crash never leaves a half-written adapter behind.
     """
     if adapter is None:
         active = active_adapters(model)
@@ -91,11 +97,35 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter: str | None = 
         adapter = active[0]
     config = _described(model, adapter)
     tensors = {k: v.detach().contiguous() for k, v in adapter_state_dict(model, adapter).items()}
+    if config.enable_lora and not compact:
+        config, tensors = _peft_form(model, adapter, config, tensors) or (config, tensors)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(config.to_json()))
     return directory
+
+
+def _peft_form(model: nn.Module, adapter: str, config: LoraConfig,
+               tensors: dict[str, Tensor]) -> tuple[LoraConfig, dict[str, Tensor]] | None:
+    """An ``enable_lora`` adapter as the plain LoRA PEFT reads: ``B`` as ``full_B`` ``(out, k r)``,
+    ``r -> k r`` and alpha such that ``alpha' / r'`` (rsLoRA: ``/ sqrt(r')``) is the old scaling.
+    Every adapted layer must then have the same ``k`` (PEFT's files have one rank): else None,
+    with a warning (the compact form is written)."""
+    layers = {PREFIX + name: m for name, m in outside_saved_modules(model)
+              if isinstance(m, LoraLayer) and adapter in m.adapters}
+    ks = {sum(m.enable[adapter]) if getattr(m, "enable", {}).get(adapter) else 1 for m in layers.values()}
+    if len(ks) != 1:
+        warnings.warn(f"adapter {adapter!r} adapts some layers on {max(ks)} output slices and others whole, which "
+                      "PEFT's files (one rank) cannot hold: written in lorakit's compact form, which PEFT cannot load",
+                      stacklevel=3)
+        return None
+    (k,) = ks
+    for path, module in layers.items():
+        if module.enable.get(adapter):
+            tensors[f"{path}.{module.file_keys[1]}"] = module.full_B(adapter).detach().contiguous()
+    alpha = config.alpha * (k ** 0.5 if config.use_rslora else k)
+    return dataclasses.replace(config, r=config.r * k, alpha=alpha, enable_lora={}), tensors
 
 
 def _described(model: nn.Module, adapter: str) -> LoraConfig:
