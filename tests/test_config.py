@@ -28,7 +28,7 @@ def test_lists_are_normalised_to_tuples_and_regex_stays_a_string():
         (dict(dropout=1.0), r"dropout must be in \[0, 1\), got dropout=1.0"),
         (dict(dropout=-0.1), r"dropout must be in \[0, 1\), got dropout=-0.1"),
         (dict(bias="some"), r"bias must be 'none', 'all' or 'lora_only', got bias='some'"),
-        (dict(init="xavier"), r"init must be 'kaiming' or 'gaussian', got init='xavier'"),
+        (dict(init="xavier"), r"init must be 'kaiming', 'gaussian' or 'random', got init='xavier'"),
         (dict(target_modules=[]), r"target_modules must not be empty"),
         (dict(enable_lora={"c_attn": [False, False]}), r"enable_lora\['c_attn'\] must be a non-empty sequence"),
     ],
@@ -89,7 +89,7 @@ def test_peft_names_and_peft_configs_are_accepted():
     assert LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, init_lora_weights="gaussian", target_modules=["q", "v"]) == ours
     with pytest.raises(ValueError, match=r"give alpha or PEFT's lora_alpha, not both \(4 vs 16\)"):
         LoraConfig(alpha=4, lora_alpha=16)
-    with pytest.raises(ValueError, match="init_lora_weights must be True or 'gaussian', got 'pissa'"):
+    with pytest.raises(ValueError, match="init_lora_weights='pissa'; lorakit supports true, false"):
         LoraConfig(init_lora_weights="pissa")
     peft = pytest.importorskip("peft")
     theirs = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, init_lora_weights="gaussian", target_modules=["q", "v"])
@@ -146,3 +146,33 @@ def test_unknown_keywords_are_a_type_error_naming_them_with_a_hint():
     assert LoraConfig(r=4, inference_mode=False) == LoraConfig(r=4)
     with pytest.raises(TypeError, match=r"\[.zzz.\]; it takes alpha, base_model_name_or_path, bias"):
         LoraConfig(zzz=1)
+
+
+def test_init_lora_weights_false_gives_a_random_b_as_peft_from_python_and_from_files(tmp_path):
+    """PEFT's init_lora_weights=False: B is not zero (nn.Linear's default init, U(-1/sqrt(r), 1/sqrt(r))), the
+    same from LoraConfig(...), a PEFT config dict and a file; written back as false."""
+    import json
+
+    import torch
+    from torch import nn
+
+    import lorakit
+
+    for config in (LoraConfig(r=4, target_modules=["0"], init_lora_weights=False),
+                   {"r": 4, "target_modules": ["0"], "init_lora_weights": False},
+                   LoraConfig.from_peft_dict({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["0"],
+                                              "init_lora_weights": False})):
+        model = lorakit.add_lora(nn.Sequential(nn.Linear(16, 32), nn.Embedding(10, 8)), config)
+        B = model[0].lora_B["default"]
+        assert B.abs().max() > 0 and B.abs().max() <= 4 ** -0.5
+        x = torch.randn(3, 16)
+        with lorakit.disable_adapters(model):
+            base = model[0](x)
+        assert not torch.allclose(model[0](x), base)  # a fresh adapter changes the output, as in PEFT
+        assert lorakit.adapter_config(model, "default").to_peft_dict()["init_lora_weights"] is False
+    emb = lorakit.add_lora(nn.Sequential(nn.Embedding(10, 8)), LoraConfig(r=2, target_modules=["0"], init="random"))
+    assert emb[0].lora_A["default"].abs().sum() > 0 and emb[0].lora_B["default"].abs().sum() > 0  # PEFT: both randn
+    lorakit.save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["init_lora_weights"] is False
+    with pytest.raises(ValueError, match=r"init_lora_weights='pissa'; lorakit supports true, false"):
+        LoraConfig(init_lora_weights="pissa")

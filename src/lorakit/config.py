@@ -22,7 +22,7 @@ __all__ = ["LoraConfig", "CONFIG_NAME"]
 CONFIG_NAME = "adapter_config.json"
 
 Bias = Literal["none", "all", "lora_only"]
-Init = Literal["kaiming", "gaussian"]
+Init = Literal["kaiming", "gaussian", "random"]
 
 # PEFT field name -> lorakit field name, for the fields whose names differ.
 _PEFT_NAMES = {"lora_alpha": "alpha", "lora_dropout": "dropout", "init_lora_weights": "init"}
@@ -137,7 +137,10 @@ class LoraConfig:
     bias: Bias = "none"
     """Which biases train: none, all biases of the model, or those of adapted layers."""
     init: Init = "kaiming"
-    """Initialisation of ``A``: Kaiming-uniform (PEFT/loralib) or Gaussian (paper text)."""
+    """Initialisation of ``A``: Kaiming-uniform (PEFT/loralib) or Gaussian (paper text), ``B = 0``; or
+    ``random`` (PEFT's ``init_lora_weights=False``): ``B`` random too, as PEFT's layers' default
+    init (Kaiming-uniform; embeddings: both factors standard normal), so a new adapter changes
+    the outputs (tests, debugging)."""
     use_rslora: bool = False
     """Rank-stabilised scaling ``alpha / sqrt(r)``."""
     modules_to_save: tuple[str, ...] = ()
@@ -167,8 +170,8 @@ class LoraConfig:
             raise ValueError(f"dropout must be in [0, 1), got dropout={self.dropout!r}")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got bias={self.bias!r}")
-        if self.init not in ("kaiming", "gaussian"):
-            raise ValueError(f"init must be 'kaiming' or 'gaussian', got init={self.init!r}")
+        if self.init not in ("kaiming", "gaussian", "random"):
+            raise ValueError(f"init must be 'kaiming', 'gaussian' or 'random', got init={self.init!r}")
         _freeze(self, "target_modules", _names(self.target_modules, "target_modules", allow_str=True))
         _freeze(self, "modules_to_save", _names(self.modules_to_save, "modules_to_save") or ())
         masks = {}
@@ -185,9 +188,7 @@ class LoraConfig:
     def _take_peft_names(self, lora_alpha, lora_dropout, init_lora_weights) -> None:
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         if init_lora_weights is not None:
-            if init_lora_weights not in (True, "gaussian"):
-                raise ValueError(f"init_lora_weights must be True or 'gaussian', got {init_lora_weights!r}")
-            init_lora_weights = "kaiming" if init_lora_weights is True else "gaussian"
+            init_lora_weights = _init_of(init_lora_weights, "init_lora_weights")
         for peft_name, value in (("lora_alpha", lora_alpha), ("lora_dropout", lora_dropout),
                                  ("init_lora_weights", init_lora_weights)):
             ours = _PEFT_NAMES[peft_name]
@@ -218,7 +219,7 @@ class LoraConfig:
                 else list(self.target_modules)
             ),
             "bias": self.bias,
-            "init_lora_weights": True if self.init == "kaiming" else "gaussian",
+            "init_lora_weights": {"kaiming": True, "gaussian": "gaussian", "random": False}[self.init],
             "use_rslora": self.use_rslora,
             "modules_to_save": list(self.modules_to_save) or None,
             "fan_in_fan_out": False,
@@ -257,12 +258,8 @@ class LoraConfig:
         if unknown:
             raise ValueError(f"{source} has key(s) {unknown} that lorakit does not know; it refuses rather than "
                              "ignore what may change the adapter's outputs (a newer PEFT option?)")
-        init = d.get("init_lora_weights", True)
-        # False (random B) only matters before loading; PiSSA-style inits change the base weights.
-        if init not in (True, False, "gaussian"):
-            raise ValueError(f"{source} has init_lora_weights={init!r}; lorakit supports true, false or 'gaussian'")
         kwargs = {_PEFT_NAMES.get(k, k): v for k, v in d.items() if _PEFT_NAMES.get(k, k) in fields}
-        kwargs["init"] = "gaussian" if init == "gaussian" else "kaiming"
+        kwargs["init"] = _init_of(d.get("init_lora_weights", True), f"{source} has init_lora_weights")
         if kwargs.get("modules_to_save") is None:
             kwargs["modules_to_save"] = ()
         if kwargs.get("enable_lora") is None:
@@ -302,6 +299,15 @@ class LoraConfig:
         if not isinstance(d, dict):
             raise ValueError(f"{path} must hold a JSON object, got {type(d).__name__}")
         return cls.from_peft_dict(d, source=str(path))
+
+
+def _init_of(init_lora_weights: Any, what: str) -> str:
+    """lorakit's ``init`` for PEFT's ``init_lora_weights``: true, "gaussian" or false (random B);
+    PiSSA, OLoRA, LoftQ and other data-driven inits change the base weights: refused."""
+    inits = {True: "kaiming", "gaussian": "gaussian", False: "random"}
+    if not isinstance(init_lora_weights, bool | str) or init_lora_weights not in inits:
+        raise ValueError(f"{what}={init_lora_weights!r}; lorakit supports true, false (random B, as PEFT) or 'gaussian'")
+    return inits[init_lora_weights]
 
 
 def _names(value: Any, arg: str, allow_str: bool = False) -> tuple[str, ...] | str | None:

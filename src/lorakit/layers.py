@@ -125,7 +125,8 @@ class LoraLayer(nn.Module):
 
     def add_adapter(self, name: str, config: LoraConfig, enable: tuple[bool, ...] | None = None,
                     slices: Sequence[Tensor] | None = None) -> None:
-        """Create the factors of adapter ``name``: ``B = 0`` so the output is unchanged."""
+        """Create the factors of adapter ``name``: ``B = 0`` so the output is unchanged (unless
+        ``config.init`` is ``random``, PEFT's ``init_lora_weights=False``)."""
         if enable is not None:
             raise ValueError(f"enable_lora applies to linear layers only, not {type(self.base_template).__name__}")
         a_shape, b_shape = self.factor_shapes(config.r)
@@ -139,6 +140,8 @@ class LoraLayer(nn.Module):
             nn.init.normal_(A, std=1.0 / config.r)
         else:
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        if config.init == "random":  # PEFT's init_lora_weights=False: B as nn.Linear / nn.Conv's default init
+            nn.init.kaiming_uniform_(B, a=math.sqrt(5))
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(B)
         self.lora_dropout[name] = (nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()).train(self.training)
@@ -437,9 +440,12 @@ class LoraEmbedding(LoraLayer):
     def add_adapter(self, name: str, config: LoraConfig, enable: tuple[bool, ...] | None = None,
                     slices: Sequence[Tensor] | None = None) -> None:
         super().add_adapter(name, config, enable)
-        with torch.no_grad():
-            nn.init.zeros_(self.lora_A[name])
+        with torch.no_grad():  # PEFT's embedding factors: A = 0 and B normal; init "random": both normal
             nn.init.normal_(self.lora_B[name])
+            if config.init == "random":
+                nn.init.normal_(self.lora_A[name])
+            else:
+                nn.init.zeros_(self.lora_A[name])
 
     def _embed(self, ids: Tensor, table: Tensor) -> Tensor:
         t = self.base_template
