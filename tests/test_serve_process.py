@@ -1,5 +1,6 @@
 """``lorakit serve`` with a causal LM as a real process: one bad request among good ones,
-slow request heads on kept-alive connections, request limits, Ctrl-C."""
+slow request heads on kept-alive connections, request limits, Ctrl-C; and its scheduler
+in-process where a process adds nothing (NaN factors, signals, cache memory)."""
 
 import concurrent.futures
 import contextlib
@@ -248,3 +249,33 @@ def test_the_row_cache_gives_memory_back_when_the_load_falls(lm):
     assert max(seen) >= 12 * start  # 48 rows instead of 4
     assert seen[-1] <= start * 4  # one row left: the cache shrank while it ran
     assert size() == start
+
+
+def test_nan_factors_end_their_rows_alone_and_leave_no_nan_in_the_cache(lm):
+    """An adapter whose factors are NaN: its completion ends with a 500, the row it leaves
+    is cleared, so the completions sharing or later taking its cache rows (which read past
+    their own length, masked, up to the longest row) equal what they produce alone."""
+    tokenizer, model = load_causal_lm(lm[0])
+    for name in ("small", "mid"):
+        lorakit.load_adapter(model, lm[1][name], name)
+    with torch.no_grad():
+        for _, p in lorakit.lora_parameters(model, "mid"):
+            p.fill_(float("nan"))
+    scheduler = Scheduler(model, tokenizer, eos=set(), max_rows=2, max_length=128, prefill_chunk=64)
+    words = tokenizer(" ".join(["word"] * 60), add_special_tokens=False)["input_ids"]
+    events: dict[str, list] = {"bad": [], "short": [], "late": []}
+    bad = Sequence(words[:30], "mid", Sampling(max_tokens=5, temperature=0), events["bad"].append)
+    short = Sequence(words[:3], "small", Sampling(max_tokens=60, temperature=0), events["short"].append)
+    late = Sequence(words[:45], "small", Sampling(max_tokens=10, temperature=0), events["late"].append)
+    scheduler.submit(bad)
+    scheduler.submit(short)
+    scheduler._drain(block=False)
+    scheduler._step()  # both prefilled: bad ends, short moves into its row
+    assert events["bad"] == [("error", (500, events["bad"][0][1][1]))] and "adapter 'mid' produced non-finite" in \
+        events["bad"][0][1][1]
+    scheduler.submit(late)
+    scheduler.run_until_done()
+    for seq in (short, late):
+        alone = generate_ids(model, [seq.prompt], pad_id=None, eos_id=[-1], adapters=["small"],
+                             decoding=Decoding(max_new_tokens=seq.sampling.max_tokens))[0]
+        assert seq.tokens == alone and events[("short" if seq is short else "late")][-1] == ("done", "length")
