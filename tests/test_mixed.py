@@ -106,6 +106,38 @@ def test_batched_layer_equals_the_reference_loop_on_fused_gpt2_projection():
     torch.testing.assert_close(layer.add_rows(out, x, names, slot)[2], out[2])  # slot 2: no adapter
 
 
+def test_stacked_factors_follow_the_sum_of_the_ranks():
+    """One r=64 adapter beside twelve r=2 ones: without autograd the layer stacks every
+    adapter's factors, sum(r) x (in + out) numbers (not 13 x 64 x (in + out)), and each
+    row still equals the per-adapter reference, with and without the large one in the batch."""
+    from lorakit.layers import LoraLinear, RowPlan
+
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(24, 16)).eval()
+    ranks = [64] + [2] * 12
+    for i, r in enumerate(ranks):
+        layer.add_adapter(f"a{i}", LoraConfig(r=r, alpha=r + i))
+    with torch.no_grad():
+        for B in layer.lora_B.values():
+            B.normal_()
+    x = torch.randn(6, 3, 24)
+    for rows in (["a0", "a3", None, "a12", "a0", "a5"], ["a1", "a2", None, "a12", "a7", "a5"]):
+        names, slot = RowPlan(rows).for_layer(layer.adapters, x, every=True)
+        with torch.no_grad():
+            out = layer.base_forward(x, layer.weight)
+            mixed = layer.add_rows(out, x, names, slot)
+            torch.testing.assert_close(mixed, LoraLayer.add_rows(layer, out, x, names, slot), **TOL[torch.float32])
+        assert not torch.allclose(mixed[[0, 1, 3, 4, 5]], out[[0, 1, 3, 4, 5]]) and torch.equal(mixed[2], out[2])
+        assert _stacked_numbers(layer._stacked[1]) == sum(ranks) * (24 + 16)
+
+
+def _stacked_numbers(stacks) -> int:
+    """Numbers in the 3-D tensors (the stacked ``A`` and ``B``) of a nest of tuples and lists."""
+    if isinstance(stacks, torch.Tensor):
+        return stacks.numel() if stacks.dim() == 3 else 0
+    return sum(_stacked_numbers(s) for s in stacks)
+
+
 def test_each_row_gets_its_own_adapters_dropout():
     model = tiny_bert()
     lorakit.add_lora(model, LoraConfig(r=2, dropout=0.0), "keep")

@@ -285,6 +285,17 @@ def test_hostile_adapter_loads_get_json_400(client, adapters, tmp_path):
     assert client.delete("/v1/adapters/h", headers={"authorization": "Bearer s3cret"}).status_code == 200
 
 
+def test_adapter_names_are_bounded_and_never_echoed_whole(client, adapters):
+    auth = {"authorization": "Bearer s3cret"}
+    for name in ("n" * 1000, "a b", ""):
+        reply = client.post("/v1/adapters", json={"name": name, "path": adapters["mrpc"]}, headers=auth)
+        assert reply.status_code == 400 and "an adapter name is 1 to 128 letters" in reply.json()["error"]
+        assert len(reply.text) < 300
+    for reply in (client.post("/v1/classify", json={"adapter": "n" * 1000, "inputs": ["x"]}),
+                  client.delete("/v1/adapters/" + "n" * 1000, headers=auth)):
+        assert reply.status_code == 404 and "nnn... (1000 characters)" in reply.json()["error"] and len(reply.text) < 300
+
+
 def test_paths_are_for_admins_and_tokenless_admin_posts_need_json(client, adapters, tiny_model):
     listed = client.get("/v1/adapters").json()["adapters"]
     assert listed and all("path" not in a for a in listed)

@@ -3,7 +3,6 @@ through real HTTP clients (httpx, openai) against a server on loopback."""
 
 import concurrent.futures
 import json
-import socket
 import time
 
 import httpx
@@ -460,32 +459,3 @@ def test_a_failing_forward_ends_its_requests_with_500_and_the_server_goes_on(lm)
         assert r.status_code == 500 and "out of memory (simulated)" in r.json()["error"]["message"]
         events = _stream(client, "/v1/completions", {"model": "small", "prompt": "x", "max_tokens": 8, "ignore_eos": True})
         assert events[-1]["choices"][0]["finish_reason"] == "length" and client.get("/healthz").json()["running"] == 0
-
-
-def test_the_cli_server_runs_the_scheduler_on_its_main_thread_and_stops_on_ctrl_c(lm):
-    import signal
-    import subprocess
-    import sys
-
-    model_dir, folders = lm
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "lorakit", "serve", "--model", model_dir, "--adapter",
-                             f"small={folders['small']}", "--port", str(port), "--precision", "fp32"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        url, deadline = f"http://127.0.0.1:{port}", time.time() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
-                time.sleep(0.1)
-        with httpx.Client(base_url=url, timeout=30) as client:
-            assert _complete(client, "small", "x", max_tokens=4)["usage"]["completion_tokens"] >= 1
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(20) == 0
-    finally:
-        proc.kill()

@@ -30,6 +30,9 @@ from .model import adapter_per_row
 
 __all__ = ["Sampling", "Sequence", "Scheduler", "Busy"]
 
+SHUTTING_DOWN = "the server is shutting down"
+POLL_S = 0.5  # the longest an idle scheduler sleeps
+
 
 class Busy(Exception):
     """The scheduler's queue is full."""
@@ -55,7 +58,8 @@ class Sequence:
 
     ``emit`` receives, on the scheduler's thread, ``("text", delta)`` events, then one
     ``("done", finish_reason)`` (``"stop"`` or ``"length"``) or ``("error", (status, message))``
-    with an HTTP status (404: its adapter was unloaded, 500: the forward pass failed).
+    with an HTTP status (404: its adapter was unloaded, 500: the forward pass failed or its
+    logits were not finite, 503: the scheduler stopped).
     """
 
     def __init__(self, prompt: list[int], adapter: str | None, sampling: Sampling,
@@ -100,6 +104,8 @@ class Scheduler:
         self.steps = self.tokens = 0
         self._thread: threading.Thread | None = None
         self._stop = False
+        self._closed = False  # stopped: new sequences and calls are refused (under self._lock)
+        self._low = 0  # consecutive steps with the cache under a quarter used
 
     # ---- other threads ---------------------------------------------------------------------
 
@@ -109,6 +115,8 @@ class Scheduler:
         self._thread.start()
 
     def stop(self) -> None:
+        """End :meth:`run` after its current step: every sequence in flight or queued ends
+        with a 503 error, later ones are refused (safe from a signal handler on its thread)."""
         self._stop = True
         self.inbox.put(("wake",))
         if self._thread is not None and self._thread is not threading.current_thread():
@@ -116,10 +124,12 @@ class Scheduler:
 
     def submit(self, seq: Sequence) -> None:
         with self._lock:
+            if self._closed:
+                raise Busy(SHUTTING_DOWN)
             if self.queued >= self.max_queue:
                 raise Busy(f"server busy: {self.max_queue} completions already queued; retry later")
             self.queued += 1
-        self.inbox.put(("add", seq))
+            self.inbox.put(("add", seq))  # (under the lock: nothing is added once closed)
 
     def cancel(self, seq: Sequence) -> None:
         """Stop ``seq`` and free its row (no more events)."""
@@ -128,7 +138,11 @@ class Scheduler:
     def call(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
         """``fn(*args)`` on the scheduler's thread, between two steps."""
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self.inbox.put(("call", fn, args, future))
+        with self._lock:
+            if self._closed:
+                future.set_exception(Busy(SHUTTING_DOWN))
+            else:
+                self.inbox.put(("call", fn, args, future))
         return future
 
     def run_until_done(self) -> None:
@@ -136,6 +150,8 @@ class Scheduler:
         self._drain(block=False)
         while self.rows or self.waiting:
             self._step()
+            self._release()
+        self._release()
 
     # ---- the scheduler's thread ----------------------------------------------------------------
 
@@ -147,11 +163,35 @@ class Scheduler:
             try:
                 self._drain(block=not (self.rows or self.waiting))
                 self._step()
+                self._release()
             except Exception as e:  # a bug or out of memory: fail the sequences in flight, keep serving
                 failed, self.rows, self.running = self.rows, [], 0
                 for seq in failed:
                     seq.row = -1
                     self._fail(seq, 500, f"generation failed: {type(e).__name__}: {e}")
+        self._close()
+
+    def _close(self) -> None:
+        """Stopped: end what is queued, running or still in the inbox with a 503."""
+        with self._lock:
+            self._closed = True
+        self._drain(block=False)  # the last calls run, the last sequences join the waiting ones
+        self.retire(lambda seq: True, 503, SHUTTING_DOWN)
+
+    SHRINK_AFTER = 32  # steps with the cache under a quarter used before it shrinks (no thrashing on a dip)
+
+    def _release(self) -> None:
+        """Give cache memory back: at once when idle, else after ``SHRINK_AFTER`` steps under a quarter used."""
+        if not self.rows and not self.waiting:
+            self._low = 0
+            self.cache.fit(0, 0)
+            return
+        length = max(s.length for s in self.rows) if self.rows else 0
+        low = 4 * len(self.rows) * length <= self.cache.rows * self.cache.capacity
+        self._low = self._low + 1 if low else 0
+        if self._low >= self.SHRINK_AFTER:
+            self._low = 0
+            self.cache.fit(len(self.rows), length)
 
     def _step(self) -> None:
         self._admit()
@@ -162,8 +202,9 @@ class Scheduler:
 
     def _drain(self, block: bool) -> None:
         while True:
-            try:
-                message = self.inbox.get(block=block)
+            try:  # (idle, it wakes up now and then: a signal that another thread received is only
+                # handled on the main thread once it runs again, e.g. Ctrl-C for lorakit serve)
+                message = self.inbox.get(block=block, timeout=POLL_S if block else None)
             except queue.Empty:
                 return
             block = False
@@ -215,14 +256,19 @@ class Scheduler:
         for i, (seq, n) in enumerate(chunks):
             ids[i, :n] = torch.tensor(seq.prompt[seq.length : seq.length + n])
         start = torch.tensor([seq.length for seq, _ in chunks])
-        logits = self._forward([s for s, _ in chunks], ids, start, torch.tensor([n - 1 for _, n in chunks]))
+        seqs = [s for s, _ in chunks]
+        logits = self._forward(seqs, ids, start, torch.tensor([n - 1 for _, n in chunks]))
+        finite = self._finite(seqs, logits)
         done = []
-        for (seq, n), row in zip(chunks, logits):
+        for seq, n in chunks:
             seq.length += n
             if seq.length == len(seq.prompt):  # a prefix of the chunks: all but the last got all they needed
                 self.running += 1
-                done.append((seq, row))
-        self._advance(done)
+                done.append(seq)
+        for seq, ok in zip(seqs[len(done) :], finite[len(done) :]):  # (the last, when prefilled in part)
+            if not ok:
+                self._fail(seq, 500, _non_finite(seq.adapter))
+        self._advance(done, logits[: len(done)], finite[: len(done)])
 
     def _decode(self) -> None:
         seqs = self.rows[: self.running]
@@ -231,27 +277,37 @@ class Scheduler:
         for s in seqs:
             s.length += 1
         self.steps += 1
-        self._advance(list(zip(seqs, logits)))
+        self._advance(seqs, logits, self._finite(seqs, logits))
 
-    def _advance(self, rows: list[tuple[Sequence, Tensor]]) -> None:
-        """Each sequence's next token from its logits; emit text; retire finished ones."""
-        if not rows:
+    def _finite(self, seqs: list[Sequence], logits: Tensor) -> list[bool]:
+        """Whether each row of ``logits`` is finite; the cache rows of those that are not are
+        zeroed (a masked position is read with weight 0: harmless only if it is finite)."""
+        finite = torch.isfinite(logits).all(-1).tolist()
+        for seq, ok in zip(seqs, finite):
+            if not ok:
+                self.cache.clear(seq.row)
+        return finite
+
+    def _advance(self, seqs: list[Sequence], logits: Tensor, finite: list[bool]) -> None:
+        """Each sequence's next token from its row of ``logits`` ``(len(seqs), vocab)``; emit
+        text; retire finished ones. A row whose logits are not ``finite`` (an adapter whose
+        weights overflow) ends alone with an error: no other row depends on it."""
+        if not seqs:
             return
-        greedy = [i for i, (s, _) in enumerate(rows) if s.sampling.temperature == 0]
-        picks: dict[int, int] = {}
-        if greedy:
-            picks.update(zip(greedy, torch.stack([rows[i][1] for i in greedy]).argmax(-1).tolist()))
-        for i, (seq, logits) in enumerate(rows):
-            if i not in picks:
-                picks[i] = sample(logits, seq.sampling, seq.generator)
-        finished = []
-        for i, (seq, _) in enumerate(rows):
+        greedy = [i for i, s in enumerate(seqs) if s.sampling.temperature == 0 and finite[i]]
+        picks = dict(zip(greedy, logits[greedy].argmax(-1).tolist())) if greedy else {}
+        ended: list[tuple[Sequence, tuple[str, Any]]] = []
+        for i, seq in enumerate(seqs):
+            if not finite[i]:
+                ended.append((seq, ("error", (500, _non_finite(seq.adapter)))))
+                continue
+            token = picks[i] if i in picks else sample(logits[i], seq.sampling, seq.generator)
             self.tokens += 1
-            reason = self._append(seq, picks[i])
+            reason = self._append(seq, token)
             if reason:
-                finished.append((seq, reason))
-        for seq, reason in finished:
-            self._finish(seq, reason)
+                ended.append((seq, ("done", reason)))
+        for seq, event in ended:
+            self._end(seq, event)
 
     def _append(self, seq: Sequence, token: int) -> str | None:
         """Add ``token``, emit the text that is now certain; the finish reason, if it ends here."""
@@ -276,9 +332,6 @@ class Scheduler:
             seq.emit(("text", text[seq.sent : end]))
             seq.sent = end
         return reason
-
-    def _finish(self, seq: Sequence, reason: str) -> None:
-        self._end(seq, ("done", reason))
 
     def _fail(self, seq: Sequence, status: int, message: str) -> None:
         self._end(seq, ("error", (status, message)))
@@ -320,12 +373,26 @@ class Scheduler:
         seq.row = dst
 
 
+def _non_finite(adapter: str | None) -> str:
+    who = "the base model" if adapter is None else f"adapter {adapter!r}"
+    return (f"{who} produced non-finite logits (NaN or infinity): its weights or scaling overflow; "
+            "this request is ended, the others go on")
+
+
 def sample(logits: Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
-    """A token drawn from ``softmax(logits / temperature)`` within the ``top_p`` nucleus."""
-    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    """A token drawn from ``softmax(logits / temperature)`` within the ``top_p`` nucleus.
+
+    ``logits`` must be finite. A temperature so small that ``logits / temperature``
+    overflows is its limit, the argmax; the nucleus always keeps the most likely token (a
+    ``top_p`` under its probability, or under float32's smallest number, is that token)."""
+    scaled = logits.float() / sampling.temperature
+    if not bool(torch.isfinite(scaled).all()):
+        return int(logits.argmax())
+    probs = torch.softmax(scaled, dim=-1)
     if sampling.top_p < 1:
         sorted_probs, order = probs.sort(descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs >= sampling.top_p  # mass before a token already >= top_p
+        outside[0] = False
         sorted_probs[outside] = 0
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))

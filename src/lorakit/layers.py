@@ -358,40 +358,67 @@ class LoraLinear(LoraLayer):
     def add_rows(self, out: Tensor, x: Tensor, names: tuple[str, ...], slot: Tensor) -> Tensor:
         """Batched gather-and-multiply over stacked factors (S-LoRA / Punica style).
 
-        The adapters' ``A`` (and ``scaling * B``) are zero-padded to the largest rank
-        and stacked with an all-zero slot for rows without adapter; each row gathers
-        its own pair, and two ``bmm`` compute every row's update at once. Only the
-        adapters in ``names`` enter the stack, so only they receive gradients.
+        The adapters' ``A`` and ``scaling * B`` are stacked by rank, one stack per rank
+        (``(n, r, in)`` and ``(n, out, r)``), so memory follows the sum of the ranks, not
+        adapters x largest rank. Each row gathers its own pair from its rank's stack and two
+        ``bmm`` per rank compute the updates. With a single rank, rows without adapter meet a
+        zero pair; with several, each rank's ``bmm`` takes only its own rows. Only the
+        adapters in ``names`` enter the stacks, so only they receive gradients.
         """
         if not names:
             return out
         # Inference in bf16/fp16 (a server): the factors in the activations' dtype too.
         low = not torch.is_grad_enabled() and x.dtype in (torch.bfloat16, torch.float16)
-        As, Bs = self._stacks(names, x.dtype if low else None)
-        rows = self._rows_dropout(x.to(As.dtype), names, slot).reshape(len(slot), -1, self.in_features)
-        h = torch.bmm(rows, As[slot].transpose(1, 2))  # (N, T, rank)
-        delta = torch.bmm(h, Bs[slot].transpose(1, 2))  # (N, T, out)
-        return out + delta.view(out.shape).to(out.dtype)
+        stacks = self._stacks(names, x.dtype if low else None)
+        rows = self._rows_dropout(x.to(stacks[0][1].dtype), names, slot).reshape(len(slot), -1, self.in_features)
+        if len(stacks) == 1:
+            where, As, Bs = stacks[0]
+            pick = where[slot]
+            delta = torch.bmm(torch.bmm(rows, As[pick].transpose(1, 2)), Bs[pick].transpose(1, 2))  # (N, T, out)
+            return out + delta.view(out.shape).to(out.dtype)
+        total = out.reshape(len(slot), -1, self.out_features)
+        for where, As, Bs in stacks:
+            pick = where[slot]  # (N,): each row's place in this rank's stack, -1 for the others
+            index = (pick >= 0).nonzero().squeeze(1)
+            if len(index):
+                h = torch.bmm(rows[index], As[pick[index]].transpose(1, 2))  # (n, T, rank)
+                delta = torch.bmm(h, Bs[pick[index]].transpose(1, 2))  # (n, T, out)
+                total = total.index_add(0, index, delta.to(out.dtype))
+        return total.view(out.shape)
 
-    def _stacks(self, names: tuple[str, ...], dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
-        """``A`` and ``scaling * B`` of ``names`` padded to one rank and stacked, with a zero
-        slot last (cast to ``dtype`` if given). Without autograd the stacks are kept for the
-        next call until the adapters or a factor's contents change, and ``names`` are all the
-        layer's adapters: a server's decode steps, whose batches mix different adapters from
-        one step to the next, reuse one stack."""
+    def _stacks(self, names: tuple[str, ...], dtype: torch.dtype | None = None) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """Per rank among ``names``: ``(where, As, Bs)``, the ``A`` and ``scaling * B`` of its
+        adapters stacked (cast to ``dtype`` if given), and ``where[i]`` the place of
+        ``names[i]`` in them, -1 if of another rank. ``where[-1]`` is for rows without
+        adapter: -1, or with a single rank a zero pair stacked last.
+
+        Without autograd the stacks are kept for the next call until the adapters or a
+        factor's contents change, and ``names`` are all the layer's adapters: a server's
+        decode steps, whose batches mix different adapters from one step to the next,
+        reuse one set of stacks."""
         A, B = self.lora_A._parameters, self.lora_B._parameters  # (plain dicts: fast to read at every step)
         key = (names, dtype, tuple(A[n]._version for n in names), tuple(B[n]._version for n in names))
         if self._stacked is not None and self._stacked[0] == key and not torch.is_grad_enabled():
             return self._stacked[1]
-        A = [self.lora_A[n] for n in names]
-        B = [self.full_B(n) * self.scaling(n) for n in names]
-        rank = max(a.shape[0] for a in A)
-        As = torch.stack([F.pad(a, (0, 0, 0, rank - a.shape[0])) for a in A] + [A[0].new_zeros(rank, self.in_features)])
-        Bs = torch.stack([F.pad(b, (0, rank - b.shape[1])) for b in B] + [B[0].new_zeros(self.out_features, rank)])
-        if dtype is not None:
-            As, Bs = As.to(dtype), Bs.to(dtype)
-        self._stacked = None if torch.is_grad_enabled() else (key, (As, Bs))
-        return As, Bs
+        ranks: dict[int, list[int]] = {}
+        for i, name in enumerate(names):
+            ranks.setdefault(A[name].shape[0], []).append(i)
+        stacks = []
+        for rank, members in ranks.items():
+            As = [self.lora_A[names[i]] for i in members]
+            Bs = [self.full_B(names[i]) * self.scaling(names[i]) for i in members]
+            where = torch.full((len(names) + 1,), -1, dtype=torch.long)
+            where[members] = torch.arange(len(members))
+            if len(ranks) == 1:  # the zero pair
+                As.append(As[0].new_zeros(rank, self.in_features))
+                Bs.append(Bs[0].new_zeros(self.out_features, rank))
+                where[-1] = len(members)
+            As, Bs = torch.stack(As), torch.stack(Bs)
+            if dtype is not None:
+                As, Bs = As.to(dtype), Bs.to(dtype)
+            stacks.append((where.to(self.weight.device), As, Bs))
+        self._stacked = None if torch.is_grad_enabled() else (key, stacks)
+        return stacks
 
     def _rows_dropout(self, x: Tensor, names: tuple[str, ...], slot: Tensor) -> Tensor:
         """Each row through its adapter's dropout (one call per distinct dropout rate)."""

@@ -18,8 +18,11 @@ loads/unloads never overlap; the event loop only parses, validates and queues.
 # whose types are defined inside create_app.
 import asyncio
 import concurrent.futures
+import contextlib
 import hmac
 import json
+import re
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +49,9 @@ def _opt(default: Any, help: str) -> Any:
 class ServeConfig:
     """The server's limits; field docs become ``lorakit serve --help``."""
 
-    max_batch_rows: int = _opt(64, "rows in one forward pass (generation: sequences decoded together)")
+    max_batch_rows: int = _opt(64, "rows in one forward pass (generation: sequences decoded together; their key/value "
+                                   "cache holds at most max_batch_rows x (max_length + max_new_tokens) positions, and "
+                                   "shrinks back when the load falls)")
     max_wait_ms: float = _opt(2.0, "how long a forward pass waits for more requests once one is queued")
     max_queue: int = _opt(256, "queued requests; more are refused with 503")
     max_rows_per_request: int = _opt(64, "rows in one request; more are refused with 413")
@@ -56,7 +61,8 @@ class ServeConfig:
     max_body_bytes: int = _opt(1 << 20, "bytes in a request body; more are refused with 413")
     max_batch_tokens: int = _opt(8192, "tokens in one forward pass; larger requests run in parts, others in between")
     max_connections: int = _opt(64, "open connections; more get 503")
-    header_timeout_s: float = _opt(10.0, "a new connection must send its request head within this time")
+    header_timeout_s: float = _opt(10.0, "a connection must send each request head within this time (of opening, "
+                                         "or of the previous response on a kept-alive connection)")
     body_timeout_s: float = _opt(10.0, "and its body within this time (else 408)")
     keep_alive_s: float = _opt(5.0, "an idle kept-alive connection is closed after this time")
     batching: bool = _opt(True, "batch requests together in forward passes (--no-batching: one request at a time)")
@@ -95,6 +101,20 @@ class AdapterInfo:
         """What clients see; the server's file path only for admins."""
         return {"name": self.name, **({"path": self.path} if with_path else {}), "task": self.task.name,
                 "labels": self.task.labels, "inputs_per_row": len(self.task.text_columns)}
+
+
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+def clip(text: str, limit: int = 64) -> str:
+    """``text`` cut to ``limit`` characters for an error message (a client's string is never echoed whole)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def check_name(name: str) -> None:
+    """An adapter's name: 1 to 128 letters, digits, '_' or '-' (it is echoed in lists and errors)."""
+    if not _NAME.fullmatch(name):
+        raise ClientError(400, f"an adapter name is 1 to 128 letters, digits, '_' or '-'; got {clip(name)!r}")
 
 
 def adapter_folder(path: str) -> Path:
@@ -141,6 +161,7 @@ class Engine:
         self.max_length = limit if isinstance(limit, int) and limit < 1_000_000 else 512  # the model's position limit
 
     def load(self, name: str, path: str, task: str | None = None) -> AdapterInfo:
+        check_name(name)
         if name in self.adapters:
             raise ClientError(409, f"an adapter named {name!r} is already loaded; DELETE it first")
         folder = adapter_folder(path)
@@ -184,7 +205,7 @@ class Engine:
 
     def unload(self, name: str) -> None:
         if name not in self.adapters:
-            raise ClientError(404, f"no adapter named {name!r}; loaded: {sorted(self.adapters)}")
+            raise ClientError(404, f"no adapter named {clip(name)!r}; loaded: {sorted(self.adapters)}")
         del self.adapters[name]
         remove_adapter(self.model, name)
 
@@ -391,17 +412,30 @@ async def _send_json(send, status: int, payload: dict[str, Any]) -> None:
 
 def _header_timeout_protocol(seconds: float):
     """uvicorn's h11 protocol, closing a connection that has not sent a whole request head
-    within ``seconds`` of opening (uvicorn itself waits forever: slowloris)."""
+    within ``seconds`` of opening, or of the previous response on a kept-alive connection
+    (uvicorn itself waits forever for a first head, and restarts its keep-alive timer at
+    every byte of a later one: slowloris)."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class Protocol(H11Protocol):
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
+            self._await_head()
+
+        def _await_head(self) -> None:
+            self._before_head = self.cycle  # the head has come when uvicorn starts a new cycle
             self._head_timer = self.loop.call_later(seconds, self._head_overdue)
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
-            if self.cycle is not None:  # a request head arrived: keep-alive timeouts take over
+            if self.cycle is not self._before_head:  # a request head arrived: the body timeout takes over
+                self._head_timer.cancel()
+
+        def on_response_complete(self) -> None:
+            self._head_timer.cancel()
+            self._await_head()  # the next head on this connection, if kept alive
+            super().on_response_complete()  # (which may start a pipelined request at once)
+            if self.cycle is not self._before_head:
                 self._head_timer.cancel()
 
         def connection_lost(self, exc) -> None:
@@ -409,7 +443,7 @@ def _header_timeout_protocol(seconds: float):
             super().connection_lost(exc)
 
         def _head_overdue(self) -> None:
-            if self.cycle is None and not self.transport.is_closing():
+            if self.cycle is self._before_head and not self.transport.is_closing():
                 self.transport.close()
 
     return Protocol
@@ -465,7 +499,7 @@ def create_app(engine, config: ServeConfig | None = None, adapters: dict[str, st
         try:
             engine.load(name, path)
         except ClientError as e:
-            raise ValueError(f"--adapter {name}={path}: {e}") from None
+            raise ValueError(f"--adapter {clip(name)}={path}: {e}") from None
 
     generation = not isinstance(engine, Engine)
 
@@ -531,7 +565,7 @@ def create_app(engine, config: ServeConfig | None = None, adapters: dict[str, st
     def lookup(name: str) -> AdapterInfo:
         info = engine.adapters.get(name)
         if info is None:
-            raise ClientError(404, f"no adapter named {name!r}; loaded: {sorted(engine.adapters)}")
+            raise ClientError(404, f"no adapter named {clip(name)!r}; loaded: {sorted(engine.adapters)}")
         return info
 
     if generation:
@@ -597,8 +631,6 @@ def serve(model: str | None, adapters: dict[str, str], config: ServeConfig, host
         uvicorn.run(app, **options)
         return
     # Generation: the scheduler on the main thread (see Scheduler.run), HTTP on another one.
-    import threading
-
     engine.main_thread = True
     engine.prepare()  # here, not on the HTTP thread: torch ops run there once slowed this one (int8: 43 vs 21 ms/token)
     server = uvicorn.Server(uvicorn.Config(app, **options))
@@ -610,14 +642,40 @@ def serve(model: str | None, adapters: dict[str, str], config: ServeConfig, host
             engine.scheduler.stop()
 
     thread = threading.Thread(target=http, name="lorakit-http", daemon=True)
-    thread.start()
-    try:
-        engine.scheduler.run()  # until the app's shutdown stops it
-    except KeyboardInterrupt:
-        pass
-    finally:
+    with _stop_on_signals(server, engine.scheduler):
+        thread.start()
+        engine.scheduler.run()  # until stopped; its completions then end with a 503 error event
         server.should_exit = True
-        thread.join(30)
+        thread.join(SHUTDOWN_GRACE_S)  # the streams send their last event, uvicorn closes their connections
+        if thread.is_alive():  # a client that reads nothing more holds its connection open
+            server.force_exit = True
+            thread.join(10)
+
+
+SHUTDOWN_GRACE_S = 3.0  # how long open connections may take to close once generation has stopped
+
+
+@contextlib.contextmanager
+def _stop_on_signals(server, scheduler):
+    """Ctrl-C (SIGINT) and SIGTERM stop the scheduler and the HTTP server, whose thread
+    installs no signal handlers; a second one stops waiting for open connections. (Python's
+    own KeyboardInterrupt would leave uvicorn waiting for streams that no longer advance.)"""
+    import signal
+
+    def stop(signum, frame) -> None:
+        server.force_exit = server.should_exit
+        server.should_exit = True
+        scheduler.stop()
+
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _engine(model: str, config: ServeConfig, precision: str, quantize: str | None = None):

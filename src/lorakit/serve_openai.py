@@ -25,7 +25,7 @@ from .io import load_adapter
 from .model import remove_adapter
 from .models import resolve_model
 from .precision import resolve_precision
-from .serve import ClientError, ServeConfig, adapter_folder, task_info
+from .serve import _CHARS_PER_TOKEN, ClientError, ServeConfig, adapter_folder, check_name, clip, task_info
 from .tasks.lm import load_causal_lm
 
 __all__ = ["GenerationEngine", "add_routes"]
@@ -71,7 +71,10 @@ class GenerationEngine:
 
     async def call(self, fn, *args):
         """``fn(*args)`` on the scheduler's thread, between two decode steps."""
-        return await asyncio.wrap_future(self.scheduler.call(fn, *args))
+        try:
+            return await asyncio.wrap_future(self.scheduler.call(fn, *args))
+        except Busy as e:  # the scheduler has stopped
+            raise ClientError(503, str(e)) from None
 
     main_thread = False  # True: the caller runs self.scheduler.run() on the main thread (lorakit serve)
     quantized = False  # prepare() has run --quantize
@@ -97,6 +100,7 @@ class GenerationEngine:
         return {"running": len(s.rows), "queued": s.queued, "steps": s.steps, "tokens": s.tokens}
 
     def load(self, name: str, path: str, task: str | None = None) -> GenAdapter:
+        check_name(name)
         if name in self.adapters or name == self.model_name:
             raise ClientError(409, f"the name {name!r} is taken; DELETE that adapter first or choose another name")
         folder = adapter_folder(path)
@@ -116,7 +120,7 @@ class GenerationEngine:
 
     def unload(self, name: str) -> None:
         if name not in self.adapters:
-            raise ClientError(404, f"no adapter named {name!r}; loaded: {sorted(self.adapters)}")
+            raise ClientError(404, f"no adapter named {clip(name)!r}; loaded: {sorted(self.adapters)}")
         self.scheduler.retire(lambda s: s.adapter == name, 404, f"adapter {name!r} was unloaded")
         del self.adapters[name]
         remove_adapter(self.model, name)
@@ -126,7 +130,8 @@ class GenerationEngine:
         if model == self.model_name:
             return None
         if model not in self.adapters:
-            raise ClientError(404, f"no model or adapter named {model!r}; available: {[self.model_name, *sorted(self.adapters)]}")
+            available = [self.model_name, *sorted(self.adapters)]
+            raise ClientError(404, f"no model or adapter named {clip(model)!r}; available: {available}")
         return model
 
 
@@ -137,7 +142,7 @@ def _schemas():
     from pydantic import BaseModel, ConfigDict
 
     class Common(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+        model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # (JSON parsers take NaN and Infinity)
         model: str
         max_tokens: int | None = None
         temperature: float = 1.0
@@ -188,10 +193,12 @@ def _sampling(body, config: ServeConfig, default_max: int) -> Sampling:
         value = getattr(body, name, neutral)
         if not (value is None or value == neutral or value == {} or (name == "logprobs" and value is False)):
             raise ClientError(400, f"{name}={value!r} is not supported by lorakit serve (leave it out)")
-    max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
+    name = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) is not None else "max_tokens"
+    max_tokens = getattr(body, name)
     max_tokens = default_max if max_tokens is None else max_tokens
     if not 1 <= max_tokens <= config.max_new_tokens:
-        raise ClientError(400, f"max_tokens must be between 1 and {config.max_new_tokens}, got {max_tokens}")
+        why = " (0 asks for the prompt's logprobs only, with echo: not supported)" if max_tokens == 0 else ""
+        raise ClientError(400, f"{name} must be between 1 and {config.max_new_tokens}, got {max_tokens}{why}")
     if not 0 <= body.temperature <= 2:
         raise ClientError(400, f"temperature must be between 0 and 2, got {body.temperature}")
     if not 0 < body.top_p <= 1:
@@ -202,6 +209,11 @@ def _sampling(body, config: ServeConfig, default_max: int) -> Sampling:
     if len(stop) > 4 or any(not s for s in stop):
         raise ClientError(400, "stop takes up to 4 non-empty strings")
     return Sampling(max_tokens, body.temperature, body.top_p, body.seed, tuple(stop), body.ignore_eos)
+
+
+def _text(message) -> str:
+    """A chat message's content as one string (its text parts joined)."""
+    return message.content if isinstance(message.content, str) else "".join(p.text for p in message.content)
 
 
 def _check_prompts(prompts: list[list[int]], sampling: Sampling, config: ServeConfig) -> None:
@@ -268,8 +280,8 @@ def add_routes(app, engine: GenerationEngine, config: ServeConfig, parse) -> Non
     def encode_chat(messages) -> list[list[int]]:
         if not getattr(tokenizer, "chat_template", None):
             raise ClientError(400, f"{engine.model_name!r} has no chat template; use /v1/completions")
-        turns = [{"role": m.role, "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
-                 for m in messages]
+        # "developer" is OpenAI's newer name of the system role, which chat templates know
+        turns = [{"role": "system" if m.role == "developer" else m.role, "content": _text(m)} for m in messages]
         text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
         return [tokenizer(text, add_special_tokens=False)["input_ids"]]
 
@@ -279,6 +291,9 @@ def add_routes(app, engine: GenerationEngine, config: ServeConfig, parse) -> Non
             if not body.messages:
                 raise ClientError(400, "messages is empty")
             sampling = _sampling(body, config, config.max_new_tokens)
+            chars = sum(len(_text(m)) for m in body.messages)
+            if chars > config.max_length * _CHARS_PER_TOKEN:  # refused before tokenizing
+                raise ClientError(400, f"messages are {chars} characters long, over the limit of {config.max_length} tokens")
             prompts = await asyncio.to_thread(encode_chat, body.messages)
         else:
             texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
@@ -286,7 +301,7 @@ def add_routes(app, engine: GenerationEngine, config: ServeConfig, parse) -> Non
                 limit = config.max_rows_per_request
                 raise ClientError(413 if texts else 400, f"prompt takes 1 to {limit} strings, got {len(texts)}")
             sampling = _sampling(body, config, 16)
-            if any(len(t) > config.max_length * 32 for t in texts):  # refused before tokenizing
+            if any(len(t) > config.max_length * _CHARS_PER_TOKEN for t in texts):  # refused before tokenizing
                 raise ClientError(400, f"a prompt is over the limit of {config.max_length} tokens")
             prompts = await asyncio.to_thread(encode_prompts, texts)
         _check_prompts(prompts, sampling, config)
