@@ -26,7 +26,7 @@ SINGLES = ["This sentence is fine.", "Sentence this fine is.", "Colorless green 
 ADAPTERS = {"mrpc": ("mrpc", 4), "stsb": ("stsb", 2), "cola": ("cola", 8)}
 
 
-def _make_adapter(folder, model_dir: str, task: str, r: int, seed: int) -> None:
+def _make_adapter(folder, model_dir: str, task: str, r: int, seed: int, head_std: float = 30) -> None:
     _, model = load_classifier(model_dir, data.get_task(task))
     lorakit.add_lora(model, lorakit.LoraConfig(r=r, alpha=2 * r, target_modules=["query", "value"],
                                                modules_to_save=["classifier"]))
@@ -34,7 +34,7 @@ def _make_adapter(folder, model_dir: str, task: str, r: int, seed: int) -> None:
     torch.manual_seed(seed)
     with torch.no_grad():
         for p in model.classifier.copies["default"].parameters():
-            p.normal_(0, 30)  # the tiny base's pooled outputs are small: make the scores far from uniform
+            p.normal_(0, head_std)  # the tiny base's pooled outputs are small: make the scores far from uniform
     lorakit.save_adapter(model, folder)
     (folder / "task.json").write_text(json.dumps({"task": task, "model": model_dir}))
 
@@ -392,3 +392,42 @@ def test_scores_are_deterministic_with_lora_dropout(tiny_model, tmp_path):
     assert all(r == replies[0] for r in replies)
     torch.testing.assert_close(torch.tensor(replies[0][0]), torch.tensor(reference(tiny_model, str(tmp_path / "drop"), "mrpc", PAIRS[0])),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_mean_pooled_classifiers_are_served_beside_first_token_ones(tiny_model, tmp_path):
+    """An adapter trained with --pooling mean (the best MRPC adapters) is served: its rows read the masked mean,
+    the other adapters' rows in the same forward their first token; scores equal each adapter evaluated alone."""
+    _make_adapter(tmp_path / "mean", tiny_model, "mrpc", 4, seed=5, head_std=3)
+    info = json.loads((tmp_path / "mean" / "task.json").read_text())
+    (tmp_path / "mean" / "task.json").write_text(json.dumps({**info, "pooling": "mean"}))
+    _make_adapter(tmp_path / "cls", tiny_model, "mrpc", 4, seed=5, head_std=3)  # the same factors, first token
+    expected = {}
+    for name, pooling in (("mean", "mean"), ("cls", "cls")):
+        tokenizer, model = load_classifier(tiny_model, data.get_task("mrpc"), pooling)
+        lorakit.load_adapter(model, tmp_path / name)
+        with torch.inference_mode():
+            expected[name] = model.eval()(**tokenizer(*zip(*PAIRS), return_tensors="pt", padding=True)).logits.softmax(-1)
+    assert not torch.allclose(expected["mean"], expected["cls"], atol=1e-3)  # the pooling matters here
+    engine = Engine(tiny_model, "fp32")
+    with running(create_app(engine, ServeConfig(max_wait_ms=50), {n: str(tmp_path / n) for n in ("cls", "mean")})) as c:
+        assert {a["name"]: a["pooling"] for a in c.get("/v1/adapters").json()["adapters"]} == {"cls": "cls", "mean": "mean"}
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:  # both adapters' rows in shared forward passes
+            answers = list(pool.map(lambda n: (n, c.post("/v1/classify", json={"adapter": n, "inputs": PAIRS})),
+                                    ["mean", "cls"] * 3))
+    for name, answer in answers:
+        assert answer.status_code == 200, answer.text
+        torch.testing.assert_close(torch.tensor(answer.json()["scores"]), expected[name], rtol=1e-4, atol=1e-5)
+
+
+def test_the_served_base_defaults_to_the_adapters_own_as_for_eval_and_merge(tiny_model, adapters, tmp_path):
+    from lorakit.serve import _base_of
+
+    assert _base_of(adapters["mrpc"]) == tiny_model  # task.json's model
+    peft_style = tmp_path / "peft"  # no task.json: adapter_config.json's base_model_name_or_path, as PEFT writes it
+    shutil.copytree(adapters["mrpc"], peft_style)
+    (peft_style / "task.json").unlink()
+    assert _base_of(str(peft_style)) == tiny_model
+    config = json.loads((peft_style / "adapter_config.json").read_text())
+    (peft_style / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": None}))
+    with pytest.raises(ValueError, match="name the base model with --model"):
+        _base_of(str(peft_style))

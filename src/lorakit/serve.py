@@ -36,7 +36,7 @@ from .layers import ModulesToSave
 from .model import adapter_per_row, remove_adapter
 from .models import resolve_model
 from .precision import precision_context, resolve_precision
-from .tasks.glue import load_classifier
+from .tasks.glue import POOLINGS, load_classifier, mean_pooling
 
 __all__ = ["ServeConfig", "Engine", "create_app", "serve"]
 
@@ -96,11 +96,12 @@ class AdapterInfo:
     name: str
     path: str
     task: data.Task
+    pooling: str = "cls"
 
     def public(self, with_path: bool = False) -> dict[str, Any]:
         """What clients see; the server's file path only for admins."""
         return {"name": self.name, **({"path": self.path} if with_path else {}), "task": self.task.name,
-                "labels": self.task.labels, "inputs_per_row": len(self.task.text_columns)}
+                "labels": self.task.labels, "inputs_per_row": len(self.task.text_columns), "pooling": self.pooling}
 
 
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -157,6 +158,10 @@ class Engine:
         self.tokenizer, self.model = load_classifier(model_name, data.get_task("mrpc"))
         self.model.eval()
         self.adapters: dict[str, AdapterInfo] = {}
+        # Which rows of the next forward read the masked mean (adapters trained with --pooling mean): set before
+        # every forward once the pooling hooks are in (at the first such adapter).
+        self.mean_rows = torch.zeros(0, dtype=torch.bool)
+        self._pooling_hooked = False
         limit = getattr(self.tokenizer, "model_max_length", None)
         self.max_length = limit if isinstance(limit, int) and limit < 1_000_000 else 512  # the model's position limit
 
@@ -167,9 +172,16 @@ class Engine:
         folder = adapter_folder(path)
         info = task_info(folder)
         task = task or info.get("task")
-        if info.get("pooling", "cls") != "cls":
-            raise ClientError(400, f"adapter {name!r} was trained with {info['pooling']} pooling; the server's "
-                                   f"classifiers read the first token (use lorakit eval for it)")
+        pooling = info.get("pooling", "cls")
+        if pooling not in POOLINGS:
+            raise ClientError(400, f"adapter {name!r} has pooling {clip(str(pooling))!r} in its task.json; "
+                                   f"expected one of {POOLINGS}")
+        if pooling == "mean" and not self._pooling_hooked:
+            try:
+                mean_pooling(self.model, rows=lambda: self.mean_rows)
+            except ValueError as e:
+                raise ClientError(400, f"adapter {name!r} was trained with mean pooling: {e}") from None
+            self._pooling_hooked = True
         if not task:
             raise ClientError(400, f"{str(folder)[:200]!r} has no task.json; give the adapter's GLUE task")
         trained_on = info.get("model")
@@ -182,21 +194,22 @@ class Engine:
         except (ValueError, TypeError, RuntimeError, MemoryError) as e:  # bad config values, tensors too large
             raise ClientError(400, " ".join(str(e).split())[:1000]) from None
         try:
-            problem = self._head_problem(name, glue_task)
+            problem = self._head_problem(name, glue_task, pooling)
         except Exception as e:  # a head whose forward fails
             problem = f"fails on a probe input: {type(e).__name__}: {str(e)[:300]}"
         if problem:
             remove_adapter(self.model, name)
             raise ClientError(400, f"adapter {name!r} {problem}")
-        self.adapters[name] = AdapterInfo(name, str(folder), glue_task)
+        self.adapters[name] = AdapterInfo(name, str(folder), glue_task, pooling)
         return self.adapters[name]
 
-    def _head_problem(self, name: str, task: data.Task) -> str | None:
+    def _head_problem(self, name: str, task: data.Task, pooling: str) -> str | None:
         """Why adapter ``name`` cannot classify ``task`` (None if it can): it must bring its
         own classification head, with one output per label (one for regression)."""
         head = next((m for m in (getattr(self.model, n, None) for n in ("classifier", "score")) if m is not None), None)
         if not (isinstance(head, ModulesToSave) and name in head.copies):
             return "has no classification head of its own (modules_to_save); it cannot classify"
+        self.mean_rows = torch.tensor([pooling == "mean"])
         with torch.inference_mode(), adapter_per_row(self.model, [name]):
             width = self.model(**self.tokenizer("probe", return_tensors="pt")).logits.shape[-1]
         if width != task.num_labels:
@@ -221,10 +234,12 @@ class Engine:
         live = [r for r in requests if self.adapters.get(r.info.name) is r.info]
         features = [f for r in live for f in r.features]
         adapters = [r.info.name for r in live for _ in r.features]
+        mean = [r.info.pooling == "mean" for r in live for _ in r.features]
         logits: list[torch.Tensor] = [torch.empty(0)] * len(features)
         for group in length_groups([len(f["input_ids"]) for f in features]):
             batch = data.collate([features[i] for i in group], [0] * len(group), self.tokenizer.pad_token_id or 0, False)
             batch.pop("labels")
+            self.mean_rows = torch.tensor([mean[i] for i in group])
             with adapter_per_row(self.model, [adapters[i] for i in group]), precision_context(self.precision):
                 out = self.model(**batch).logits.float()
             for i, row in zip(group, out):
@@ -616,12 +631,7 @@ def serve(model: str | None, adapters: dict[str, str], config: ServeConfig, host
     if host not in ("127.0.0.1", "localhost", "::1") and not config.token:
         raise ValueError(f"--host {host} would open the admin routes (loading any folder) to the network; "
                          "set a token with $LORAKIT_TOKEN or --token")
-    if model is None:
-        first = next(iter(adapters.values()), None)
-        info = Path(first, "task.json") if first else None
-        if info is None or not info.is_file():
-            raise ValueError("name the base model with --model (no adapter with a task.json to read it from)")
-        model = json.loads(info.read_text())["model"]
+    model = model or _base_of(next(iter(adapters.values()), None))
     engine = _engine(model, config, precision, quantize)
     app = create_app(engine, config, adapters)
     print(f"lorakit serve: {model} ({engine.precision}) with adapters {sorted(adapters) or 'none'} "
@@ -676,6 +686,23 @@ def _stop_on_signals(server, scheduler):
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _base_of(adapter: str | None) -> str:
+    """The base model of ``adapter``, as eval, generate and merge read it: its ``task.json``'s model,
+    else the ``base_model_name_or_path`` of its ``adapter_config.json`` (a PEFT adapter)."""
+    from .config import LoraConfig
+
+    found = None
+    if adapter is not None:
+        try:
+            found = task_info(Path(adapter)).get("model") or LoraConfig.load(adapter).base_model_name_or_path
+        except ClientError as e:
+            raise ValueError(str(e)) from None
+    if not found:
+        raise ValueError("name the base model with --model (no adapter that names its base: task.json's model or "
+                         "adapter_config.json's base_model_name_or_path)")
+    return found
 
 
 def _engine(model: str, config: ServeConfig, precision: str, quantize: str | None = None):

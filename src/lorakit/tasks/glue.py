@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,7 @@ def load_classifier(model_name: str, task: data.Task, pooling: str = "cls"):
     return tokenizer, mean_pooling(model) if pooling == "mean" else model
 
 
-def mean_pooling(model: nn.Module) -> nn.Module:
+def mean_pooling(model: nn.Module, rows: Callable[[], torch.Tensor] | None = None) -> nn.Module:
     """Make the classification head of ``model`` (in place) read the mean of the last hidden
     states over the tokens its ``attention_mask`` keeps, instead of the first token: how
     sentence embedders such as all-MiniLM-L6-v2 and all-mpnet-base-v2 were trained.
@@ -70,6 +71,8 @@ def mean_pooling(model: nn.Module) -> nn.Module:
     The encoder's output gets the mean in its first position, which every HF head reads
     (BERT's pooler, RoBERTa's and MPNet's classification heads), so the head itself and the
     model's files are unchanged; the pooling is recorded in the run's ``task.json``.
+    ``rows()``, if given, says per forward which rows of the batch are pooled (a ``(B,)``
+    bool tensor; the others keep their first token): a server mixing adapters of both poolings.
     """
     base = model.base_model
     encoder = getattr(base, "encoder", None)
@@ -82,10 +85,14 @@ def mean_pooling(model: nn.Module) -> nn.Module:
 
     def pool(module, args, output):
         hidden = output[0]
+        which = None if rows is None else rows().to(hidden.device)
+        if which is not None and not which.any():
+            return output
         keep = torch.ones(hidden.shape[:2], device=hidden.device) if mask[0] is None else mask[0]
         keep = keep.to(hidden.dtype).unsqueeze(-1)
-        mean = (hidden * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp(min=1)
-        output.last_hidden_state = torch.cat([mean, hidden[:, 1:]], dim=1)
+        mean = (hidden * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp(min=1)  # (B, 1, H)
+        first = mean if which is None else torch.where(which[:, None, None], mean, hidden[:, :1])
+        output.last_hidden_state = torch.cat([first, hidden[:, 1:]], dim=1)
         return output
 
     base.register_forward_pre_hook(keep_mask, with_kwargs=True)
