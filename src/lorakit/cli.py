@@ -22,7 +22,7 @@ def _add_train_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
     parser.add_argument("--preset", default=None, choices=["demo", "paper", "none"],
                         help="recipe the other flags override: demo (CPU-sized; the default for GLUE tasks and e2e), "
                              "paper (GLUE: Table 9; e2e/jsonl: Table 11), none (the defaults below; the default for "
-                             "jsonl, your own data)")
+                             "jsonl and classify, your own data)")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if f.name in skip:
@@ -54,7 +54,7 @@ def _seed_list(text: str) -> tuple[int, ...]:
 
 def _train_config(args: argparse.Namespace, **defaults):
     """The run's TrainConfig and its preset (as printed): defaults, the --config file, then the
-    flags given. Without a preset named, the task's default (demo; none for jsonl, your own data)."""
+    flags given. Without a preset named, the task's default (demo; none for jsonl and classify, your own data)."""
     from .tasks import default_preset
     from .train import TrainConfig, read_config_file, resolve_config
 
@@ -106,15 +106,14 @@ def _is_lm(task: str) -> bool:
 def _load_adapted(args: argparse.Namespace):
     """(task.json info, tokenizer, model with the adapter loaded): a classifier or a causal LM.
     ``--adapter`` may also be a run folder of a baseline (``trainable.safetensors``)."""
-    from . import data
     from .io import load_adapter
-    from .tasks import glue, lm
+    from .tasks import classify, glue, lm
 
     info = _run_info(args.adapter, args.task, args.model)
     if _is_lm(info["task"]):
         tokenizer, model = lm.load_causal_lm(info["model"])
     else:
-        tokenizer, model = glue.load_classifier(info["model"], data.get_task(info["task"]), info.get("pooling", "cls"))
+        tokenizer, model = glue.load_classifier(info["model"], classify.task_of(info), info.get("pooling", "cls"))
     if (Path(args.adapter) / "trainable.safetensors").is_file():
         _load_trained(model, Path(args.adapter), info)
     else:
@@ -145,9 +144,8 @@ def _decoding(args: argparse.Namespace):
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from . import data
     from .precision import precision_context, resolve_precision
-    from .tasks import glue, lm
+    from .tasks import classify, glue, lm
 
     info, tokenizer, model = _load_adapted(args)
     if _is_lm(info["task"]):
@@ -161,15 +159,29 @@ def _eval(args: argparse.Namespace) -> int:
         print(json.dumps(scores, indent=2))
         print(f"outputs and scores written to {out}")
         return 0
-    task = data.get_task(info["task"])
-    data_dir = args.data_dir if args.data_dir is not None else data.default_data_dir()
-    results = {}
-    for split in task.dev_splits:
-        examples = data.read_split(task, split, data_dir)[: args.max_examples]
-        split_data = glue.tokenize(tokenizer, examples, args.max_length)
+    task, results = classify.task_of(info), {}
+    for split, examples in _classifier_splits(args, task):
+        split_data = glue.tokenize(tokenizer, examples[: args.max_examples], args.max_length)
         results[split] = glue.evaluate(model, task, split_data, 64, tokenizer.pad_token_id or 0)
     print(json.dumps(results, indent=2))
     return 0
+
+
+def _classifier_splits(args: argparse.Namespace, task) -> list[tuple[str, list]]:
+    """``(split, examples)`` to evaluate: a GLUE task's dev split(s) from --data-dir, or the
+    --dev-file of a classify adapter (read with the fields and classes of its task.json)."""
+    from . import data
+    from .tasks import classify
+
+    if task.name == classify.NAME:
+        if not args.dev_file:
+            raise ValueError(f"lorakit eval of a classify adapter needs --dev-file FILE (CSV or JSONL with the fields "
+                             f"{[*task.text_columns, task.label_column]})")
+        return [("dev", classify.read_examples(task, args.dev_file, f"the adapter {args.adapter}"))]
+    if args.dev_file:
+        raise ValueError(f"--dev-file applies to adapters of --task classify; the GLUE task {task.name} reads --data-dir")
+    data_dir = args.data_dir if args.data_dir is not None else data.default_data_dir()
+    return [(split, data.read_split(task, split, data_dir)) for split in task.dev_splits]
 
 
 def _task_of_peft_adapter(adapter: str) -> str | None:
@@ -481,7 +493,8 @@ def _add_generation_flags(parser: argparse.ArgumentParser, paper_default: bool) 
 
 
 def _train_parser(sub) -> None:
-    p = sub.add_parser("train", help="fine-tune with LoRA or a baseline: GLUE tasks, E2E NLG, or your own JSONL data")
+    p = sub.add_parser("train", help="fine-tune with LoRA or a baseline: GLUE tasks, E2E NLG, or your own data "
+                                     "(JSONL prompts, labelled CSV/JSONL)")
     _add_train_flags(p)
     p.set_defaults(func=_train)
 
@@ -497,8 +510,11 @@ def _adapted_parser(sub, name: str, func, help_text: str) -> argparse.ArgumentPa
 
 
 def _eval_parser(sub) -> None:
-    p = _adapted_parser(sub, "eval", _eval, "evaluate an adapter: GLUE dev metrics, or E2E generation scored")
+    p = _adapted_parser(sub, "eval", _eval, "evaluate an adapter: GLUE dev metrics, a classify adapter on --dev-file, "
+                                            "or E2E generation scored")
     p.add_argument("--data-dir", help="GLUE tsv / E2E csv folder, or 'hub'")
+    p.add_argument("--dev-file", help="classify adapters: the CSV or JSONL file to score (the fields and classes of "
+                                      "their task.json)")
     p.add_argument("--max-length", type=int, default=512, help="GLUE: tokens per example (default: 512)")
     p.add_argument("--max-examples", type=int, help="only the first N examples (E2E: unique MRs)")
     p.add_argument("--split", default="test", choices=["dev", "test"], help="E2E split (default: test)")

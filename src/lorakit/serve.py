@@ -33,6 +33,7 @@ from .layers import ModulesToSave
 from .model import adapter_per_row, remove_adapter
 from .models import resolve_model
 from .precision import precision_context, resolve_precision
+from .tasks.classify import task_of
 from .tasks.glue import load_classifier
 
 __all__ = ["ServeConfig", "Engine", "create_app", "serve"]
@@ -156,7 +157,7 @@ class Engine:
             if trained_on and resolve_model(trained_on) != resolve_model(self.model_name):
                 raise ClientError(400, f"adapter {name!r} was trained on {trained_on!r}, but this server runs "
                                        f"{self.model_name!r}")
-            glue_task = data.get_task(task)
+            glue_task = task_of({**info, "task": task})  # a GLUE task, or classify with its classes
             load_adapter(self.model, folder, name, resize_saved=True)
         except (ValueError, TypeError, RuntimeError, MemoryError) as e:  # bad config values, tensors too large
             raise ClientError(400, " ".join(str(e).split())[:1000]) from None
