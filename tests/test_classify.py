@@ -304,3 +304,26 @@ def test_a_peft_seq_cls_adapter_is_evaluated_and_merged_with_task(peft_seq_cls, 
     assert cli.main(["merge", "--adapter", folder, "--task", "classify", "--out", str(tmp_path / "m2")]) == 2
     assert "--task classify needs the task.json that lorakit train --task classify writes" in capsys.readouterr().err
 
+
+def test_a_peft_seq_cls_adapter_is_served_with_task(peft_seq_cls, tiny_model, monkeypatch):
+    from fastapi.testclient import TestClient
+    from transformers import AutoTokenizer
+
+    from lorakit import serve
+    from lorakit.serve import Engine, ServeConfig, create_app
+
+    folder, theirs = peft_seq_cls
+    engine = Engine(tiny_model, "fp32")
+    with pytest.raises(ValueError, match="has no task.json; give the adapter's GLUE task"):
+        create_app(engine, ServeConfig(), {"p": folder})
+    pairs = [[p, h] for p, h in zip(PREMISES, HYPOTHESES)]
+    expected = _logits(theirs, AutoTokenizer.from_pretrained(tiny_model), pairs).softmax(-1)
+    with TestClient(create_app(engine, ServeConfig(), {"p": folder}, task="mrpc")) as client:
+        reply = client.post("/v1/classify", json={"adapter": "p", "inputs": pairs}).json()
+        torch.testing.assert_close(torch.tensor(reply["scores"]), expected, rtol=1e-4, atol=1e-5)
+        loaded = client.post("/v1/adapters", json={"name": "q", "path": folder, "task": "rte"})
+        assert loaded.status_code == 201 and loaded.json()["labels"] == ["entailment", "not_entailment"]
+    seen = {}
+    monkeypatch.setattr(serve, "serve", lambda *args: seen.update(args=args))
+    assert cli.main(["serve", "--model", tiny_model, "--adapter", f"p={folder}", "--task", "mrpc"]) == 0
+    assert seen["args"][-1] == "mrpc"  # serve(..., quantize, task)

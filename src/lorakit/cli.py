@@ -338,8 +338,9 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
-_SERVE_KEYS = {"model": None, "adapter": [], "host": "127.0.0.1", "port": 8000, "precision": "auto", "quantize": None}
-_SERVE_TYPES = {"model": str, "host": str, "port": int, "precision": str, "quantize": str}  # besides ServeConfig's
+_SERVE_KEYS = {"model": None, "adapter": [], "host": "127.0.0.1", "port": 8000, "precision": "auto", "quantize": None,
+               "task": None}
+_SERVE_TYPES = {"model": str, "host": str, "port": int, "precision": str, "quantize": str, "task": str}  # besides ServeConfig's
 
 
 def _serve_settings(path: str, config_type: type) -> dict[str, typing.Any]:
@@ -393,7 +394,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be between 1 and 65535, got {values['port']}")
     config = ServeConfig(**{k: values[k] for k in values if k not in _SERVE_KEYS and k != "token"},
                          token=values["token"] or os.environ.get("LORAKIT_TOKEN"))
-    serve(values["model"], adapters, config, values["host"], values["port"], values["precision"], values["quantize"])
+    serve(values["model"], adapters, config, values["host"], values["port"], values["precision"], values["quantize"],
+          values["task"])
     return 0
 
 
@@ -503,7 +505,8 @@ def _adapted_parser(sub, name: str, func, help_text: str) -> argparse.ArgumentPa
     """``eval`` and ``merge``: an adapter, its task and base model."""
     p = sub.add_parser(name, help=help_text)
     p.add_argument("--adapter", required=True, help="adapter folder written by lorakit train (or PEFT)")
-    p.add_argument("--task", help="task (default: from the adapter's task.json, or a PEFT CAUSAL_LM config)")
+    p.add_argument("--task", help="task (default: from the adapter's task.json, or a PEFT CAUSAL_LM config); a PEFT "
+                                  "SEQ_CLS adapter (no task.json) needs its GLUE task named here")
     p.add_argument("--model", help="base model (default: from the adapter: task.json, else base_model_name_or_path)")
     p.set_defaults(func=func)
     return p
@@ -575,6 +578,8 @@ def _serve_parser(sub) -> None:
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=FOLDER",
                    help="an adapter written by lorakit train (or PEFT), served as NAME (repeatable)")
     p.add_argument("--config", help="YAML file of settings (the flags below as keys; adapter: {name: folder})")
+    p.add_argument("--task", help="the task of the --adapter folders, in place of their task.json: a PEFT SEQ_CLS "
+                                  "adapter has none, name its GLUE task (the admin route takes \"task\" per adapter)")
     p.add_argument("--host", help="default: 127.0.0.1")
     p.add_argument("--port", type=int, help="default: 8000")
     p.add_argument("--token", help="bearer token required by the admin routes (default: $LORAKIT_TOKEN; none: open); "

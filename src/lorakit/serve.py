@@ -151,7 +151,8 @@ class Engine:
             raise ClientError(400, f"adapter {name!r} was trained with {info['pooling']} pooling; the server's "
                                    f"classifiers read the first token (use lorakit eval for it)")
         if not task:
-            raise ClientError(400, f"{str(folder)[:200]!r} has no task.json; give the adapter's GLUE task")
+            raise ClientError(400, f"{str(folder)[:200]!r} has no task.json; give the adapter's GLUE task "
+                                   "(\"task\" here, --task for lorakit serve)")
         trained_on = info.get("model")
         try:
             if trained_on and resolve_model(trained_on) != resolve_model(self.model_name):
@@ -452,9 +453,11 @@ class _BodyLimit:
         await self.app(scope, replay, send)
 
 
-def create_app(engine, config: ServeConfig | None = None, adapters: dict[str, str] | None = None):
+def create_app(engine, config: ServeConfig | None = None, adapters: dict[str, str] | None = None,
+               task: str | None = None):
     """The FastAPI app serving ``engine`` (an :class:`Engine`, or a causal LM's
-    :class:`lorakit.serve_openai.GenerationEngine`); ``adapters`` (name -> folder) are loaded at start-up."""
+    :class:`lorakit.serve_openai.GenerationEngine`); ``adapters`` (name -> folder) are loaded at start-up,
+    as of ``task`` when given (in place of their task.json's: a PEFT SEQ_CLS adapter has none)."""
     from contextlib import asynccontextmanager
 
     from fastapi import Depends, FastAPI, Request
@@ -464,7 +467,7 @@ def create_app(engine, config: ServeConfig | None = None, adapters: dict[str, st
     config = config or ServeConfig()
     for name, path in (adapters or {}).items():
         try:
-            engine.load(name, path)
+            engine.load(name, path, task)
         except ClientError as e:
             raise ValueError(f"--adapter {name}={path}: {e}") from None
 
@@ -576,7 +579,7 @@ def create_app(engine, config: ServeConfig | None = None, adapters: dict[str, st
 
 
 def serve(model: str | None, adapters: dict[str, str], config: ServeConfig, host: str, port: int,
-          precision: str = "auto", quantize: str | None = None) -> None:
+          precision: str = "auto", quantize: str | None = None, task: str | None = None) -> None:
     """Load the model and adapters and serve until interrupted."""
     import uvicorn
 
@@ -590,7 +593,7 @@ def serve(model: str | None, adapters: dict[str, str], config: ServeConfig, host
             raise ValueError("name the base model with --model (no adapter with a task.json to read it from)")
         model = json.loads(info.read_text())["model"]
     engine = _engine(model, config, precision, quantize)
-    app = create_app(engine, config, adapters)
+    app = create_app(engine, config, adapters, task)
     print(f"lorakit serve: {model} ({engine.precision}) with adapters {sorted(adapters) or 'none'} "
           f"on http://{host}:{port}", flush=True)
     options = dict(**uvicorn_options(config), host=host, port=port, log_level="warning")
