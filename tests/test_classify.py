@@ -138,6 +138,7 @@ def _rows(*labels) -> list[classify.Row]:
 @pytest.mark.parametrize("labels, problem_type, expected", [
     (("pos", "neg", "pos", "mixed"), None, (("mixed", "neg", "pos"), "single_label_classification")),
     ((10, 2, 1, 2), None, (("1", "2", "10"), "single_label_classification")),  # integers in numeric order
+    ((12345678901234567891, 2), None, (("2", "12345678901234567891"), "single_label_classification")),  # exact names
     ((1.0, 2, "3"), None, (("1", "2", "3"), "single_label_classification")),  # "3" in a CSV is the number 3
     (("true", "false"), None, (("false", "true"), "single_label_classification")),
     ((0.5, 4.2, 3), None, (None, "regression")),  # a fractional number: a score, as STS-B

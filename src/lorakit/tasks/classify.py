@@ -173,10 +173,7 @@ def discover_labels(rows: list[Row], problem_type: str | None = None) -> tuple[t
             raise ValueError(f"{words[0].where}: the label {words[0].label!r} is not a number; regression "
                              "(--problem-type regression) needs a numeric score in every row")
         return None, problem_type
-    if words:  # a column of class names (numbers among them are names too)
-        names = sorted({_name(r.label) for r in rows})
-    else:
-        names = [_name(v) for v in sorted({float(r.label) for r in rows})]
+    names = sorted({_name(r.label) for r in rows}, key=None if words else float)  # with words, numbers are names too
     if len(names) < 2:
         raise ValueError(f"{rows[0].where.rsplit(':', 1)[0]}: every row has the label {names[0]!r}; a classifier needs "
                          "at least two classes (or --problem-type regression for a score)")
