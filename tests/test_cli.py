@@ -178,7 +178,7 @@ def test_serve_reads_a_config_file_and_flags_override_it(tmp_path, capsys, monke
     from lorakit import serve as serve_module
 
     seen = {}
-    monkeypatch.setattr(serve_module, "serve", lambda model, adapters, config, host, port, precision, quantize: seen.update(
+    monkeypatch.setattr(serve_module, "serve", lambda model, adapters, config, host, port, precision, quantize, task=None: seen.update(
         model=model, adapters=adapters, config=config, host=host, port=port, precision=precision, quantize=quantize))
     settings = tmp_path / "serve.yaml"
     settings.write_text("model: minilm\nadapter: {a: /x/a, b: /x/b}\nport: 9000\nmax_queue: 7\nprecision: fp32\n")

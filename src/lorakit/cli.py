@@ -22,7 +22,7 @@ def _add_train_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
     parser.add_argument("--preset", default=None, choices=["demo", "paper", "none"],
                         help="recipe the other flags override: demo (CPU-sized; the default for GLUE tasks and e2e), "
                              "paper (GLUE: Table 9; e2e/jsonl: Table 11), none (the defaults below; the default for "
-                             "jsonl, your own data)")
+                             "jsonl and classify, your own data)")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if f.name in skip:
@@ -54,7 +54,7 @@ def _seed_list(text: str) -> tuple[int, ...]:
 
 def _train_config(args: argparse.Namespace, **defaults):
     """The run's TrainConfig and its preset (as printed): defaults, the --config file, then the
-    flags given. Without a preset named, the task's default (demo; none for jsonl, your own data)."""
+    flags given. Without a preset named, the task's default (demo; none for jsonl and classify, your own data)."""
     from .tasks import default_preset
     from .train import TrainConfig, read_config_file, resolve_config
 
@@ -106,15 +106,14 @@ def _is_lm(task: str) -> bool:
 def _load_adapted(args: argparse.Namespace):
     """(task.json info, tokenizer, model with the adapter loaded): a classifier or a causal LM.
     ``--adapter`` may also be a run folder of a baseline (``trainable.safetensors``)."""
-    from . import data
     from .io import load_adapter
-    from .tasks import glue, lm
+    from .tasks import classify, glue, lm
 
     info = _run_info(args.adapter, args.task, args.model)
     if _is_lm(info["task"]):
         tokenizer, model = lm.load_causal_lm(info["model"])
     else:
-        tokenizer, model = glue.load_classifier(info["model"], data.get_task(info["task"]), info.get("pooling", "cls"))
+        tokenizer, model = glue.load_classifier(info["model"], classify.task_of(info), info.get("pooling", "cls"))
     if (Path(args.adapter) / "trainable.safetensors").is_file():
         _load_trained(model, Path(args.adapter), info)
     else:
@@ -145,9 +144,8 @@ def _decoding(args: argparse.Namespace):
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from . import data
     from .precision import precision_context, resolve_precision
-    from .tasks import glue, lm
+    from .tasks import classify, glue, lm
 
     info, tokenizer, model = _load_adapted(args)
     if _is_lm(info["task"]):
@@ -161,15 +159,29 @@ def _eval(args: argparse.Namespace) -> int:
         print(json.dumps(scores, indent=2))
         print(f"outputs and scores written to {out}")
         return 0
-    task = data.get_task(info["task"])
-    data_dir = args.data_dir if args.data_dir is not None else data.default_data_dir()
-    results = {}
-    for split in task.dev_splits:
-        examples = data.read_split(task, split, data_dir)[: args.max_examples]
-        split_data = glue.tokenize(tokenizer, examples, args.max_length)
+    task, results = classify.task_of(info), {}
+    for split, examples in _classifier_splits(args, task):
+        split_data = glue.tokenize(tokenizer, examples[: args.max_examples], args.max_length)
         results[split] = glue.evaluate(model, task, split_data, 64, tokenizer.pad_token_id or 0)
     print(json.dumps(results, indent=2))
     return 0
+
+
+def _classifier_splits(args: argparse.Namespace, task) -> list[tuple[str, list]]:
+    """``(split, examples)`` to evaluate: a GLUE task's dev split(s) from --data-dir, or the
+    --dev-file of a classify adapter (read with the fields and classes of its task.json)."""
+    from . import data
+    from .tasks import classify
+
+    if task.name == classify.NAME:
+        if not args.dev_file:
+            raise ValueError(f"lorakit eval of a classify adapter needs --dev-file FILE (CSV or JSONL with the fields "
+                             f"{[*task.text_columns, task.label_column]})")
+        return [("dev", classify.read_examples(task, args.dev_file, f"the adapter {args.adapter}"))]
+    if args.dev_file:
+        raise ValueError(f"--dev-file applies to adapters of --task classify; the GLUE task {task.name} reads --data-dir")
+    data_dir = args.data_dir if args.data_dir is not None else data.default_data_dir()
+    return [(split, data.read_split(task, split, data_dir)) for split in task.dev_splits]
 
 
 def _task_of_peft_adapter(adapter: str) -> str | None:
@@ -326,8 +338,9 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
-_SERVE_KEYS = {"model": None, "adapter": [], "host": "127.0.0.1", "port": 8000, "precision": "auto", "quantize": None}
-_SERVE_TYPES = {"model": str, "host": str, "port": int, "precision": str, "quantize": str}  # besides ServeConfig's
+_SERVE_KEYS = {"model": None, "adapter": [], "host": "127.0.0.1", "port": 8000, "precision": "auto", "quantize": None,
+               "task": None}
+_SERVE_TYPES = {"model": str, "host": str, "port": int, "precision": str, "quantize": str, "task": str}  # besides ServeConfig's
 
 
 def _serve_settings(path: str, config_type: type) -> dict[str, typing.Any]:
@@ -381,7 +394,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be between 1 and 65535, got {values['port']}")
     config = ServeConfig(**{k: values[k] for k in values if k not in _SERVE_KEYS and k != "token"},
                          token=values["token"] or os.environ.get("LORAKIT_TOKEN"))
-    serve(values["model"], adapters, config, values["host"], values["port"], values["precision"], values["quantize"])
+    serve(values["model"], adapters, config, values["host"], values["port"], values["precision"], values["quantize"],
+          values["task"])
     return 0
 
 
@@ -481,7 +495,8 @@ def _add_generation_flags(parser: argparse.ArgumentParser, paper_default: bool) 
 
 
 def _train_parser(sub) -> None:
-    p = sub.add_parser("train", help="fine-tune with LoRA or a baseline: GLUE tasks, E2E NLG, or your own JSONL data")
+    p = sub.add_parser("train", help="fine-tune with LoRA or a baseline: GLUE tasks, E2E NLG, or your own data "
+                                     "(JSONL prompts, labelled CSV/JSONL)")
     _add_train_flags(p)
     p.set_defaults(func=_train)
 
@@ -490,15 +505,19 @@ def _adapted_parser(sub, name: str, func, help_text: str) -> argparse.ArgumentPa
     """``eval`` and ``merge``: an adapter, its task and base model."""
     p = sub.add_parser(name, help=help_text)
     p.add_argument("--adapter", required=True, help="adapter folder written by lorakit train (or PEFT)")
-    p.add_argument("--task", help="task (default: from the adapter's task.json, or a PEFT CAUSAL_LM config)")
+    p.add_argument("--task", help="task (default: from the adapter's task.json, or a PEFT CAUSAL_LM config); a PEFT "
+                                  "SEQ_CLS adapter (no task.json) needs its GLUE task named here")
     p.add_argument("--model", help="base model (default: from the adapter: task.json, else base_model_name_or_path)")
     p.set_defaults(func=func)
     return p
 
 
 def _eval_parser(sub) -> None:
-    p = _adapted_parser(sub, "eval", _eval, "evaluate an adapter: GLUE dev metrics, or E2E generation scored")
+    p = _adapted_parser(sub, "eval", _eval, "evaluate an adapter: GLUE dev metrics, a classify adapter on --dev-file, "
+                                            "or E2E generation scored")
     p.add_argument("--data-dir", help="GLUE tsv / E2E csv folder, or 'hub'")
+    p.add_argument("--dev-file", help="classify adapters: the CSV or JSONL file to score (the fields and classes of "
+                                      "their task.json)")
     p.add_argument("--max-length", type=int, default=512, help="GLUE: tokens per example (default: 512)")
     p.add_argument("--max-examples", type=int, help="only the first N examples (E2E: unique MRs)")
     p.add_argument("--split", default="test", choices=["dev", "test"], help="E2E split (default: test)")
@@ -559,6 +578,8 @@ def _serve_parser(sub) -> None:
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=FOLDER",
                    help="an adapter written by lorakit train (or PEFT), served as NAME (repeatable)")
     p.add_argument("--config", help="YAML file of settings (the flags below as keys; adapter: {name: folder})")
+    p.add_argument("--task", help="the task of the --adapter folders, in place of their task.json: a PEFT SEQ_CLS "
+                                  "adapter has none, name its GLUE task (the admin route takes \"task\" per adapter)")
     p.add_argument("--host", help="default: 127.0.0.1")
     p.add_argument("--port", type=int, help="default: 8000")
     p.add_argument("--token", help="bearer token required by the admin routes (default: $LORAKIT_TOKEN; none: open); "

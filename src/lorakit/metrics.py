@@ -1,5 +1,6 @@
 """GLUE metrics, as in the paper's Table 2: accuracy, F1 (positive class 1),
-Matthews correlation (CoLA), Pearson and Spearman correlation (STS-B).
+Matthews correlation (CoLA), Pearson and Spearman correlation (STS-B); and macro-F1 (the mean
+of each class's F1, for ``--task classify``'s classes).
 Written out in numpy so no scikit-learn/scipy is needed."""
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["compute_metrics", "accuracy", "f1", "matthews", "pearson", "spearman"]
+__all__ = ["compute_metrics", "accuracy", "f1", "macro_f1", "matthews", "pearson", "spearman"]
 
 
 def accuracy(pred: np.ndarray, gold: np.ndarray) -> float:
@@ -20,6 +21,17 @@ def f1(pred: np.ndarray, gold: np.ndarray) -> float:
     fp = float(((pred == 1) & (gold == 0)).sum())
     fn = float(((pred == 0) & (gold == 1)).sum())
     return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+
+
+def macro_f1(pred: np.ndarray, gold: np.ndarray) -> float:
+    """The unweighted mean over classes of ``2 tp / (2 tp + fp + fn)``, over the classes that
+    occur in ``gold`` or ``pred`` (scikit-learn's ``f1_score(average="macro")``)."""
+    scores = []
+    for c in np.union1d(pred, gold):
+        tp = float(((pred == c) & (gold == c)).sum())
+        wrong = float(((pred == c) != (gold == c)).sum())  # fp + fn
+        scores.append(2 * tp / (2 * tp + wrong))
+    return float(np.mean(scores))
 
 
 def matthews(pred: np.ndarray, gold: np.ndarray) -> float:
@@ -52,7 +64,7 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     return pearson(_ranks(x), _ranks(y))
 
 
-_METRICS = {"accuracy": accuracy, "f1": f1, "matthews": matthews, "pearson": pearson, "spearman": spearman}
+_METRICS = {"accuracy": accuracy, "f1": f1, "macro_f1": macro_f1, "matthews": matthews, "pearson": pearson, "spearman": spearman}
 
 
 def compute_metrics(names: Sequence[str], predictions: Sequence[float], labels: Sequence[float]) -> dict[str, float]:

@@ -36,6 +36,7 @@ from .layers import ModulesToSave
 from .model import adapter_per_row, remove_adapter
 from .models import resolve_model
 from .precision import precision_context, resolve_precision
+from .tasks.classify import task_of
 from .tasks.glue import POOLINGS, load_classifier, mean_pooling
 
 __all__ = ["ServeConfig", "Engine", "create_app", "serve"]
@@ -183,13 +184,14 @@ class Engine:
                 raise ClientError(400, f"adapter {name!r} was trained with mean pooling: {e}") from None
             self._pooling_hooked = True
         if not task:
-            raise ClientError(400, f"{str(folder)[:200]!r} has no task.json; give the adapter's GLUE task")
+            raise ClientError(400, f"{str(folder)[:200]!r} has no task.json; give the adapter's GLUE task "
+                                   "(\"task\" here, --task for lorakit serve)")
         trained_on = info.get("model")
         try:
             if trained_on and resolve_model(trained_on) != resolve_model(self.model_name):
                 raise ClientError(400, f"adapter {name!r} was trained on {trained_on!r}, but this server runs "
                                        f"{self.model_name!r}")
-            glue_task = data.get_task(task)
+            glue_task = task_of({**info, "task": task})  # a GLUE task, or classify with its classes
             load_adapter(self.model, folder, name, resize_saved=True)
         except (ValueError, TypeError, RuntimeError, MemoryError) as e:  # bad config values, tensors too large
             raise ClientError(400, " ".join(str(e).split())[:1000]) from None
@@ -500,9 +502,11 @@ class _BodyLimit:
         await self.app(scope, replay, send)
 
 
-def create_app(engine, config: ServeConfig | None = None, adapters: dict[str, str] | None = None):
+def create_app(engine, config: ServeConfig | None = None, adapters: dict[str, str] | None = None,
+               task: str | None = None):
     """The FastAPI app serving ``engine`` (an :class:`Engine`, or a causal LM's
-    :class:`lorakit.serve_openai.GenerationEngine`); ``adapters`` (name -> folder) are loaded at start-up."""
+    :class:`lorakit.serve_openai.GenerationEngine`); ``adapters`` (name -> folder) are loaded at start-up,
+    as of ``task`` when given (in place of their task.json's: a PEFT SEQ_CLS adapter has none)."""
     from contextlib import asynccontextmanager
 
     from fastapi import Depends, FastAPI, Request
@@ -512,7 +516,7 @@ def create_app(engine, config: ServeConfig | None = None, adapters: dict[str, st
     config = config or ServeConfig()
     for name, path in (adapters or {}).items():
         try:
-            engine.load(name, path)
+            engine.load(name, path, task)
         except ClientError as e:
             raise ValueError(f"--adapter {clip(name)}={path}: {e}") from None
 
@@ -624,7 +628,7 @@ def create_app(engine, config: ServeConfig | None = None, adapters: dict[str, st
 
 
 def serve(model: str | None, adapters: dict[str, str], config: ServeConfig, host: str, port: int,
-          precision: str = "auto", quantize: str | None = None) -> None:
+          precision: str = "auto", quantize: str | None = None, task: str | None = None) -> None:
     """Load the model and adapters and serve until interrupted."""
     import uvicorn
 
@@ -633,7 +637,7 @@ def serve(model: str | None, adapters: dict[str, str], config: ServeConfig, host
                          "set a token with $LORAKIT_TOKEN or --token")
     model = model or _base_of(next(iter(adapters.values()), None))
     engine = _engine(model, config, precision, quantize)
-    app = create_app(engine, config, adapters)
+    app = create_app(engine, config, adapters, task)
     print(f"lorakit serve: {model} ({engine.precision}) with adapters {sorted(adapters) or 'none'} "
           f"on http://{host}:{port}", flush=True)
     options = dict(**uvicorn_options(config), host=host, port=port, log_level="warning")

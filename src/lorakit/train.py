@@ -53,12 +53,23 @@ def _opt(default: Any, help: str) -> Any:
 class TrainConfig:
     """Everything a run depends on; field docs become ``lorakit train --help``."""
 
-    task: str = _opt("mrpc", "GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte), e2e, or jsonl (your files)")
+    task: str = _opt("mrpc", "GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte), e2e, jsonl (your prompt/"
+                             "completion files) or classify (your labelled CSV/JSONL files)")
     model: str = _opt("minilm", "model: minilm (embedded), mpnet-base, smollm2 (causal LM), or any HF name or folder")
     method: str = _opt("lora", "lora, full (full fine-tuning), bitfit (biases only) or adapter (Houlsby)")
     data_dir: str | None = _opt(None, "GLUE tsv / E2E csv folder, or 'hub' (default: ../shared/data/glue or /e2e)")
-    train_file: str | None = _opt(None, "jsonl task: training rows {prompt, completion} or {messages}")
-    dev_file: str | None = _opt(None, "jsonl task: dev rows, same format")
+    train_file: str | None = _opt(None, "jsonl task: training rows {prompt, completion} or {messages}; classify task: "
+                                        "a CSV or JSONL file of texts and labels (the classes are read from it)")
+    dev_file: str | None = _opt(None, "jsonl and classify tasks: dev rows, same format (classify without it: a seeded "
+                                      "--dev-ratio of the training rows)")
+    text_field: str | None = _opt(None, "classify task: the column / JSON field holding the text")
+    text_pair_field: str | None = _opt(None, "classify task: the field holding the second text of a pair (as MRPC)")
+    label_field: str | None = _opt(None, "classify task: the field holding the label: strings and integers are classes "
+                                         "(sorted; integers numerically), other numbers a regression score")
+    problem_type: str | None = _opt(None, "classify task: single_label_classification or regression, overriding what "
+                                          "the labels suggest")
+    dev_ratio: float = _opt(0.1, "classify task without --dev-file: the share of training rows held out as dev "
+                                 "(seeded, the same rows for every seed)")
     prompt_format: str = _opt("plain", "causal LM prompts: plain (prompt, separator, completion) or chat (chat template)")
     prompt_separator: str = _opt("\n", "plain prompts: the text between prompt and completion, recorded in task.json "
                                        "for generate and eval (default: a newline; '' joins them verbatim, as TRL does)")
@@ -126,6 +137,10 @@ class TrainConfig:
             raise ValueError(f"report_to must be one of {runfiles.REPORT_TO}, got {self.report_to!r}")
         if self.pooling not in ("cls", "mean"):
             raise ValueError(f"pooling must be 'cls' or 'mean', got {self.pooling!r}")
+        if self.problem_type not in (None, "single_label_classification", "regression"):
+            raise ValueError(f"problem_type must be single_label_classification or regression, got {self.problem_type!r}")
+        if not 0.0 < self.dev_ratio < 1.0:
+            raise ValueError(f"dev_ratio must be between 0 and 1 (exclusive), got {self.dev_ratio}")
         if self.decoding not in ("greedy", "paper"):
             raise ValueError(f"decoding must be 'greedy' or 'paper', got {self.decoding!r}")
 

@@ -2,8 +2,9 @@
 
 A :class:`Task` reads and encodes its data, collates batches, computes the training
 loss, evaluates, and names the metric that picks the best epoch (and its direction).
-Families: GLUE classification / regression (:mod:`.glue`) and causal-LM prompt ->
-completion tasks (:mod:`.lm`: the E2E NLG Challenge and the user's own JSONL files).
+Families: GLUE classification / regression (:mod:`.glue`), classification / regression on the
+user's own CSV or JSONL files (:mod:`.classify`, GLUE's training code with the file's classes) and
+causal-LM prompt -> completion tasks (:mod:`.lm`: the E2E NLG Challenge and the user's own JSONL files).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 from ..distributed import World
 
 __all__ = ["Task", "Split", "create", "canonical_name", "presets", "default_preset", "format_metrics",
-           "PERCENT_METRICS", "report", "first_rows"]
+           "PERCENT_METRICS", "report", "first_rows", "refuse_classify_flags"]
 
 
 @dataclass
@@ -80,8 +81,16 @@ def first_rows(rows: list[Any], limit: int | None, what: str, flag: str) -> list
     return rows[:limit]
 
 
+def refuse_classify_flags(cfg) -> None:
+    """Refuse the fields only ``--task classify`` reads when another task is set (else they would be ignored)."""
+    given = [f"--{name.replace('_', '-')}" for name in ("text_field", "text_pair_field", "label_field", "problem_type")
+             if getattr(cfg, name, None) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} apply to --task classify (your own labelled files), not to --task {cfg.task}")
+
+
 # Metrics shown as percentages (stored as fractions, as the official scorers print them).
-PERCENT_METRICS = frozenset({"accuracy", "f1", "matthews", "pearson", "spearman", "BLEU", "METEOR", "ROUGE_L",
+PERCENT_METRICS = frozenset({"accuracy", "f1", "macro_f1", "matthews", "pearson", "spearman", "BLEU", "METEOR", "ROUGE_L",
                              "token_accuracy"})
 
 
@@ -98,10 +107,12 @@ def format_metrics(metrics: dict[str, dict[str, float]]) -> str:
 
 
 def _family(name: str):
-    from . import glue, lm
+    from . import classify, glue, lm
 
     if name.lower() in lm.TASKS:
         return lm
+    if name.lower() == classify.NAME:
+        return classify
     try:
         glue.data.get_task(name)
     except ValueError:
@@ -122,8 +133,8 @@ def presets(name: str) -> dict[str, dict[str, Any]]:
 
 def default_preset(name: str) -> str:
     """The preset ``lorakit train`` uses when none is named: ``demo`` for GLUE and E2E (their
-    CPU-sized demos), ``none`` for the user's own JSONL data (the TrainConfig defaults: no label
-    smoothing, no warm-up override, no truncation)."""
+    CPU-sized demos), ``none`` for the user's own data, JSONL or classify (the TrainConfig
+    defaults: no label smoothing, no warm-up override, no truncation)."""
     return _family(name).default_preset(name)
 
 
@@ -133,6 +144,6 @@ def create(cfg) -> Task:
 
 
 def known() -> list[str]:
-    from . import glue, lm
+    from . import classify, glue, lm
 
-    return [*glue.data.TASKS, *lm.TASKS]
+    return [*glue.data.TASKS, *lm.TASKS, classify.NAME]

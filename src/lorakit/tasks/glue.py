@@ -13,7 +13,7 @@ from .. import data
 from ..distributed import World
 from ..metrics import compute_metrics
 from ..models import resolve_model
-from . import Split, first_rows
+from . import Split, first_rows, refuse_classify_flags
 
 __all__ = ["GlueTask", "load_classifier", "mean_pooling", "tokenize", "evaluate", "create", "presets", "default_preset",
            "canonical_name", "POOLINGS"]
@@ -46,7 +46,8 @@ def canonical_name(name: str) -> str:
 
 def load_classifier(model_name: str, task: data.Task, pooling: str = "cls"):
     """Tokenizer and sequence-classification model for ``task`` (regression for STS-B); the
-    head reads the first token (``cls``, the model's own) or the masked mean (``mean``)."""
+    head reads the first token (``cls``, the model's own) or the masked mean (``mean``). The
+    model's config names the task's classes (``id2label``), so a merged model saves them."""
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -56,9 +57,11 @@ def load_classifier(model_name: str, task: data.Task, pooling: str = "cls"):
     logging.disable_progress_bar()  # one-line errors on stderr, no loading bars before them
     path = resolve_model(model_name)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    names = {} if task.labels is None else dict(id2label=dict(enumerate(task.labels)),
+                                                 label2id={name: i for i, name in enumerate(task.labels)})
     model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=task.num_labels, problem_type="regression" if task.labels is None else None,
-        ignore_mismatched_sizes=True,  # a folder with another task's head gets a fresh one
+        path, num_labels=task.num_labels, problem_type="regression" if task.labels is None else "single_label_classification",
+        ignore_mismatched_sizes=True, **names,  # a folder with another task's head gets a fresh one
     )
     return tokenizer, mean_pooling(model) if pooling == "mean" else model
 
@@ -152,13 +155,14 @@ class _ModelLoss(nn.Module):
 
 
 class GlueTask:
-    """One GLUE task read from a tsv folder (or the hub), scored with the paper's metrics."""
+    """One GLUE task read from a tsv folder (or the hub), scored with the paper's metrics; with
+    ``task`` given, that classification task instead (the user's own files: :mod:`.classify`)."""
 
     task_type = "SEQ_CLS"
     higher_is_better = True
 
-    def __init__(self, cfg) -> None:
-        self.task = data.get_task(cfg.task)
+    def __init__(self, cfg, task: data.Task | None = None) -> None:
+        self.task = task or data.get_task(cfg.task)
         self.name = self.task.name
         self.main = (self.task.dev_splits[0], self.task.main_metric)
         self.cfg = cfg
@@ -199,4 +203,5 @@ class GlueTask:
 
 
 def create(cfg) -> GlueTask:
+    refuse_classify_flags(cfg)
     return GlueTask(cfg)

@@ -33,7 +33,7 @@ from torch import nn
 from .. import data
 from ..distributed import World
 from ..models import resolve_model
-from . import Split, first_rows, report
+from . import Split, first_rows, refuse_classify_flags, report
 
 __all__ = ["TASKS", "LMTask", "CausalLMLoss", "read_e2e", "read_jsonl", "encode", "collate", "load_causal_lm",
            "e2e_data_dir", "create", "presets", "default_preset", "canonical_name", "decoding_for", "evaluate_e2e", "prompt_ids",
@@ -364,6 +364,7 @@ class LMTask:
             raise ValueError("--task jsonl needs --train-file and --dev-file (JSONL, one row per line)")
         if getattr(cfg, "pooling", "cls") != "cls":
             raise ValueError(f"--pooling applies to classifiers, not to the causal-LM task {self.name}")
+        refuse_classify_flags(cfg)
 
     def load_model(self, model_name: str):
         self.tokenizer, model = load_causal_lm(model_name)
