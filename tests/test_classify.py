@@ -94,7 +94,8 @@ def test_a_csv_classifier_trains_evaluates_merges_and_serves_with_its_label_name
     engine = Engine(tiny_model, "fp32")
     with TestClient(create_app(engine, ServeConfig(), {"nli": str(adapter)})) as client:
         listed = client.get("/v1/adapters").json()["adapters"]
-        assert listed == [{"name": "nli", "task": "classify", "labels": info["labels"], "inputs_per_row": 2}]
+        assert listed == [{"name": "nli", "task": "classify", "labels": info["labels"], "inputs_per_row": 2,
+                           "pooling": "cls"}]
         reply = client.post("/v1/classify", json={"adapter": "nli", "inputs": [list(p) for p in pairs]}).json()
     assert reply["label_names"] == info["labels"]
     assert reply["labels"] == [info["labels"][i] for i in expected.argmax(-1).tolist()]
