@@ -230,3 +230,18 @@ def test_loraplus_groups_equal_peft_create_loraplus_optimizer():
     assert all(g["params"] for g in got)  # every group holds something: the comparison could fail
     with pytest.raises(ValueError, match=r"loraplus_param_groups: ratio must be a finite positive number, got ratio=0"):
         lorakit.loraplus_param_groups(ours, lr=1e-3, ratio=0)
+
+
+def test_the_cached_base_norms_follow_a_weight_given_new_data_and_a_pickled_model_loads():
+    import io
+
+    _, layer, x = adapted("linear")
+    variants.weight_norm(layer, "default")
+    layer.weight.data = layer.weight.data * 3.0  # the same Parameter, new storage
+    torch.testing.assert_close(variants.weight_norm(layer, "default"), variants.weight_norm_reference(layer, "default").double(),
+                               **TOL[torch.float64])
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    again = torch.load(buffer, weights_only=False)
+    torch.testing.assert_close(again(x), layer(x), **TOL[torch.float64])

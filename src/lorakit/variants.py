@@ -51,10 +51,10 @@ def _channel_rows(layer: LoraLayer) -> Tensor:
 
 
 def _squared_row_norms(layer: LoraLayer, rows: Tensor) -> Tensor:
-    """``||W0_i||^2`` in float32, kept until the base weight changes (its version counter moves,
-    or it is another tensor: moved, loaded, re-quantized)."""
+    """``||W0_i||^2`` in float32, kept until the base weight changes: written in place (its version
+    counter moves), or another tensor (moved, loaded, re-quantized, given new ``.data``)."""
     w = layer.original_weight
-    key = (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape))
+    key = (id(w), w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape))
     cached = layer.__dict__.get("_dora_squared_norms")
     if cached is None or cached[0] != key:
         cached = (key, _f32(rows).square().sum(1))
