@@ -256,6 +256,15 @@ BILLION_LAUGHS = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".jo
     (BILLION_LAUGHS, "line 1, a: YAML anchors and aliases (&name, *name) are not allowed"),
     ("model: " + "x" * (1 << 20), "is 1,048,584 bytes; a settings file is at most 1,048,576"),
     ("seeds: [" + ", ".join(["0"] * 1001) + "]", "seeds has 1001 entries; at most 1000"),
+    ("rank_pattern: {q: 2.5}", "rank_pattern['q'] must be an integer, got 2.5 (float)"),
+    ("rank_pattern: [q]", "rank_pattern must be a mapping of names to integers, got ['q'] (list)"),
+    ("rank_pattern: {q: {k: 1}}", "rank_pattern['q'] must be an integer, got {'k': 1} (dict)"),
+    ("rank_pattern: {q: 0}", "rank_pattern['q'] must be a positive integer (a rank), got 0"),
+    ("alpha_pattern: {q: .inf}", "alpha_pattern['q'] must be a finite number, got inf"),
+    ("alpha_pattern: {q: -1}", "alpha_pattern['q'] must be a finite positive number, got -1"),
+    ("alpha_pattern: 'q=x'", "alpha_pattern['q'] must be a number, got 'x' (str)"),
+    ("use_dora: 1", "use_dora must be true or false, got 1 (int)"),
+    ("loraplus_lr_ratio: 0", "loraplus_lr_ratio must be positive (B's lr / A's), got 0"),
 ])
 def test_config_file_values_are_checked_against_the_fields_types(tmp_path, capsys, monkeypatch, text, message):
     from lorakit import train
@@ -375,3 +384,23 @@ def test_version_and_the_model_list(capsys, tmp_path, monkeypatch):
     assert "not installed: lorakit models install mpnet-base" in rows["mpnet-base"]
     assert str(tmp_path / "models" / "SmolLM2-135M-Instruct") in rows["smollm2"]
     _one_line_error(capsys, ["models", "install"], "lorakit models install takes the model to install")
+
+
+def test_dora_rank_alpha_patterns_and_loraplus_from_flags_and_config_files(tmp_path, monkeypatch, capsys):
+    cfg, _ = _resolved(monkeypatch, capsys, ["--rank-pattern", "query=4, layer\\.1\\.attention\\.self\\.value=16",
+                                             "--alpha-pattern", "query=2.5", "--use-dora", "--loraplus-lr-ratio", "8"])
+    assert cfg.rank_pattern == {"query": 4, r"layer\.1\.attention\.self\.value": 16}
+    assert (cfg.alpha_pattern, cfg.use_dora, cfg.loraplus_lr_ratio) == ({"query": 2.5}, True, 8.0)
+    settings = tmp_path / "run.yaml"
+    settings.write_text("rank_pattern: {query: 4, value: 16}\nalpha_pattern:\n  query: 1e-1\nuse_dora: true\n"
+                        "loraplus_lr_ratio: 16\n")
+    cfg, _ = _resolved(monkeypatch, capsys, ["--config", str(settings)])
+    assert (cfg.rank_pattern, cfg.alpha_pattern, cfg.use_dora, cfg.loraplus_lr_ratio) == (
+        {"query": 4, "value": 16}, {"query": 0.1}, True, 16)
+    settings.write_text("rank_pattern: query=4,value=16\n")  # the flag's form also reads
+    assert _resolved(monkeypatch, capsys, ["--config", str(settings)])[0].rank_pattern == {"query": 4, "value": 16}
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["train", "--rank-pattern", "query"])
+    assert exit.value.code == 2
+    assert "rank_pattern must be name=value entries separated by commas, e.g. 'q_proj=16,v_proj=4'; got 'query'" in \
+        capsys.readouterr().err

@@ -62,10 +62,10 @@ def test_from_peft_dict_refuses_missing_fields_and_unsupported_options():
             LoraConfig.from_peft_dict(broken)
     with pytest.raises(ValueError, match="peft_type='IA3'; lorakit reads only 'LORA'"):
         LoraConfig.from_peft_dict({**d, "peft_type": "IA3"})
-    with pytest.raises(ValueError, match="sets use_dora=True, which lorakit does not support"):
-        LoraConfig.from_peft_dict({**d, "use_dora": True})
-    with pytest.raises(ValueError, match="sets rank_pattern"):
-        LoraConfig.from_peft_dict({**d, "rank_pattern": {"q": 2}})
+    with pytest.raises(ValueError, match="sets lora_bias=True, which lorakit does not support"):
+        LoraConfig.from_peft_dict({**d, "lora_bias": True})
+    with pytest.raises(ValueError, match="sets layers_to_transform"):
+        LoraConfig.from_peft_dict({**d, "layers_to_transform": [0, 1]})
 
 
 def test_every_peft_key_is_honoured_or_refused_by_name():
@@ -96,8 +96,9 @@ def test_peft_names_and_peft_configs_are_accepted():
     assert LoraConfig.coerce(theirs) == ours
     assert LoraConfig.coerce({"r": 8, "lora_alpha": 16, "lora_dropout": 0.1, "init_lora_weights": "gaussian",
                               "target_modules": ["q", "v"]}) == ours
-    with pytest.raises(ValueError, match="the PEFT config sets use_dora=True, which lorakit does not support"):
-        LoraConfig.coerce(peft.LoraConfig(use_dora=True))
+    with pytest.raises(ValueError, match="the PEFT config sets lora_bias=True, which lorakit does not support"):
+        LoraConfig.coerce(peft.LoraConfig(lora_bias=True))
+    assert LoraConfig.coerce(peft.LoraConfig(use_dora=True, rank_pattern={"q": 2})).use_dora
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -124,16 +125,17 @@ def test_adapter_files_with_non_finite_numbers_are_refused_by_key(tmp_path, key,
 
 
 def test_peft_only_keywords_are_accepted_off_and_refused_by_name_otherwise():
-    assert LoraConfig(r=4, rank_pattern={}, use_dora=False, layers_to_transform=None, lora_bias=False) == LoraConfig(r=4)
-    for kwargs, shown in [(dict(use_dora=True), "use_dora=True"), (dict(rank_pattern={"q": 2}), r"rank_pattern=\{'q': 2\}"),
+    assert LoraConfig(r=4, layer_replication=None, layers_to_transform=None, lora_bias=False) == LoraConfig(r=4)
+    for kwargs, shown in [(dict(trainable_token_indices=[3]), r"trainable_token_indices=\[3\]"),
+                          (dict(loftq_config={"loftq_bits": 4}), "loftq_config"),
                           (dict(layers_to_transform=[0]), r"layers_to_transform=\[0\]"),
                           (dict(lora_bias=True), "lora_bias=True"), (dict(target_parameters=["w"]), "target_parameters")]:
         with pytest.raises(ValueError, match=rf"LoraConfig\(...\) sets {shown}.*which lorakit does not support"):
             LoraConfig(**kwargs)
     # the same refusal as for files
     d = json.loads(LoraConfig(target_modules=("q",)).to_json())
-    with pytest.raises(ValueError, match=r"sets use_dora=True, which lorakit does not support \(only PEFT's off value"):
-        LoraConfig.from_peft_dict({**d, "use_dora": True})
+    with pytest.raises(ValueError, match=r"sets lora_bias=True, which lorakit does not support \(only PEFT's off value"):
+        LoraConfig.from_peft_dict({**d, "lora_bias": True})
 
 
 def test_unknown_keywords_are_a_type_error_naming_them_with_a_hint():
@@ -144,7 +146,7 @@ def test_unknown_keywords_are_a_type_error_naming_them_with_a_hint():
         LoraConfig(peft_version="0.21")
     # PEFT's snippets pass inference_mode (whether PEFT freezes the factors): accepted, no effect on outputs
     assert LoraConfig(r=4, inference_mode=False) == LoraConfig(r=4)
-    with pytest.raises(TypeError, match=r"\[.zzz.\]; it takes alpha, base_model_name_or_path, bias"):
+    with pytest.raises(TypeError, match=r"\[.zzz.\]; it takes alpha, alpha_pattern, base_model_name_or_path, bias"):
         LoraConfig(zzz=1)
 
 
@@ -176,3 +178,39 @@ def test_init_lora_weights_false_gives_a_random_b_as_peft_from_python_and_from_f
     assert json.loads((tmp_path / "adapter_config.json").read_text())["init_lora_weights"] is False
     with pytest.raises(ValueError, match=r"init_lora_weights='pissa'; lorakit supports true, false"):
         LoraConfig(init_lora_weights="pissa")
+
+
+def test_dora_and_rank_alpha_patterns_are_honoured_and_written_as_peft_writes_them():
+    cfg = LoraConfig(r=4, alpha=8, use_dora=True, rank_pattern={"v_proj": 16, "^model.layers.0.self_attn.q_proj": 2},
+                     alpha_pattern={"q_proj": 3})
+    d = json.loads(cfg.to_json())
+    assert d["use_dora"] is True and list(d["rank_pattern"]) == ["v_proj", "^model.layers.0.self_attn.q_proj"]
+    assert LoraConfig.from_peft_dict(d) == cfg
+    assert cfg.rank_alpha("model.layers.0.self_attn.q_proj") == (2, 3)
+    assert cfg.rank_alpha("model.layers.1.self_attn.q_proj") == (4, 3)
+    assert cfg.rank_alpha("model.layers.1.self_attn.v_proj") == (16, 8)
+    assert cfg.rank_alpha("model.layers.1.self_attn.xv_proj") == (4, 8)  # a key matches whole name parts
+    assert cfg.scaling_of(16, 8) == 0.5
+    # PEFT writes null for options left unset: off
+    assert LoraConfig.from_peft_dict({**d, "use_dora": None, "rank_pattern": None, "alpha_pattern": None}) == \
+        LoraConfig(r=4, alpha=8)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(rank_pattern={"q": 0}), ValueError, r"rank_pattern\['q'\] must be a positive integer \(a rank\), got 0"),
+    (dict(rank_pattern={"q": 2.5}), ValueError, r"rank_pattern\['q'\] must be a positive integer \(a rank\), got 2.5"),
+    (dict(rank_pattern={"q": True}), ValueError, r"rank_pattern\['q'\] must be a positive integer"),
+    (dict(alpha_pattern={"q": math.inf}), ValueError, r"alpha_pattern\['q'\] must be a finite positive number, got inf"),
+    (dict(alpha_pattern={"q": -1}), ValueError, r"alpha_pattern\['q'\] must be a finite positive number, got -1"),
+    (dict(alpha_pattern={"q": "2"}), ValueError, r"alpha_pattern\['q'\] must be a finite positive number, got '2'"),
+    (dict(rank_pattern={"": 2}), ValueError, r"rank_pattern keys must be non-empty strings"),
+    (dict(rank_pattern={"q(": 2}), ValueError, r"rank_pattern key 'q\(' is not a valid regular expression"),
+    (dict(rank_pattern=["q"]), TypeError, r"rank_pattern must be a mapping of module-name regexes to values"),
+    (dict(use_dora="yes"), ValueError, r"use_dora must be True or False, got use_dora='yes'"),
+])
+def test_bad_dora_and_pattern_values_are_refused_by_name(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        LoraConfig(**kwargs)
+    d = json.loads(LoraConfig(target_modules=("q",)).to_json())
+    with pytest.raises(ValueError, match=message):  # and from files, naming the file
+        LoraConfig.from_peft_dict({**d, **kwargs}, source="x/adapter_config.json")

@@ -161,7 +161,7 @@ def test_a_failed_load_leaves_nothing_behind(saved, tmp_path):
     (no_head / "adapter_config.json").write_text(json.dumps({**cfg, "modules_to_save": ["pooler_head"]}))
     tensors = load_file(path / "adapter_model.safetensors")
     key = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight"
-    save_file({**tensors, key: torch.zeros(3, 32)}, wrong / "adapter_model.safetensors")
+    save_file({**tensors, key: torch.zeros(5, 32)}, wrong / "adapter_model.safetensors")  # more rows than r: found after attaching
     save_file({**tensors, key: torch.full_like(tensors[key], float("nan"))}, nan / "adapter_model.safetensors")
     messages = {no_head: "'pooler_head' matches no module", wrong: "shape mismatches", nan: "NaN or infinite values in 1"}
     for _ in range(7):
@@ -213,3 +213,19 @@ def test_adapters_saved_from_python_name_their_base_and_task_for_peft(tiny_llama
     assert json.loads((tmp_path / "no-head" / "adapter_config.json").read_text())["task_type"] is None
     lorakit.save_adapter(lorakit.add_lora(tiny_bert().bert, LoraConfig()), tmp_path / "bare")
     assert json.loads((tmp_path / "bare" / "adapter_config.json").read_text())["task_type"] == "FEATURE_EXTRACTION"
+
+
+def test_ranks_are_checked_per_layer_before_allocating(tmp_path):
+    """rank_pattern may give every layer a rank below r (the file's largest lora_A is then smaller than
+    r: it loads); a layer whose config rank exceeds its lora_A's rows is refused before any factor exists."""
+    cfg = LoraConfig(r=8, alpha=8, target_modules=["query", "value"], rank_pattern={"query": 2, "value": 3})
+    model = lorakit.add_lora(tiny_bert(), cfg)
+    randomize(model)
+    lorakit.save_adapter(model, tmp_path / "low")
+    again = lorakit.load_adapter(tiny_bert(), tmp_path / "low")
+    torch.testing.assert_close(output(again, ids()), output(model, ids()), **TOL[torch.float32])
+    d = json.loads((tmp_path / "low" / "adapter_config.json").read_text())
+    (tmp_path / "low" / "adapter_config.json").write_text(json.dumps({**d, "rank_pattern": {"query": 10**9, "value": 3}}))
+    with pytest.raises(ValueError, match=r"has r=1000000000 in its config for bert.encoder.layer.0.attention.self.query, "
+                                         r"but its lora_A has 2 rows"):
+        lorakit.load_adapter(tiny_bert(), tmp_path / "low")

@@ -92,3 +92,99 @@ def test_gpt2_q_v_slices_are_written_so_that_peft_loads_them(tmp_path, rslora):
     torch.testing.assert_close(output(compact, x), ours, **MODEL_TOL)
     assert (tmp_path / "compact" / "adapter_model.safetensors").stat().st_size < \
         (tmp_path / "peft" / "adapter_model.safetensors").stat().st_size
+
+
+# ---- DoRA (use_dora) and per-layer ranks (rank_pattern / alpha_pattern) -------------------------
+
+
+def _perturb_magnitudes(model) -> None:
+    """Magnitudes away from the norms they start at (in a lorakit or a PEFT model): a trained DoRA adapter."""
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(0.7 + 0.6 * torch.rand(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("case", ["bert", "gpt2", "convnet"])
+def test_dora_adapters_cross_load_both_ways_with_peft_outputs(case, tmp_path):
+    """Linear, GPT-2's Conv1D, Embedding, Conv1d/Conv2d: PEFT's DoRA adapter gives lorakit the same outputs
+    (unmerged and merged), and lorakit's gives PEFT the same outputs; the magnitudes are stored under PEFT's key."""
+    make, inputs, kw = CASES[case]
+    base, x = make(), inputs()
+    kw = dict(kw, use_dora=True)
+    theirs = peft.get_peft_model(clone(base), _peft_config(dict(kw, fan_in_fan_out=case == "gpt2")))
+    _perturb_magnitudes(theirs)
+    expected = output(theirs.eval(), x)
+    assert not torch.allclose(expected, output(base, x))
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = lorakit.load_adapter(clone(base), tmp_path / "peft").eval()
+    torch.testing.assert_close(output(ours, x), expected, **MODEL_TOL)
+    lorakit.merge(ours)
+    torch.testing.assert_close(output(ours, x), expected, **MODEL_TOL)
+    lorakit.unmerge(ours)
+
+    model = lorakit.add_lora(clone(base), lorakit.LoraConfig(r=4, alpha=8, **kw))
+    randomize(model)
+    _perturb_magnitudes(model)
+    mine = output(model, x)
+    lorakit.save_adapter(model, tmp_path / "ours")
+    keys = __import__("safetensors.torch").torch.load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert any(k.endswith(".lora_magnitude_vector") for k in keys)
+    back = peft.PeftModel.from_pretrained(clone(base), tmp_path / "ours").eval()
+    torch.testing.assert_close(output(back, x), mine, **MODEL_TOL)
+
+
+def test_dora_training_step_has_peft_loss_and_gradients_with_dropout(tmp_path):
+    """In training mode with dropout 0.2 (PEFT recomputes W0 on the dropped input), the same masks give
+    the same loss and the same gradients of every A, B and magnitude."""
+    base, x = tiny_bert(), ids()
+    theirs = peft.get_peft_model(clone(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                                              use_dora=True, lora_dropout=0.2, init_lora_weights=False))
+    _perturb_magnitudes(theirs)
+    theirs.save_pretrained(tmp_path)
+    ours = lorakit.load_adapter(clone(base), tmp_path)
+    grads = []
+    for model in (theirs.train(), ours.train()):
+        torch.manual_seed(5)  # the same dropout masks, drawn in the same order
+        loss = model(x).logits.square().sum()
+        loss.backward()
+        grads.append((loss.detach(), {n.replace("base_model.model.", "").replace(".weight", "").replace(".default", ""):
+                                      p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (loss_a, a), (loss_b, b) = grads
+    assert sorted(a) == sorted(b) and any("magnitude" in k for k in a)
+    torch.testing.assert_close(loss_b, loss_a, **MODEL_TOL)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6 * a[k].abs().max().item())
+
+
+PATTERNS = dict(target_modules=["query", "value", "word_embeddings"],
+                rank_pattern={"query": 2, "layer.1.attention.self.value": 6, "word_embeddings": 3},
+                alpha_pattern={"value": 3, "^bert.encoder.layer.0.attention.self.query": 5.5})
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_rank_and_alpha_patterns_cross_load_both_ways(tmp_path, rslora):
+    """PEFT's matching ((.*\\.)?key$, first key wins): the same rank per layer as PEFT, the same
+    scaling, the same outputs both ways."""
+    base, x = tiny_bert(), ids()
+    theirs = peft.get_peft_model(clone(base), _peft_config(dict(PATTERNS, use_rslora=rslora)))
+    theirs = theirs.eval()
+    expected = output(theirs, x)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = lorakit.load_adapter(clone(base), tmp_path / "peft").eval()
+    for name, layer in lorakit.lora_layers(ours):
+        theirs_layer = theirs.base_model.model.get_submodule(name)
+        assert layer.ranks["default"] == theirs_layer.r["default"]
+        assert layer.scaling("default") == pytest.approx(theirs_layer.scaling["default"])
+    assert {layer.ranks["default"] for _, layer in lorakit.lora_layers(ours)} == {2, 3, 4, 6}
+    torch.testing.assert_close(output(ours, x), expected, **MODEL_TOL)
+
+    model = lorakit.add_lora(clone(base), lorakit.LoraConfig(r=4, alpha=8, use_rslora=rslora, **PATTERNS))
+    randomize(model)
+    mine = output(model, x)
+    lorakit.save_adapter(model, tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(clone(base), tmp_path / "ours").eval()
+    torch.testing.assert_close(output(back, x), mine, **MODEL_TOL)
+    again = lorakit.load_adapter(clone(base), tmp_path / "ours").eval()
+    torch.testing.assert_close(output(again, x), mine, **MODEL_TOL)

@@ -276,3 +276,27 @@ def test_pooling_is_trained_recorded_and_reloaded(tiny_model, tmp_path, capsys):
         train.resolve_config(None, task="mrpc", pooling="max")
     with pytest.raises(ValueError, match="--pooling applies to classifiers"):
         lm.create(train.resolve_config(None, task="e2e", pooling="mean"))
+
+
+def test_dora_rank_patterns_and_loraplus_train_and_save_their_adapter(tiny_model, tmp_path):
+    import lorakit
+
+    cfg = _cfg(tiny_model, tmp_path, epochs=1, use_dora=True, rank_pattern={"query": 2}, alpha_pattern={"value": 4.0},
+               loraplus_lr_ratio=16.0)
+    _, model = load_classifier(tiny_model, data.get_task("mrpc"))
+    train.attach_method(model, cfg)
+    layers = dict(lorakit.lora_layers(model))
+    assert {n.rsplit(".", 1)[-1]: (layer.ranks["default"], layer.scaling("default")) for n, layer in layers.items()} == \
+        {"query": (2, cfg.lora_alpha / 2), "value": (cfg.lora_r, 4.0 / cfg.lora_r)}
+    optimizer, _ = train._optimizer(model, cfg, 10)
+    b_factors = {id(layer.lora_B["default"]) for layer in layers.values()}
+    b_group = next(g for g in optimizer.param_groups if any(id(p) in b_factors for p in g["params"]))
+    assert b_group["lr"] == 16.0 * cfg.lr and {id(p) for p in b_group["params"]} >= b_factors
+    assert any("lora_magnitude_vector" in n for n, p in model.named_parameters() if p.requires_grad)
+    train.train_seeds(cfg)
+    adapter = tmp_path / "mrpc" / "seed0" / "adapter"
+    saved = json.loads((adapter / "adapter_config.json").read_text())
+    assert (saved["use_dora"], saved["rank_pattern"], saved["alpha_pattern"]) == (True, {"query": 2}, {"value": 4.0})
+    assert sum(".lora_magnitude_vector" in k for k in load_file(adapter / "adapter_model.safetensors")) == 4
+    _, fresh = load_classifier(tiny_model, data.get_task("mrpc"))
+    lorakit.load_adapter(fresh, adapter)  # strict: every tensor where the config says

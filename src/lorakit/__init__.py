@@ -28,6 +28,7 @@ from .model import (
     trainable_parameters,
     unmerge,
 )
+from .variants import loraplus_param_groups
 
 __version__ = "0.1.0"
 
@@ -69,4 +70,5 @@ __all__ = [
     "LoraConv",
     "ModulesToSave",
     "RowPlan",
+    "loraplus_param_groups",
 ]

@@ -33,6 +33,9 @@ def _add_train_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif f.name == "seeds":
             parser.add_argument(*flags, type=_seed_list, default=None, help=help_text)
+        elif typing.get_origin(hints[f.name]) is dict:  # rank_pattern / alpha_pattern: 'q_proj=16,v_proj=4'
+            parser.add_argument(*flags, dest=f.name, type=_mapping_flag(f.name, typing.get_args(hints[f.name])[1]),
+                                default=None, help=help_text)
         else:
             hint = next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name])
             kind = {int: int, float: float}.get(hint, str)
@@ -50,6 +53,19 @@ def _seed_list(text: str) -> tuple[int, ...]:
         return tuple(int(x) for x in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 0,1,2; got {text!r}") from None
+
+
+def _mapping_flag(name: str, kind: type):
+    """argparse's type for a flag holding ``name=value`` entries (:func:`lorakit.settings.pattern_text`)."""
+    from .settings import pattern_text
+
+    def parse(text: str) -> dict:
+        try:
+            return pattern_text(name, text, kind)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
 
 
 def _train_config(args: argparse.Namespace, **defaults):

@@ -12,6 +12,7 @@ import difflib
 import functools
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +31,7 @@ _REQUIRED_PEFT_FIELDS = ("peft_type", "r", "lora_alpha", "target_modules")
 # PEFT options that change the maths, at the value meaning "off": lorakit refuses any other
 # value rather than ignore it (and writes these values into its own files).
 _UNSUPPORTED_PEFT_OPTIONS = {
-    "use_dora": False,
     "layers_to_transform": None,
-    "rank_pattern": {},
-    "alpha_pattern": {},
     "layer_replication": None,
     "lora_bias": False,
     "trainable_token_indices": None,
@@ -153,6 +151,16 @@ class LoraConfig:
     """Recorded in the adapter file, as PEFT does."""
     task_type: str | None = None
     """PEFT's task type, recorded so PEFT picks the right model class."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA, Liu et al. 2024, section 4): the adapted weight is
+    ``m * (W0 + scaling B A) / ||W0 + scaling B A||`` with the norm taken per output channel and a
+    trained magnitude ``m`` initialised to that norm (see :mod:`lorakit.variants`)."""
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    """Ranks other than ``r`` for some layers (PEFT's ``rank_pattern``): a key is a regex that
+    matches module name ``n`` when ``re.match(rf"(.*\\.)?({key})$", n)``, the first matching key
+    wins, e.g. ``{"v_proj": 16}`` or ``{"^model.layers.0.self_attn.q_proj": 4}``."""
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    """Alphas other than ``alpha`` for some layers, matched as ``rank_pattern``."""
     # PEFT's names for alpha, dropout and init, accepted as keywords: LoraConfig(r=8, lora_alpha=16).
     lora_alpha: dataclasses.InitVar[float | None] = None
     lora_dropout: dataclasses.InitVar[float | None] = None
@@ -184,6 +192,10 @@ class LoraConfig:
                 )
             masks[name] = mask
         _freeze(self, "enable_lora", masks)
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"use_dora must be True or False, got use_dora={self.use_dora!r}")
+        _freeze(self, "rank_pattern", _pattern(self.rank_pattern, "rank_pattern", "a positive integer (a rank)"))
+        _freeze(self, "alpha_pattern", _pattern(self.alpha_pattern, "alpha_pattern", "a finite positive number"))
 
     def _take_peft_names(self, lora_alpha, lora_dropout, init_lora_weights) -> None:
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
@@ -202,6 +214,18 @@ class LoraConfig:
     def scaling(self) -> float:
         """``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def rank_alpha(self, module: str | None) -> tuple[int, float]:
+        """The rank and alpha of this adapter on the module named ``module`` (its path in the model):
+        the value of the first key of ``rank_pattern`` / ``alpha_pattern`` that matches it (PEFT's
+        ``get_pattern_key``), else ``r`` / ``alpha``. ``None``: no pattern applies."""
+        if module is None:
+            return self.r, self.alpha
+        return _pattern_value(self.rank_pattern, module, self.r), _pattern_value(self.alpha_pattern, module, self.alpha)
+
+    def scaling_of(self, r: int, alpha: float) -> float:
+        """The scaling of a layer with rank ``r`` and alpha ``alpha`` (``rank_alpha``'s values)."""
+        return alpha / (math.sqrt(r) if self.use_rslora else r)
 
     # ---- PEFT's adapter_config.json -------------------------------------------------
 
@@ -224,6 +248,9 @@ class LoraConfig:
             "modules_to_save": list(self.modules_to_save) or None,
             "fan_in_fan_out": False,
             "inference_mode": True,
+            "use_dora": self.use_dora,
+            "rank_pattern": dict(self.rank_pattern),
+            "alpha_pattern": dict(self.alpha_pattern),
             **_UNSUPPORTED_PEFT_OPTIONS,
         }
         if self.enable_lora:
@@ -262,8 +289,9 @@ class LoraConfig:
         kwargs["init"] = _init_of(d.get("init_lora_weights", True), f"{source} has init_lora_weights")
         if kwargs.get("modules_to_save") is None:
             kwargs["modules_to_save"] = ()
-        if kwargs.get("enable_lora") is None:
-            kwargs["enable_lora"] = {}
+        for key, off in (("enable_lora", {}), ("use_dora", False), ("rank_pattern", {}), ("alpha_pattern", {})):
+            if kwargs.get(key) is None:  # PEFT's null: the option is off
+                kwargs[key] = off
         try:
             return cls(**kwargs)
         except (TypeError, ValueError) as e:
@@ -284,8 +312,10 @@ class LoraConfig:
         return cls.from_peft_dict(d, source="the PEFT config")
 
     def to_json(self) -> str:
-        """PEFT's ``adapter_config.json`` text, keys sorted."""
-        return json.dumps(self.to_peft_dict(), indent=2, sort_keys=True) + "\n"
+        """PEFT's ``adapter_config.json`` text, keys sorted; the keys of ``rank_pattern`` and
+        ``alpha_pattern`` keep their order (the first matching key wins)."""
+        d = self.to_peft_dict()
+        return json.dumps({k: d[k] for k in sorted(d)}, indent=2) + "\n"
 
     @classmethod
     def load(cls, directory: str | Path) -> LoraConfig:
@@ -323,6 +353,34 @@ def _names(value: Any, arg: str, allow_str: bool = False) -> tuple[str, ...] | s
     if allow_str and not names:
         raise ValueError(f"{arg} must not be empty; pass None for the model's query/value projections")
     return names
+
+
+def _pattern(value: Any, arg: str, expected: str) -> dict[str, int | float]:
+    """``rank_pattern`` / ``alpha_pattern`` checked: module-name regexes to ranks (alphas)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{arg} must be a mapping of module-name regexes to values, e.g. {{'v_proj': 16}}, got {value!r}")
+    rank = arg == "rank_pattern"
+    for key, v in value.items():
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"{arg} keys must be non-empty strings (module-name regexes), got {key!r}")
+        try:
+            re.compile(rf"(.*\.)?({key})$")
+        except re.error as e:
+            raise ValueError(f"{arg} key {key!r} is not a valid regular expression ({e}); escape special "
+                             "characters (re.escape) to name a module literally") from None
+        number = isinstance(v, int | float) and not isinstance(v, bool)
+        if not number or not v > 0 or not math.isfinite(v) or (rank and not isinstance(v, int)):
+            raise ValueError(f"{arg}[{key!r}] must be {expected}, got {v!r}")
+    return dict(value)
+
+
+def _pattern_value(pattern: Mapping[str, Any], module: str, default: Any) -> Any:
+    """PEFT's ``get_pattern_key`` then ``pattern.get(key, default)``: the first key ``k`` with
+    ``re.match(rf"(.*\\.)?({k})$", module)``; without one, ``module`` itself is looked up."""
+    key = next((k for k in pattern if re.match(rf"(.*\.)?({k})$", module)), module)
+    return pattern.get(key, default)
 
 
 def _freeze(cfg: LoraConfig, name: str, value: Any) -> None:

@@ -2,8 +2,9 @@
 
 Tensor keys are ``base_model.model.<module path>.<factor>``, where ``<factor>`` is
 ``lora_A.weight`` / ``lora_B.weight`` (``lora_embedding_A`` / ``lora_embedding_B``
-for embeddings); trained biases are ``<path>.base_layer.bias`` inside LoRA layers
-and ``<path>.bias`` elsewhere; saved modules keep their own state-dict keys.
+for embeddings), and ``lora_magnitude_vector`` for DoRA adapters; trained biases are
+``<path>.base_layer.bias`` inside LoRA layers and ``<path>.bias`` elsewhere; saved modules
+keep their own state-dict keys.
 Only safetensors is read or written: nothing is ever unpickled.
 """
 
@@ -59,6 +60,8 @@ def adapter_state_dict(model: nn.Module, adapter: str) -> dict[str, Tensor]:
             key_a, key_b = module.file_keys
             out[f"{path}.{key_a}"] = module.lora_A[adapter]
             out[f"{path}.{key_b}"] = module.lora_B[adapter]
+            if adapter in module.lora_magnitude_vector:
+                out[f"{path}.lora_magnitude_vector"] = module.lora_magnitude_vector[adapter]
             if bias != "none" and getattr(module, "bias", None) is not None:
                 out[f"{path}.base_layer.bias"] = module.bias
         elif isinstance(module, ModulesToSave) and adapter in module.copies:
@@ -124,8 +127,10 @@ def _peft_form(model: nn.Module, adapter: str, config: LoraConfig,
     for path, module in layers.items():
         if module.enable.get(adapter):
             tensors[f"{path}.{module.file_keys[1]}"] = module.full_B(adapter).detach().contiguous()
-    alpha = config.alpha * (k ** 0.5 if config.use_rslora else k)
-    return dataclasses.replace(config, r=config.r * k, alpha=alpha, enable_lora={}), tensors
+    factor = k ** 0.5 if config.use_rslora else k
+    return dataclasses.replace(config, r=config.r * k, alpha=config.alpha * factor, enable_lora={},
+                               rank_pattern={p: v * k for p, v in config.rank_pattern.items()},
+                               alpha_pattern={p: v * factor for p, v in config.alpha_pattern.items()}), tensors
 
 
 def _described(model: nn.Module, adapter: str) -> LoraConfig:
@@ -207,10 +212,7 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter: str = "defaul
     if broken:
         raise ValueError(f"the adapter in {str(directory)!r} holds NaN or infinite values in {len(broken)} tensor(s): "
                          f"{', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''}")
-    ranks = [t.shape[0] for k, t in tensors.items() if ".lora_A." in k or ".lora_embedding_A" in k]
-    if ranks and config.r > max(ranks):  # before allocating factors of the config's rank
-        raise ValueError(f"the adapter in {str(directory)!r} has r={config.r} in its config, but its largest "
-                         f"lora_A has {max(ranks)} rows")
+    _check_ranks(config, tensors, str(directory))
     active = active_adapters(model)
     try:
         add_lora(model, config, adapter)  # all or nothing itself
@@ -227,6 +229,19 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter: str = "defaul
         remove_adapter(model, adapter)
         raise
     return model
+
+
+def _check_ranks(config: LoraConfig, tensors: dict[str, Tensor], source: str) -> None:
+    """Before allocating factors of the config's ranks: each ``lora_A`` in the file has at least
+    the rows its config gives its layer (``r``, or ``rank_pattern``'s), else a ValueError."""
+    for key, t in tensors.items():
+        for suffix in (".lora_A.weight", ".lora_embedding_A"):
+            if key.endswith(suffix) and t.dim() >= 1:
+                path = key[len(PREFIX):-len(suffix)]
+                r = config.rank_alpha(path)[0]
+                if r > t.shape[0]:
+                    raise ValueError(f"the adapter in {source!r} has r={r} in its config for {path}, but its lora_A "
+                                     f"has {t.shape[0]} rows")
 
 
 def _embedding_weights(model: nn.Module, tensors: dict[str, Tensor], source: str) -> dict[str, Tensor]:

@@ -11,6 +11,10 @@ For an adapter with factors ``A: (r, in)``, ``B: (out, r)`` and ``scaling = alph
     h = W0 x + b + scaling * B A dropout(x)
     delta_weight() = scaling * B A          # float32, in W0's layout
 
+A DoRA adapter (``use_dora``) also has a magnitude ``m`` per output channel and adds
+``(f - 1) * W0 x + f * scaling * B A x`` with ``f = m / ||W0 + scaling B A||`` instead
+(:mod:`lorakit.variants`); its ``delta_weight()`` is ``f * (W0 + scaling B A) - W0``.
+
 Merging adds ``delta_weight()`` to ``W0`` once and keeps a copy of ``W0`` so that
 ``unmerge`` restores it bit for bit in any dtype.
 """
@@ -26,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import variants
 from .config import LoraConfig
 
 __all__ = [
@@ -94,6 +99,8 @@ class LoraLayer(nn.Module):
     file_keys: tuple[str, str] = ("lora_A.weight", "lora_B.weight")
     # Without autograd, add_rows gets every adapter of the layer (not only the batch's): see LoraLinear._stacks.
     rows_over_every_adapter = False
+    # Whether the adapters' dropout applies to the input (not to an embedding's token ids).
+    input_dropout = True
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
@@ -111,7 +118,10 @@ class LoraLayer(nn.Module):
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters' m (PEFT's name)
         self.configs: dict[str, LoraConfig] = {}
+        self.ranks: dict[str, int] = {}  # each adapter's rank and scaling here (rank_pattern, alpha_pattern)
+        self.scalings: dict[str, float] = {}
         self.active: tuple[str, ...] = ()
         self.disabled = False
         self.merged = False
@@ -124,32 +134,49 @@ class LoraLayer(nn.Module):
     # ---- adapters --------------------------------------------------------------------
 
     def add_adapter(self, name: str, config: LoraConfig, enable: tuple[bool, ...] | None = None,
-                    slices: Sequence[Tensor] | None = None) -> None:
+                    slices: Sequence[Tensor] | None = None, path: str | None = None) -> None:
         """Create the factors of adapter ``name``: ``B = 0`` so the output is unchanged (unless
-        ``config.init`` is ``random``, PEFT's ``init_lora_weights=False``)."""
+        ``config.init`` is ``random``, PEFT's ``init_lora_weights=False``). ``path``, the layer's
+        name in the model, picks its rank and alpha from ``rank_pattern`` / ``alpha_pattern``."""
         if enable is not None:
             raise ValueError(f"enable_lora applies to linear layers only, not {type(self.base_template).__name__}")
-        a_shape, b_shape = self.factor_shapes(config.r)
-        self._add_factors(name, config, a_shape, b_shape)
+        r, alpha = config.rank_alpha(path)
+        a_shape, b_shape = self.factor_shapes(r)
+        self._add_factors(name, config, a_shape, b_shape, r, alpha)
 
-    def _add_factors(self, name: str, config: LoraConfig, a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> None:
+    def _add_factors(self, name: str, config: LoraConfig, a_shape: tuple[int, ...], b_shape: tuple[int, ...],
+                     r: int, alpha: float) -> None:
         dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
         A = torch.empty(a_shape, dtype=dtype, device=self.weight.device)
         B = torch.zeros(b_shape, dtype=dtype, device=self.weight.device)
-        if config.init == "gaussian":
-            nn.init.normal_(A, std=1.0 / config.r)
-        else:
-            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-        if config.init == "random":  # PEFT's init_lora_weights=False: B as nn.Linear / nn.Conv's default init
-            nn.init.kaiming_uniform_(B, a=math.sqrt(5))
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(B)
+        self.init_factors(name, config, r)
         self.lora_dropout[name] = (nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()).train(self.training)
         self.configs[name] = config
+        self.ranks[name], self.scalings[name] = r, config.scaling_of(r, alpha)
+        if config.use_dora:  # after the factors: m = ||W0 + scaling B A||, B random with init "random"
+            shape = self.magnitude_shape()
+            self.lora_magnitude_vector[name] = nn.Parameter(variants.initial_magnitude(self, name, shape))
         self._stacked = None
+
+    @torch.no_grad()
+    def init_factors(self, name: str, config: LoraConfig, r: int) -> None:
+        """PEFT's initialisation: ``A`` Kaiming-uniform (Gaussian, std ``1/r``), ``B = 0``
+        (``init="random"``: Kaiming-uniform, as nn.Linear / nn.Conv's default init)."""
+        A, B = self.lora_A[name], self.lora_B[name]
+        if config.init == "gaussian":
+            nn.init.normal_(A, std=1.0 / r)
+        else:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        if config.init == "random":
+            nn.init.kaiming_uniform_(B, a=math.sqrt(5))
 
     def remove_adapter(self, name: str) -> None:
         del self.lora_A[name], self.lora_B[name], self.lora_dropout[name], self.configs[name]
+        del self.ranks[name], self.scalings[name]
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
         self._stacked = None
         self.active = tuple(a for a in self.active if a != name)
 
@@ -158,7 +185,7 @@ class LoraLayer(nn.Module):
         return tuple(self.configs)
 
     def scaling(self, name: str) -> float:
-        return self.configs[name].scaling
+        return self.scalings[name]
 
     # ---- maths -----------------------------------------------------------------------
 
@@ -170,11 +197,28 @@ class LoraLayer(nn.Module):
 
     def lora_forward(self, x: Tensor, name: str) -> Tensor:
         """``scaling * B A dropout(x)`` for adapter ``name``."""
+        return self.lora_branch(self.lora_dropout[name](x.to(self.lora_A[name].dtype)), name)
+
+    def lora_branch(self, x: Tensor, name: str) -> Tensor:
+        """``scaling * B A x``: the LoRA branch on an input already through the dropout."""
+        raise NotImplementedError
+
+    def lora_delta(self, name: str) -> Tensor:
+        """``scaling * B A`` in float32 (float64 for float64 layers), shaped like ``weight``."""
         raise NotImplementedError
 
     def delta_weight(self, name: str) -> Tensor:
-        """``scaling * B A`` in float32 (float64 for float64 layers), shaped like ``weight``."""
-        raise NotImplementedError
+        """What adapter ``name`` adds to the weight, in float32 (float64 for float64 layers), shaped
+        like ``weight``: ``scaling * B A``, or for DoRA ``m / ||W0 + scaling B A|| * (W0 + scaling B A) - W0``."""
+        if name in self.lora_magnitude_vector:
+            return variants.dora_delta(self, name)
+        return self.lora_delta(name)
+
+    def update(self, x: Tensor, name: str, base: Tensor) -> Tensor:
+        """What adapter ``name`` adds to ``base``, the base output of ``x``."""
+        if name in self.lora_magnitude_vector:
+            return variants.dora_update(self, x, name, base)
+        return self.lora_forward(x, name)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.disabled:
@@ -186,9 +230,35 @@ class LoraLayer(nn.Module):
             every = self.rows_over_every_adapter and not torch.is_grad_enabled()
             return self.add_rows(out, x, *self.rows.for_layer(self.adapters, x, every))
         if not self.merged:
+            if len(self.active) == 1 and self.active[0] in self.lora_magnitude_vector:  # DoRA training: fewer ops
+                return variants.dora_output(self, x, self.active[0], out)
+            base = out  # each adapter's update is relative to the base output (DoRA's reads it)
             for name in self.active:
-                out = out + self.lora_forward(x, name).to(out.dtype)
+                out = out + self.update(x, name, base).to(out.dtype)
         return out
+
+    # ---- DoRA's view of the weight (lorakit.variants) ------------------------------------
+
+    def base_weight(self) -> Tensor:
+        """The frozen base weight ``W0`` in the layer's layout, as the base output uses it: the one
+        place DoRA's norms and delta read it (a quantized base would dequantize here)."""
+        return self.original_weight
+
+    def weight_rows(self, weight: Tensor) -> Tensor:
+        """``weight`` as ``(c, n)``, a row per output channel (a view where possible)."""
+        return weight.flatten(1)
+
+    def rows_to_weight(self, rows: Tensor) -> Tensor:
+        """The inverse of :meth:`weight_rows`."""
+        return rows.reshape(self.weight.shape)
+
+    def dora_factors(self, name: str) -> tuple[Tensor, Tensor]:
+        """``A: (r, n)`` and ``B: (c, r)`` with ``weight_rows(lora_delta) = scaling * B A``."""
+        return self.lora_A[name].flatten(1), self.lora_B[name].flatten(1)
+
+    def magnitude_shape(self) -> tuple[int, ...]:
+        """The shape of DoRA's ``m`` (PEFT's): one entry per output channel, broadcasting over the output."""
+        return (self.weight_rows(self.weight).shape[0],)
 
     def add_rows(self, out: Tensor, x: Tensor, names: tuple[str, ...], slot: Tensor) -> Tensor:
         """``out`` plus, for each row ``i`` of the batch, the update of adapter
@@ -200,7 +270,7 @@ class LoraLayer(nn.Module):
         for i, name in enumerate(names):
             rows = (slot == i).nonzero().squeeze(1)
             if len(rows):
-                out = out.index_add(0, rows, self.lora_forward(x[rows], name).to(out.dtype))
+                out = out.index_add(0, rows, self.update(x[rows], name, out[rows]).to(out.dtype))
         return out
 
     # ---- merging ---------------------------------------------------------------------
@@ -269,7 +339,7 @@ class LoraLayer(nn.Module):
         return plain
 
     def extra_repr(self) -> str:
-        ranks = {name: cfg.r for name, cfg in self.configs.items()}
+        ranks = dict(self.ranks)
         kind = type(self.base_template).__name__
         return f"{kind}{tuple(self.weight.shape)}, ranks={ranks}, active={list(self.active)}, merged={self.merged}"
 
@@ -298,7 +368,7 @@ class LoraLinear(LoraLayer):
         self.enabled_rows: dict[str, tuple[Tensor, ...]] = {}  # output rows of each enabled slice
 
     def add_adapter(self, name: str, config: LoraConfig, enable: tuple[bool, ...] | None = None,
-                    slices: Sequence[Tensor] | None = None) -> None:
+                    slices: Sequence[Tensor] | None = None, path: str | None = None) -> None:
         rows = self.out_features
         if enable is not None:
             slices = self._equal_slices(enable) if slices is None else tuple(slices)
@@ -309,7 +379,8 @@ class LoraLinear(LoraLayer):
             rows = sum(len(s) for s in self.enabled_rows[name])
         self.enable[name] = enable
         k = 1 if enable is None else sum(enable)
-        self._add_factors(name, config, (k * config.r, self.in_features), (rows, config.r))
+        r, alpha = config.rank_alpha(path)
+        self._add_factors(name, config, (k * r, self.in_features), (rows, r), r, alpha)
 
     def _equal_slices(self, enable: tuple[bool, ...]) -> tuple[Tensor, ...]:
         if self.out_features % len(enable):
@@ -346,14 +417,22 @@ class LoraLinear(LoraLayer):
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features)
 
-    def lora_forward(self, x: Tensor, name: str) -> Tensor:
-        A = self.lora_A[name]
-        h = F.linear(self.lora_dropout[name](x.to(A.dtype)), A)  # (..., k r)
+    def lora_branch(self, x: Tensor, name: str) -> Tensor:
+        h = F.linear(x, self.lora_A[name])  # (..., k r)
         return F.linear(h, self.full_B(name)) * self.scaling(name)
 
-    def delta_weight(self, name: str) -> Tensor:
+    def lora_delta(self, name: str) -> Tensor:
         delta = (_f32(self.full_B(name)) @ _f32(self.lora_A[name])) * self.scaling(name)  # (out, in)
         return delta.T if self.fan_in_fan_out else delta
+
+    def weight_rows(self, weight: Tensor) -> Tensor:
+        return weight.T if self.fan_in_fan_out else weight  # (out, in)
+
+    def rows_to_weight(self, rows: Tensor) -> Tensor:
+        return rows.T if self.fan_in_fan_out else rows
+
+    def dora_factors(self, name: str) -> tuple[Tensor, Tensor]:
+        return self.lora_A[name], self.full_B(name)
 
     def add_rows(self, out: Tensor, x: Tensor, names: tuple[str, ...], slot: Tensor) -> Tensor:
         """Batched gather-and-multiply over stacked factors (S-LoRA / Punica style).
@@ -367,6 +446,11 @@ class LoraLinear(LoraLayer):
         """
         if not names:
             return out
+        dora = tuple(n for n in names if n in self.lora_magnitude_vector)
+        if dora:  # DoRA rows through the reference (per adapter, on the base output); the others batched
+            names, slot, out = self._dora_rows(out, x, names, slot, dora)
+            if not names:
+                return out
         # Inference in bf16/fp16 (a server): the factors in the activations' dtype too.
         low = not torch.is_grad_enabled() and x.dtype in (torch.bfloat16, torch.float16)
         stacks = self._stacks(names, x.dtype if low else None)
@@ -385,6 +469,18 @@ class LoraLinear(LoraLayer):
                 delta = torch.bmm(h, Bs[pick[index]].transpose(1, 2))  # (n, T, out)
                 total = total.index_add(0, index, delta.to(out.dtype))
         return total.view(out.shape)
+
+    def _dora_rows(self, out: Tensor, x: Tensor, names: tuple[str, ...], slot: Tensor,
+                   dora: tuple[str, ...]) -> tuple[tuple[str, ...], Tensor, Tensor]:
+        """``out`` with the DoRA adapters' rows added (:meth:`LoraLayer.add_rows`), and the other
+        adapters' names with each row's slot among them (``len``: none) for the batched path."""
+        index = {n: i for i, n in enumerate(names)}
+        out = LoraLayer.add_rows(self, out, x, names, torch.where(torch.isin(slot, torch.tensor(
+            [index[n] for n in dora], device=slot.device)), slot, len(names)))
+        plain = tuple(n for n in names if n not in dora)
+        remap = torch.tensor([plain.index(n) if n in plain else len(plain) for n in names] + [len(plain)],
+                             device=slot.device)
+        return plain, remap[slot], out
 
     def _stacks(self, names: tuple[str, ...], dtype: torch.dtype | None = None) -> list[tuple[Tensor, Tensor, Tensor]]:
         """Per rank among ``names``: ``(where, As, Bs)``, the ``A`` and ``scaling * B`` of its
@@ -449,6 +545,7 @@ class LoraEmbedding(LoraLayer):
     """
 
     file_keys = ("lora_embedding_A", "lora_embedding_B")
+    input_dropout = False  # token ids: no dropout (as PEFT)
 
     def __init__(self, base: nn.Module) -> None:
         overridden = type(base).forward is not nn.Embedding.forward
@@ -464,15 +561,14 @@ class LoraEmbedding(LoraLayer):
         num, dim = self.weight.shape
         return (r, num), (dim, r)
 
-    def add_adapter(self, name: str, config: LoraConfig, enable: tuple[bool, ...] | None = None,
-                    slices: Sequence[Tensor] | None = None) -> None:
-        super().add_adapter(name, config, enable)
-        with torch.no_grad():  # PEFT's embedding factors: A = 0 and B normal; init "random": both normal
-            nn.init.normal_(self.lora_B[name])
-            if config.init == "random":
-                nn.init.normal_(self.lora_A[name])
-            else:
-                nn.init.zeros_(self.lora_A[name])
+    @torch.no_grad()
+    def init_factors(self, name: str, config: LoraConfig, r: int) -> None:
+        """PEFT's embedding factors: ``A = 0`` and ``B`` normal; init "random": both normal."""
+        nn.init.normal_(self.lora_B[name])
+        if config.init == "random":
+            nn.init.normal_(self.lora_A[name])
+        else:
+            nn.init.zeros_(self.lora_A[name])
 
     def _embed(self, ids: Tensor, table: Tensor) -> Tensor:
         t = self.base_template
@@ -490,8 +586,14 @@ class LoraEmbedding(LoraLayer):
                         self.weight.dtype)
         return out if scale is None else out * scale.to(device=out.device, dtype=out.dtype)
 
-    def delta_weight(self, name: str) -> Tensor:
+    def lora_delta(self, name: str) -> Tensor:
         return (_f32(self.lora_B[name]) @ _f32(self.lora_A[name])).T * self.scaling(name)
+
+    def weight_rows(self, weight: Tensor) -> Tensor:
+        return weight.T  # (dim, num): DoRA's channels are the embedding's dimensions (PEFT's)
+
+    def rows_to_weight(self, rows: Tensor) -> Tensor:
+        return rows.T
 
 
 def _scalar(value: object, dtype: torch.dtype = torch.float32) -> Tensor | None:
@@ -519,15 +621,18 @@ class LoraConv(LoraLayer):
     def base_forward(self, x: Tensor, weight: Tensor) -> Tensor:
         return self.base_template._conv_forward(x, weight, self.bias)
 
-    def lora_forward(self, x: Tensor, name: str) -> Tensor:
+    def lora_branch(self, x: Tensor, name: str) -> Tensor:
         A, B = self.lora_A[name], self.lora_B[name]
-        h = self.base_template._conv_forward(self.lora_dropout[name](x.to(A.dtype)), A, None)
+        h = self.base_template._conv_forward(x, A, None)
         conv = F.conv1d if B.dim() == 3 else F.conv2d
         return conv(h, B) * self.scaling(name)
 
-    def delta_weight(self, name: str) -> Tensor:
+    def lora_delta(self, name: str) -> Tensor:
         A, B = _f32(self.lora_A[name]), _f32(self.lora_B[name])
         return (B.flatten(1) @ A.flatten(1)).view(self.weight.shape) * self.scaling(name)
+
+    def magnitude_shape(self) -> tuple[int, ...]:
+        return (1, self.weight.shape[0], *[1] * (self.weight.dim() - 2))  # PEFT's (1, out, 1, ...)
 
 
 class ModulesToSave(nn.Module):

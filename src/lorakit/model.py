@@ -78,9 +78,10 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
 
 
 def lora_parameters(model: nn.Module, adapter: str | None = None) -> Iterator[tuple[str, nn.Parameter]]:
-    """The LoRA factors of ``adapter`` (all adapters if None), with their state-dict names."""
+    """The LoRA factors of ``adapter`` (all adapters if None), and DoRA adapters' magnitudes, with
+    their state-dict names."""
     for name, layer in lora_layers(model):
-        for which in ("lora_A", "lora_B"):
+        for which in ("lora_A", "lora_B", "lora_magnitude_vector"):
             for key, param in getattr(layer, which).items():
                 if adapter is None or key == adapter:
                     yield f"{name}.{which}.{key}", param
@@ -259,7 +260,7 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter: str = "default") -> 
             enable = next((mask for key, mask in config.enable_lora.items() if _matches(name, [key])), None)
             linear = enable is not None and isinstance(module, LoraLinear)
             slices = fused_slices(model, name, module.out_features) if linear else None
-            module.add_adapter(adapter, config, enable, slices)
+            module.add_adapter(adapter, config, enable, slices, path=name)
         _add_saved_modules(model, config, adapter)
     except BaseException:
         remove_adapter(model, adapter)
@@ -292,8 +293,9 @@ def add_weighted_adapter(model: nn.Module, weights: Mapping[str, float], adapter
     """A new adapter whose update is exactly ``sum_i w_i ΔW_i`` (PEFT's ``combination_type="cat"``).
 
     Per layer, ``A = [A_1; A_2; ...]`` (rank ``sum_i r_i``) and ``B = [w_1 s_1 B_1, w_2 s_2 B_2, ...]``
-    with ``s_i`` each adapter's scaling, and scaling 1 (``alpha = r``). The adapters must cover
-    the same layers and bring no saved modules (heads cannot be mixed) nor q/v slices.
+    with ``s_i`` each adapter's scaling, and scaling 1 (``alpha = r``; layers whose ranks differ
+    get theirs through ``rank_pattern``). The adapters must cover the same layers and bring no
+    saved modules (heads cannot be mixed), q/v slices nor DoRA magnitudes.
     """
     names = list(weights)
     unknown = [n for n in names if n not in adapter_names(model)]
@@ -306,14 +308,21 @@ def add_weighted_adapter(model: nn.Module, weights: Mapping[str, float], adapter
     if any(c.enable_lora for c in configs) or any(n in m.copies for m in model.modules()
                                                   if isinstance(m, ModulesToSave) for n in names):
         raise ValueError(f"adapters {names} have q/v slices or saved modules (heads), which cannot be combined")
+    dora = [n for n, c in zip(names, configs) if c.use_dora]
+    if dora:
+        raise ValueError(f"adapters {dora} are DoRA adapters (use_dora), whose updates are no sums of B A: they cannot "
+                         "be combined; merge them into the base (lorakit.merge) one at a time instead")
     layers = [(path, layer) for path, layer in lora_layers(model) if set(names) & set(layer.adapters)]
     for path, layer in layers:
         if not set(names) <= set(layer.adapters):
             raise ValueError(f"{path} has adapters {sorted(set(names) & set(layer.adapters))} only; "
                              f"every adapter in {names} must cover the same layers")
     r = sum(c.r for c in configs)
+    ranks = {re.escape(path): sum(layer.ranks[n] for n in names) for path, layer in layers}
+    ranks = {path: k for path, k in ranks.items() if k != r}  # rank_pattern / alpha_pattern: per-layer ranks
     add_lora(model, LoraConfig(r=r, alpha=float(r), target_modules=tuple(p for p, _ in layers), dropout=configs[0].dropout,
-                               base_model_name_or_path=configs[0].base_model_name_or_path, task_type=configs[0].task_type),
+                               base_model_name_or_path=configs[0].base_model_name_or_path, task_type=configs[0].task_type,
+                               rank_pattern=ranks, alpha_pattern={p: float(k) for p, k in ranks.items()}),
              adapter)
     with torch.no_grad():
         for _, layer in layers:
@@ -404,6 +413,8 @@ def _mark_trainable(model: nn.Module, active: Sequence[str]) -> None:
             for n in set(active) & set(module.adapters):
                 module.lora_A[n].requires_grad_(True)
                 module.lora_B[n].requires_grad_(True)
+                if n in module.lora_magnitude_vector:
+                    module.lora_magnitude_vector[n].requires_grad_(True)
         elif isinstance(module, ModulesToSave):
             for n in set(active) & set(module.copies):
                 module.copies[n].requires_grad_(True)

@@ -10,7 +10,8 @@ Types follow the fields' annotations: ``int`` takes integers only (not ``2.5``, 
 ``float`` takes integers and numbers, and also a string that reads as a finite number,
 because YAML 1.1 (PyYAML) reads ``1e-4`` (no dot) as the string ``"1e-4"``; ``str`` takes
 strings only (``out: 5`` is refused, not turned into ``"5"``); ``bool`` takes ``true`` /
-``false``; ``X | None`` also takes ``null``. Numbers must be finite (``.inf`` and ``.nan`` are
+``false``; ``X | None`` also takes ``null``; ``dict[str, int]`` / ``dict[str, float]`` take a
+flat mapping of names to such numbers (``rank_pattern: {q_proj: 16}``). Numbers must be finite (``.inf`` and ``.nan`` are
 refused). A null value means "not set": the default (or the preset's value) applies.
 """
 
@@ -22,7 +23,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
-__all__ = ["read_yaml", "typed", "string_list", "int_list", "type_error", "check_fields", "MAX_BYTES", "MAX_ITEMS"]
+__all__ = ["read_yaml", "typed", "string_list", "int_list", "number_mapping", "pattern_text", "type_error", "check_fields",
+           "MAX_BYTES", "MAX_ITEMS"]
 
 MAX_BYTES = 1 << 20  # a settings file is a few hundred bytes; a megabyte is room for hundreds of adapters
 MAX_ITEMS = 1000  # entries in one list or mapping value
@@ -129,6 +131,8 @@ def typed(key: str, value: Any, hint: Any) -> Any:
         return None
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         (hint,) = [t for t in typing.get_args(hint) if t is not type(None)]
+    if typing.get_origin(hint) is dict:
+        return number_mapping(key, value, typing.get_args(hint)[1])
     if hint is bool:
         if not isinstance(value, bool):
             raise type_error(key, value, "true or false")
@@ -165,6 +169,33 @@ def int_list(key: str, value: Any) -> list[int]:
         raise type_error(key, value, "an integer or a flat list of integers") from None
 
 
+def number_mapping(key: str, value: Any, kind: type) -> dict[str, int | float]:
+    """A flat mapping of non-empty names to integers (``kind`` int) or numbers (float), at most
+    :data:`MAX_ITEMS` entries; each value checked as ``int`` / ``float`` fields are."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) and k for k in value):
+        raise type_error(key, value, f"a mapping of names to {'integers' if kind is int else 'numbers'}")
+    if len(value) > MAX_ITEMS:
+        raise ValueError(f"{key} has {len(value)} entries; at most {MAX_ITEMS}")
+    check = _integer if kind is int else _number
+    return {name: check(f"{key}[{name!r}]", v) for name, v in value.items()}
+
+
+def pattern_text(key: str, text: str, kind: type) -> dict[str, int | float]:
+    """``'q_proj=16,v_proj=4'``, the command line's form of a mapping of names to numbers (the
+    last ``=`` of an entry splits it); an empty text is the empty mapping."""
+    items: dict[str, Any] = {}
+    for entry in filter(None, (e.strip() for e in text.split(","))):
+        name, sep, number = entry.rpartition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"{key} must be name=value entries separated by commas, e.g. 'q_proj=16,v_proj=4'; "
+                             f"got {text!r}")
+        try:
+            items[name.strip()] = int(number) if kind is int else float(number)
+        except ValueError:
+            raise type_error(f"{key}[{name.strip()!r}]", number, "an integer" if kind is int else "a number") from None
+    return number_mapping(key, items, kind)
+
+
 _KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "True or False"}
 
 
@@ -185,12 +216,18 @@ def check_fields(config: Any, hints: dict[str, Any]) -> None:
             continue
         if typing.get_origin(kind) is tuple:
             ok = isinstance(value, (tuple, list)) and all(_is_int(v) for v in value)
+        elif typing.get_origin(kind) is dict:
+            of = typing.get_args(kind)[1]
+            ok = isinstance(value, dict) and all(isinstance(k, str) and (_is_int(v) or (of is float and isinstance(
+                v, float))) for k, v in value.items())
         elif kind is float:
             ok = _is_int(value) or isinstance(value, float)
         else:
             ok = _is_int(value) if kind is int else isinstance(value, kind)
         if not ok:
-            raise TypeError(f"{type(config).__name__}.{name} must be {_KIND_NAMES.get(kind, 'a sequence of integers')}, "
+            expected = _KIND_NAMES.get(kind, "a mapping of names to numbers" if typing.get_origin(kind) is dict
+                                       else "a sequence of integers")
+            raise TypeError(f"{type(config).__name__}.{name} must be {expected}, "
                             f"got {_shown(value)} ({type(value).__name__})")
         if kind is float and not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value}")

@@ -38,8 +38,9 @@ from .io import PREFIX, adapter_state_dict, copy_strict, read_weights
 from .model import add_lora, lora_layers, trainable_parameters
 from .models import resolve_model
 from .precision import PRECISIONS, precision_context, resolve_precision
-from .settings import check_fields, int_list, read_yaml, string_list, typed
+from .settings import check_fields, int_list, pattern_text, read_yaml, string_list, typed
 from .tasks import Task, format_metrics
+from .variants import loraplus_param_groups
 
 __all__ = ["TrainConfig", "resolve_config", "read_config_file", "write_config_file", "read_yaml", "train", "train_seeds",
            "seeds_report", "attach_method", "BASELINE_LR", "DEFAULT_MODELS"]
@@ -91,6 +92,15 @@ class TrainConfig:
     lora_dropout: float = _opt(0.1, "dropout on the LoRA branch input")
     target_modules: str | None = _opt(None, "comma-separated LoRA target modules, or all-linear (every linear layer but "
                                             "the output layer; default: the query/value projections)")
+    rank_pattern: dict[str, int] = field(default_factory=dict, metadata={"help": (
+        "other ranks for some layers, PEFT's rank_pattern: 'q_proj=16,v_proj=4' (a key is a regex matched against the "
+        "end of a module's name, the first match wins; YAML: a mapping) (default: none)")})
+    alpha_pattern: dict[str, float] = field(default_factory=dict, metadata={"help": (
+        "other alphas for some layers, PEFT's alpha_pattern, given as --rank-pattern (default: none)")})
+    use_dora: bool = _opt(False, "DoRA (weight-decomposed LoRA, PEFT's use_dora): a trained magnitude per output "
+                                 "channel on top of the LoRA direction")
+    loraplus_lr_ratio: float | None = _opt(None, "LoRA+: B's learning rate is this times --lr (A's), as PEFT's "
+                                                 "create_loraplus_optimizer (LoRA on embeddings: 1e-6) (default: off)")
     adapter_dim: int = _opt(64, "bottleneck size of Houlsby adapters (method adapter)")
     init_adapter: str | None = _opt(None, "start the LoRA factors from this adapter (the paper's MNLI start)")
     resume: bool = _opt(False, "continue from the newest complete checkpoint in the run folder")
@@ -143,6 +153,9 @@ class TrainConfig:
             raise ValueError(f"dev_ratio must be between 0 and 1 (exclusive), got {self.dev_ratio}")
         if self.decoding not in ("greedy", "paper"):
             raise ValueError(f"decoding must be 'greedy' or 'paper', got {self.decoding!r}")
+        if self.loraplus_lr_ratio is not None and not self.loraplus_lr_ratio > 0:
+            raise ValueError(f"loraplus_lr_ratio must be positive (B's lr / A's), got {self.loraplus_lr_ratio}")
+        LoraConfig(rank_pattern=self.rank_pattern, alpha_pattern=self.alpha_pattern)  # checked as LoraConfig checks them
 
     @property
     def run_dir(self) -> Path:
@@ -183,6 +196,8 @@ def _config_value(key: str, value: Any, hint: Any) -> Any:
         return tuple(int_list(key, value))
     if checkpoint.ALIASES.get(key, key) == "target_modules" and not isinstance(value, str):
         return ",".join(string_list(key, value))
+    if key in ("rank_pattern", "alpha_pattern") and isinstance(value, str):  # as on the command line
+        return pattern_text(key, value, typing.get_args(hint)[1])
     return typed(key, value, hint)
 
 
@@ -222,7 +237,8 @@ def _lora_config(model: nn.Module, cfg: TrainConfig, task: Task, head: str | Non
         targets, enable = ("c_attn",), {"c_attn": (True, False, True)}
     # a path or hub id PEFT's AutoPeftModel* can load (not lorakit's alias such as "minilm")
     return LoraConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=targets,
-                      modules_to_save=(head,) if head else (), enable_lora=enable,
+                      modules_to_save=(head,) if head else (), enable_lora=enable, use_dora=cfg.use_dora,
+                      rank_pattern=cfg.rank_pattern, alpha_pattern=cfg.alpha_pattern,
                       base_model_name_or_path=resolve_model(cfg.model), task_type=task.task_type)
 
 
@@ -281,6 +297,10 @@ def _optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int):
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
+    if cfg.loraplus_lr_ratio is not None:  # LoRA+ (the schedule below scales each group's own lr)
+        if cfg.method != "lora":
+            raise ValueError(f"--loraplus-lr-ratio applies to --method lora, not {cfg.method}")
+        groups = loraplus_param_groups(model, cfg.lr, cfg.loraplus_lr_ratio, weight_decay=cfg.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
     warmup = _warmup(cfg, total_steps)
 
@@ -302,7 +322,7 @@ def _recipe(cfg: TrainConfig, task: Task, train_rows: int, dev_rows: int, steps_
     smoothing = f", label smoothing {cfg.label_smoothing:g}" if task.task_type == "CAUSAL_LM" else ""
     how = "--warmup-steps" if cfg.warmup_steps is not None else f"ratio {cfg.warmup_ratio:g}"
     method = (f"lora r {cfg.lora_r}, alpha {cfg.lora_alpha:g}, dropout {cfg.lora_dropout:g}, "
-              f"targets {cfg.target_modules or 'default'}"
+              f"targets {cfg.target_modules or 'default'}" + _variants(cfg)
               if cfg.method == "lora" else cfg.method + (f" (dim {cfg.adapter_dim})" if cfg.method == "adapter" else ""))
     limits = "".join(f", {flag} {value}" for flag, value in (("--max-train-examples", cfg.max_train_examples),
                                                             ("--max-eval-examples", cfg.max_eval_examples)) if value)
@@ -310,6 +330,18 @@ def _recipe(cfg: TrainConfig, task: Task, train_rows: int, dev_rows: int, steps_
             f"{cfg.batch_size} rows, warm-up {warmup} steps ({how}){smoothing}, weight "
             f"decay {cfg.weight_decay:g}, grad clip {cfg.grad_clip:g}, max length {cfg.max_length}; {train_rows:,} "
             f"training rows, {dev_rows:,} dev rows{limits}")
+
+
+def _variants(cfg: TrainConfig) -> str:
+    """The LoRA options beyond r, alpha and targets, as the recipe line shows them."""
+    parts = [f"{name} {_pattern_shown(getattr(cfg, name))}" for name in ("rank_pattern", "alpha_pattern")
+             if getattr(cfg, name)]
+    parts += ["DoRA"] * cfg.use_dora + ([f"LoRA+ ratio {cfg.loraplus_lr_ratio:g}"] if cfg.loraplus_lr_ratio else [])
+    return "".join(", " + p for p in parts)
+
+
+def _pattern_shown(pattern: dict[str, Any]) -> str:
+    return ",".join(f"{k}={v:g}" for k, v in pattern.items())
 
 
 def _train_epoch(loss_fn: nn.Module, task: Task, cfg: TrainConfig, precision: str, split, order: list[list[int]], optimizer,
@@ -498,7 +530,8 @@ def _summarize(cfg: TrainConfig, task: Task, run: Path, record: dict[str, Any], 
 
 
 def _defaults() -> dict[str, Any]:
-    return {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    return {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+            for f in dataclasses.fields(TrainConfig)}
 
 
 def train_seeds(cfg: TrainConfig) -> dict[str, Any]:
