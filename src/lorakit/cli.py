@@ -113,6 +113,13 @@ def _run_info(adapter: str, task: str | None = None, model: str | None = None) -
     return info
 
 
+def _quantize_base(given: str | None, info: dict) -> str | None:
+    """``--quantize-base`` (``none``: a full-precision base) over the adapter's task.json."""
+    if given is not None:
+        return None if given == "none" else given
+    return info.get("quantize_base")
+
+
 def _is_lm(task: str) -> bool:
     from .tasks import lm
 
@@ -126,10 +133,12 @@ def _load_adapted(args: argparse.Namespace):
     from .tasks import classify, glue, lm
 
     info = _run_info(args.adapter, args.task, args.model)
+    info["quantize_base"] = _quantize_base(args.quantize_base, info)
     if _is_lm(info["task"]):
-        tokenizer, model = lm.load_causal_lm(info["model"])
+        tokenizer, model = lm.load_causal_lm(info["model"], info["quantize_base"])
     else:
-        tokenizer, model = glue.load_classifier(info["model"], classify.task_of(info), info.get("pooling", "cls"))
+        tokenizer, model = glue.load_classifier(info["model"], classify.task_of(info), info.get("pooling", "cls"),
+                                                info["quantize_base"])
     if (Path(args.adapter) / "trainable.safetensors").is_file():
         _load_trained(model, Path(args.adapter), info)
     else:
@@ -212,7 +221,9 @@ def _task_of_peft_adapter(adapter: str) -> str | None:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from .model import UntiedWeightsWarning, merge_and_unload
+    import torch
+
+    from .model import QuantizedMergeWarning, UntiedWeightsWarning, merge_and_unload
 
     if _run_info(args.adapter, args.task, args.model).get("pooling", "cls") != "cls":
         raise ValueError(f"{args.adapter} was trained with --pooling mean, but a merged Hugging Face classifier's head "
@@ -230,24 +241,67 @@ def _merge(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)  # before loading: fail fast where nothing can be written
     except OSError as e:
         raise unwritable(e) from None
-    _, tokenizer, model = _load_adapted(args)
+    info, tokenizer, model = _load_adapted(args)
+    dtype = getattr(torch, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[args.dtype or "fp32"])
     with warnings.catch_warnings(record=True) as notes:  # tied weights untied: said as a note, not a traceback line
         warnings.simplefilter("always", UntiedWeightsWarning)
-        merged = merge_and_unload(model)  # in the dtype the base loaded in (causal LMs: float32), ΔW in float32
+        warnings.simplefilter("always", QuantizedMergeWarning)
+        merged = merge_and_unload(model, dtype)  # in the dtype the base loaded in (causal LMs: float32), ΔW in float32
+        if info["quantize_base"]:
+            _dequantize_rest(merged, info["quantize_base"], dtype, args.requantize)
     for note in notes:
+        if issubclass(note.category, QuantizedMergeWarning):
+            continue  # _dequantize_rest said it, for the whole model
         if issubclass(note.category, UntiedWeightsWarning):
             print(f"lorakit: note: {note.message}", file=sys.stderr)
         else:
             warnings.warn_explicit(note.message, note.category, note.filename, note.lineno)
     if args.dtype:
         _cast_merged(merged, args.dtype)
+    if args.requantize:
+        merged = _requantize(merged, tokenizer, info, args.requantize, out)
     try:
         merged.save_pretrained(out)
         tokenizer.save_pretrained(out)
     except OSError as e:
         raise unwritable(e) from None
-    print(f"merged model written to {out} (a plain Hugging Face folder)")
+    kind = f"quantized with bitsandbytes {args.requantize}" if args.requantize else "a plain Hugging Face folder"
+    print(f"merged model written to {out} ({kind})")
     return 0
+
+
+def _dequantize_rest(model, quantize_base: str, dtype, requantize: str | None) -> None:
+    """The layers no adapter covered: their true weights in ``dtype``; says what the merge made."""
+    from .quant.bnb import dequantize_model
+
+    dequantize_model(model, dtype)
+    size = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+    hint = "" if requantize else (f"; --requantize {'nf4' if quantize_base == 'bnb-int8' else quantize_base} stores it "
+                                  "quantized again and prints the error that costs")
+    print(f"lorakit: note: the base was quantized ({quantize_base}): the merged model holds dequant(W) + ΔW in "
+          f"{str(dtype).removeprefix('torch.')} ({size:.2f} GB), exactly the function the adapter was trained "
+          f"against{hint}", file=sys.stderr)
+
+
+def _requantize(merged, tokenizer, info: dict, kind: str, out: Path):
+    """``merged`` saved, loaded back quantized as ``kind``; prints how far its outputs move on a batch."""
+    import tempfile
+
+    from . import data, quant
+    from .tasks import glue, lm
+
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if _is_lm(info["task"]):
+            requantized = lm.load_causal_lm(tmp, kind)[1]
+        else:
+            requantized = glue.load_classifier(tmp, data.get_task(info["task"]), quantize_base=kind)[1]
+    error = quant.output_error(merged.eval(), requantized.eval(), merged.config.vocab_size)
+    print(f"requantized to {kind}: on a batch of {error['batch']} random tokens the outputs differ from the merged "
+          f"model's by {100 * error['relative_rms']:.2f}% (relative RMS; largest difference {error['max_abs']:.4g}); the "
+          f"top-1 prediction agrees on {100 * error['top1_agreement']:.1f}% of positions")
+    return requantized
 
 
 def _cast_merged(model, dtype: str) -> None:
@@ -280,7 +334,7 @@ def _generate(args: argparse.Namespace) -> int:
     unknown = sorted({r["adapter"] for r in rows if r.get("adapter") not in (None, *adapters)})
     if unknown:
         raise ValueError(f"rows name adapter(s) {unknown}; loaded: {list(adapters)}")
-    tokenizer, model = lm.load_causal_lm(info["model"])
+    tokenizer, model = lm.load_causal_lm(info["model"], _quantize_base(args.quantize_base, info))
     for name, path in adapters.items():
         load_adapter(model, path, name)
     names = [r.get("adapter", next(iter(adapters), None)) for r in rows]
@@ -355,8 +409,9 @@ def _models(args: argparse.Namespace) -> int:
 
 
 _SERVE_KEYS = {"model": None, "adapter": [], "host": "127.0.0.1", "port": 8000, "precision": "auto", "quantize": None,
-               "task": None}
-_SERVE_TYPES = {"model": str, "host": str, "port": int, "precision": str, "quantize": str, "task": str}  # besides ServeConfig's
+               "task": None, "quantize_base": None}
+_SERVE_TYPES = {"model": str, "host": str, "port": int, "precision": str, "quantize": str, "task": str,
+                "quantize_base": str}  # besides ServeConfig's
 
 
 def _serve_settings(path: str, config_type: type) -> dict[str, typing.Any]:
@@ -391,6 +446,7 @@ def _adapter_specs(value: typing.Any) -> list[str]:
 
 def _serve(args: argparse.Namespace) -> int:
     """``lorakit serve``: defaults, then the --config file, then the flags given."""
+    from .quant import base_quantization
     from .serve import ServeConfig, serve
 
     defaults = {**_SERVE_KEYS, **{f.name: f.default for f in dataclasses.fields(ServeConfig)}}
@@ -410,9 +466,30 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be between 1 and 65535, got {values['port']}")
     config = ServeConfig(**{k: values[k] for k in values if k not in _SERVE_KEYS and k != "token"},
                          token=values["token"] or os.environ.get("LORAKIT_TOKEN"))
-    serve(values["model"], adapters, config, values["host"], values["port"], values["precision"], values["quantize"],
-          values["task"])
+    quantize_base, precision = _serve_quantized_base(values, adapters)
+    with base_quantization(quantize_base):  # lorakit.serve loads the base: as the adapters were trained on
+        serve(values["model"], adapters, config, values["host"], values["port"], precision, values["quantize"],
+              values["task"])
     return 0
+
+
+def _serve_quantized_base(values: dict, adapters: dict[str, str]) -> tuple[str | None, str]:
+    """--quantize-base (default: the first adapter's task.json) and the precision that goes with it."""
+    first = next(iter(adapters.values()), None)
+    info_path = Path(first, "task.json") if first else None
+    info = json.loads(info_path.read_text()) if info_path is not None and info_path.is_file() else {}
+    quantize_base = _quantize_base(values["quantize_base"], info)
+    if quantize_base is None:
+        return None, values["precision"]
+    if values["quantize"]:
+        raise ValueError(f"--quantize {values['quantize']} (lorakit's int8 decoding kernel) on a base quantized with "
+                         f"--quantize-base {quantize_base}: choose one (--quantize-base none serves a full-precision base)")
+    if values["precision"] == "bf16":
+        raise ValueError(f"--precision bf16 casts the base's weights to bf16, which a bitsandbytes base ({quantize_base}) "
+                         "cannot be; use --precision fp32 (its quantized layers compute in their compute dtype)")
+    if values["precision"] == "auto":
+        print(f"lorakit serve: --quantize-base {quantize_base}: precision fp32 (a bitsandbytes base is not cast to bf16)")
+    return quantize_base, "fp32"
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -524,8 +601,17 @@ def _adapted_parser(sub, name: str, func, help_text: str) -> argparse.ArgumentPa
     p.add_argument("--task", help="task (default: from the adapter's task.json, or a PEFT CAUSAL_LM config); a PEFT "
                                   "SEQ_CLS adapter (no task.json) needs its GLUE task named here")
     p.add_argument("--model", help="base model (default: from the adapter: task.json, else base_model_name_or_path)")
+    _add_quantize_base_flag(p)
     p.set_defaults(func=func)
     return p
+
+
+def _add_quantize_base_flag(parser: argparse.ArgumentParser) -> None:
+    from .quant import QUANTIZE_BASE
+
+    parser.add_argument("--quantize-base", choices=[*QUANTIZE_BASE, "none"],
+                        help="load the base quantized with bitsandbytes (QLoRA; bnb-int8: LLM.int8), or none: full "
+                             "precision (default: as the adapter was trained, from its task.json)")
 
 
 def _eval_parser(sub) -> None:
@@ -547,7 +633,10 @@ def _merge_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty --out folder")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
                    help="dtype of the saved merged weights, rounded once after merging in float32 "
-                        "(default: the base's dtype as loaded, float32)")
+                        "(default: the base's dtype as loaded, float32; a quantized base: float32)")
+    p.add_argument("--requantize", choices=["nf4", "fp4", "bnb-int8"],
+                   help="store the merged model quantized with bitsandbytes again (rounds the merged weights); "
+                        "prints how far the outputs move on a batch")
 
 
 def _generate_parser(sub) -> None:
@@ -562,6 +651,7 @@ def _generate_parser(sub) -> None:
     p.add_argument("--prompt-separator", help="plain prompts: text added after each prompt (default: the adapter's, "
                                               "from task.json, else a newline; '' adds nothing)")
     p.add_argument("--merge", action="store_true", help="merge the (one) adapter into the weights first")
+    _add_quantize_base_flag(p)
     _add_generation_flags(p, paper_default=False)
     p.set_defaults(func=_generate)
 
@@ -613,6 +703,7 @@ def _serve_parser(sub) -> None:
     p.add_argument("--quantize", choices=["int8"], help="causal LMs: int8 weights for the base's unadapted linear layers "
                                                         "(bf16 precision only): faster at one or a few streams, slower "
                                                         "than bf16 at 32 clients (docs/BENCH.md); near-equal outputs")
+    _add_quantize_base_flag(p)
     p.set_defaults(func=_serve)
 
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import variants
+from . import quant
 from .config import LoraConfig
 
 __all__ = [
@@ -282,8 +283,10 @@ class LoraLayer(nn.Module):
             return self.weight
         return self.unmerged_weight if self.tied_weight is None else self.tied_weight
 
+    quantized = False  # the wrapped weight is quantized (LoraLinear over bitsandbytes): see lorakit.quant
+
     @torch.no_grad()
-    def merge(self, keep_original: bool = True, untie: bool = False) -> None:
+    def merge(self, keep_original: bool = True, untie: bool = False, dtype: torch.dtype | None = None) -> None:
         """Add the active adapters' ``delta_weight`` to ``weight``; a no-op if merged already.
 
         The sum is formed in float32 and rounded to the weight's dtype once. With
@@ -291,19 +294,30 @@ class LoraLayer(nn.Module):
         With ``untie`` (the weight is shared with another module: tied word embeddings)
         the merged weight becomes this layer's own new Parameter and the shared one is
         left untouched, so the other module does not change; ``unmerge`` ties them again.
+        Over a quantized weight the merged one is a new float Parameter too, ``dequant(W) + ΔW``
+        rounded once to ``dtype`` (default: the layer's compute dtype, float32 if unset): the
+        function the adapter was trained against; the quantized one is kept aside as for ``untie``.
         """
         if self.merged or not self.active:
             return
         delta = sum(self.delta_weight(name) for name in self.active)
-        if untie:
-            shared = self.weight
-            self.weight = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
+        if untie or self.quantized:
+            original = self.weight
+            start = self._dequantized(original) if self.quantized else original.detach()
+            dtype = (dtype or getattr(self.base_template, "compute_dtype", None) or torch.float32) if self.quantized \
+                else original.dtype
+            self.weight = nn.Parameter((start.to(delta.dtype) + delta).to(dtype), requires_grad=original.requires_grad)
             if keep_original:
-                self.__dict__["tied_weight"] = shared  # a plain attribute: not a second state-dict entry
-        elif keep_original:
-            self.unmerged_weight = self.weight.detach().clone()
-        self.weight.copy_((self.weight.to(delta.dtype) + delta).to(self.weight.dtype))
+                self.__dict__["tied_weight"] = original  # a plain attribute: not a second state-dict entry
+        else:
+            if keep_original:
+                self.unmerged_weight = self.weight.detach().clone()
+            self.weight.copy_((self.weight.to(delta.dtype) + delta).to(self.weight.dtype))
         self.merged = True
+
+    def _dequantized(self, weight: Tensor) -> Tensor:
+        """A quantized ``weight`` in float32, ``(out, in)``: the wrapped module's ``dequantize()``."""
+        return self._plain(weight).dequantize(torch.float32)
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -311,8 +325,8 @@ class LoraLayer(nn.Module):
         if not self.merged:
             return
         if self.tied_weight is not None:
-            shared = self.tied_weight  # the shared Parameter, never written to
-            if (shared.device, shared.dtype) != (self.weight.device, self.weight.dtype):
+            shared = self.tied_weight  # the shared (or quantized) Parameter, never written to
+            if not self.quantized and (shared.device, shared.dtype) != (self.weight.device, self.weight.dtype):
                 shared.data = shared.data.to(self.weight)  # held by no module while merged: .to() missed it
             self.weight = shared
             self.__dict__["tied_weight"] = None
@@ -360,9 +374,11 @@ class LoraLinear(LoraLayer):
     rows_over_every_adapter = True
 
     def __init__(self, base: nn.Module) -> None:
+        base = quant.adopt(base)  # a bitsandbytes layer: lorakit's forward and dequantize() (lorakit.quant)
         super().__init__(base)
+        self.quantized = hasattr(self.base_template, "dequantize")
         self.fan_in_fan_out = not isinstance(base, nn.Linear)
-        rows, cols = self.weight.shape
+        rows, cols = (base.out_features, base.in_features) if self.quantized else self.weight.shape
         self.in_features, self.out_features = (rows, cols) if self.fan_in_fan_out else (cols, rows)
         self.enable: dict[str, tuple[bool, ...] | None] = {}
         self.enabled_rows: dict[str, tuple[Tensor, ...]] = {}  # output rows of each enabled slice
@@ -410,6 +426,8 @@ class LoraLinear(LoraLayer):
         quantized = self.__dict__.get("int8_base")  # set by lorakit.quantize (serving): the weight in int8
         if quantized is not None and weight is self.weight and not self.merged:
             return quantized(x)
+        if self.quantized and weight is self.original_weight:  # the quantized weight: its module computes W x + b
+            return type(self.base_template).forward(self._plain(weight), x)  # (on the class: see LoraEmbedding)
         if not self.fan_in_fan_out:
             return F.linear(x, weight, self.bias)
         out = x.reshape(-1, x.shape[-1]) @ weight  # Conv1D: (N, in) @ (in, out)
@@ -433,6 +451,16 @@ class LoraLinear(LoraLayer):
 
     def dora_factors(self, name: str) -> tuple[Tensor, Tensor]:
         return self.lora_A[name], self.full_B(name)
+
+    def unwrap(self) -> nn.Module:
+        """As :meth:`LoraLayer.unwrap`; merged over a quantized weight: a plain ``nn.Linear`` of the merged dtype."""
+        if not (self.quantized and self.merged):
+            return super().unwrap()
+        plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        plain.weight = self.weight
+        if self.bias is not None:
+            plain.bias = nn.Parameter(self.bias.detach().to(self.weight.dtype), requires_grad=self.bias.requires_grad)
+        return plain.train(self.training)
 
     def add_rows(self, out: Tensor, x: Tensor, names: tuple[str, ...], slot: Tensor) -> Tensor:
         """Batched gather-and-multiply over stacked factors (S-LoRA / Punica style).

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from . import quant
 from .architectures import MOE_PROJECTION_NAMES, PEFT_DEFAULT_TARGETS, embedding_modules, expert_weights, fused_slices, model_type
 from .config import LoraConfig
 from .layers import LoraLayer, LoraLinear, ModulesToSave, RowPlan, lora_class_for
@@ -43,6 +44,7 @@ __all__ = [
     "default_target_modules",
     "frozen_parameter_names",
     "UntiedWeightsWarning",
+    "QuantizedMergeWarning",
 ]
 
 # Attention query/value projections by the names common model families give them.
@@ -56,6 +58,11 @@ _SEQ_CLS_HEADS = ("classifier", "score")
 class UntiedWeightsWarning(UserWarning):
     """Merging gave a layer its own copy of a weight it shared (tied embeddings): the model
     grows by that matrix and its config no longer ties them."""
+
+
+class QuantizedMergeWarning(UserWarning):
+    """Merging into a quantized base (bitsandbytes) made its merged layers plain float layers holding
+    ``dequant(W) + ΔW``: exact, and as large as that float dtype makes them."""
 
 
 class ParameterCount(NamedTuple):
@@ -247,6 +254,7 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter: str = "default") -> 
     if adapter in existing:
         raise ValueError(f"the model already has an adapter named {adapter!r}; pick another name or delete it first")
     _check_not_merged(model, "add an adapter")
+    quant.adopt_all(model)  # bitsandbytes layers compute what the adapter will be trained against (lorakit.quant)
     config, targets = _resolve_targets(model, config)
     unknown = [k for k in config.enable_lora if not any(_matches(n, [k]) for n in targets)]
     if unknown:
@@ -467,8 +475,12 @@ def _set_on_adapter_modules(model: nn.Module, attr: str, value) -> Iterator[None
 # ---- merging -----------------------------------------------------------------------------
 
 
-def merge(model: nn.Module) -> None:
+def merge(model: nn.Module, dtype: torch.dtype | None = None) -> None:
     """Merge the active adapters into the base weights (idempotent, exact to unmerge).
+
+    Over a quantized base (bitsandbytes 4 or 8 bits) a merged layer holds ``dequant(W) + ΔW``
+    in ``dtype`` (default: its compute dtype), exactly the function the adapter was trained
+    against, instead of its quantized weight; a :class:`QuantizedMergeWarning` says so.
 
     A LoRA layer whose weight another module shares (tied input and output embeddings,
     T5's shared embedding) gets its own merged copy, so the other module keeps the base
@@ -476,7 +488,7 @@ def merge(model: nn.Module) -> None:
     ``tie_word_embeddings=False``, so that a saved copy is not tied again on load. A
     warning says so; :func:`unmerge` ties them again.
     """
-    _merge(model, keep_original=True)
+    _merge(model, keep_original=True, dtype=dtype)
 
 
 def unmerge(model: nn.Module) -> None:
@@ -489,11 +501,12 @@ def unmerge(model: nn.Module) -> None:
         _set_tie_flag(model, True)
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
+def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Merge the active adapters and return ``model`` with only plain torch modules:
     LoRA wrappers become the layers they wrapped, saved modules their active copy.
-    Shared weights are untied as in :func:`merge`."""
-    _merge(model, keep_original=False)
+    Shared weights are untied as in :func:`merge`; layers over a quantized base become
+    ``nn.Linear`` layers of ``dtype`` as in :func:`merge` (the others stay quantized)."""
+    _merge(model, keep_original=False, dtype=dtype)
     for name, module in list(model.named_modules()):
         if isinstance(module, LoraLayer):
             _replace(model, name, module.unwrap())
@@ -506,14 +519,21 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     return model
 
 
-def _merge(model: nn.Module, keep_original: bool) -> None:
+def _merge(model: nn.Module, keep_original: bool, dtype: torch.dtype | None = None) -> None:
     counts = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
-    untied = []
+    untied, dequantized = [], []
     for name, layer in lora_layers(model):
         untie = counts[id(layer.weight)] > 1 and not layer.merged and bool(layer.active)
-        layer.merge(keep_original, untie=untie)
+        (dequantized if layer.quantized and not layer.merged and layer.active else []).append(layer)
+        layer.merge(keep_original, untie=untie, dtype=dtype)
         if untie:
             untied.append(name)
+    if dequantized:
+        kinds = sorted({str(layer.weight.dtype).removeprefix("torch.") for layer in dequantized})
+        warnings.warn(f"merged {len(dequantized)} layers into a quantized base: each is now a {'/'.join(kinds)} layer "
+                      "holding dequant(W) + ΔW, exactly the function the adapter was trained against, and as large as "
+                      "that dtype makes it; re-quantizing it (lorakit merge --requantize) would round the merged "
+                      "weights", QuantizedMergeWarning, stacklevel=3)
     if untied:
         flag = _embeddings_tied(model) is False and _set_tie_flag(model, False)
         warnings.warn(

@@ -50,8 +50,12 @@ def quantize_int8(model: nn.Module) -> int:
     take an adapter later (a LoRA layer can take more)."""
     from transformers.pytorch_utils import Conv1D
 
+    from . import quant
     from .layers import LoraLinear
 
+    if any(quant.is_quantized(m) or getattr(m, "quantized", False) is True for m in model.modules()):
+        raise ValueError("the model's base is already quantized (bitsandbytes): lorakit's int8 serving kernel "
+                         "needs float weights; serve a quantized base without --quantize")
     count = 0
     for module in list(model.modules()):
         if isinstance(module, LoraLinear) and module.__dict__.get("int8_base") is None:

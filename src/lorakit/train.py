@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import baselines, checkpoint, data, runfiles, tasks
+from . import baselines, checkpoint, data, quant, runfiles, tasks
 from .config import LoraConfig
 from .distributed import World, full_parameters, fully_shard_model, setup, shard_rows
 from .fastops import use_fast_dropout
@@ -119,6 +119,9 @@ class TrainConfig:
                                                "less memory, about a third more time")
     precision: str = _opt("auto", "auto: bf16 where the CPU/GPU has native bf16 (AVX-512 BF16, AMX), else fp32; fp32; "
                                   "bf16 (autocast: bfloat16 matmuls, fp32 weights and optimizer)")
+    quantize_base: str | None = _opt(None, "QLoRA: load the frozen base quantized with bitsandbytes, nf4 or fp4 (4-bit, "
+                                           "double quantization) or bnb-int8 (LLM.int8), and train LoRA on it; task.json "
+                                           "records it for eval, generate, merge and serve (pip install 'lorakit[quant]')")
 
     def __post_init__(self) -> None:
         check_fields(self, _field_types())
@@ -156,6 +159,19 @@ class TrainConfig:
         if self.loraplus_lr_ratio is not None and not self.loraplus_lr_ratio > 0:
             raise ValueError(f"loraplus_lr_ratio must be positive (B's lr / A's), got {self.loraplus_lr_ratio}")
         LoraConfig(rank_pattern=self.rank_pattern, alpha_pattern=self.alpha_pattern)  # checked as LoraConfig checks them
+        self._check_quantize_base()
+
+    def _check_quantize_base(self) -> None:
+        quant.check_quantize_base(self.quantize_base)
+        if self.quantize_base is None:
+            return
+        if self.method != "lora":
+            raise ValueError(f"--quantize-base {self.quantize_base} keeps the base frozen in few bits and trains LoRA on it; "
+                             f"--method {self.method} cannot train it (use --method lora, or no --quantize-base)")
+        if self.fsdp:
+            raise ValueError(f"--fsdp with --quantize-base {self.quantize_base}: FSDP2 shards float parameters, not "
+                             "bitsandbytes' packed weights; train a quantized base with DDP (drop --fsdp)")
+        quant.require_bitsandbytes(f"--quantize-base {self.quantize_base}")
 
     @property
     def run_dir(self) -> Path:
@@ -493,7 +509,8 @@ def train(cfg: TrainConfig, seed: int) -> dict[str, Any]:
         if sign * metrics[split][metric] > best:  # the same decision in every process (gathered metrics)
             with full_parameters(model):
                 if world.main:
-                    info = {**task.info(), "model": cfg.model, "method": cfg.method}
+                    info = {**task.info(), "model": cfg.model, "method": cfg.method,
+                            **({"quantize_base": cfg.quantize_base} if cfg.quantize_base else {})}
                     runfiles.save_weights(model, cfg.method, run, info | ({"adapter_dim": cfg.adapter_dim}
                                                                           if cfg.method == "adapter" else {}))
         tracker.epoch((epoch + 1) * len(order), metrics)

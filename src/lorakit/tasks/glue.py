@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import data
+from .. import data, quant
 from ..distributed import World
 from ..metrics import compute_metrics
 from ..models import resolve_model
@@ -44,10 +44,12 @@ def canonical_name(name: str) -> str:
     return data.get_task(name).name
 
 
-def load_classifier(model_name: str, task: data.Task, pooling: str = "cls"):
+def load_classifier(model_name: str, task: data.Task, pooling: str = "cls", quantize_base: str | None = None):
     """Tokenizer and sequence-classification model for ``task`` (regression for STS-B); the
     head reads the first token (``cls``, the model's own) or the masked mean (``mean``). The
-    model's config names the task's classes (``id2label``), so a merged model saves them."""
+    model's config names the task's classes (``id2label``), so a merged model saves them.
+    ``quantize_base`` (nf4, fp4, bnb-int8): the encoder's linear layers quantized with bitsandbytes,
+    the head in float32 (default: what ``lorakit.quant.base_quantization`` set)."""
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -62,7 +64,10 @@ def load_classifier(model_name: str, task: data.Task, pooling: str = "cls"):
     model = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=task.num_labels, problem_type="regression" if task.labels is None else "single_label_classification",
         ignore_mismatched_sizes=True, **names,  # a folder with another task's head gets a fresh one
+        **quant.load_kwargs(quantize_base if quantize_base is not None else quant.current_base_quantization(),
+                            skip=quant.SKIPPED_HEADS),
     )
+    quant.adopt_all(model)  # before any forward: computes in its compute dtype from the loaded weights (lorakit.quant)
     return tokenizer, mean_pooling(model) if pooling == "mean" else model
 
 
@@ -169,7 +174,7 @@ class GlueTask:
         self.pad_id = 0
 
     def load_model(self, model_name: str):
-        tokenizer, model = load_classifier(model_name, self.task, self.cfg.pooling)
+        tokenizer, model = load_classifier(model_name, self.task, self.cfg.pooling, getattr(self.cfg, "quantize_base", None))
         self.pad_id = tokenizer.pad_token_id or 0
         return tokenizer, model
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import data
+from .. import data, quant
 from ..distributed import World
 from ..models import resolve_model
 from . import Split, first_rows, refuse_classify_flags, report
@@ -284,8 +284,9 @@ def collate(features: list[dict[str, list[int]]], pad_id: int, multiple: int = d
 # ---- model and loss ------------------------------------------------------------------------
 
 
-def load_causal_lm(model_name: str):
-    """Tokenizer (with a pad token) and causal LM; float32 weights."""
+def load_causal_lm(model_name: str, quantize_base: str | None = None):
+    """Tokenizer (with a pad token) and causal LM; float32 weights, or its linear layers quantized with
+    bitsandbytes (``quantize_base``: nf4, fp4, bnb-int8; default: what ``lorakit.quant.base_quantization`` set)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
 
@@ -297,7 +298,9 @@ def load_causal_lm(model_name: str):
         raise ValueError(f"the tokenizer of {model_name!r} has no EOS token; completions need one to stop")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    quantize_base = quantize_base if quantize_base is not None else quant.current_base_quantization()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **quant.load_kwargs(quantize_base))
+    quant.adopt_all(model)  # before any forward: computes in its compute dtype from the loaded weights (lorakit.quant)
     return tokenizer, model
 
 
@@ -367,7 +370,7 @@ class LMTask:
         refuse_classify_flags(cfg)
 
     def load_model(self, model_name: str):
-        self.tokenizer, model = load_causal_lm(model_name)
+        self.tokenizer, model = load_causal_lm(model_name, getattr(self.cfg, "quantize_base", None))
         return self.tokenizer, model
 
     def head(self, model: nn.Module) -> str | None:
