@@ -30,8 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import variants
-from . import quant
+from . import quant, variants
 from .config import LoraConfig
 
 __all__ = [
