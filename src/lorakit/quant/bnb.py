@@ -207,6 +207,17 @@ class Linear8bitLt(bnb.nn.Linear8bitLt):
         out = _scratch_buffer((self.out_features, self.in_features), dtype) if self.weight.device.type == "cpu" else None
         return _dequantize_8bit(self, dtype, out)
 
+    # bitsandbytes' state dict holds "<prefix>SCB" and "<prefix>weight_format" beside the weight: named here
+    # too, so that tools mapping state-dict keys to attributes (torch.distributed.checkpoint's
+    # get_model_state_dict, which lorakit train's checkpoints use) find them.
+    @property
+    def SCB(self) -> Tensor | None:
+        return self.weight.SCB if getattr(self.weight, "SCB", None) is not None else self.state.SCB
+
+    @property
+    def weight_format(self) -> Tensor:
+        return torch.tensor(0, dtype=torch.uint8)  # row-major, as bitsandbytes writes it
+
 
 # ---- adopting --------------------------------------------------------------------------------------
 
