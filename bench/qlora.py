@@ -23,7 +23,9 @@ nf4 base, bitsandbytes' own layers), ``fp32`` (``lorakit.add_lora`` on the float
   same batches in every case; ratios are medians over rounds. Before timing, lorakit and PEFT must give
   the same loss on the same nf4 base with the same LoRA factors.
 
-    python bench/qlora.py [--quick] [--repeats 3] [--skip-7b]
+    python bench/qlora.py [--quick] [--repeats 3] [--skip-7b] [--part memory|speed]
+
+``--part`` runs one half and keeps the other half of an existing record (the two may run at different times).
 """
 
 from __future__ import annotations
@@ -257,21 +259,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="a small Llama shape (hidden 256, 2 layers), 2 rounds")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds of the speed comparison")
     parser.add_argument("--skip-7b", action="store_true", help="no Llama-2-7B-shape step (it takes minutes)")
+    parser.add_argument("--part", choices=["memory", "speed"], help="run only this half, keep the record's other half")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.model, args.child)))
         return
-    if args.quick:
-        memory, speed = run_memory(["quick"], None), {"quick": run_speed("quick", 2)}
-    else:
-        memory = run_memory(["smollm2-1.7b"], None if args.skip_7b else "llama2-7b")
-        speed = {name: run_speed(name, args.repeats) for name in ("smollm2-1.7b", "smollm2")}
+    name = "qlora_quick" if args.quick else "qlora"
+    path = Path("bench/results") / f"{name}.json"
+    kept = json.loads(path.read_text())["results"] if args.part and path.is_file() else {}
+    memory, speed = kept.get("memory"), kept.get("speed")
+    if args.part != "speed":
+        memory = run_memory(["quick"], None) if args.quick else run_memory(["smollm2-1.7b"],
+                                                                           None if args.skip_7b else "llama2-7b")
+    if args.part != "memory":
+        names = ("quick",) if args.quick else ("smollm2-1.7b", "smollm2")
+        speed = {model: run_speed(model, 2 if args.quick else args.repeats) for model in names}
     config = {"r": 16, "alpha": 32, "targets": TARGETS, "batch": "1 x 128 (smollm2: 8 x 128)", "gradient_checkpointing": True,
               "optimizer": "AdamW", "base": "nf4, double quantization, float32 compute", "shapes": SHAPES,
               "bitsandbytes": __import__("bitsandbytes").__version__}
-    write_record("qlora_quick" if args.quick else "qlora", config, {"memory": memory, "speed": speed})
+    write_record(name, config, {"memory": memory, "speed": speed})
 
 
 if __name__ == "__main__":

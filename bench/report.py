@@ -173,14 +173,14 @@ def qlora(r: dict) -> list[str]:
     res = r["results"]
     rows = ["Peak RSS, each case in its own process (build the model, a warm-up step, a timed step):", "",
             "| model | case | build s | RSS after building MB | peak RSS MB | step s |", "|---|---|---|---|---|---|"]
-    for model, cases in res["memory"].items():
+    for model, cases in (res["memory"] or {}).items():
         rows += [f"| {model} | {k} | {c['build_s']:.0f} | {c['loaded_rss_mb']:.0f} | {c['peak_rss_mb']:.0f} | "
                  f"{c['step_s']:.1f} |" for k, c in cases.items() if k != "ratios"]
         rows += [f"| {model} | {k} | | | {v:.3f} | |" for k, v in cases.get("ratios", {}).items()]
     rows += ["", "Step time, the cases of one model side by side (medians of interleaved rounds):", "",
              "| model | batch | lorakit nf4 ms | PEFT nf4 ms | lorakit fp32 ms | lorakit/PEFT | lorakit/fp32 | PEFT/fp32 |",
              "|---|---|---|---|---|---|---|---|"]
-    for model, v in res["speed"].items():
+    for model, v in (res["speed"] or {}).items():
         c, q = v["cases"], v["ratios"]
         rows.append(f"| {model} | {' x '.join(map(str, v['batch']))} | {_ms(c['lorakit'])} | {_ms(c['peft'])} | "
                     f"{_ms(c['fp32'])} | {q['lorakit/peft']:.3f} | {q['lorakit/fp32']:.3f} | {q['peft/fp32']:.3f} |")
