@@ -169,6 +169,24 @@ def padding(r: dict) -> list[str]:
     return rows + _ratio_rows(ratios)
 
 
+def qlora(r: dict) -> list[str]:
+    res = r["results"]
+    rows = ["Peak RSS, each case in its own process (build the model, a warm-up step, a timed step):", "",
+            "| model | case | build s | RSS after building MB | peak RSS MB | step s |", "|---|---|---|---|---|---|"]
+    for model, cases in (res["memory"] or {}).items():
+        rows += [f"| {model} | {k} | {c['build_s']:.0f} | {c['loaded_rss_mb']:.0f} | {c['peak_rss_mb']:.0f} | "
+                 f"{c['step_s']:.1f} |" for k, c in cases.items() if k != "ratios"]
+        rows += [f"| {model} | {k} | | | {v:.3f} | |" for k, v in cases.get("ratios", {}).items()]
+    rows += ["", "Step time, the cases of one model side by side (medians of interleaved rounds):", "",
+             "| model | batch | lorakit nf4 ms | PEFT nf4 ms | lorakit fp32 ms | lorakit/PEFT | lorakit/fp32 | PEFT/fp32 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for model, v in (res["speed"] or {}).items():
+        c, q = v["cases"], v["ratios"]
+        rows.append(f"| {model} | {' x '.join(map(str, v['batch']))} | {_ms(c['lorakit'])} | {_ms(c['peft'])} | "
+                    f"{_ms(c['fp32'])} | {q['lorakit/peft']:.3f} | {q['lorakit/fp32']:.3f} | {q['peft/fp32']:.3f} |")
+    return rows
+
+
 SECTIONS = [("train_step", "Training step (batch 16 x 128, forward + backward + AdamW)", train_step),
             ("memory", "Peak memory of training (each case in its own process)", memory),
             ("latency", "Inference latency, GPT-2 medium shape (paper Table 1 style)", latency),
@@ -184,7 +202,9 @@ SECTIONS = [("train_step", "Training step (batch 16 x 128, forward + backward + 
             ("generation", "Generation latency, batch 1, greedy, fixed new tokens, E2E dev prompts", generation),
             ("serve_gen", "lorakit serve with a causal LM: OpenAI completions, continuous batching over adapters",
              serve_gen),
-            ("padding", "A long training process: batches padded to the longest row or to a multiple of 8", padding)]
+            ("padding", "A long training process: batches padded to the longest row or to a multiple of 8", padding),
+            ("qlora", "QLoRA: a LoRA step (r=16 q,k,v,o, 1 x 128, gradient checkpointing) on a bitsandbytes nf4 base",
+             qlora)]
 # Records written by a script run with flags (default: bench/<record>.py).
 COMMANDS = {"serve_bf16": "serve.py --precision bf16", "lm_memory": "lm_step.py --memory"}
 
@@ -242,6 +262,21 @@ TARGETS = [
      ("multiple=8", "epoch time / multiple=1"), None),
     ("As above: resident memory after the last epoch / to the longest (reported, no target)", "padding",
      ("multiple=8", "last-epoch rss / multiple=1"), None),
+    # Issue #26: QLoRA (bitsandbytes nf4 base, random weights, one step, each memory case in its own process).
+    ("QLoRA Llama-2-7B shape: peak RSS of a training step, GB", "qlora",
+     ("memory", "llama2-7b", "lorakit", "peak_rss_gb"), ("<=", 8.0)),
+    ("QLoRA SmolLM2-1.7B shape: peak RSS nf4 / fp32 base", "qlora",
+     ("memory", "smollm2-1.7b", "ratios", "lorakit/fp32 peak"), ("<=", 0.30)),
+    ("QLoRA SmolLM2-1.7B shape: peak RSS lorakit / PEFT + bitsandbytes", "qlora",
+     ("memory", "smollm2-1.7b", "ratios", "lorakit/peft peak"), ("<=", 1.0)),
+    ("QLoRA SmolLM2-1.7B shape: step lorakit / PEFT + bitsandbytes (nf4, fp32 compute)", "qlora",
+     ("speed", "smollm2-1.7b", "ratios", "lorakit/peft"), ("<=", 0.80)),
+    ("QLoRA SmolLM2-135M: step lorakit / PEFT + bitsandbytes (nf4, fp32 compute, batch 8 x 128)", "qlora",
+     ("speed", "smollm2", "ratios", "lorakit/peft"), ("<=", 0.80)),
+    ("QLoRA SmolLM2-1.7B shape: step nf4 / fp32 base, lorakit (reported, no target)", "qlora",
+     ("speed", "smollm2-1.7b", "ratios", "lorakit/fp32"), None),
+    ("QLoRA SmolLM2-135M: step nf4 / fp32 base, lorakit (reported, no target)", "qlora",
+     ("speed", "smollm2", "ratios", "lorakit/fp32"), None),
 ]
 
 

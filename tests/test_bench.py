@@ -116,3 +116,31 @@ def test_padding_bench_runs_both_variants_and_reports(tiny_model, tmp_path):
     assert rounded["padded_tokens"] > longest["padded_tokens"] and rounded["padded_tokens"] % 8 == 0
     assert longest["rss_mb"] > 0 and results["multiple=8"]["epoch time / multiple=1"] > 0
     assert "| 8 | 1 |" in report.build(tmp_path)
+
+
+def test_qlora_bench_checks_peft_on_the_same_nf4_model_and_reports(tmp_path, monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    import qlora
+    import report
+
+    monkeypatch.setitem(qlora.SHAPES, "quick", (128, 1, 256, 256, 2, 2, True))
+    model = qlora.build_model("quick", "nf4")
+    layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    assert len(layers) == 7 and not any(p.is_meta for p in model.parameters())
+    speed = qlora.run_speed("quick", repeats=1)
+    assert speed["check"]["loss_abs_diff"] == 0.0 and set(speed["ratios"]) == {"lorakit/peft", "lorakit/fp32", "peft/fp32"}
+    memory = {"quick": {c: {"build_s": 1.0, "loaded_rss_mb": 9.0, "peak_rss_mb": 10.0, "step_s": 1.0} for c in
+                        ("lorakit", "peft", "fp32")}}
+    memory["quick"]["ratios"] = {"lorakit/fp32 peak": 1.0, "lorakit/peft peak": 1.0}
+    benchtools.write_record("qlora", {}, {"memory": memory, "speed": {"quick": speed}}, tmp_path)
+    text = report.build(tmp_path)
+    assert "## QLoRA: a LoRA step" in text and "| quick | lorakit | 1 | 9 | 10 | 1.0 |" in text
+
+    def differ(ours, theirs, ids):  # PEFT not given lorakit's factors: the losses differ, nothing is timed
+        with torch.no_grad():
+            loss_a, loss_b = ours(input_ids=ids, labels=ids).loss, theirs(input_ids=ids, labels=ids).loss + 1
+        benchtools.check_close(loss_a, loss_b, "lorakit vs PEFT loss on the same nf4 base")
+
+    monkeypatch.setattr(qlora, "check_same_loss", differ)
+    with pytest.raises(benchtools.BenchmarkMismatch, match="lorakit vs PEFT loss on the same nf4 base"):
+        qlora.run_speed("quick", repeats=1)

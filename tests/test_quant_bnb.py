@@ -144,6 +144,24 @@ def test_dequantize_equals_bitsandbytes_and_the_reference(quant_type, nested):
     assert torch.equal(layer.dequantize(torch.bfloat16), expected.bfloat16())  # rounded once
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_the_forward_decodes_into_one_reused_buffer_the_same_weights(quant_type):
+    """The CPU forward writes each layer's weight into this thread's scratch buffer (no fresh tensor, no page
+    faults per product): the same values as dequantize(), in fp32 and bf16, one buffer for every layer."""
+    first, second = qbnb.adopt(_layer(quant_type=quant_type)), qbnb.adopt(_layer(quant_type=quant_type, seed=1))
+    for dtype in (torch.float32, torch.bfloat16):
+        a = first._scratch_weight(dtype)
+        assert torch.equal(a, first.dequantize(dtype))
+        b = second._scratch_weight(dtype)
+        assert b.data_ptr() == a.data_ptr() and torch.equal(b, second.dequantize(dtype))
+    x = torch.randn(3, 5, 128, requires_grad=True)
+    y = first(x)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, first.dequantize(), first.bias), rtol=0, atol=0)
+    y.square().sum().backward()
+    expected = (2 * y.detach()) @ first.dequantize()
+    torch.testing.assert_close(x.grad, expected, rtol=1.3e-6, atol=1e-5)
+
+
 def test_blocks_spanning_rows_are_decoded_right():
     """bitsandbytes 0.50's CPU kernel counts blocks per row: with 48 inputs (blocks of 64 spanning rows) its
     weights are far off; lorakit decodes those layers with the reference (within nf4's own error)."""
@@ -152,6 +170,8 @@ def test_blocks_spanning_rows_are_decoded_right():
     layer = bnb.nn.Linear4bit(48, 32, bias=False, compute_dtype=torch.float32, quant_type="nf4")
     layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
     layer = qbnb.adopt(layer.to("cpu"))
+    x = torch.randn(4, 48)
+    torch.testing.assert_close(layer(x), x @ qbnb.dequantize_4bit_reference(layer.weight).T, rtol=1.3e-6, atol=1e-5)
     ours = (layer.dequantize() - weight).norm() / weight.norm()
     theirs = (BF.dequantize_4bit(layer.weight.data, layer.weight.quant_state) - weight).norm() / weight.norm()
     assert ours < 0.12 < theirs

@@ -232,3 +232,16 @@ def test_without_bitsandbytes_the_error_is_one_line_naming_the_extra(monkeypatch
     assert main(["train", "--task", "mrpc", "--quantize-base", "nf4", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == ("lorakit: error: --quantize-base nf4 needs bitsandbytes: "
                                                "pip install 'lorakit[quant]'")
+
+
+def test_an_8bit_base_trains_with_mid_epoch_checkpoints(llama64, tmp_path):
+    """bitsandbytes' 8-bit state dict names SCB and weight_format beside the weight, which torch's
+    get_model_state_dict (lorakit train's checkpoints) looks up as attributes."""
+    rows = [{"prompt": f"count {i}", "completion": f"{i} {i + 1}"} for i in range(8)]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["train", "--task", "jsonl", "--model", llama64, "--train-file", str(data), "--dev-file", str(data),
+                 "--epochs", "1", "--batch-size", "4", "--out", str(tmp_path / "run"), "--no-progress",
+                 "--quantize-base", "bnb-int8", "--save-every", "1"]) == 0
+    assert json.loads((tmp_path / "run" / "seed0" / "adapter" / "task.json").read_text())["quantize_base"] == "bnb-int8"
+    assert list((tmp_path / "run" / "seed0").glob("checkpoint-*.pt"))
