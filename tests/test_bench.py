@@ -116,3 +116,30 @@ def test_padding_bench_runs_both_variants_and_reports(tiny_model, tmp_path):
     assert rounded["padded_tokens"] > longest["padded_tokens"] and rounded["padded_tokens"] % 8 == 0
     assert longest["rss_mb"] > 0 and results["multiple=8"]["epoch time / multiple=1"] > 0
     assert "| 8 | 1 |" in report.build(tmp_path)
+
+
+def test_dora_bench_checks_peft_and_writes_its_ratios(tmp_path, monkeypatch):
+    import dora
+    import report
+
+    results = dora.run(dora.TINY, repeats=1, dropout=0.0, name="dora", label="tiny", out_dir=str(tmp_path))
+    assert set(results) == {"q_proj,v_proj", "all-linear"}
+    for v in results.values():
+        assert set(v["cases"]) == set(dora.CASES) and v["ratios"]["lorakit_dora/lorakit_lora"] > 0
+        assert v["check"]["dora"]["trainable_tensors"] == 1.5 * v["check"]["lora"]["trainable_tensors"]  # + magnitudes
+    assert "| all-linear |" in report.build(tmp_path)
+
+    real = dora.lorakit_model
+
+    def broken(base, theirs):
+        ours = real(base, theirs)
+        with torch.no_grad():
+            for name, p in lorakit.lora_parameters(ours):
+                if "magnitude" in name:
+                    p.mul_(1.5)
+        return ours
+
+    monkeypatch.setattr(dora, "lorakit_model", broken)
+    with pytest.raises(benchtools.BenchmarkMismatch, match="lorakit vs PEFT dora: loss"):
+        dora.run(dora.TINY, repeats=1, dropout=0.0, name="broken", label="tiny", out_dir=str(tmp_path))
+    assert not (tmp_path / "broken.json").exists()
