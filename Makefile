@@ -51,6 +51,7 @@ bench: install
 	$(BENCH_ENV) $(PY) bench/serve_gen.py
 	$(BENCH_ENV) $(PY) bench/padding.py
 	$(BENCH_ENV) $(PY) bench/qlora.py
+	$(BENCH_ENV) $(PY) bench/dora.py
 	$(PY) bench/report.py
 
 bench-quick: install
@@ -67,4 +68,5 @@ bench-quick: install
 	$(BENCH_ENV) $(PY) bench/serve_gen.py --quick
 	$(BENCH_ENV) $(PY) bench/padding.py --quick
 	$(BENCH_ENV) $(PY) bench/qlora.py --quick
+	$(BENCH_ENV) $(PY) bench/dora.py --quick
 	$(PY) bench/report.py

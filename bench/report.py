@@ -156,6 +156,17 @@ def generation(r: dict) -> list[str]:
     return rows
 
 
+def dora(r: dict) -> list[str]:
+    rows = ["| targets | lorakit LoRA ms | lorakit DoRA ms | PEFT LoRA ms | PEFT DoRA ms | DoRA/LoRA lorakit | "
+            "DoRA/LoRA PEFT | DoRA lorakit/PEFT |", "|---|---|---|---|---|---|---|---|"]
+    for key, v in r["results"].items():
+        c, q = v["cases"], v["ratios"]
+        rows.append(f"| {key} | {_ms(c['lorakit_lora'])} | {_ms(c['lorakit_dora'])} | {_ms(c['peft_lora'])} | "
+                    f"{_ms(c['peft_dora'])} | {q['lorakit_dora/lorakit_lora']:.3f} | {q['peft_dora/peft_lora']:.3f} | "
+                    f"{q['lorakit_dora/peft_dora']:.3f} |")
+    return rows
+
+
 def padding(r: dict) -> list[str]:
     res = r["results"]
     rows = [f"model: {r['config']['model']}, {r['config']['epochs']} epochs of MRPC, each variant in its own process "
@@ -204,7 +215,9 @@ SECTIONS = [("train_step", "Training step (batch 16 x 128, forward + backward + 
              serve_gen),
             ("padding", "A long training process: batches padded to the longest row or to a multiple of 8", padding),
             ("qlora", "QLoRA: a LoRA step (r=16 q,k,v,o, 1 x 128, gradient checkpointing) on a bitsandbytes nf4 base",
-             qlora)]
+             qlora),
+            ("dora", "DoRA training step, SmolLM2-135M shape (random weights), batch 8 x 128, r=8, fp32 "
+             "(forward + backward + AdamW)", dora)]
 # Records written by a script run with flags (default: bench/<record>.py).
 COMMANDS = {"serve_bf16": "serve.py --precision bf16", "lm_memory": "lm_step.py --memory"}
 
@@ -277,6 +290,15 @@ TARGETS = [
      ("speed", "smollm2-1.7b", "ratios", "lorakit/fp32"), None),
     ("QLoRA SmolLM2-135M: step nf4 / fp32 base, lorakit (reported, no target)", "qlora",
      ("speed", "smollm2", "ratios", "lorakit/fp32"), None),
+    # Issue #26: DoRA's step against lorakit's own LoRA step (PEFT's DoRA: about 2x its LoRA, peft #1474).
+    ("DoRA step / LoRA step, lorakit, q/v (SmolLM2 shape)", "dora", ("q_proj,v_proj", "ratios",
+                                                                      "lorakit_dora/lorakit_lora"), ("<=", 1.3)),
+    ("DoRA step / LoRA step, lorakit, all-linear (SmolLM2 shape)", "dora", ("all-linear", "ratios",
+                                                                             "lorakit_dora/lorakit_lora"), ("<=", 1.3)),
+    ("DoRA step / LoRA step, PEFT, all-linear (reported, no target)", "dora", ("all-linear", "ratios",
+                                                                                "peft_dora/peft_lora"), None),
+    ("DoRA step lorakit / PEFT, all-linear (reported, no target)", "dora", ("all-linear", "ratios",
+                                                                            "lorakit_dora/peft_dora"), None),
 ]
 
 

@@ -144,3 +144,30 @@ def test_qlora_bench_checks_peft_on_the_same_nf4_model_and_reports(tmp_path, mon
     monkeypatch.setattr(qlora, "check_same_loss", differ)
     with pytest.raises(benchtools.BenchmarkMismatch, match="lorakit vs PEFT loss on the same nf4 base"):
         qlora.run_speed("quick", repeats=1)
+
+
+def test_dora_bench_checks_peft_and_writes_its_ratios(tmp_path, monkeypatch):
+    import dora
+    import report
+
+    results = dora.run(dora.TINY, repeats=1, dropout=0.0, name="dora", label="tiny", out_dir=str(tmp_path))
+    assert set(results) == {"q_proj,v_proj", "all-linear"}
+    for v in results.values():
+        assert set(v["cases"]) == set(dora.CASES) and v["ratios"]["lorakit_dora/lorakit_lora"] > 0
+        assert v["check"]["dora"]["trainable_tensors"] == 1.5 * v["check"]["lora"]["trainable_tensors"]  # + magnitudes
+    assert "| all-linear |" in report.build(tmp_path)
+
+    real = dora.lorakit_model
+
+    def broken(base, theirs):
+        ours = real(base, theirs)
+        with torch.no_grad():
+            for name, p in lorakit.lora_parameters(ours):
+                if "magnitude" in name:
+                    p.mul_(1.5)
+        return ours
+
+    monkeypatch.setattr(dora, "lorakit_model", broken)
+    with pytest.raises(benchtools.BenchmarkMismatch, match="lorakit vs PEFT dora: loss"):
+        dora.run(dora.TINY, repeats=1, dropout=0.0, name="broken", label="tiny", out_dir=str(tmp_path))
+    assert not (tmp_path / "broken.json").exists()
