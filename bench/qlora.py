@@ -17,8 +17,12 @@ ids, the model's own causal-LM loss, gradient checkpointing (non-reentrant), bac
 Cases: ``lorakit`` (``lorakit.add_lora`` on the nf4 base), ``peft`` (``peft.get_peft_model`` on the same
 nf4 base, bitsandbytes' own layers), ``fp32`` (``lorakit.add_lora`` on the float32 base).
 
-- Memory (``--memory``): each case in its own process builds its model and runs one warm-up step and
-  one timed step; the process's peak RSS (VmHWM) is reported. 7B: nf4 only (float32 would be 27 GB).
+- Memory (``--part memory``): each case in its own process builds its model and runs one warm-up step
+  and two timed steps (the faster is reported); the process's peak RSS (VmHWM) is reported. 7B: nf4 only
+  (float32 would be 27 GB). Allocator: each case as its user gets it (``lorakit train`` caps glibc's mmap
+  threshold, ``lorakit.allocator.cap_mmap_threshold``; a PEFT script keeps glibc's default), and for
+  transparency the two nf4 cases the other way round too: the ``allocator`` ratios give the cap's cost
+  in step time and what PEFT would gain from it.
 - Speed: the cases of one model in one process, timed in alternation (``benchtools.interleave``), the
   same batches in every case; ratios are medians over rounds. Before timing, lorakit and PEFT must give
   the same loss on the same nf4 base with the same LoRA factors.
@@ -42,6 +46,7 @@ import torch
 from torch import nn
 
 import lorakit
+from lorakit.allocator import cap_mmap_threshold
 from lorakit.benchtools import check_close, interleave, median_ratio, summarize, write_record
 from lorakit.models import resolve_model
 
@@ -197,41 +202,52 @@ def _status_mb(field: str) -> float:
     return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
 
 
-def child(model_name: str, case: str) -> dict:
+def child(model_name: str, case: str, allocator: str) -> dict:
+    if allocator == "capped" and not cap_mmap_threshold():
+        raise RuntimeError("cannot cap the mmap threshold here (not glibc, or MALLOC_MMAP_THRESHOLD_ is set)")
     start = time.perf_counter()
     model = make_case(model_name, case)
     built = time.perf_counter() - start
     loaded = _status_mb("VmRSS")
-    step = stepper(model, batches(model_name, 2))
+    step = stepper(model, batches(model_name, 3))
     times = []
-    for _ in range(2):  # a warm-up step, then the timed one
+    for _ in range(3):  # a warm-up step, then two timed ones
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return {"build_s": built, "loaded_rss_mb": loaded, "peak_rss_mb": _status_mb("VmHWM"), "warmup_step_s": times[0],
-            "step_s": times[1]}
+    return {"allocator": allocator, "build_s": built, "loaded_rss_mb": loaded, "peak_rss_mb": _status_mb("VmHWM"),
+            "warmup_step_s": times[0], "step_s": min(times[1:])}
 
 
-def run_child(model_name: str, case: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", case, "--model", model_name]
+def run_child(model_name: str, case: str, allocator: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", case, "--model", model_name, "--allocator", allocator]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"{model_name} {case} failed:\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"{model_name} {case}: {json.dumps({k: round(v, 1) for k, v in result.items()})}", flush=True)
+    shown = {k: round(v, 1) if isinstance(v, float) else v for k, v in result.items()}
+    print(f"{model_name} {case}: {json.dumps(shown)}", flush=True)
     return result
+
+
+# each case as its user gets it, then the nf4 cases with the other allocator setting
+MEMORY_CASES = {"lorakit": ("lorakit", "capped"), "peft": ("peft", "default"), "fp32": ("fp32", "capped"),
+                "lorakit, glibc default": ("lorakit", "default"), "peft, capped": ("peft", "capped")}
 
 
 def run_memory(shapes: list[str], big: str | None) -> dict:
     results = {}
     for shape in shapes:
-        results[shape] = {case: run_child(shape, case) for case in ("lorakit", "peft", "fp32")}
-        r = results[shape]
-        r["ratios"] = {"lorakit/fp32 peak": r["lorakit"]["peak_rss_mb"] / r["fp32"]["peak_rss_mb"],
-                       "lorakit/peft peak": r["lorakit"]["peak_rss_mb"] / r["peft"]["peak_rss_mb"]}
+        r = results[shape] = {name: run_child(shape, *case) for name, case in MEMORY_CASES.items()}
+        peak = {name: c["peak_rss_mb"] for name, c in r.items()}
+        r["ratios"] = {"lorakit/fp32 peak": peak["lorakit"] / peak["fp32"],
+                       "lorakit/peft peak": peak["lorakit"] / peak["peft"],
+                       "lorakit/peft peak, both capped": peak["lorakit"] / peak["peft, capped"],
+                       "lorakit peak, capped/default": peak["lorakit"] / peak["lorakit, glibc default"],
+                       "lorakit step, capped/default": r["lorakit"]["step_s"] / r["lorakit, glibc default"]["step_s"]}
         print(f"{shape} ratios: { {k: round(v, 3) for k, v in r['ratios'].items()} }", flush=True)
     if big:
-        results[big] = {"lorakit": run_child(big, "lorakit")}
+        results[big] = {"lorakit": run_child(big, *MEMORY_CASES["lorakit"])}
         results[big]["lorakit"]["peak_rss_gb"] = results[big]["lorakit"]["peak_rss_mb"] / 1024
     return results
 
@@ -262,9 +278,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--part", choices=["memory", "speed"], help="run only this half, keep the record's other half")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--allocator", choices=["capped", "default"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.model, args.child)))
+        print(json.dumps(child(args.model, args.child, args.allocator)))
         return
     name = "qlora_quick" if args.quick else "qlora"
     path = Path("bench/results") / f"{name}.json"

@@ -134,7 +134,9 @@ def test_qlora_bench_checks_peft_on_the_same_nf4_model_and_reports(tmp_path, mon
     memory["quick"]["ratios"] = {"lorakit/fp32 peak": 1.0, "lorakit/peft peak": 1.0}
     benchtools.write_record("qlora", {}, {"memory": memory, "speed": {"quick": speed}}, tmp_path)
     text = report.build(tmp_path)
-    assert "## QLoRA: a LoRA step" in text and "| quick | lorakit | 1 | 9 | 10 | 1.0 |" in text
+    assert "## QLoRA: a LoRA step" in text and "| quick | lorakit | default | 1 | 9 | 10 | 1.0 |" in text
+    capped = qlora.run_child("quick", "lorakit", "capped")  # its own process, the allocator as lorakit train sets it
+    assert capped["allocator"] == "capped" and capped["peak_rss_mb"] > capped["loaded_rss_mb"] > 0
 
     def differ(ours, theirs, ids):  # PEFT not given lorakit's factors: the losses differ, nothing is timed
         with torch.no_grad():

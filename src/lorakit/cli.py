@@ -86,10 +86,12 @@ def _train_config(args: argparse.Namespace, **defaults):
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .allocator import cap_mmap_threshold
     from .tasks import format_metrics
     from .train import train_seeds
 
     cfg, preset = _train_config(args)
+    cap_mmap_threshold()  # freed activations go back to the system: a step's peak does not stay resident
     print(f"preset: {preset}")
     report = train_seeds(cfg)
     metrics = format_metrics({"dev": report["median"]})

@@ -133,10 +133,10 @@ def dequantize_4bit_reference(weight: Tensor, dtype: torch.dtype = torch.float32
     return values.reshape(-1)[: rows * cols].view(rows, cols).to(dtype)
 
 
-def _dequantize_8bit(module: bnb.nn.Linear8bitLt, dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
+def _dequantize_8bit(module: Linear8bitLt, dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
     """``W = CB * SCB / 127``: int8 rows times each row's absmax, as bitsandbytes' CPU training path
     (``MatMul8bitFp``) forms it; into ``out`` if given."""
-    scb = module.weight.SCB if getattr(module.weight, "SCB", None) is not None else module.state.SCB
+    scb = module.SCB
     weight = module.weight.data.to(dtype) if out is None else out.copy_(module.weight.data)
     return weight.mul_(scb.unsqueeze(1).mul(1.0 / 127.0))
 
