@@ -20,18 +20,20 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from .decoder import Decoder
 from .model import adapter_per_row
+from .serving.model_decoder import ModelDecoder
 
 __all__ = ["Sampling", "Sequence", "Scheduler", "Busy"]
 
 SHUTTING_DOWN = "the server is shutting down"
 POLL_S = 0.5  # the longest an idle scheduler sleeps
+ENGINES = {"decoder": Decoder, "model": ModelDecoder}
 
 
 class Busy(Exception):
@@ -84,13 +86,19 @@ class Scheduler:
 
     ``max_rows`` sequences run at once (1: no batching across requests); ``max_queue`` more
     may wait; ``max_length`` bounds prompt plus completion; ``eos`` ends a completion.
+    ``engine`` runs the forward passes: ``"decoder"`` (:class:`lorakit.decoder.Decoder`, a lean
+    forward of its own for Llama-style decoders and GPT-2) or ``"model"``
+    (:class:`lorakit.serving.ModelDecoder`, the model's own modules, more families).
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, eos: set[int], max_rows: int = 64, max_queue: int = 256,
-                 max_length: int = 2048, prefill_chunk: int = 256) -> None:
+                 max_length: int = 2048, prefill_chunk: int = 256,
+                 engine: Literal["decoder", "model"] = "decoder") -> None:
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {sorted(ENGINES)}, not {engine!r}")
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.decoder = Decoder(model)
+        self.decoder = ENGINES[engine](model)
         self.max_length = min(max_length, self.decoder.max_positions)
         self.cache = self.decoder.cache(max_rows, self.max_length)
         self.eos = eos

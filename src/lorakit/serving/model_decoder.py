@@ -1,0 +1,180 @@
+"""Serving a transformers decoder through its own modules, with lorakit's row cache for attention.
+
+:class:`ModelDecoder` has :class:`lorakit.decoder.Decoder`'s interface (``cache``, ``forward``,
+``max_positions``) but writes no model's forward again: it calls the model's own base model
+(``model.base_model``: embedding and its scale, rotary embeddings — per layer type for Gemma 3 —,
+norms, fused projections, MLPs and mixture-of-experts blocks, final norm) and then its LM head on
+each row's last position, soft-capped when ``config.final_logit_softcapping`` says so (Gemma 2/3).
+
+Only attention is lorakit's: :func:`row_attention`, registered with transformers' attention
+interface under ``ATTENTION`` and made the model's attention implementation for the length of
+one forward. transformers makes no mask for an implementation its mask interface does not know,
+and each attention module hands the function its ``layer_idx``, ``scaling``, ``sliding_window``
+and ``softcap``. For query ``t`` of row ``b`` at position ``p = p[b, t]``, over the row's cache
+``K, V: (kv_heads, end, d)`` after writing the new keys and values at their positions::
+
+    s_j = scaling q . K_j,   s_j <- c tanh(s_j / c)   (soft-capping, when the layer gives c)
+    out = softmax_j(s_j over j <= p and, with a window w, j > p - w) V
+
+(``j > p - w`` is transformers' ``sliding_window_overlay``.) Grouped-query heads are shared by
+SDPA's ``enable_gqa``. Masks are made once per forward and window.
+
+Served (``config.model_type``): see ``SERVED``; every other architecture is refused by name, as
+are bidirectional attention and a layer whose attention passes anything this function does not
+implement (ALiBi, attention sinks, a mask of its own).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..decoder import RowCache
+
+__all__ = ["ATTENTION", "SERVED", "ModelDecoder", "row_attention"]
+
+ATTENTION = "lorakit_rows"
+# Families whose greedy tokens are tested equal to transformers + PEFT (tests/test_model_decoder.py)
+SERVED = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gemma", "gemma2", "gemma3_text", "phi3",
+          "gpt2")
+_PASSED_THROUGH = {"position_ids", "use_cache", "dropout"}  # what a model's forward hands its attention, unused here
+_BATCH_DEPENDENT_ROPE = ("longrope", "dynamic")  # frequencies follow the batch's longest position past this length
+
+
+class _Step:
+    """One forward's rows, positions and masks, handed to every layer's attention."""
+
+    def __init__(self, cache: RowCache, rows: slice, positions: Tensor) -> None:
+        self.cache, self.rows, self.positions = cache, rows, positions  # positions: (B, T)
+        self.end = int(positions.max()) + 1
+        B, T = positions.shape
+        self.where = (torch.arange(B, device=positions.device)[:, None].expand(B, T), positions)
+        self.masks: dict[int | None, Tensor] = {}
+        self.layers: set[int] = set()
+
+    def mask(self, window: int | None) -> Tensor:
+        """``(B, 1, T, end)``: query ``t`` of row ``b`` sees cache position ``j``."""
+        if window not in self.masks:
+            j, p = torch.arange(self.end, device=self.positions.device), self.positions[:, :, None]
+            seen = j <= p if window is None else (j <= p) & (j > p - window)
+            self.masks[window] = seen[:, None]
+        return self.masks[window]
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scaling: float, window: int | None,
+               softcap: float | None) -> Tensor:
+        """Write ``k, v`` ``(B, kv_heads, T, d)`` into layer ``layer``'s rows; ``(B, T, heads, d)``."""
+        kc, vc = self.cache.k[layer][self.rows], self.cache.v[layer][self.rows]
+        if (k.shape[1], k.shape[3]) != (kc.shape[1], kc.shape[3]):
+            raise ValueError(f"layer {layer} has {k.shape[1]} key heads of {k.shape[3]}, the cache "
+                             f"{kc.shape[1]} of {kc.shape[3]}: layers of different shapes are not served")
+        self.layers.add(layer)
+        b, p = self.where
+        kc[b, :, p] = k.transpose(1, 2)
+        vc[b, :, p] = v.transpose(1, 2)
+        kc, vc, mask = kc[:, :, : self.end], vc[:, :, : self.end], self.mask(window)
+        gqa = q.shape[1] != kc.shape[1]
+        if softcap is None:
+            out = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+        else:  # (SDPA has no soft-capping; this is transformers' eager attention)
+            if gqa:
+                kc, vc = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (kc, vc))
+            scores = torch.tanh(q @ kc.transpose(2, 3) * scaling / softcap) * softcap  # (B, heads, T, end)
+            weights = scores.masked_fill(~mask, float("-inf")).softmax(-1, dtype=torch.float32).to(q.dtype)
+            out = weights @ vc
+        return out.transpose(1, 2)
+
+
+def row_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                  scaling: float | None = None, sliding_window: int | None = None, softcap: float | None = None,
+                  lorakit_step: _Step | None = None, **kwargs) -> tuple[Tensor, None]:
+    """transformers' attention-function signature (``query: (B, heads, T, d)``, ``key, value:
+    (B, kv_heads, T, d)``; returns ``(B, T, heads, d)`` and no weights), over the rows of
+    ``lorakit_step``'s cache."""
+    name = type(module).__name__
+    if lorakit_step is None:
+        raise RuntimeError(f"the {ATTENTION!r} attention runs only within ModelDecoder.forward")
+    unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in _PASSED_THROUGH)
+    if attention_mask is not None or unknown or not getattr(module, "is_causal", True):
+        what = "a mask of its own" if attention_mask is not None else unknown or "bidirectional attention"
+        raise ValueError(f"{name} gives its attention {what}, which lorakit serve does not implement")
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    return lorakit_step.attend(module.layer_idx, query, key, value, scaling, sliding_window, softcap), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION, row_attention)
+
+
+def _max_positions(config) -> int:
+    """The longest sequence served: the model's, and no further than the length past which
+    rotary frequencies change with the batch's longest position (``longrope``, ``dynamic``)."""
+    limit = getattr(config, "max_position_embeddings", None) or config.n_positions
+    rope = getattr(config, "rope_parameters", None) or {}
+    groups = rope.values() if rope and all(isinstance(v, dict) for v in rope.values()) else [rope]
+    for params in groups:
+        if params.get("rope_type") in _BATCH_DEPENDENT_ROPE:
+            limit = min(limit, params.get("original_max_position_embeddings") or limit)
+    return limit
+
+
+class ModelDecoder:
+    """``forward(ids, cache, rows, start, last)``: the next-token logits ``(B, vocab)`` of
+    ``rows`` of the cache after feeding them ``ids`` ``(B, T)`` (right-padded) at positions
+    ``start, start + 1, ...`` (``start: (B,)``), taken at index ``last`` (default ``T - 1``) of
+    each row — as :class:`lorakit.decoder.Decoder`, through the model's own modules."""
+
+    def __init__(self, model: nn.Module) -> None:
+        config = model.config
+        kind = getattr(config, "model_type", None)
+        if kind not in SERVED:
+            raise ValueError(f"lorakit serve generates with {', '.join(SERVED)}, not {type(model).__name__} "
+                             f"(model_type {kind!r}); use lorakit generate for it")
+        if getattr(config, "use_bidirectional_attention", False):
+            raise ValueError(f"{kind} with use_bidirectional_attention is not a causal decoder: not served")
+        _register()
+        self.model, self.config = model, config
+        self.body, self.head = model.base_model, model.get_output_embeddings()
+        self.layers = config.num_hidden_layers
+        heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+        self.max_positions = _max_positions(config)
+
+    def cache(self, rows: int, max_length: int, dtype: torch.dtype | None = None) -> RowCache:
+        weight = next(self.model.parameters())
+        return RowCache(self.layers, rows, self.kv_heads, self.head_dim, min(max_length, self.max_positions),
+                        dtype or weight.dtype, weight.device)
+
+    @contextmanager
+    def _row_attention(self) -> Iterator[None]:
+        before = self.config._attn_implementation
+        self.config._attn_implementation = ATTENTION
+        try:
+            yield
+        finally:
+            self.config._attn_implementation = before
+
+    @torch.inference_mode()
+    def forward(self, ids: Tensor, cache: RowCache, rows: slice, start: Tensor, last: Tensor | None = None) -> Tensor:
+        B, T = ids.shape
+        # (B, T); a padding token past the cache's end writes (garbage) into its last position instead
+        positions = (start[:, None] + torch.arange(T, device=ids.device)).clamp(max=cache.max_length - 1)
+        step = _Step(cache, rows, positions)
+        cache.reserve(rows.stop, step.end)
+        with self._row_attention():
+            hidden = self.body(input_ids=ids, position_ids=positions, use_cache=False, lorakit_step=step)[0]
+        if len(step.layers) != self.layers:  # a layer that attends some other way would be served wrong
+            raise ValueError(f"{type(self.model).__name__}: {self.layers - len(step.layers)} of {self.layers} layers "
+                             f"did not use the attention interface; not served")
+        index = torch.full((B,), T - 1, device=ids.device) if last is None else last
+        logits = self.head(hidden[torch.arange(B, device=ids.device), index])
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits.float()

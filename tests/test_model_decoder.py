@@ -1,0 +1,174 @@
+"""lorakit.serving.ModelDecoder: every served family, driven token by token with rows of
+different prompt lengths and adapters (chunked prefill, then decoding), gives the greedy
+tokens of transformers + PEFT ``generate`` on each row alone. Sliding windows are shorter
+than the prompts; Gemma 2's soft-capping is set low enough to matter."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+import transformers as T
+
+import lorakit
+import zoo
+from helpers import MODEL_TOL, randomize
+from lorakit.continuous import Sampling, Scheduler, Sequence
+from lorakit.serving import ModelDecoder
+from lorakit.serving.model_decoder import row_attention
+from zoo import ARCHS
+
+peft = pytest.importorskip("peft")
+
+WINDOW = 4  # shorter than every prompt but the first
+LENGTHS = (3, 9, 14)
+ADAPTERS = ("a", None, "b")  # one per row
+NEW = 8
+
+
+def _arch(name: str, config: type, model: type, **kw) -> zoo.Arch:
+    return dataclasses.replace(ARCHS[name], make=zoo._decoder(config, model, **kw))
+
+
+FAMILIES = {
+    "llama": ARCHS["llama"],
+    "mistral": _arch("mistral", T.MistralConfig, T.MistralForCausalLM, sliding_window=WINDOW),
+    "qwen2": _arch("qwen2", T.Qwen2Config, T.Qwen2ForCausalLM, use_sliding_window=True, sliding_window=WINDOW,
+                   max_window_layers=1, tie_word_embeddings=True),  # layer 0 global, layer 1 windowed
+    "qwen3": ARCHS["qwen3"],
+    "qwen3_moe": ARCHS["qwen3_moe"],
+    "mixtral": _arch("mixtral", T.MixtralConfig, T.MixtralForCausalLM, num_local_experts=4, num_experts_per_tok=2,
+                     sliding_window=WINDOW),
+    "gemma": ARCHS["gemma"],
+    "gemma2": _arch("gemma2", T.Gemma2Config, T.Gemma2ForCausalLM, head_dim=8, sliding_window=WINDOW,
+                    attn_logit_softcapping=2.0, final_logit_softcapping=1.0),
+    "gemma3": _arch("gemma3", T.Gemma3TextConfig, T.Gemma3ForCausalLM, head_dim=8, sliding_window=WINDOW,
+                    layer_types=["sliding_attention", "full_attention"]),
+    "phi3": ARCHS["phi3"],
+    "gpt2": ARCHS["gpt2"],
+}
+
+
+def _prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(3, zoo.VOCAB, (n,), generator=g).tolist() for n in LENGTHS]
+
+
+def _adapted(arch: zoo.Arch) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(base, a copy with adapters "a" (attention, r=4) and "b" (a projection and the head, r=2))."""
+    base = zoo.base(arch)
+    model = copy.deepcopy(base)
+    lorakit.add_lora(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=list(arch.attention)), "a")
+    lorakit.add_lora(model, lorakit.LoraConfig(r=2, alpha=4, target_modules=[arch.attention[0], arch.head]), "b")
+    randomize(model, seed=5, std=0.3)
+    return base, model
+
+
+def _drive(engine, model, prompts: list[list[int]], adapters, chunk: int = 5) -> list[list[int]]:
+    """Prefill all rows ``chunk`` tokens a step (right-padded, each from its own start), then
+    decode them together, every row through its adapter."""
+    B, cache, lengths = len(prompts), engine.cache(len(prompts), 64), [0] * len(prompts)
+    out: list[list[int]] = [[] for _ in prompts]
+    with lorakit.adapter_per_row(model, adapters):
+        while any(n < len(p) for n, p in zip(lengths, prompts)):
+            parts = [p[n : n + chunk] or p[-1:] for n, p in zip(lengths, prompts)]  # (a finished row re-feeds its last)
+            ids = torch.zeros(B, max(map(len, parts)), dtype=torch.long)
+            for i, part in enumerate(parts):
+                ids[i, : len(part)] = torch.tensor(part)
+            start = torch.tensor([min(n, len(p) - 1) for n, p in zip(lengths, prompts)])
+            logits = engine.forward(ids, cache, slice(0, B), start, torch.tensor([len(q) - 1 for q in parts]))
+            for i, (part, p) in enumerate(zip(parts, prompts)):
+                if lengths[i] < len(p):
+                    lengths[i] += len(part)
+                    if lengths[i] == len(p):
+                        out[i].append(int(logits[i].argmax()))
+        for _ in range(NEW - 1):
+            ids = torch.tensor([[o[-1]] for o in out])
+            logits = engine.forward(ids, cache, slice(0, B), torch.tensor(lengths))
+            lengths = [n + 1 for n in lengths]
+            for o, t in zip(out, logits.argmax(-1).tolist()):
+                o.append(t)
+    return out
+
+
+def _peft_generate(base, model, adapter: str | None, prompt: list[int], tmp_path) -> list[int]:
+    """transformers + PEFT: the adapter saved by lorakit, loaded by PEFT, greedy ``generate``."""
+    oracle = copy.deepcopy(base)
+    if adapter is not None:
+        lorakit.save_adapter(model, tmp_path / adapter, adapter)
+        oracle = peft.PeftModel.from_pretrained(oracle, tmp_path / adapter).eval()
+    with torch.no_grad():
+        out = oracle.generate(torch.tensor([prompt]), max_new_tokens=NEW, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)
+    return out[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_rows_with_their_own_adapters_give_transformers_and_peft_greedy_tokens(name, tmp_path):
+    base, model = _adapted(FAMILIES[name])
+    prompts = _prompts()
+    want = [_peft_generate(base, model, a, p, tmp_path) for a, p in zip(ADAPTERS, prompts)]
+    engine = ModelDecoder(model)
+    assert _drive(engine, model, prompts, ADAPTERS) == want
+    ids = torch.tensor([prompts[2]])
+    with torch.no_grad():
+        for adapter in ("a", "b"):
+            with lorakit.adapter_per_row(model, [adapter]):
+                full = model(ids).logits[:, -1]
+                assert not torch.allclose(full, base(ids).logits[:, -1], atol=1e-3)  # the adapter is not trivial
+                # the logits themselves (greedy tokens cannot see a monotonic final soft-cap)
+                got = engine.forward(ids, engine.cache(1, 64), slice(0, 1), torch.zeros(1, dtype=torch.long))
+                torch.testing.assert_close(got, full, **MODEL_TOL)
+
+
+@pytest.mark.parametrize("name", ["gpt_neox", "opt", "falcon"])
+def test_an_architecture_not_served_is_refused_by_name(name):
+    model = zoo.base(ARCHS[name])
+    with pytest.raises(ValueError, match=rf"lorakit serve generates with llama, .*not {type(model).__name__} "
+                                         rf"\(model_type '{model.config.model_type}'\); use lorakit generate"):
+        ModelDecoder(model)
+
+
+def test_bidirectional_gemma_is_refused():
+    model = zoo._decoder(T.Gemma3TextConfig, T.Gemma3ForCausalLM, head_dim=8, use_bidirectional_attention=True)()
+    with pytest.raises(ValueError, match=r"gemma3_text with use_bidirectional_attention is not a causal decoder"):
+        ModelDecoder(model)
+
+
+def test_attention_it_does_not_implement_is_refused_not_ignored():
+    module = torch.nn.Module()
+    q = torch.zeros(1, 2, 1, 4)
+    with pytest.raises(ValueError, match=r"Module gives its attention \['s_aux'\], which lorakit serve does not"):
+        row_attention(module, q, q, q, None, lorakit_step=object(), s_aux=torch.zeros(2))
+    with pytest.raises(ValueError, match=r"Module gives its attention a mask of its own"):
+        row_attention(module, q, q, q, torch.ones(1, 1, 1, 1), lorakit_step=object())
+
+
+def test_longrope_is_served_up_to_its_original_length():
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4, "long_factor": [2.0] * 4}
+    model = zoo._decoder(T.Phi3Config, T.Phi3ForCausalLM, num_key_value_heads=1, rope_parameters=rope,
+                         original_max_position_embeddings=32)()  # (Phi-4-mini: 4096 of 131072)
+    engine = ModelDecoder(model)
+    assert (engine.max_positions, model.config.max_position_embeddings) == (32, 64)
+    assert engine.cache(2, 1000).max_length == 32
+
+
+class _Tokens:
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+def test_the_scheduler_serves_a_new_family_with_mixed_adapters(tmp_path):
+    base, model = _adapted(FAMILIES["gemma2"])
+    with pytest.raises(ValueError, match="engine must be one of"):
+        Scheduler(model, _Tokens(), eos=set(), engine="vllm")
+    scheduler = Scheduler(model, _Tokens(), eos=set(), max_rows=2, max_length=64, prefill_chunk=6, engine="model")
+    assert isinstance(scheduler.decoder, ModelDecoder)
+    prompts = _prompts()
+    seqs = [Sequence(p, a, Sampling(max_tokens=NEW, temperature=0), lambda e: None) for p, a in zip(prompts, ADAPTERS)]
+    for seq in seqs:  # three sequences on two rows: one waits, and joins as another leaves
+        scheduler.submit(seq)
+    scheduler.run_until_done()
+    assert [s.tokens for s in seqs] == [_peft_generate(base, model, a, p, tmp_path) for a, p in zip(ADAPTERS, prompts)]
