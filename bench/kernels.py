@@ -20,7 +20,10 @@ activations). A single matrix of a few MB stays in the cache between calls, so `
 one decoding step's whole set at batch 1: 30 layers x (q, k, v, o, gate, up, down) + the LM head, each
 matrix its own tensor (0.54 GB in fp32), read from memory. GB/s counts weight bytes (codes + scales) read.
 
-    python bench/kernels.py [--quick] [--threads 1 2] [--repeats 5] [--compile]
+``--model`` runs a real model (SmolLM2-135M) through transformers' ``generate`` in each format: greedy
+agreement with the float model on E2E test MRs and ms per token (transformers' per-token work included).
+
+    python bench/kernels.py [--quick] [--threads 1 2] [--step-threads 1 2] [--repeats 5] [--compile] [--model FOLDER]
 """
 
 from __future__ import annotations
@@ -174,7 +177,7 @@ def time_decode_step(args, isas: list[str]) -> dict:
             add(f"{fmt}@{isa}", qs, lambda x, q, isa=isa: kernels.linear(x, q, isa=isa), xs)
     del weights
     result = {"layers": layers, "matrices": len(shapes), "cases": {}}
-    for threads in args.threads:
+    for threads in args.step_threads:
         torch.set_num_threads(threads)
         samples = interleave(steps, repeats=args.repeats)
         for name, s in samples.items():
@@ -203,21 +206,72 @@ def time_compiled(args) -> dict:
     return {"compile_s": compile_s, "threads": 1, **{k: statistics.median(v) / 20 * 1e3 for k, v in samples.items()}}
 
 
+def time_model(args) -> dict:
+    """SmolLM2 through transformers' ``generate`` (batch 1, greedy, fp32 activations), its linear layers and LM
+    head in each format (``quantize_linears``): ms per token and agreement with the float model on E2E test
+    MRs: top-1 given the float model's tokens (teacher-forced) and identical free-running greedy tokens."""
+    import copy
+    import csv
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorakit.quant.linear import quantize_linears
+
+    torch.set_num_threads(1)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    rows = list(csv.DictReader(open(Path(args.e2e) / "testset.csv")))[:: 630 // args.prompts][: args.prompts]
+    prompts = [tokenizer(f"Describe the restaurant: {r['MR']}\nDescription:", return_tensors="pt").input_ids for r in rows]
+    models = {"fp32": base}
+    for fmt, head in [("q8_0", None), ("q4_0", None), ("q4_1", None), ("q4_1", "q8_0")]:
+        name = fmt if head is None else f"{fmt} + {head} head"
+        models[name] = copy.deepcopy(base)
+        quantize_linears(models[name], fmt, head_fmt=head)
+    new = args.new_tokens
+    gen = {"do_sample": False, "max_new_tokens": new, "min_new_tokens": new, "pad_token_id": tokenizer.eos_token_id}
+    result = {"model": args.model, "prompts": len(prompts), "new_tokens": new, "threads": 1, "cases": {}}
+    with torch.no_grad():
+        want = [base.generate(p, **gen) for p in prompts]
+        for name, model in models.items():
+            got = [model.generate(p, **gen) for p in prompts]
+            forced = [model(input_ids=w).logits[0, len(p[0]) - 1:-1].argmax(-1) == w[0, len(p[0]):]
+                      for p, w in zip(prompts, want)]
+            same = sum(int((g == w).sum()) - len(p[0]) for g, w, p in zip(got, want, prompts))
+            result["cases"][name] = {"teacher_forced_top1": float(torch.cat(forced).float().mean()),
+                                     "identical_tokens": same / (new * len(prompts))}
+        samples = interleave({name: (lambda m=m: m.generate(prompts[0], **gen)) for name, m in models.items()},
+                             repeats=args.repeats)
+    for name, s in samples.items():
+        result["cases"][name]["ms_per_token"] = statistics.median(s) / new * 1e3
+        print(f"model {name:5} {result['cases'][name]}", flush=True)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, 2 layers in the decode step")
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="threads for the single matrices")
+    parser.add_argument("--step-threads", type=int, nargs="+", default=[1, 2], help="threads for the decode step")
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd dequantize + matmul")
     parser.add_argument("--skip-matrices", action="store_true")
+    parser.add_argument("--skip-step", action="store_true")
+    parser.add_argument("--model", help="also run this causal LM folder (SmolLM2-135M) through generate in each format")
+    parser.add_argument("--e2e", default="../shared/data/e2e", help="E2E data folder (testset.csv) for --model's prompts")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args()
     kernels.load()
     isas = [isa for isa in kernels.ISAS if kernels.ISAS[isa] <= kernels.ISAS[kernels.cpu_isa()]]
     results = {"isas": isas}
     if not args.skip_matrices:
         results["matrices"] = time_matrices(args, isas)
-    results["decode_step"] = time_decode_step(args, isas)
+    if not args.skip_step:
+        results["decode_step"] = time_decode_step(args, isas)
+    if args.model:
+        results["model"] = time_model(args)
     if args.compile:
         results["compiled"] = time_compiled(args)
         print(results["compiled"])

@@ -223,6 +223,15 @@ def test_greedy_tokens_mostly_agree_with_the_float_model(isas):
     assert (got == want).float().mean() >= 0.9
 
 
+def test_the_lm_head_can_have_its_own_format(isas):
+    model = _tiny_llama()
+    quantize_linears(model, "q4_1", head_fmt="q8_0")
+    assert model.lm_head.fmt == "q8_0" and model.model.layers[0].mlp.up_proj.fmt == "q4_1"
+    assert model.model.layers[0].self_attn.q_proj.int8_base.fmt == "q4_1"
+    with pytest.raises(ValueError, match="fmt must be one of"):
+        quantize_linears(_tiny_llama(), "q4_1", head_fmt="q6_k")
+
+
 def test_quantize_linears_leaves_layers_it_cannot_block(isas):
     model = torch.nn.Sequential(torch.nn.Linear(64, 40), torch.nn.Linear(40, 8))
     assert quantize_linears(model, "q4_1") == 1

@@ -56,9 +56,10 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.fmt}"
 
 
-def quantize_linears(model: nn.Module, fmt: Format) -> int:
-    """Replace ``model``'s plain linear layers (``nn.Linear``, GPT-2's ``Conv1D``; the LM head too) by
-    :class:`QuantLinear` in ``fmt`` and give its LoRA linear layers a quantized copy of their weight, in place;
+def quantize_linears(model: nn.Module, fmt: Format, head_fmt: Format | None = None) -> int:
+    """Replace ``model``'s plain linear layers (``nn.Linear``, GPT-2's ``Conv1D``) by :class:`QuantLinear` in
+    ``fmt``, the LM head (``get_output_embeddings()``) in ``head_fmt`` (default ``fmt``; GGUF files keep it in
+    q8_0 under 4-bit layers), and give the LoRA linear layers a quantized copy of their weight, in place;
     returns how many layers. Layers whose ``in_features`` is not a multiple of 32 stay as they are. Attach the
     adapters first: a layer replaced here cannot take an adapter later. Builds the kernels first (RuntimeError
     naming what to install when it cannot)."""
@@ -67,7 +68,10 @@ def quantize_linears(model: nn.Module, fmt: Format) -> int:
     from .. import quant
     from ..layers import LoraLayer, LoraLinear
 
-    check_shape(torch.empty(0, BLOCK), fmt)
+    for f in (fmt, head_fmt or fmt):
+        check_shape(torch.empty(0, BLOCK), f)
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
     if any(quant.is_quantized(m) or getattr(m, "quantized", False) is True for m in model.modules()):
         raise ValueError(f"the model's base is already quantized (bitsandbytes): {fmt} needs float weights; "
                          "load the base in float to quantize it here")
@@ -85,6 +89,6 @@ def quantize_linears(model: nn.Module, fmt: Format) -> int:
                 continue
             weight = child.weight.T if isinstance(child, Conv1D) else child.weight
             if weight.shape[1] % BLOCK == 0:
-                setattr(module, name, QuantLinear.from_float(weight, child.bias, fmt))
+                setattr(module, name, QuantLinear.from_float(weight, child.bias, (head_fmt or fmt) if child is head else fmt))
                 count += 1
     return count
