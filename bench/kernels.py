@@ -150,7 +150,7 @@ def time_decode_step(args, isas: list[str]) -> dict:
     shapes = LAYER * layers + [(VOCAB, HIDDEN)]
     gen = torch.Generator().manual_seed(0)
     weights = [torch.randn(o, i, generator=gen) * 0.02 for o, i in shapes]
-    xs = {n: torch.randn(1, n, generator=gen) for n in (HIDDEN, INTER)}
+    xs = {n: torch.randn(1, n, generator=gen) for n in sorted({i for _, i in shapes})}
     xb = {n: v.bfloat16() for n, v in xs.items()}
     steps, nbytes = {}, {}
 

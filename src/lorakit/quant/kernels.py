@@ -30,9 +30,10 @@ from torch import Tensor
 from ..precision import cpu_flags
 from .blocks import BlockWeight
 
-__all__ = ["ISAS", "load", "cpu_isa", "resolve_isa", "linear", "cache_dir"]
+__all__ = ["ISAS", "FORMAT_CODES", "load", "cpu_isa", "resolve_isa", "linear", "cache_dir"]
 
 ISAS = {"avx2": 1, "avx512": 2}
+FORMAT_CODES = {"q8_0": 0, "q4_0": 1, "q4_1": 1}  # the kernel's Q8 / Q4 (q4_0 is q4_1 with m = -8 d)
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("quant_ops.cpp", "kernels_avx2.cpp", "kernels_avx512.cpp")
 HEADERS = ("kernels.h", "kernel_impl.h")
@@ -79,8 +80,8 @@ def load() -> None:
                            "keep the model's float weights on this CPU")
 
     @torch.library.register_fake("lorakit_quant::linear")
-    def _(x, q, d, m, bias, fmt, isa):  # shapes for torch.compile
-        return x.new_empty(x.shape[0], q.shape[0])
+    def _(x, q, d, m, bias, format, isa):  # shapes for torch.compile
+        return x.new_empty(*x.shape[:-1], q.shape[0])
 
 
 def cpu_isa() -> str:
@@ -103,7 +104,7 @@ def resolve_isa(isa: str | None = None) -> int:
 
 
 def linear(x: Tensor, weight: BlockWeight, bias: Tensor | None = None, isa: str | None = None) -> Tensor:
-    """``x W^T + b`` for ``x: (M, in)`` float32 with rows contiguous; returns ``(M, out)`` float32."""
+    """``x W^T + b`` for ``x: (..., in)`` of any float dtype, computed in float32; returns ``(..., out)`` in
+    ``x``'s dtype. ``weight.d`` / ``weight.m`` may be float16 or the int16 bits of float16 values."""
     load()
-    fmt = 0 if weight.fmt == "q8_0" else 1
-    return torch.ops.lorakit_quant.linear(x, weight.q, weight.d, weight.m, bias, fmt, resolve_isa(isa))
+    return torch.ops.lorakit_quant.linear(x, weight.q, weight.d, weight.m, bias, FORMAT_CODES[weight.fmt], resolve_isa(isa))

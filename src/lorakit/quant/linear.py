@@ -23,11 +23,15 @@ class QuantLinear(nn.Module):
     any leading shape and float dtype, computed in float32 and returned in ``x``'s dtype.
 
     ``d`` and ``m`` are kept as the int16 bit patterns of their float16 values, so that ``model.to(dtype)``
-    leaves them alone (it converts floating buffers); ``bias`` is float32."""
+    leaves them alone (it converts floating buffers); ``bias`` is float32 (the kernel reads any float dtype).
+    Building one builds the kernels (:func:`lorakit.quant.kernels.load`); the code path (``isa``) is fixed then.
+    A forward is one call of the C++ operator: decoding calls ~200 of these per token, so what Python does
+    around it shows (a reshape, a cast and a view cost about as much as the product of a small matrix)."""
 
-    def __init__(self, weight: BlockWeight, bias: Tensor | None = None) -> None:
+    def __init__(self, weight: BlockWeight, bias: Tensor | None = None, isa: str | None = None) -> None:
         super().__init__()
-        self.fmt = weight.fmt
+        kernels.load()
+        self.fmt, self.code, self.isa = weight.fmt, kernels.FORMAT_CODES[weight.fmt], kernels.resolve_isa(isa)
         self.out_features, self.in_features = weight.shape
         self.register_buffer("q", weight.q)
         self.register_buffer("d", weight.d.view(torch.int16))
@@ -47,10 +51,7 @@ class QuantLinear(nn.Module):
         return dequantize(self.block_weight())
 
     def forward(self, x: Tensor) -> Tensor:
-        flat = x.reshape(-1, self.in_features).float().contiguous()  # (N, in)
-        bias = None if self.bias is None else self.bias.float()
-        out = kernels.linear(flat, self.block_weight(), bias)  # (N, out)
-        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        return torch.ops.lorakit_quant.linear(x, self.q, self.d, self.m, self.bias, self.code, self.isa)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.fmt}"

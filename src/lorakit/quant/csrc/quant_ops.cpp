@@ -24,30 +24,36 @@ int64_t cpu_isa() {
 #endif
 }
 
-// y = x dequant(q, d, m)^T + bias for x (M, K) float32; isa 1 (AVX2) or 2 (AVX-512), at most cpu_isa().
-at::Tensor linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& d, const std::optional<at::Tensor>& m,
+bool is_half_bits(const at::Tensor& t) { return t.scalar_type() == at::kHalf || t.scalar_type() == at::kShort; }
+
+// y = x dequant(q, d, m)^T + bias for x (..., K) of a float dtype, computed in float32 and returned in x's dtype;
+// isa 1 (AVX2) or 2 (AVX-512), at most cpu_isa(). d and m hold float16 values (float16 or int16 bit patterns).
+at::Tensor linear(const at::Tensor& input, const at::Tensor& q, const at::Tensor& d, const std::optional<at::Tensor>& m,
                   const std::optional<at::Tensor>& bias, int64_t format, int64_t isa) {
   TORCH_CHECK(isa >= 1 && isa <= cpu_isa(), "lorakit_quant.linear: isa ", isa, " is not available on this CPU (",
               cpu_isa(), ")");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1, "x must be (M, K) float32, rows contiguous");
-  const int64_t k = x.size(1), n = q.size(0);
   const bool q4 = format == lorakit_quant::kQ4;
   TORCH_CHECK(format == lorakit_quant::kQ8 || q4, "format must be 0 (Q8) or 1 (Q4)");
-  TORCH_CHECK(k % 32 == 0, "in_features must be a multiple of 32, got ", k);
-  TORCH_CHECK(q.is_contiguous() && q.dim() == 2 && q.size(1) == (q4 ? k / 2 : k) &&
+  TORCH_CHECK(d.dim() == 2 && d.is_contiguous() && is_half_bits(d), "d must be (N, K / 32) float16 (or its int16 bits)");
+  const int64_t n = d.size(0), k = 32 * d.size(1);
+  TORCH_CHECK(input.dim() >= 1 && input.size(-1) == k && at::isFloatingType(input.scalar_type()),
+              "x must be (..., ", k, ") floating point, got ", input.sizes(), " ", input.scalar_type());
+  TORCH_CHECK(q.is_contiguous() && q.dim() == 2 && q.size(0) == n && q.size(1) == (q4 ? k / 2 : k) &&
                   q.scalar_type() == (q4 ? at::kByte : at::kChar),
               "q must be contiguous (N, K) int8 for Q8 or (N, K / 2) uint8 for Q4");
-  TORCH_CHECK(d.is_contiguous() && d.scalar_type() == at::kHalf && d.numel() == n * (k / 32), "d must be (N, K / 32) float16");
-  TORCH_CHECK(!q4 || (m && m->is_contiguous() && m->scalar_type() == at::kHalf && m->numel() == n * (k / 32)),
-              "Q4 needs m: (N, K / 32) float16");
-  TORCH_CHECK(!bias || (bias->is_contiguous() && bias->scalar_type() == at::kFloat && bias->numel() == n),
-              "bias must be (N,) float32");
+  TORCH_CHECK(!q4 || (m && m->is_contiguous() && is_half_bits(*m) && m->sizes() == d.sizes()), "Q4 needs m shaped as d");
+  TORCH_CHECK(!bias || (bias->numel() == n && at::isFloatingType(bias->scalar_type())), "bias must be (N,)");
+  at::Tensor x = input.reshape({-1, k});
+  if (x.scalar_type() != at::kFloat) x = x.to(at::kFloat);
+  if (x.stride(1) != 1) x = x.contiguous();
+  at::Tensor bias32;
+  if (bias) bias32 = bias->to(at::kFloat).contiguous();  // no copy when it is float32 already
   auto y = at::empty({x.size(0), n}, x.options());
   Problem p{x.data_ptr<float>(), x.stride(0), x.size(0), k,
-                  reinterpret_cast<const uint8_t*>(q.data_ptr()),
-                  reinterpret_cast<const uint16_t*>(d.data_ptr()),
-                  q4 ? reinterpret_cast<const uint16_t*>(m->data_ptr()) : nullptr,
-                  bias ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(), y.stride(0), format, nullptr};
+            reinterpret_cast<const uint8_t*>(q.data_ptr()),
+            reinterpret_cast<const uint16_t*>(d.data_ptr()),
+            q4 ? reinterpret_cast<const uint16_t*>(m->data_ptr()) : nullptr,
+            bias ? bias32.data_ptr<float>() : nullptr, y.data_ptr<float>(), y.stride(0), format, nullptr};
   std::vector<float> xsum;
   if (q4 && x.size(0) == 1) {
     xsum.assign(k / 32, 0.0f);
@@ -63,7 +69,10 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& d,
     if (isa == 2) lorakit_quant::linear_avx512(p, 4 * begin, o_end);
     else lorakit_quant::linear_avx2(p, 4 * begin, o_end);
   });
-  return y;
+  auto sizes = input.sizes().vec();
+  sizes.back() = n;
+  y = y.view(sizes);
+  return input.scalar_type() == at::kFloat ? y : y.to(input.scalar_type());
 }
 
 }  // namespace
