@@ -135,6 +135,20 @@ def test_without_ninja_the_error_says_what_to_install(monkeypatch):
         kernels.load.__wrapped__()
 
 
+def test_a_failed_build_is_one_line_naming_the_folder(monkeypatch, tmp_path):
+    from torch.utils import cpp_extension
+
+    def fail(**kwargs):
+        raise RuntimeError("Error building extension 'lorakit_quant_x'\nmore lines")
+
+    monkeypatch.setattr(cpp_extension, "load", fail)
+    monkeypatch.setenv("LORAKIT_KERNEL_CACHE", str(tmp_path))
+    with pytest.raises(RuntimeError, match=r"building lorakit's quantized kernels in .* failed \(the compiler's output is above: "
+                                           r"Error building extension 'lorakit_quant_x'\); it needs torch's C\+\+ headers") as info:
+        kernels.load.__wrapped__()
+    assert "\n" not in str(info.value)
+
+
 def test_the_build_folder_is_keyed_by_the_cpu_flags(monkeypatch):
     here = kernels.cache_dir()
     monkeypatch.setattr(kernels, "cpu_flags", lambda: {"avx2", "fma", "f16c"})

@@ -22,6 +22,7 @@ import functools
 import hashlib
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import torch
@@ -72,9 +73,14 @@ def load() -> None:
     check_toolchain()
     folder = cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(name=f"lorakit_quant_{folder.name[6:]}", sources=[str(CSRC / s) for s in SOURCES],
-                       extra_cflags=list(CFLAGS), extra_ldflags=["-fopenmp"], build_directory=str(folder),
-                       is_python_module=False, verbose=False)
+    try:
+        cpp_extension.load(name=f"lorakit_quant_{folder.name[6:]}", sources=[str(CSRC / s) for s in SOURCES],
+                           extra_cflags=list(CFLAGS), extra_ldflags=["-fopenmp"], build_directory=str(folder),
+                           is_python_module=False, verbose=False)
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
+        raise RuntimeError(f"building lorakit's quantized kernels in {folder} failed (the compiler's output is above: "
+                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); it needs torch's C++ headers "
+                           f"and {INSTALL}; or keep the model's float weights") from exc
     if torch.ops.lorakit_quant.cpu_isa() == 0:
         raise RuntimeError("lorakit's quantized kernels need an x86-64 CPU with AVX2, FMA and F16C; "
                            "keep the model's float weights on this CPU")
