@@ -181,6 +181,15 @@ def test_quant_linear_takes_any_leading_shape_and_dtype(isas, fmt):
     assert repr(q).endswith(f"{fmt})")
 
 
+def test_quant_linear_compiles_into_one_graph(isas):
+    """The operator has a fake (shape) implementation, so torch.compile keeps it in the graph (a decode step
+    compiled whole)."""
+    q = QuantLinear.from_float(_weight(48, 64), torch.randn(48), "q4_1")
+    x = torch.randn(2, 3, 64)
+    compiled = torch.compile(lambda x: torch.relu(q(x)) * 2, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), torch.relu(q(x)) * 2)
+
+
 def _tiny_llama(seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
