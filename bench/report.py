@@ -200,6 +200,36 @@ def qlora(r: dict) -> list[str]:
     return rows
 
 
+KERNEL_COLUMNS = ("fp32", "bf16 (bf16 x)", "int8pack (bf16 x)", "int4pack (bf16 x)", "fbgemm dynamic int8", "q8_0@avx2",
+                  "q4_1@avx2", "q8_0@avx512", "q4_1@avx512", "q4_0@avx512")
+
+
+def kernels(r: dict) -> list[str]:
+    res = r["results"]
+    rows = []
+    if res.get("matrices"):
+        cols = [c for c in KERNEL_COLUMNS if any(m["case"] == c for m in res["matrices"])]
+        rows += ["One matrix (it stays in the cache between calls), ms per product (all cases: the JSON record):", "",
+                 "| shape | rows | threads | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
+        keys = dict.fromkeys((m["shape"], m["rows"], m["threads"]) for m in res["matrices"])
+        for key in keys:
+            ms = {m["case"]: m["ms"] for m in res["matrices"] if (m["shape"], m["rows"], m["threads"]) == key}
+            rows.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(f"{ms[c]:.3f}" for c in cols) + " |")
+    if res.get("decode_step"):
+        step = res["decode_step"]
+        rows += ["", f"One decoding step's {step['matrices']} matrices at batch 1, read from memory:", "",
+                 "| case | ms | weight GB/s | / fp32 |", "|---|---|---|---|"]
+        rows += [f"| {k} | {c['ms']:.2f} | {c['weight_gb_s']:.1f} | {c['vs_fp32']:.3f} |" for k, c in step["cases"].items()]
+    if res.get("model"):
+        model = res["model"]
+        rows += ["", f"{Path(model['model']).name} through transformers' generate, batch 1, {model['threads']} thread, "
+                 f"{model['prompts']} E2E MRs x {model['new_tokens']} greedy tokens:", "",
+                 "| weights | ms/token | top-1 agreement (teacher-forced) | identical greedy tokens |", "|---|---|---|---|"]
+        rows += [f"| {k} | {c['ms_per_token']:.1f} | {c['teacher_forced_top1']:.3f} | {c['identical_tokens']:.3f} |"
+                 for k, c in model["cases"].items()]
+    return rows
+
+
 SECTIONS = [("train_step", "Training step (batch 16 x 128, forward + backward + AdamW)", train_step),
             ("memory", "Peak memory of training (each case in its own process)", memory),
             ("latency", "Inference latency, GPT-2 medium shape (paper Table 1 style)", latency),
@@ -219,7 +249,9 @@ SECTIONS = [("train_step", "Training step (batch 16 x 128, forward + backward + 
             ("qlora", "QLoRA: a LoRA step (r=16 q,k,v,o, 1 x 128, gradient checkpointing) on a bitsandbytes nf4 base",
              qlora),
             ("dora", "DoRA training step, SmolLM2-135M shape (random weights), batch 8 x 128, r=8, fp32 "
-             "(forward + backward + AdamW)", dora)]
+             "(forward + backward + AdamW)", dora),
+            ("kernels", "Weight-only quantized linear kernels (q8_0 / q4_1 / q4_0 blocks) against the stock ones, "
+             "SmolLM2-135M's shapes", kernels)]
 # Records written by a script run with flags (default: bench/<record>.py).
 COMMANDS = {"serve_bf16": "serve.py --precision bf16", "lm_memory": "lm_step.py --memory"}
 

@@ -173,3 +173,32 @@ def test_dora_bench_checks_peft_and_writes_its_ratios(tmp_path, monkeypatch):
     with pytest.raises(benchtools.BenchmarkMismatch, match="lorakit vs PEFT dora: loss"):
         dora.run(dora.TINY, repeats=1, dropout=0.0, name="broken", label="tiny", out_dir=str(tmp_path))
     assert not (tmp_path / "broken.json").exists()
+
+
+def test_kernels_bench_checks_every_candidate_and_reports(tmp_path, monkeypatch):
+    import argparse
+
+    import kernels as bench_kernels
+    import report
+    from lorakit.quant import kernels
+
+    monkeypatch.setattr(bench_kernels, "SHAPES", {"tiny 48x64": (48, 64)})
+    monkeypatch.setattr(bench_kernels, "LAYER", [(48, 64), (64, 64)])
+    monkeypatch.setattr(bench_kernels, "VOCAB", 96)
+    monkeypatch.setattr(bench_kernels, "HIDDEN", 64)
+    args = argparse.Namespace(quick=True, rows=[1, 3], threads=[1], step_threads=[1], repeats=1)
+    isas = ["avx2"]
+    matrices = bench_kernels.time_matrices(args, isas)
+    cases = {m["case"] for m in matrices}
+    assert {"fp32", "int8pack (bf16 x)", "int4pack", "fbgemm dynamic int8", "q8_0@avx2", "q4_1@avx2", "q4_0@avx2"} <= cases
+    assert all(m["ms"] > 0 and m["rel_err"] < 0.2 for m in matrices)
+    step = bench_kernels.time_decode_step(args, isas)
+    assert step["matrices"] == 2 * 2 + 1 and step["cases"]["q4_1@avx2 t=1"]["weight_bytes"] == (2 * (48 + 64) + 96) * 64 * 20 // 32
+    benchtools.write_record("kernels", {}, {"matrices": matrices, "decode_step": step}, tmp_path)
+    text = report.build(tmp_path)
+    assert "## Weight-only quantized linear kernels" in text and "| tiny 48x64 | 3 | 1 |" in text
+
+    real = kernels.linear
+    monkeypatch.setattr(bench_kernels.kernels, "linear", lambda x, q, bias=None, isa=None: real(x, q, bias, isa) + 1e-2)
+    with pytest.raises(benchtools.BenchmarkMismatch, match="q8_0@avx2: outputs differ"):
+        bench_kernels.time_matrices(args, isas)

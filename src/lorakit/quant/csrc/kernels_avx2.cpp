@@ -1,0 +1,58 @@
+// AVX2 + FMA + F16C build of the kernel (kernel_impl.h): 8 floats per vector.
+#include "kernels.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#pragma GCC target("avx2,fma,f16c")
+#include <immintrin.h>
+
+namespace {
+struct S {
+  using V = __m256;
+  static constexpr int W = 8;
+  static constexpr int OT1 = 4, OT = 2, RT = 4;  // 16 ymm registers: 8 accumulators + 4 rows of x
+  static V zero() { return _mm256_setzero_ps(); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V set1(float v) { return _mm256_set1_ps(v); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static float sum(V v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  }
+  static V q8(const int8_t* p) {  // 8 int8 -> float
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  static V q4(const uint8_t* block, int c) {  // elements 8c .. 8c + 7 of a 16-byte 4-bit block
+    __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(block + 8 * (c & 1))));
+    v = c < 2 ? _mm256_and_si256(v, _mm256_set1_epi32(15)) : _mm256_srli_epi32(v, 4);
+    return _mm256_cvtepi32_ps(v);
+  }
+  static V dot_q8(const int8_t* q, const float* x) {  // lane sums of x q over one block of 32
+    V a = _mm256_mul_ps(load(x), q8(q)), b = _mm256_mul_ps(load(x + 8), q8(q + 8));
+    a = _mm256_fmadd_ps(load(x + 16), q8(q + 16), a);
+    b = _mm256_fmadd_ps(load(x + 24), q8(q + 24), b);
+    return _mm256_add_ps(a, b);
+  }
+  static V dot_q4(const uint8_t* block, const float* x) {
+    const __m256i lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(block)));
+    const __m256i hi = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(block + 8)));
+    const __m256i mask = _mm256_set1_epi32(15);
+    V a = _mm256_mul_ps(load(x), _mm256_cvtepi32_ps(_mm256_and_si256(lo, mask)));
+    V b = _mm256_mul_ps(load(x + 8), _mm256_cvtepi32_ps(_mm256_and_si256(hi, mask)));
+    a = _mm256_fmadd_ps(load(x + 16), _mm256_cvtepi32_ps(_mm256_srli_epi32(lo, 4)), a);
+    b = _mm256_fmadd_ps(load(x + 24), _mm256_cvtepi32_ps(_mm256_srli_epi32(hi, 4)), b);
+    return _mm256_add_ps(a, b);
+  }
+};
+}  // namespace
+
+#include "kernel_impl.h"
+
+void lorakit_quant::linear_avx2(const Problem& p, int64_t o_begin, int64_t o_end) {
+  if (p.format == kQ4) run<true>(p, o_begin, o_end);
+  else run<false>(p, o_begin, o_end);
+}
+#else
+void lorakit_quant::linear_avx2(const Problem&, int64_t, int64_t) {}  // never called: cpu_isa() is 0 here
+#endif
