@@ -8,8 +8,9 @@ rows into its own row cache once; one timed call then decodes ``--steps`` greedy
 every row from that state (the same positions are rewritten each call, so every call does the
 same work). Before timing, both engines' prefill logits must be close and their greedy tokens
 over the decoded steps equal (else BenchmarkMismatch). Cases per R, alternated in each round
-(``benchtools.interleave``): ``decoder``, ``model``. Dtypes: fp32; bf16 and bf16 + int8
-weights (``lorakit.quantize.quantize_int8``, #27's kernel) only where the CPU has native bf16.
+(``benchtools.interleave``): ``decoder``, ``model``. Dtypes: fp32; int8 (q8_0 weights with fp32
+activations, ``lorakit.quant.linear.quantize_linears``: #27's kernel, every CPU); bf16 only where the
+CPU has native bf16.
 
 Reported: tokens/s per case (R x steps / median call time), ``model / decoder`` time ratio
 (median over rounds of the per-round ratio) per R and dtype, CPU flags.
@@ -44,7 +45,7 @@ ROWS = (1, 8, 32)
 
 
 def build(folder: str, dtype: str):
-    """The model with ``ADAPTERS`` random q/v adapters, in ``dtype`` (fp32, bf16, int8 = bf16 + int8 weights)."""
+    """The model with ``ADAPTERS`` random q/v adapters, in ``dtype`` (fp32, bf16, int8 = fp32 + q8_0 weights)."""
     tokenizer, model = load_causal_lm(folder)
     g = torch.Generator().manual_seed(0)
     for i in range(ADAPTERS):
@@ -52,12 +53,12 @@ def build(folder: str, dtype: str):
         with torch.no_grad():
             for _, p in lorakit.lora_parameters(model, f"a{i}"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    if dtype != "fp32":
+    if dtype == "bf16":
         model.to(torch.bfloat16)
     if dtype == "int8":
-        from lorakit.quantize import quantize_int8
+        from lorakit.quant.linear import quantize_linears
 
-        quantize_int8(model)
+        quantize_linears(model, "q8_0")
     return tokenizer, model.eval()
 
 
@@ -143,7 +144,7 @@ def profile(folder: str, dtype: str, prompt: list[int], steps: int = 8) -> dict:
             stream.decode(steps)
             profiled = (time.perf_counter() - start) / steps * 1e3
         ops = {e.key: e.self_cpu_time_total / steps / 1e3 for e in prof.key_averages()}
-        matmul = sum(v for k, v in ops.items() if k in ("aten::mm", "aten::addmm", "aten::_weight_int8pack_mm"))
+        matmul = sum(v for k, v in ops.items() if k in ("aten::mm", "aten::addmm", "lorakit_quant::linear"))
         lora = ops.get("aten::bmm", 0.0)  # the per-row adapters' gathered factors (LoraLinear.add_rows)
         attention = sum(v for k, v in ops.items() if "attention" in k)
         calls = sum(e.count for e in prof.key_averages()) / steps
@@ -172,7 +173,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8, help="decode steps per timed call")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
-    dtypes = ["fp32", "bf16", "int8"] if native_bf16() else ["fp32"]
+    dtypes = ["fp32", "bf16", "int8"] if native_bf16() else ["fp32", "int8"]
     with model_folder(args.quick) as folder:
         tokenizer, _ = load_causal_lm(folder)
         prompts = [prompt_ids(tokenizer, mr, "plain") for mr, _ in read_e2e("dev")[:32]]

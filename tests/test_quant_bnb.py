@@ -288,12 +288,12 @@ def test_a_16_bit_linear8bitlt_is_refused_by_name():
         qbnb.adopt(layer)
 
 
-def test_the_int8_serving_kernel_refuses_a_quantized_base(llama_folder):
-    from lorakit.quantize import quantize_int8
+def test_the_decoding_kernels_refuse_a_quantized_base(llama_folder):
+    from lorakit.quant.linear import quantize_model
 
     model = lorakit.add_lora(load(llama_folder), lorakit.LoraConfig(r=4, alpha=8, target_modules=TARGETS))
     with pytest.raises(ValueError, match="already quantized \\(bitsandbytes\\)"):
-        quantize_int8(model)
+        quantize_model(model, "int4")
 
 
 def test_warnings_stay_quiet_without_a_quantized_base():

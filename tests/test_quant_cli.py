@@ -204,8 +204,8 @@ def test_serve_picks_fp32_and_refuses_what_a_quantized_base_cannot_do(lm_run, ca
     assert _serve_quantized_base(values, {"a": str(adapter)}) == ("nf4", "fp32")
     assert "--quantize-base nf4: precision fp32" in capsys.readouterr().out
     assert _serve_quantized_base({**values, "quantize_base": "none"}, {"a": str(adapter)}) == (None, "auto")
-    for extra, message in ((["--quantize", "int8"], "--quantize int8 \\(lorakit's int8 decoding kernel\\) on a base "
-                                                     "quantized with --quantize-base nf4: choose one"),
+    for extra, message in ((["--quantize", "int8"], "--quantize int8 \\(lorakit's decoding kernels, which round a float "
+                                                     "base\\) on a base quantized with --quantize-base nf4"),
                            (["--precision", "bf16"], "--precision bf16 casts the base's weights to bf16, which a "
                                                      "bitsandbytes base \\(nf4\\) cannot be")):
         assert main(["serve", "--adapter", f"a={adapter}", *extra]) == 2
@@ -214,7 +214,8 @@ def test_serve_picks_fp32_and_refuses_what_a_quantized_base_cannot_do(lm_run, ca
 
 
 @pytest.mark.parametrize("kw,message", [
-    (dict(quantize_base="int8"), "quantize_base 'int8' is ambiguous: for bitsandbytes' LLM.int8 base say bnb-int8"),
+    (dict(quantize_base="int8"), "quantize_base 'int8' is a --quantize value \\(lorakit's decoding kernels\\); for a "
+                                 "bitsandbytes base say one of"),
     (dict(quantize_base="nf5"), "quantize_base must be one of \\('nf4', 'fp4', 'bnb-int8'\\)"),
     (dict(quantize_base="nf4", method="full"), "--quantize-base nf4 keeps the base frozen .* --method full cannot train it"),
     (dict(quantize_base="fp4", fsdp=True), "--fsdp with --quantize-base fp4: FSDP2 shards float parameters"),

@@ -155,6 +155,23 @@ def test_the_build_folder_is_keyed_by_the_cpu_flags(monkeypatch):
     assert kernels.cache_dir() != here and kernels.cache_dir().parent == here.parent
 
 
+def test_pips_ninja_beside_the_python_goes_on_path(tmp_path, monkeypatch):
+    """requirements.txt's ninja lands in .venv/bin, off PATH when .venv/bin/python runs by its path."""
+    import os
+    import stat
+
+    scripts = tmp_path / "bin"
+    scripts.mkdir()
+    (scripts / "ninja").write_text("#!/bin/sh\n")
+    (scripts / "ninja").chmod(stat.S_IRWXU)
+    monkeypatch.setattr(kernels.sysconfig, "get_path", lambda name: str(scripts))
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing-here"))
+    kernels._find_pip_ninja()
+    assert os.environ["PATH"].split(os.pathsep) == [str(scripts), str(tmp_path / "nothing-here")]
+    kernels._find_pip_ninja()  # found now: PATH stays as it is
+    assert os.environ["PATH"].split(os.pathsep) == [str(scripts), str(tmp_path / "nothing-here")]
+
+
 def test_the_sources_ship_with_the_package():
     import tomllib
     from pathlib import Path

@@ -7,7 +7,6 @@ import time
 
 import httpx
 import pytest
-import torch
 
 import lorakit
 from helpers import randomize
@@ -384,61 +383,6 @@ def test_serve_picks_the_engine_from_the_models_architecture(lm, tiny_model, mon
     serve_module.serve(lm[0], {"small": lm[1]["small"]}, ServeConfig(), "127.0.0.1", 0, "fp32")
     serve_module.serve(tiny_model, {}, ServeConfig(), "127.0.0.1", 0, "fp32")
     assert [type(e).__name__ for e in engines] == ["GenerationEngine", "Engine"]
-
-
-# ---- int8 weights ----------------------------------------------------------------------------------------
-
-
-def test_int8_linear_computes_its_rounded_weights_and_stays_close():
-    from lorakit.quantize import Int8Linear, _reference
-
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(64, 48)
-    q = Int8Linear(layer.weight, layer.bias)
-    x = torch.randn(3, 5, 64, dtype=torch.bfloat16)
-    assert q.weight.dtype == torch.int8 and q(x).shape == (3, 5, 48) and q(x).dtype == torch.bfloat16
-    torch.testing.assert_close(q(x).float(), _reference(x, q), rtol=2e-2, atol=2e-2)  # bf16 arithmetic
-    rounding = (q.weight.float() * q.scale.float()[:, None] - layer.weight).abs()
-    assert (rounding <= q.scale.float()[:, None] / 2 + 1e-3).all()  # each weight within half a step
-
-
-def test_int8_lora_layers_compute_the_base_in_int8_until_merged():
-    from lorakit.quantize import _reference, quantize_int8
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Linear(32, 16)).to(torch.bfloat16)
-    lorakit.add_lora(model, lorakit.LoraConfig(r=4, target_modules=["0"]))
-    randomize(model, 1, std=0.3)
-    x = torch.randn(5, 32, dtype=torch.bfloat16)
-    with torch.no_grad():
-        want = model(x)
-        assert quantize_int8(model) == 2
-        layer = model[0]
-        inner = _reference(x, layer.int8_base) + layer.lora_forward(x, "default")
-        torch.testing.assert_close(model[0](x).float(), inner, rtol=3e-2, atol=3e-2)
-        torch.testing.assert_close(model(x).float(), want.float(), rtol=0.1, atol=0.1)  # close to unquantized
-        lorakit.merge(model)  # merged: the float weight (adapter included), not the stale int8 copy
-        torch.testing.assert_close(model[0](x), torch.nn.functional.linear(x, layer.weight, layer.bias))
-
-
-def test_quantized_engine_keeps_adapted_layers_and_refuses_new_targets(lm):
-    from lorakit.layers import LoraLayer
-    from lorakit.quantize import Int8Linear
-
-    model_dir, folders = lm
-    config = ServeConfig(max_length=64, max_new_tokens=16)
-    with pytest.raises(ValueError, match="--quantize int8 computes in bf16"):
-        GenerationEngine(model_dir, config, "fp32", quantize="int8")
-    engine = GenerationEngine(model_dir, config, "bf16", quantize="int8")
-    with running(create_app(engine, config, {"small": folders["small"]})) as client:
-        kinds = {type(m) for m in engine.model.modules()}
-        lora = [m for m in engine.model.modules() if isinstance(m, LoraLayer)]
-        assert Int8Linear in kinds and lora and all(isinstance(m.int8_base, Int8Linear) for m in lora)
-        assert _complete(client, "small", PROMPTS[0], max_tokens=8)["usage"]["completion_tokens"] >= 1
-        assert client.post("/v1/adapters", json={"name": "mid", "path": folders["mid"]}).status_code == 201  # same layers
-        r = client.post("/v1/adapters", json={"name": "wide", "path": folders["wide"]})  # every linear layer
-        assert r.status_code == 400 and "int8 layers take no new adapters" in r.json()["error"]
-        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [model_dir, "small", "mid"]
 
 
 def test_a_failing_forward_ends_its_requests_with_500_and_the_server_goes_on(lm):

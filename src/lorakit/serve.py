@@ -647,6 +647,8 @@ def serve(model: str | None, adapters: dict[str, str], config: ServeConfig, host
     # Generation: the scheduler on the main thread (see Scheduler.run), HTTP on another one.
     engine.main_thread = True
     engine.prepare()  # here, not on the HTTP thread: torch ops run there once slowed this one (int8: 43 vs 21 ms/token)
+    if engine.quantized:
+        print(f"lorakit serve: {engine.quantized}", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, **options))
 
     def http() -> None:

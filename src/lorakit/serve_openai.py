@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import torch
 
+from . import quant
 from .continuous import Busy, Sampling, Scheduler, Sequence
 from .io import load_adapter
 from .model import remove_adapter
@@ -44,30 +45,35 @@ class GenAdapter:
 class GenerationEngine:
     """A causal LM, its adapters and the :class:`Scheduler` that runs them.
 
-    ``quantize="int8"`` stores the base's linear layers as int8 (:mod:`lorakit.quantize`,
-    bf16 only) when the server starts: the layers adapted by the adapters loaded by then
-    stay as they are, and adapters loaded later must target those same layers.
+    ``quantize`` (``int8``: q8_0 weights; ``int4``: q4_1 layers and a q8_0 LM head;
+    :func:`lorakit.quant.linear.quantize_model`) rounds the base's linear layers when the server
+    starts, read as they are from the GGUF the model was installed from where there is one
+    (``lorakit models install smollm2``). The layers adapted by the adapters loaded by then keep
+    their float weight beside the quantized copy (adapters stay float, per row); adapters loaded
+    later must target those same layers. The kernels compute in fp32 from activations of any
+    dtype, so ``--precision bf16`` works too (the model is cast after quantizing).
     """
 
     def __init__(self, model_name: str, config: ServeConfig, precision: str = "auto", quantize: str | None = None) -> None:
         self.model_name = model_name
         self.precision = resolve_precision(precision)
-        if quantize not in (None, "int8"):
-            raise ValueError(f"--quantize takes int8, got {quantize!r}")
-        if quantize and self.precision != "bf16":
-            raise ValueError("--quantize int8 computes in bf16: use --precision bf16 (on a CPU with native bf16: "
-                             "avx512_bf16 or amx; elsewhere it is slower than fp32)")
+        quant.check_quantize(quantize)
+        if quantize:
+            quant.require_kernels(f"--quantize {quantize}")  # before loading the model: no compiler, no wait
         self.quantize = quantize
         self.tokenizer, model = load_causal_lm(model_name)
-        if self.precision == "bf16":  # weights in bf16: autocast would convert them at every step
-            model.to(torch.bfloat16)
-        self.model = model.eval()
-        eos = model.generation_config.eos_token_id
-        eos = {self.tokenizer.eos_token_id, *([] if eos is None else [eos] if isinstance(eos, int) else eos)}
-        self.scheduler = Scheduler(model, self.tokenizer, eos=eos, max_rows=config.max_batch_rows if config.batching else 1,
-                                   max_queue=config.max_queue, max_length=config.max_length + config.max_new_tokens,
-                                   prefill_chunk=config.prefill_chunk)
+        if self.precision == "bf16" and not quantize:  # weights in bf16: autocast would convert them at every step
+            model.to(torch.bfloat16)  # (quantized: after quantizing, from the float weights; see prepare)
+        self.model, self.config = model.eval(), config
+        self.scheduler = self._scheduler()
         self.adapters: dict[str, GenAdapter] = {}
+
+    def _scheduler(self) -> Scheduler:
+        eos = self.model.generation_config.eos_token_id
+        eos = {self.tokenizer.eos_token_id, *([] if eos is None else [eos] if isinstance(eos, int) else eos)}
+        c = self.config
+        return Scheduler(self.model, self.tokenizer, eos=eos, max_rows=c.max_batch_rows if c.batching else 1,
+                         max_queue=c.max_queue, max_length=c.max_length + c.max_new_tokens, prefill_chunk=c.prefill_chunk)
 
     async def call(self, fn, *args):
         """``fn(*args)`` on the scheduler's thread, between two decode steps."""
@@ -77,15 +83,19 @@ class GenerationEngine:
             raise ClientError(503, str(e)) from None
 
     main_thread = False  # True: the caller runs self.scheduler.run() on the main thread (lorakit serve)
-    quantized = False  # prepare() has run --quantize
+    quantized: str | None = None  # prepare() has run --quantize: what it did, in one line
 
     def prepare(self) -> None:
-        """Quantize (once) now that the start-up adapters are loaded."""
+        """Quantize (once) now that the start-up adapters are loaded, then cast to bf16 if asked; before the
+        scheduler starts."""
         if self.quantize and not self.quantized:
-            from .quantize import quantize_int8
+            from .quant.gguf import installed
+            from .quant.linear import quantize_model
 
-            quantize_int8(self.model)
-            self.quantized = True
+            self.quantized = quantize_model(self.model, self.quantize, installed(resolve_model(self.model_name)))
+            if self.precision == "bf16":
+                self.model.to(torch.bfloat16)
+            self.scheduler = self._scheduler()  # its row cache in the model's dtype, its decoder on the new layers
 
     def start(self) -> None:
         self.prepare()
@@ -112,8 +122,8 @@ class GenerationEngine:
                                        f"{self.model_name!r}")
             load_adapter(self.model, folder, name)
         except (ValueError, TypeError, RuntimeError, MemoryError) as e:
-            hint = " (the server's int8 layers take no new adapters: adapt the layers the start-up adapters adapt)" \
-                if self.quantize else ""
+            hint = f" (the server's {self.quantize} layers take no new adapters: adapt the layers the start-up adapters " \
+                "adapt)" if self.quantize else ""
             raise ClientError(400, " ".join(str(e).split())[:1000] + hint) from None
         self.adapters[name] = GenAdapter(name, str(folder), task or info.get("task"))
         return self.adapters[name]

@@ -10,6 +10,12 @@ A quantized base is a property of a layer: :func:`adopt` gives each bitsandbytes
 forward (the same parameters, state-dict keys and class, subclassed), which computes
 ``x dequant(W)^T + b`` in the layer's compute dtype from the true weights on every CPU kind, and a
 ``dequantize()`` method: the two things the LoRA wrapper asks of the weight it wraps.
+
+Decoding (``lorakit serve / generate --quantize int8 | int4``, :data:`QUANTIZE`) uses lorakit's own
+block-quantized layers instead: :mod:`lorakit.quant.linear` (GGUF's q8_0 / q4_1 layouts, C++ kernels
+compiled at first use) and :mod:`lorakit.quant.gguf` (a GGUF's blocks read as they are). The two flags
+never share a value: ``--quantize-base`` loads a bitsandbytes base for training, ``--quantize`` rounds a
+float base for decoding.
 """
 
 from __future__ import annotations
@@ -24,12 +30,15 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["QUANTIZE_BASE", "adopt", "adopt_all", "is_quantized", "require_bitsandbytes", "check_quantize_base",
-           "load_kwargs", "base_quantization", "current_base_quantization", "output_error", "SKIPPED_HEADS"]
+__all__ = ["QUANTIZE_BASE", "QUANTIZE", "check_quantize", "require_kernels", "adopt", "adopt_all", "is_quantized",
+           "require_bitsandbytes", "check_quantize_base", "load_kwargs", "base_quantization",
+           "current_base_quantization", "output_error", "SKIPPED_HEADS"]
 
 # --quantize-base values. bnb-int8 (bitsandbytes' LLM.int8 base, for training) is not lorakit serve's
 # --quantize int8 (lorakit's own int8 decoding kernel): two things must not share one name.
 QUANTIZE_BASE = ("nf4", "fp4", "bnb-int8")
+# --quantize values (lorakit.quant.linear.SCHEMES): weight-only block formats for decoding a float base.
+QUANTIZE = ("int8", "int4")
 # Classification heads stay in full precision: lorakit trains them whole (modules_to_save).
 SKIPPED_HEADS = ("classifier", "score")
 INSTALL_HINT = "pip install 'lorakit[quant]'"
@@ -45,10 +54,31 @@ def check_quantize_base(value: str | None) -> None:
     """``value`` is None or one of :data:`QUANTIZE_BASE` (``int8`` is refused for its two meanings)."""
     if value is None or value in QUANTIZE_BASE:
         return
-    if value == "int8":
-        raise ValueError("quantize_base 'int8' is ambiguous: for bitsandbytes' LLM.int8 base say bnb-int8 "
-                         "(lorakit serve --quantize int8 is lorakit's own int8 decoding kernel, another thing)")
+    if value in QUANTIZE:
+        raise ValueError(f"quantize_base {value!r} is a --quantize value (lorakit's decoding kernels); for a "
+                         f"bitsandbytes base say one of {QUANTIZE_BASE} (bnb-int8: LLM.int8)")
     raise ValueError(f"quantize_base must be one of {QUANTIZE_BASE} (or none), got {value!r}")
+
+
+def check_quantize(value: str | None) -> None:
+    """``value`` is None or one of :data:`QUANTIZE`; a ``--quantize-base`` value is refused saying so."""
+    if value is None or value in QUANTIZE:
+        return
+    if value in QUANTIZE_BASE:
+        raise ValueError(f"quantize {value!r} is a --quantize-base value (a bitsandbytes base, for training); "
+                         f"--quantize takes {' or '.join(QUANTIZE)} (lorakit's decoding kernels)")
+    raise ValueError(f"quantize must be one of {QUANTIZE} (or none), got {value!r}")
+
+
+def require_kernels(what: str) -> None:
+    """Build (first use) and load lorakit's quantized kernels, or raise a one-line ValueError naming ``what``
+    needed them and what to install (:func:`lorakit.quant.kernels.load`'s RuntimeError)."""
+    from . import kernels
+
+    try:
+        kernels.load()
+    except RuntimeError as e:
+        raise ValueError(f"{what}: {' '.join(str(e).split())}") from None
 
 
 def _bnb_loaded() -> bool:

@@ -12,6 +12,8 @@ saying what to install; there is no silent fallback: the pure-torch path (:func:
 reference_linear`) decodes the whole weight to float32 at each product and is slower than an unquantized
 layer, so a caller that cannot build the kernels should keep its float weights instead.
 
+``ninja`` comes from the system (``apt install ninja-build``) or from pip (``ninja``, in ``requirements.txt``
+and the ``serve`` / ``quant`` extras), whose binary lands beside the environment's python.
 ``LORAKIT_QUANT_ISA=avx2`` (or ``avx512``) forces one code path (tests run both on an AVX-512 CPU);
 ``LORAKIT_KERNEL_CACHE`` moves the cache (default ``~/.cache/lorakit/kernels``).
 """
@@ -23,6 +25,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sysconfig
 from pathlib import Path
 
 import torch
@@ -57,12 +60,22 @@ def check_toolchain() -> None:
     from torch.utils import cpp_extension
 
     compiler = os.environ.get("CXX", "c++")
+    _find_pip_ninja()
     if shutil.which(compiler) is None:
         raise RuntimeError(f"lorakit's quantized kernels are compiled at first use but no C++ compiler ({compiler}) was "
                            f"found: {INSTALL}, or keep the model's float weights")
     if not cpp_extension.is_ninja_available():
         raise RuntimeError(f"lorakit's quantized kernels are compiled at first use but ninja was not found: {INSTALL}, "
                            "or keep the model's float weights")
+
+
+def _find_pip_ninja() -> None:
+    """Put this environment's scripts folder on PATH when pip's ``ninja`` is there and PATH has none: torch
+    runs ``ninja`` from PATH only, and a venv's python run by its path (``.venv/bin/python``, ``make test``)
+    does not put ``.venv/bin`` on PATH."""
+    scripts = sysconfig.get_path("scripts")
+    if shutil.which("ninja") is None and shutil.which("ninja", path=scripts) is not None:
+        os.environ["PATH"] = os.pathsep.join([scripts, *filter(None, [os.environ.get("PATH")])])
 
 
 @functools.cache

@@ -1,13 +1,17 @@
 """Block-quantized linear layers for decoding: :class:`QuantLinear` (q8_0, q4_0, q4_1 weights, float
-activations, :mod:`lorakit.quant.kernels`) and :func:`quantize_linears`, which puts them in a model.
+activations, :mod:`lorakit.quant.kernels`), :func:`quantize_linears`, which puts them in a model, and
+:func:`quantize_model`, ``lorakit serve / generate --quantize int8 | int4`` (:data:`SCHEMES`).
 
 LoRA layers keep their float weight (merging, ``delta_weight``) and compute their base product with a
-quantized copy of it, through the same seam as ``lorakit.quantize.quantize_int8`` (``int8_base``, read by
-``LoraLinear.base_forward`` until the layer is merged); the adapters stay in full precision and are
-applied per row as before: ``h = dequant(W_q) x + b + (alpha / r) B A x``.
+quantized copy of it (``int8_base``, a name from when it held int8 only, read by ``LoraLinear.base_forward``
+until the layer is merged); the adapters stay in full precision and are applied per row as before:
+``h = dequant(W_q) x + b + (alpha / r) B A x``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -15,7 +19,12 @@ from torch import Tensor, nn
 from . import kernels
 from .blocks import BLOCK, BlockWeight, Format, check_shape, dequantize, quantize
 
-__all__ = ["QuantLinear", "quantize_linears"]
+__all__ = ["QuantLinear", "quantize_linears", "quantize_model", "SCHEMES"]
+
+# --quantize: (linear layers, LM head). int4's head in q8_0 as GGUF files keep it (docs/KERNELS.md: a 4-bit head
+# costs most of the agreement with the float model, and it is 21% of SmolLM2's weights, not most of them).
+SCHEMES: dict[str, tuple[Format, Format]] = {"int8": ("q8_0", "q8_0"), "int4": ("q4_1", "q8_0")}
+_BITS = {"q8_0": 8, "q4_0": 4, "q4_1": 4}
 
 
 class QuantLinear(nn.Module):
@@ -57,39 +66,92 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.fmt}"
 
 
-def quantize_linears(model: nn.Module, fmt: Format, head_fmt: Format | None = None) -> int:
+def quantize_linears(model: nn.Module, fmt: Format, head_fmt: Format | None = None,
+                     blocks: Mapping[str, BlockWeight] | None = None) -> int:
     """Replace ``model``'s plain linear layers (``nn.Linear``, GPT-2's ``Conv1D``) by :class:`QuantLinear` in
     ``fmt``, the LM head (``get_output_embeddings()``) in ``head_fmt`` (default ``fmt``; GGUF files keep it in
     q8_0 under 4-bit layers), and give the LoRA linear layers a quantized copy of their weight, in place;
-    returns how many layers. Layers whose ``in_features`` is not a multiple of 32 stay as they are. Attach the
-    adapters first: a layer replaced here cannot take an adapter later. Builds the kernels first (RuntimeError
-    naming what to install when it cannot)."""
-    from transformers.pytorch_utils import Conv1D
-
+    returns how many layers. ``blocks``: ready-made weights by module name (``named_modules()``), used as they
+    are in place of quantizing that layer's weight (a GGUF's, :func:`quantize_model`). Layers whose
+    ``in_features`` is not a multiple of 32 stay as they are. Attach the adapters first: a layer replaced here
+    cannot take an adapter later. Builds the kernels first (RuntimeError naming what to install when it cannot)."""
     from .. import quant
     from ..layers import LoraLayer, LoraLinear
 
     for f in (fmt, head_fmt or fmt):
         check_shape(torch.empty(0, BLOCK), f)
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
+    head = _head(model)
     if any(quant.is_quantized(m) or getattr(m, "quantized", False) is True for m in model.modules()):
         raise ValueError(f"the model's base is already quantized (bitsandbytes): {fmt} needs float weights; "
                          "load the base in float to quantize it here")
     kernels.load()
+    blocks = blocks or {}
+    names = {id(m): name for name, m in model.named_modules()}
+
+    def quantized(module: nn.Module) -> QuantLinear:
+        weight, name = float_weight(module), names[id(module)]
+        if name not in blocks:
+            return QuantLinear.from_float(weight, module.bias, (head_fmt or fmt) if module is head else fmt)
+        if blocks[name].shape != tuple(weight.shape):
+            raise ValueError(f"blocks[{name!r}] is {blocks[name].shape}, the layer's weight {tuple(weight.shape)}")
+        return QuantLinear(blocks[name], module.bias)
+
     count = 0
     for module in list(model.modules()):
         if isinstance(module, LoraLinear):
             if module.__dict__.get("int8_base") is None and module.in_features % BLOCK == 0:
-                weight = module.weight.T if module.fan_in_fan_out else module.weight
-                module.__dict__["int8_base"] = QuantLinear.from_float(weight, module.bias, fmt)  # not a submodule: no new keys
+                module.__dict__["int8_base"] = quantized(module)  # not a submodule: no new state_dict keys
                 count += 1
             continue
         for name, child in list(module.named_children()):
-            if isinstance(child, LoraLayer) or not isinstance(child, nn.Linear | Conv1D):
-                continue
-            weight = child.weight.T if isinstance(child, Conv1D) else child.weight
-            if weight.shape[1] % BLOCK == 0:
-                setattr(module, name, QuantLinear.from_float(weight, child.bias, (head_fmt or fmt) if child is head else fmt))
+            weight = None if isinstance(child, LoraLayer) else float_weight(child)
+            if weight is not None and weight.shape[1] % BLOCK == 0:
+                setattr(module, name, quantized(child))
                 count += 1
     return count
+
+
+def float_weight(module: nn.Module) -> Tensor | None:
+    """The ``(out, in)`` float weight of a linear layer (``nn.Linear``, GPT-2's ``Conv1D``, a LoRA linear layer's
+    base weight), or None for any other module."""
+    from transformers.pytorch_utils import Conv1D
+
+    from ..layers import LoraLayer, LoraLinear
+
+    if isinstance(module, LoraLinear):
+        return module.weight.T if module.fan_in_fan_out else module.weight
+    if isinstance(module, Conv1D):
+        return module.weight.T
+    return module.weight if isinstance(module, nn.Linear) and not isinstance(module, LoraLayer) else None
+
+
+def _head(model: nn.Module) -> nn.Module | None:
+    get_head = getattr(model, "get_output_embeddings", None)
+    return get_head() if callable(get_head) else None
+
+
+def quantize_model(model: nn.Module, scheme: str, gguf_file: str | Path | None = None) -> str:
+    """``--quantize scheme`` (:data:`SCHEMES`: int8 = q8_0 everywhere, int4 = q4_1 layers and a q8_0 LM head) on
+    ``model``, in place, with its adapters attached; returns a one-line summary.
+
+    With ``gguf_file`` (the GGUF the model's float weights were dequantized from), each layer that the file
+    stores in a block format of at least the scheme's bits, and whose blocks dequantize exactly to the layer's
+    float weight, takes those blocks as they are (:func:`lorakit.quant.gguf.read_blocks`): nothing is lost
+    against the file. A layer whose weight differs (merged into, fine-tuned) is quantized from its weight."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"quantize must be one of {tuple(SCHEMES)}, got {scheme!r}")
+    fmt, head_fmt = SCHEMES[scheme]
+    given: dict[str, BlockWeight] = {}
+    if gguf_file is not None:
+        from .gguf import read_blocks
+
+        modules, head = dict(model.named_modules()), _head(model)
+        for name, block in read_blocks(gguf_file, model).items():
+            enough = _BITS[block.fmt] >= _BITS[head_fmt if modules[name] is head else fmt]
+            if enough and torch.equal(dequantize(block), float_weight(modules[name]).detach().float()):
+                given[name] = block
+    count = quantize_linears(model, fmt, head_fmt, given)
+    summary = f"--quantize {scheme}: {count} linear layers in {fmt}" + (f", the LM head in {head_fmt}" if head_fmt != fmt else "")
+    if gguf_file is not None:
+        summary += f"; {len(given)} of them read as they are from {Path(gguf_file).name}"
+    return summary
