@@ -178,6 +178,32 @@ def test_int8_takes_only_q8_0_blocks_from_the_file(installed):
     assert {m.fmt for m in model.modules() if isinstance(m, QuantLinear)} == {"q8_0"}
 
 
+def test_q4_0_and_q8_0_tensors_read_as_ggufs_own_dequantizer_reads_them(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                         num_attention_heads=HEADS, num_key_value_heads=KV_HEADS))
+    Q = gguf.GGMLQuantizationType
+    writer = gguf.GGUFWriter(str(tmp_path / "mixed.gguf"), "llama")
+    writer.add_block_count(1)
+    writer.add_head_count(HEADS)
+    raw = {}
+    for name, module, kind in (("ffn_up", model.model.layers[0].mlp.up_proj, Q.Q4_0),
+                               ("ffn_gate", model.model.layers[0].mlp.gate_proj, Q.Q8_0)):
+        raw[name] = (gguf.quants.quantize(module.weight.detach().numpy(), kind), kind)
+        writer.add_tensor(f"blk.0.{name}.weight", raw[name][0], raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    found = qgguf.read_blocks(tmp_path / "mixed.gguf", model)
+    assert {n: b.fmt for n, b in found.items()} == {"model.layers.0.mlp.up_proj": "q4_0",
+                                                      "model.layers.0.mlp.gate_proj": "q8_0"}
+    for name, (data, kind) in raw.items():
+        block = found[f"model.layers.0.mlp.{name.removeprefix('ffn_')}_proj"]
+        assert torch.equal(blocks.dequantize(block), torch.from_numpy(gguf.quants.dequantize(data, kind))), name
+
+
 def test_unsupported_architectures_are_refused_by_name(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
