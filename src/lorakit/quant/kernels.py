@@ -74,7 +74,7 @@ def _find_pip_ninja() -> None:
     runs ``ninja`` from PATH only, and a venv's python run by its path (``.venv/bin/python``, ``make test``)
     does not put ``.venv/bin`` on PATH."""
     scripts = sysconfig.get_path("scripts")
-    if shutil.which("ninja") is None and shutil.which("ninja", path=scripts) is not None:
+    if shutil.which("ninja") is None and os.access(Path(scripts) / "ninja", os.X_OK):
         os.environ["PATH"] = os.pathsep.join([scripts, *filter(None, [os.environ.get("PATH")])])
 
 
