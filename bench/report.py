@@ -253,7 +253,7 @@ SECTIONS = [("train_step", "Training step (batch 16 x 128, forward + backward + 
             ("kernels", "Weight-only quantized linear kernels (q8_0 / q4_1 / q4_0 blocks) against the stock ones, "
              "SmolLM2-135M's shapes", kernels)]
 # Records written by a script run with flags (default: bench/<record>.py).
-COMMANDS = {"serve_bf16": "serve.py --precision bf16", "lm_memory": "lm_step.py --memory"}
+COMMANDS = {"serve_bf16": "serve.py --precision bf16", "lm_memory": "lm_step.py --memory", "kernels": "quant_kernels.py"}
 
 
 # Targets of issues #5 and #8: (label, record, path to the measured ratio, (comparison, bound) or None).

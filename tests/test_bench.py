@@ -175,10 +175,19 @@ def test_dora_bench_checks_peft_and_writes_its_ratios(tmp_path, monkeypatch):
     assert not (tmp_path / "broken.json").exists()
 
 
+def test_no_bench_script_shadows_a_module_a_library_imports():
+    # bitsandbytes' CPU backend runs `from kernels import get_kernel` (the `kernels` package on PyPI); with bench/ on
+    # sys.path, as in every bench script and here, a bench/kernels.py would be imported in its place
+    import importlib.util
+
+    spec = importlib.util.find_spec("kernels")
+    assert spec is None or Path(__file__).resolve().parents[1] / "bench" not in Path(spec.origin).resolve().parents
+
+
 def test_kernels_bench_checks_every_candidate_and_reports(tmp_path, monkeypatch):
     import argparse
 
-    import kernels as bench_kernels
+    import quant_kernels as bench_kernels
     import report
     from lorakit.quant import kernels
 
@@ -197,6 +206,7 @@ def test_kernels_bench_checks_every_candidate_and_reports(tmp_path, monkeypatch)
     benchtools.write_record("kernels", {}, {"matrices": matrices, "decode_step": step}, tmp_path)
     text = report.build(tmp_path)
     assert "## Weight-only quantized linear kernels" in text and "| tiny 48x64 | 3 | 1 |" in text
+    assert "`python bench/quant_kernels.py`" in text
 
     real = kernels.linear
     monkeypatch.setattr(bench_kernels.kernels, "linear", lambda x, q, bias=None, isa=None: real(x, q, bias, isa) + 1e-2)
