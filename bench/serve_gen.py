@@ -116,20 +116,21 @@ async def load(url: str, clients: int, seconds: float, prompts: list[str], model
 
     ttft: list[float] = []
     per_token: list[float] = []
-    tokens = failed = 0
+    tokens = failed = resent = 0
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
         start = time.perf_counter()
         end = start + seconds
 
         async def worker(i: int) -> None:
-            nonlocal tokens, failed
+            nonlocal tokens, failed, resent
             while time.perf_counter() < end:
                 body = {"model": model_of(i), "prompt": prompts[i % len(prompts)], "max_tokens": max_tokens,
                         "temperature": 0, "stream": True, "ignore_eos": True}
-                sent, first, last, n = time.perf_counter(), None, None, 0
+                sent, first, last, n, answered = time.perf_counter(), None, None, 0, False
                 try:
                     async with client.stream("POST", "/v1/completions", json=body) as reply:
+                        answered = True
                         if reply.status_code != 200:
                             failed += 1
                             await reply.aread()
@@ -145,6 +146,11 @@ async def load(url: str, clients: int, seconds: float, prompts: list[str], model
                                 n += 1
                                 first = first or now
                                 last = now
+                except httpx.RemoteProtocolError:
+                    if not answered:  # llama-server closes a kept-alive connection after each stream: send again, as curl does
+                        resent += 1
+                        continue
+                    failed += 1
                 except httpx.HTTPError:
                     failed += 1
                 tokens += n
@@ -161,7 +167,8 @@ async def load(url: str, clients: int, seconds: float, prompts: list[str], model
         xs = sorted(xs)
         return 1000 * xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
-    return {"tokens_per_s": tokens / elapsed, "tokens": tokens, "failed": failed, "completions": len(per_token),
+    return {"tokens_per_s": tokens / elapsed, "tokens": tokens, "failed": failed, "resent": resent,
+            "completions": len(per_token),
             "ttft_p50_ms": pick(ttft, 0.5), "ttft_p99_ms": pick(ttft, 0.99),
             "per_token_p50_ms": pick(per_token, 0.5), "per_token_p99_ms": pick(per_token, 0.99)}
 
@@ -266,8 +273,9 @@ def run(model: str = "smollm2", adapters: int = 32, concurrency: tuple[int, ...]
                     print(f"round {r} C={c} {case}: {samples[c][case][-1]}", flush=True)
     for c in concurrency:
         s = samples[c]
-        per_case = {case: {**{k: statistics.median(x[k] for x in runs) for k in runs[0] if k != "failed"},
-                           "failed": sum(x["failed"] for x in runs), "rounds": runs} for case, runs in s.items()}
+        per_case = {case: {**{k: statistics.median(x[k] for x in runs) for k in runs[0] if k not in ("failed", "resent")},
+                           "failed": sum(x["failed"] for x in runs), "resent": sum(x["resent"] for x in runs),
+                           "rounds": runs} for case, runs in s.items()}
 
         def ratio(a: str, b: str) -> float | None:
             if a not in s or b not in s:

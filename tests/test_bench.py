@@ -138,6 +138,44 @@ def test_serve_gen_command_line_passes_quantize_and_the_binary_on(tmp_path, monk
         serve_gen.main(["--quantize", "fp8"])
 
 
+def test_generation_load_test_sends_again_where_a_kept_alive_connection_was_closed_unanswered():
+    # llama-server closes its connection after each streamed completion while announcing keep-alive; curl sends the
+    # next request again on a fresh connection, and so must the load test, instead of counting a failure
+    import asyncio
+    import socketserver
+    import threading
+
+    import serve_gen
+
+    class Server(socketserver.StreamRequestHandler):
+        def handle(self):
+            answered = False
+            while head := self.request_head():
+                length = next(int(h.split(b":")[1]) for h in head if h.lower().startswith(b"content-length"))
+                self.rfile.read(length)
+                if answered:
+                    return  # the next request on this connection: closed without a response
+                events = [b'data: {"choices": [{"text": "x"}]}\n\n'] * 4 + [b"data: [DONE]\n\n"]
+                self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+                                 b"Keep-Alive: timeout=5, max=100\r\n\r\n"
+                                 + b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events) + b"0\r\n\r\n")
+                answered = True
+
+        def request_head(self) -> list[bytes]:  # [] once the client has closed the connection
+            head = []
+            while (line := self.rfile.readline()) not in (b"\r\n", b""):
+                head.append(line)
+            return head if line else []
+
+    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), Server) as httpd:
+        httpd.daemon_threads = True
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        result = asyncio.run(serve_gen.load(url, 1, 1.0, ["p"], lambda i: "base", 4))
+        httpd.shutdown()
+    assert result["failed"] == 0 and result["resent"] >= 1 and result["completions"] >= 1 and result["tokens"] >= 4
+
+
 AVX2 = {"sse4_2", "avx", "avx2", "bmi2", "fma", "f16c"}
 SKYLAKE_X = AVX2 | {"avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw", "avx512_vnni"}
 ZEN4 = SKYLAKE_X | {"avx512vbmi", "avx512_bf16"}
