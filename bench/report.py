@@ -106,7 +106,8 @@ def serve_gen(r: dict) -> list[str]:
     off = res["offline"]
     rows = [f"model: {cfg['model']}, {cfg['adapters']} adapters r={cfg['r']} q/v, {cfg['max_tokens']} new tokens per "
             f"request (greedy, ignore_eos), server precision {cfg['precision']}, {cfg['seconds']} s x {cfg['rounds']} "
-            f"rounds per case, CPU flags {', '.join(cfg['cpu_flags'])}", "",
+            f"rounds per case, CPU flags {', '.join(cfg['cpu_flags'])}"
+            + (f", llama-server build {cfg['llama_server_build']}" if cfg.get("llama_server_build") else ""), "",
             "| clients | case | tokens/s | TTFT p50 ms | TTFT p99 ms | per token p50 ms | per token p99 ms | failed |",
             "|---|---|---|---|---|---|---|---|"]
     for clients, v in res.items():
@@ -118,9 +119,14 @@ def serve_gen(r: dict) -> list[str]:
     rows += ["", "| clients | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     rows += [f"| {c.split('_')[1]} | " + " | ".join(_ratio(v["ratios"], k) for k in names) + " |"
              for c, v in res.items() if c.startswith("clients_")]
+    ours, peft = off["cases"]["lorakit"], off["cases"]["peft"]
+
+    def ms(c: dict) -> str:  # records before #27 hold no ms per token
+        return f" ({c['ms_per_token']:.1f} ms per token)" if "ms_per_token" in c else ""
+
     rows += ["", f"Offline, one batch of {cfg['adapters']} prompts over {cfg['adapters']} adapters, fp32: lorakit scheduler "
-             f"{off['cases']['lorakit']['tokens_per_s']:.0f} tokens/s, PEFT `generate(adapter_names=...)` "
-             f"{off['cases']['peft']['tokens_per_s']:.0f} tokens/s (ratio {off['lorakit/peft tokens/s']:.3f}); greedy "
+             f"{ours['tokens_per_s']:.0f} tokens/s{ms(ours)}, PEFT `generate(adapter_names=...)` "
+             f"{peft['tokens_per_s']:.0f} tokens/s{ms(peft)} (ratio {off['lorakit/peft tokens/s']:.3f}); greedy "
              f"completions identical for {off['identical_completions']} of {cfg['adapters']}."]
     return rows
 
@@ -253,7 +259,7 @@ SECTIONS = [("train_step", "Training step (batch 16 x 128, forward + backward + 
             ("kernels", "Weight-only quantized linear kernels (q8_0 / q4_1 / q4_0 blocks) against the stock ones, "
              "SmolLM2-135M's shapes", kernels)]
 # Records written by a script run with flags (default: bench/<record>.py).
-COMMANDS = {"serve_bf16": "serve.py --precision bf16", "lm_memory": "lm_step.py --memory"}
+COMMANDS = {"serve_bf16": "serve.py --precision bf16", "lm_memory": "lm_step.py --memory", "kernels": "quant_kernels.py"}
 
 
 # Targets of issues #5 and #8: (label, record, path to the measured ratio, (comparison, bound) or None).

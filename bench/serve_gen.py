@@ -8,20 +8,24 @@ completion has the same length whatever the adapter). Cases, alternated in each 
 - ``spread``: request i names adapter a{i mod 32} (32 random r=4 q/v adapters);
 - ``one``: every request names a0 (same server);
 - ``nobatch``: as ``spread``, against a server started with ``--no-batching``;
-- ``int8``: as ``spread``, against a server started with ``--quantize int8`` (only where the
-  CPU has native bf16: the int8 path computes in bf16);
+- ``int8`` / ``int4``: as ``spread``, against a server started with ``--quantize int8`` /
+  ``int4`` (``--quantize``, repeatable; by default both: q8_0, and q4_1 with a q8_0 head,
+  lorakit's block-quantized kernels, at any precision);
 - ``llamacpp``: llama.cpp's ``llama-server`` on the Q4_1 GGUF the lorakit model is
   dequantized from, ``-np 32`` parallel slots (continuous batching), no adapter; only if a
-  ``llama-server`` binary is given (``--llama-server``, ``$LLAMA_SERVER``) or was built by
-  ``bench/build_llama_server.sh``.
+  ``llama-server`` binary is given (``--llama-server``, ``$LLAMA_SERVER``) or was built for this
+  CPU by ``bench/build_llama_server.sh``. Builds are per CPU kind (``bench/llama_build.py``): a
+  binary in another kind's build folder is refused (an AVX-512 build dies with SIGILL on AVX2).
 
 Reported per case: tokens/s (streamed chunks, each one token, received within the
-window), p50/p99 time to first token and per-token latency (time between a completion's
-first and last token / tokens), failures; ratios per C (medians over rounds).
+window), p50/p99 time to first token and per-token latency in ms (time between a completion's
+first and last token / tokens), failures; ratios per C (medians over rounds). The record holds
+the CPU's flags that pick kernels and the llama-server's build key.
 Separately (``offline``): the lorakit scheduler against PEFT's ``generate(adapter_names=...)``
-on the same 32 prompts over 32 adapters in one batch, fp32, in this process.
+on the same 32 prompts over 32 adapters in one batch, fp32, in this process (tokens/s, and ms
+per token: one decoding step of the batch).
 
-    python bench/serve_gen.py [--quick] [--seconds 20] [--rounds 2]
+    python bench/serve_gen.py [--quick] [--seconds 20] [--rounds 2] [--quantize int8] [--llama-server PATH]
 """
 
 from __future__ import annotations
@@ -40,9 +44,10 @@ from pathlib import Path
 import torch
 
 import lorakit
+from llama_build import KEY_FLAGS, binary_key, build_key, default_binary
 from lorakit.benchtools import write_record
 from lorakit.models import cache_dir, resolve_model
-from lorakit.precision import resolve_precision
+from lorakit.precision import cpu_flags
 from lorakit.tasks.lm import load_causal_lm, read_e2e
 from serve import _free_port, running_process, save_random_adapters, server
 
@@ -73,10 +78,25 @@ def smollm2_gguf() -> Path:
     return target
 
 
-def find_llama_server(given: str | None) -> str | None:
-    candidates = [given, os.environ.get("LLAMA_SERVER"),
-                  *map(str, sorted(ROOT.glob("runs/llamacpp-src/*/vendor/llama.cpp/build-noamx/bin/llama-server")))]
-    return next((c for c in candidates if c and Path(c).is_file()), None)
+def find_llama_server(given: str | None, flags: frozenset[str] | None = None) -> str | None:
+    """``given``, else ``$LLAMA_SERVER``, else the binary built here for this CPU's key; None if none.
+
+    A binary in a build folder of ``bench/build_llama_server.sh`` for another key is refused
+    (ValueError); one outside such a folder is taken as it is (its build cannot be checked).
+    """
+    key = build_key(cpu_flags() if flags is None else flags)
+    named = given or os.environ.get("LLAMA_SERVER")
+    if named and not Path(named).is_file():
+        raise ValueError(f"llama-server binary {named!r} (--llama-server or $LLAMA_SERVER) is not a file: give the path "
+                         "bench/build_llama_server.sh printed")
+    found = named or default_binary(ROOT, key)
+    if found is None:
+        return None
+    built_for = binary_key(found)
+    if built_for is not None and built_for != key:
+        raise ValueError(f"llama-server {found} was built for {built_for}, but this CPU is {key} (a build for another "
+                         "CPU kind can die with SIGILL or run slower): run bench/build_llama_server.sh on this machine")
+    return str(found)
 
 
 @contextlib.contextmanager
@@ -96,20 +116,21 @@ async def load(url: str, clients: int, seconds: float, prompts: list[str], model
 
     ttft: list[float] = []
     per_token: list[float] = []
-    tokens = failed = 0
+    tokens = failed = resent = 0
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
         start = time.perf_counter()
         end = start + seconds
 
         async def worker(i: int) -> None:
-            nonlocal tokens, failed
+            nonlocal tokens, failed, resent
             while time.perf_counter() < end:
                 body = {"model": model_of(i), "prompt": prompts[i % len(prompts)], "max_tokens": max_tokens,
                         "temperature": 0, "stream": True, "ignore_eos": True}
-                sent, first, last, n = time.perf_counter(), None, None, 0
+                sent, first, last, n, answered = time.perf_counter(), None, None, 0, False
                 try:
                     async with client.stream("POST", "/v1/completions", json=body) as reply:
+                        answered = True
                         if reply.status_code != 200:
                             failed += 1
                             await reply.aread()
@@ -125,12 +146,17 @@ async def load(url: str, clients: int, seconds: float, prompts: list[str], model
                                 n += 1
                                 first = first or now
                                 last = now
+                except httpx.RemoteProtocolError:
+                    if not answered:  # llama-server closes a kept-alive connection after each stream: send again, as curl does
+                        resent += 1
+                        continue
+                    failed += 1
                 except httpx.HTTPError:
                     failed += 1
                 tokens += n
                 if first is not None:
                     ttft.append(first - sent)
-                if n >= max_tokens // 2:
+                if n >= max(2, max_tokens // 2):
                     per_token.append((last - first) / (n - 1))
                 i += clients
 
@@ -141,7 +167,8 @@ async def load(url: str, clients: int, seconds: float, prompts: list[str], model
         xs = sorted(xs)
         return 1000 * xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
-    return {"tokens_per_s": tokens / elapsed, "tokens": tokens, "failed": failed, "completions": len(per_token),
+    return {"tokens_per_s": tokens / elapsed, "tokens": tokens, "failed": failed, "resent": resent,
+            "completions": len(per_token),
             "ttft_p50_ms": pick(ttft, 0.5), "ttft_p99_ms": pick(ttft, 0.99),
             "per_token_p50_ms": pick(per_token, 0.5), "per_token_p99_ms": pick(per_token, 0.99)}
 
@@ -193,10 +220,12 @@ def offline(model: str, paths: dict[str, str], prompts: list[str], max_tokens: i
             cases[k]()
             samples[k].append(time.perf_counter() - start)
     tokens = len(names) * max_tokens
-    result = {k: {"tokens_per_s": tokens / statistics.median(v), "samples_s": v} for k, v in samples.items()}
+    result = {k: {"tokens_per_s": tokens / statistics.median(v), "ms_per_token": 1000 * statistics.median(v) / max_tokens,
+                  "samples_s": v} for k, v in samples.items()}
     ratio = statistics.median(p / o for o, p in zip(samples["lorakit"], samples["peft"]))
     print(f"offline, {len(names)} prompts x {len(names)} adapters: lorakit {result['lorakit']['tokens_per_s']:.0f} "
-          f"tokens/s, PEFT {result['peft']['tokens_per_s']:.0f} tokens/s, ratio {ratio:.2f}; identical completions "
+          f"tokens/s ({result['lorakit']['ms_per_token']:.1f} ms per token), PEFT {result['peft']['tokens_per_s']:.0f} "
+          f"tokens/s ({result['peft']['ms_per_token']:.1f} ms), ratio {ratio:.2f}; identical completions "
           f"{same}/{len(names)} (first difference at token {min(first_diff)} at the earliest)", flush=True)
     return {"cases": result, "lorakit/peft tokens/s": ratio, "identical_completions": same,
             "first_difference_token": first_diff}
@@ -204,7 +233,8 @@ def offline(model: str, paths: dict[str, str], prompts: list[str], max_tokens: i
 
 def run(model: str = "smollm2", adapters: int = 32, concurrency: tuple[int, ...] = (1, 8, 32), seconds: float = 20.0,
         rounds: int = 2, max_tokens: int = 64, precision: str = "auto", llama_binary: str | None = None,
-        name: str = "serve_gen", out_dir: str = "bench/results") -> dict:
+        quantize: list[str] | None = None, name: str = "serve_gen", out_dir: str = "bench/results") -> dict:
+    """``quantize``: a ``--quantize`` case per value (None: ``int8`` and ``int4``)."""
     threads = torch.get_num_threads()
     try:
         resolve_model(model)
@@ -214,6 +244,8 @@ def run(model: str = "smollm2", adapters: int = 32, concurrency: tuple[int, ...]
     prompts = [mr + "\n" for mr, _ in read_e2e("dev", DATA)]
     prompts = list(dict.fromkeys(prompts))[:200]
     llama_binary = find_llama_server(llama_binary)
+    if quantize is None:
+        quantize = ["int8", "int4"]
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         paths = make_adapters(model, adapters, Path(tmp))
         results: dict = {"offline": offline(model, paths, prompts, max_tokens, rounds=3)}
@@ -222,9 +254,8 @@ def run(model: str = "smollm2", adapters: int = 32, concurrency: tuple[int, ...]
         unbatched = stack.enter_context(server(model, paths, *flags, "--no-batching"))
         cases = {"spread": (batched, lambda i: f"a{i % adapters}"), "one": (batched, lambda i: "a0"),
                  "nobatch": (unbatched, lambda i: f"a{i % adapters}")}
-        if resolve_precision(precision) == "bf16":
-            bf16 = ("--precision", "bf16", *flags[2:])
-            cases["int8"] = (stack.enter_context(server(model, paths, *bf16, "--quantize", "int8")), cases["spread"][1])
+        for q in quantize:
+            cases[q] = (stack.enter_context(server(model, paths, *flags, "--quantize", q)), cases["spread"][1])
         if llama_binary:
             url = stack.enter_context(llama_server(llama_binary, smollm2_gguf(), max(concurrency), 256, threads))
             cases["llamacpp"] = (url, lambda i: "base")
@@ -242,15 +273,17 @@ def run(model: str = "smollm2", adapters: int = 32, concurrency: tuple[int, ...]
                     print(f"round {r} C={c} {case}: {samples[c][case][-1]}", flush=True)
     for c in concurrency:
         s = samples[c]
-        per_case = {case: {**{k: statistics.median(x[k] for x in runs) for k in runs[0] if k != "failed"},
-                           "failed": sum(x["failed"] for x in runs), "rounds": runs} for case, runs in s.items()}
+        per_case = {case: {**{k: statistics.median(x[k] for x in runs) for k in runs[0] if k not in ("failed", "resent")},
+                           "failed": sum(x["failed"] for x in runs), "resent": sum(x["resent"] for x in runs),
+                           "rounds": runs} for case, runs in s.items()}
 
         def ratio(a: str, b: str) -> float | None:
             if a not in s or b not in s:
                 return None
             return statistics.median(x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(s[a], s[b]))
 
-        pairs = [("spread", "one"), ("spread", "nobatch"), ("spread", "llamacpp"), ("int8", "llamacpp"), ("int8", "spread")]
+        pairs = [("spread", "one"), ("spread", "nobatch"), ("spread", "llamacpp"),
+                 *((q, b) for q in quantize for b in ("llamacpp", "spread"))]
         ratios = {f"{a}/{b}": ratio(a, b) for a, b in pairs}
         results[f"clients_{c}"] = {"cases": per_case, "ratios": {k: v for k, v in ratios.items() if v is not None}}
         print(f"{c} clients: " + "; ".join(f"{k} {v['tokens_per_s']:.0f} tok/s, TTFT p50 {v['ttft_p50_ms']:.0f} "
@@ -259,18 +292,11 @@ def run(model: str = "smollm2", adapters: int = 32, concurrency: tuple[int, ...]
                                              for k, v in per_case.items()),
               {k: round(v, 3) for k, v in results[f"clients_{c}"]["ratios"].items()}, flush=True)
     config = dict(model=model, adapters=adapters, concurrency=list(concurrency), seconds=seconds, rounds=rounds,
-                  max_tokens=max_tokens, precision=precision, r=4, threads=threads, llama_server=llama_binary,
-                  cpu_flags=sorted({"avx2", "avx512f", "avx512_bf16", "amx_bf16"} & _cpu_flags()))
+                  max_tokens=max_tokens, precision=precision, quantize=quantize, r=4, threads=threads,
+                  llama_server=llama_binary, llama_server_build=binary_key(llama_binary) if llama_binary else None,
+                  cpu_build_key=build_key(cpu_flags()), cpu_flags=sorted(KEY_FLAGS & cpu_flags()))
     write_record(name, config, results, out_dir)
     return results
-
-
-def _cpu_flags() -> set[str]:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    return set()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -279,13 +305,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
-    parser.add_argument("--llama-server", help="path of llama.cpp's llama-server binary (the llama.cpp cases)")
+    parser.add_argument("--llama-server", help="path of llama.cpp's llama-server binary (the llama.cpp cases; default: "
+                        "$LLAMA_SERVER, else the one bench/build_llama_server.sh built for this CPU)")
+    parser.add_argument("--quantize", choices=["int8", "int4"], action="append",
+                        help="a case served with `lorakit serve --quantize` this value (repeatable; default: int8 and int4)")
     args = parser.parse_args(argv)
+    try:
+        binary = find_llama_server(args.llama_server)
+    except ValueError as e:
+        sys.exit(f"serve_gen.py: {e}")
+    common = dict(precision=args.precision, llama_binary=binary, quantize=args.quantize)
     if args.quick:
-        run(adapters=8, concurrency=(1, 8), seconds=5, rounds=1, max_tokens=16, precision=args.precision,
-            llama_binary=args.llama_server, name="serve_gen_quick")
+        run(adapters=8, concurrency=(1, 8), seconds=5, rounds=1, max_tokens=16, name="serve_gen_quick", **common)
     else:
-        run(seconds=args.seconds, rounds=args.rounds, precision=args.precision, llama_binary=args.llama_server)
+        run(seconds=args.seconds, rounds=args.rounds, **common)
 
 
 if __name__ == "__main__":

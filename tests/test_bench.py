@@ -96,15 +96,139 @@ def test_serve_load_test_runs_both_servers_without_failures(tiny_model, tmp_path
 def test_generation_load_test_runs_its_servers_and_the_peft_comparison(tiny_llama, tmp_path, monkeypatch):
     import report
     import serve_gen
+    from llama_build import build_key
 
     monkeypatch.setattr(serve_gen, "find_llama_server", lambda given: None)  # no llama.cpp in CI
+    started, real_server = [], serve_gen.server
+
+    def server(model, paths, *flags):
+        started.append(flags)
+        return real_server(model, paths, *flags)
+
+    monkeypatch.setattr(serve_gen, "server", server)
     results = serve_gen.run(model=tiny_llama, adapters=3, concurrency=(2,), seconds=1, rounds=1, max_tokens=4,
-                            precision="fp32", out_dir=str(tmp_path))
+                            precision="fp32", quantize=["int4"], out_dir=str(tmp_path))
     cases = results["clients_2"]["cases"]
-    assert set(cases) == {"spread", "one", "nobatch"}
-    assert all(c["failed"] == 0 and c["tokens_per_s"] > 0 for c in cases.values())
+    assert set(cases) == {"spread", "one", "nobatch", "int4"}
+    assert started[-1][-2:] == ("--quantize", "int4") and not any("--quantize" in f for f in started[:-1])
+    assert {"int4/spread", "spread/one"} <= set(results["clients_2"]["ratios"])
+    assert all(c["failed"] == 0 and c["tokens_per_s"] > 0 and c["per_token_p50_ms"] > 0 for c in cases.values())
     assert results["offline"]["identical_completions"] == 3  # fp32, tiny model: the same greedy tokens as PEFT
-    assert "| 2 | spread |" in report.build(tmp_path)
+    assert all(c["ms_per_token"] > 0 for c in results["offline"]["cases"].values())
+    config = json.loads((tmp_path / "serve_gen.json").read_text())["config"]
+    assert config["quantize"] == ["int4"] and config["llama_server_build"] is None
+    assert config["cpu_build_key"] == build_key(lorakit.precision.cpu_flags())
+    text = report.build(tmp_path)
+    assert "| 2 | spread |" in text and "| 2 | int4 |" in text and "ms per token" in text
+
+
+def test_serve_gen_command_line_passes_quantize_and_the_binary_on(tmp_path, monkeypatch):
+    import serve_gen
+
+    calls = []
+    monkeypatch.setattr(serve_gen, "run", lambda **kw: calls.append(kw))
+    binary = tmp_path / "llama-server"
+    binary.write_text("")
+    serve_gen.main(["--quick", "--quantize", "int8", "--quantize", "int4", "--llama-server", str(binary)])
+    assert calls[-1]["quantize"] == ["int8", "int4"] and calls[-1]["llama_binary"] == str(binary)
+    serve_gen.main([])
+    assert calls[-1]["quantize"] is None  # run's default: int8 where the precision resolves to bf16
+    with pytest.raises(SystemExit):
+        serve_gen.main(["--quantize", "fp8"])
+
+
+def test_generation_load_test_sends_again_where_a_kept_alive_connection_was_closed_unanswered():
+    # llama-server closes its connection after each streamed completion while announcing keep-alive; curl sends the
+    # next request again on a fresh connection, and so must the load test, instead of counting a failure
+    import asyncio
+    import socketserver
+    import threading
+
+    import serve_gen
+
+    class Server(socketserver.StreamRequestHandler):
+        def handle(self):
+            answered = False
+            while head := self.request_head():
+                length = next(int(h.split(b":")[1]) for h in head if h.lower().startswith(b"content-length"))
+                self.rfile.read(length)
+                if answered:
+                    return  # the next request on this connection: closed without a response
+                events = [b'data: {"choices": [{"text": "x"}]}\n\n'] * 4 + [b"data: [DONE]\n\n"]
+                self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+                                 b"Keep-Alive: timeout=5, max=100\r\n\r\n"
+                                 + b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events) + b"0\r\n\r\n")
+                answered = True
+
+        def request_head(self) -> list[bytes]:  # [] once the client has closed the connection
+            head = []
+            while (line := self.rfile.readline()) not in (b"\r\n", b""):
+                head.append(line)
+            return head if line else []
+
+    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), Server) as httpd:
+        httpd.daemon_threads = True
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        result = asyncio.run(serve_gen.load(url, 1, 1.0, ["p"], lambda i: "base", 4))
+        httpd.shutdown()
+    assert result["failed"] == 0 and result["resent"] >= 1 and result["completions"] >= 1 and result["tokens"] >= 4
+
+
+AVX2 = {"sse4_2", "avx", "avx2", "bmi2", "fma", "f16c"}
+SKYLAKE_X = AVX2 | {"avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw", "avx512_vnni"}
+ZEN4 = SKYLAKE_X | {"avx512vbmi", "avx512_bf16"}
+
+
+def test_llama_build_key_and_options_follow_the_flags_that_pick_kernels(tmp_path):
+    import subprocess
+
+    import llama_build
+
+    keys = {llama_build.build_key(f) for f in (AVX2, SKYLAKE_X, ZEN4, ZEN4 | {"amx_tile", "amx_int8", "amx_bf16"})}
+    assert len(keys) == 4 and llama_build.build_key(AVX2).startswith("build-avx2-")
+    assert llama_build.build_key(ZEN4).startswith("build-avx512-")
+    assert llama_build.build_key(ZEN4 | {"hypervisor", "sse", "rdrand"}) == llama_build.build_key(ZEN4)  # flags ggml ignores
+    options = set(llama_build.cmake_options(AVX2))
+    assert {"-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_AVX512=OFF", "-DGGML_AVX512_BF16=OFF"} <= options
+    options = set(llama_build.cmake_options(SKYLAKE_X))  # AVX-512 without VBMI / BF16: those stay off
+    assert {"-DGGML_AVX512=ON", "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_VBMI=OFF", "-DGGML_AVX512_BF16=OFF"} <= options
+    assert "-DGGML_AMX_INT8=OFF" in llama_build.cmake_options(ZEN4 | {"amx_tile", "amx_int8", "amx_bf16"})
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu avx2 fma\n")
+    assert llama_build.cpu_flags(str(cpuinfo)) == {"fpu", "avx2", "fma"}
+    # the build script names its folder with this key: the same as the benchmark computes from lorakit's flags
+    script = Path(llama_build.__file__)
+    printed = subprocess.run([sys.executable, str(script), "key"], capture_output=True, text=True, check=True).stdout
+    assert printed.strip() == llama_build.build_key(lorakit.precision.cpu_flags())
+
+
+def test_serve_gen_takes_only_a_llama_server_built_for_this_cpu(tmp_path, monkeypatch):
+    import llama_build
+    import serve_gen
+
+    monkeypatch.setattr(serve_gen, "ROOT", tmp_path)
+    monkeypatch.delenv("LLAMA_SERVER", raising=False)
+    zen4 = tmp_path / "runs/llamacpp-src/v/vendor/llama.cpp" / llama_build.build_key(ZEN4) / "bin/llama-server"
+    zen4.parent.mkdir(parents=True)
+    zen4.write_text("")
+    assert serve_gen.find_llama_server(None, ZEN4) == str(zen4)  # found by this CPU's key
+    assert serve_gen.find_llama_server(None, AVX2) is None  # no build for an AVX2 CPU here
+    with pytest.raises(ValueError, match=r"built for build-avx512-\w+, but this CPU is build-avx2-\w+ .* run "
+                                         r"bench/build_llama_server.sh on this machine"):
+        serve_gen.find_llama_server(str(zen4), AVX2)
+    monkeypatch.setenv("LLAMA_SERVER", str(zen4))
+    with pytest.raises(ValueError, match="built for build-avx512"):
+        serve_gen.find_llama_server(None, AVX2)
+    elsewhere = tmp_path / "llama-server"  # not built by the script: its build cannot be checked
+    elsewhere.write_text("")
+    assert serve_gen.find_llama_server(str(elsewhere), AVX2) == str(elsewhere)
+    with pytest.raises(ValueError, match="is not a file"):
+        serve_gen.find_llama_server(str(tmp_path / "missing"), AVX2)
+    monkeypatch.setattr(serve_gen, "cpu_flags", lambda: frozenset(AVX2))
+    monkeypatch.setattr(serve_gen, "run", lambda **kw: pytest.fail("ran with a binary built for another CPU"))
+    with pytest.raises(SystemExit, match=r"^serve_gen.py: llama-server .* was built for build-avx512-[^\n]*$"):
+        serve_gen.main(["--quick", "--llama-server", str(zen4)])
 
 
 def test_padding_bench_runs_both_variants_and_reports(tiny_model, tmp_path):
@@ -175,10 +299,19 @@ def test_dora_bench_checks_peft_and_writes_its_ratios(tmp_path, monkeypatch):
     assert not (tmp_path / "broken.json").exists()
 
 
+def test_no_bench_script_shadows_a_module_a_library_imports():
+    # bitsandbytes' CPU backend runs `from kernels import get_kernel` (the `kernels` package on PyPI); with bench/ on
+    # sys.path, as in every bench script and here, a bench/kernels.py would be imported in its place
+    import importlib.util
+
+    spec = importlib.util.find_spec("kernels")
+    assert spec is None or Path(__file__).resolve().parents[1] / "bench" not in Path(spec.origin).resolve().parents
+
+
 def test_kernels_bench_checks_every_candidate_and_reports(tmp_path, monkeypatch):
     import argparse
 
-    import kernels as bench_kernels
+    import quant_kernels as bench_kernels
     import report
     from lorakit.quant import kernels
 
@@ -197,6 +330,7 @@ def test_kernels_bench_checks_every_candidate_and_reports(tmp_path, monkeypatch)
     benchtools.write_record("kernels", {}, {"matrices": matrices, "decode_step": step}, tmp_path)
     text = report.build(tmp_path)
     assert "## Weight-only quantized linear kernels" in text and "| tiny 48x64 | 3 | 1 |" in text
+    assert "`python bench/quant_kernels.py`" in text
 
     real = kernels.linear
     monkeypatch.setattr(bench_kernels.kernels, "linear", lambda x, q, bias=None, isa=None: real(x, q, bias, isa) + 1e-2)

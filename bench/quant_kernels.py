@@ -23,7 +23,7 @@ matrix its own tensor (0.54 GB in fp32), read from memory. GB/s counts weight by
 ``--model`` runs a real model (SmolLM2-135M) through transformers' ``generate`` in each format: greedy
 agreement with the float model on E2E test MRs and ms per token (transformers' per-token work included).
 
-    python bench/kernels.py [--quick] [--threads 1 2] [--step-threads 1 2] [--repeats 5] [--compile] [--model FOLDER]
+    python bench/quant_kernels.py [--quick] [--threads 1 2] [--step-threads 1 2] [--repeats 5] [--compile] [--model FOLDER]
 """
 
 from __future__ import annotations
