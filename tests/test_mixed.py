@@ -193,3 +193,75 @@ def test_blocks_nest():
         torch.testing.assert_close(model(**inputs).logits, outer)  # the outer plan is back
     torch.testing.assert_close(inner[1], outer[1])
     assert not torch.allclose(inner[0], outer[0])
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_rows_that_share_one_adapter_get_it_on_the_whole_batch(grad):
+    """A batch whose rows all use one adapter gets an int slot from RowPlan (nothing to gather:
+    a single stream decoding), and add_rows with it equals the reference on a tensor of that
+    slot: plain, sliced (q|v of GPT-2's fused c_attn) and DoRA adapters, and no adapter at all;
+    saved modules (heads) run the one module."""
+    from helpers import randomize
+    from lorakit.layers import RowPlan
+
+    model = tiny_gpt2()
+    lorakit.add_lora(model, LoraConfig(r=2, target_modules=["c_attn"], enable_lora={"c_attn": (True, False, True)}), "s")
+    lorakit.add_lora(model, LoraConfig(r=3, alpha=5, target_modules=["c_attn"]), "t")
+    lorakit.add_lora(model, LoraConfig(r=2, target_modules=["c_attn"], use_dora=True), "d")
+    randomize(model, std=0.3)
+    layer = model.transformer.h[0].attn.c_attn
+    x = torch.randn(4, 3, 32)
+    for name in ("s", "t", "d", None):
+        names, slot = RowPlan([name] * 4).for_layer(layer.adapters, x, every=True)
+        assert slot == (names.index(name) if name else len(names))
+        with torch.set_grad_enabled(grad):
+            out = layer.base_forward(x, layer.weight)
+            got = layer.add_rows(out, x, names, slot)
+            want = LoraLayer.add_rows(layer, out, x, names, torch.full((4,), slot))
+        torch.testing.assert_close(got, want, **TOL[torch.float32])
+        assert torch.equal(got, out) if name is None else not torch.allclose(got, out)
+    model, _ = bert_with_adapters(2)  # saved heads: the one module on the whole batch
+    inputs = batch(3)
+    for name in ("a1", None):
+        with torch.no_grad(), lorakit.adapter_per_row(model, [name] * 3):
+            logits = model(**inputs).logits
+        with torch.no_grad():
+            torch.testing.assert_close(logits, torch.cat([row_alone(model, inputs, i, name) for i in range(3)]),
+                                       **MODEL_TOL)
+
+
+def test_per_row_adapters_walk_the_model_once_and_follow_lorakits_changes(monkeypatch):
+    """adapter_per_row remembers the model's LoRA layers (a decode step calls it every token);
+    adding adapters on new layers, deleting and merging are seen at once."""
+    model = tiny_bert()
+    lorakit.add_lora(model, LoraConfig(r=2, target_modules=["query"]), "a")
+    inputs = batch(2)
+    with torch.no_grad(), lorakit.adapter_per_row(model, ["a", None]):
+        model(**inputs)
+    walks = []
+    walk = model.named_modules
+    monkeypatch.setattr(model, "named_modules", lambda *a, **k: walks.append(1) or walk(*a, **k))
+    with torch.no_grad(), lorakit.adapter_per_row(model, ["a", None]):
+        model(**inputs)
+    assert walks == []
+
+    lorakit.add_lora(model, LoraConfig(r=2, target_modules=["value"]), "b")  # new LoRA layers
+    with torch.no_grad():
+        for _, p in lorakit.lora_parameters(model):
+            p.normal_()
+        with lorakit.adapter_per_row(model, ["b", None]):
+            mixed = model(**inputs).logits
+        b_alone, base_alone = row_alone(model, inputs, 0, "b"), row_alone(model, inputs, 1, None)
+    torch.testing.assert_close(mixed[:1], b_alone, **MODEL_TOL)
+    torch.testing.assert_close(mixed[1:], base_alone, **MODEL_TOL)
+    assert not torch.allclose(b_alone, base_alone)
+
+    lorakit.set_adapter(model, "b")
+    lorakit.delete_adapter(model, "a")  # the query layers become plain again
+    with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['a'\]; the model has \['b'\]"):
+        with lorakit.adapter_per_row(model, ["a", "b"]):
+            pass
+    lorakit.merge(model)
+    with pytest.raises(ValueError, match="cannot use per-row adapters while adapters are merged"):
+        with lorakit.adapter_per_row(model, ["b", None]):
+            pass

@@ -16,8 +16,9 @@ import lorakit
 import zoo
 from helpers import MODEL_TOL, randomize
 from lorakit.continuous import Sampling, Scheduler, Sequence
+from lorakit.decoder import RowCache
 from lorakit.serving import ModelDecoder
-from lorakit.serving.model_decoder import row_attention
+from lorakit.serving.model_decoder import _Step, row_attention
 from zoo import ARCHS
 
 peft = pytest.importorskip("peft")
@@ -112,6 +113,8 @@ def test_rows_with_their_own_adapters_give_transformers_and_peft_greedy_tokens(n
     want = [_peft_generate(base, model, a, p, tmp_path) for a, p in zip(ADAPTERS, prompts)]
     engine = ModelDecoder(model)
     assert _drive(engine, model, prompts, ADAPTERS) == want
+    for prompt, adapter, tokens in zip(prompts, ADAPTERS, want):  # one stream: no mask until it outgrows a window
+        assert _drive(engine, model, [prompt], [adapter]) == [tokens]
     ids = torch.tensor([prompts[2]])
     with torch.no_grad():
         for adapter in ("a", "b"):
@@ -172,3 +175,18 @@ def test_the_scheduler_serves_a_new_family_with_mixed_adapters(tmp_path):
         scheduler.submit(seq)
     scheduler.run_until_done()
     assert [s.tokens for s in seqs] == [_peft_generate(base, model, a, p, tmp_path) for a, p in zip(ADAPTERS, prompts)]
+
+
+def test_a_step_masks_only_what_some_query_must_not_see():
+    """Masks are additive (0 where query t of row b sees cache position j, -inf elsewhere), made
+    once per forward and window; one new token per row, all at the same position, needs none."""
+    cache = RowCache(1, 2, 1, 4, 64, torch.float32, torch.device("cpu"))
+    one = _Step(cache, slice(0, 1), torch.tensor([[5]]))
+    assert one.mask(None, torch.float32) is None and one.mask(6, torch.float32) is None  # end 6 <= window 6
+    seen = one.mask(4, torch.float32)  # positions 2..5
+    assert torch.equal(seen.isfinite(), torch.tensor([[[[False, False, True, True, True, True]]]]))
+    assert seen.dtype == torch.float32 and one.mask(4, torch.float32) is seen and seen.max() == 0
+    two = _Step(cache, slice(0, 2), torch.tensor([[2], [4]]))
+    assert torch.equal(two.mask(None, torch.float32).isfinite().squeeze(), torch.arange(5) <= torch.tensor([[2], [4]]))
+    chunk = _Step(cache, slice(0, 1), torch.tensor([[3, 4]]))  # a prefill chunk: causal within it
+    assert torch.equal(chunk.mask(None, torch.float32).isfinite().squeeze(), torch.arange(5) <= torch.tensor([[3], [4]]))

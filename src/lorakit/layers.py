@@ -74,19 +74,24 @@ class RowPlan:
     def __init__(self, names: Sequence[str | None]) -> None:
         self.names = list(names)
         self.used = tuple(dict.fromkeys(n for n in self.names if n is not None))
-        self._slots: dict[tuple, Tensor] = {}
+        self._slots: dict[tuple, Tensor | int] = {}
 
-    def for_layer(self, present: Sequence[str], x: Tensor, every: bool = False) -> tuple[tuple[str, ...], Tensor]:
+    def for_layer(self, present: Sequence[str], x: Tensor, every: bool = False) -> tuple[tuple[str, ...], Tensor | int]:
         """The used adapters this layer has (``every``: all it has), and each row's slot
-        among them (``len(names)`` for rows whose adapter is absent or None)."""
+        among them (``len(names)`` for rows whose adapter is absent or None): a ``(B,)``
+        tensor, or an int when every row has the same slot (a single row, for one), so that
+        the layer runs that one adapter on the whole batch without gathering rows."""
         if x.shape[0] != len(self.names):
             raise ValueError(f"adapter_per_row was given {len(self.names)} adapter names for a batch of {x.shape[0]} rows")
         names = tuple(present) if every else tuple(n for n in self.used if n in present)
         key = (names, x.device)
-        if key not in self._slots:  # layers of one model mostly share their adapters
+        slot = self._slots.get(key)
+        if slot is None:  # layers of one model mostly share their adapters
             where = {n: i for i, n in enumerate(names)}
-            self._slots[key] = torch.tensor([where.get(n, len(names)) for n in self.names], device=x.device)
-        return names, self._slots[key]
+            slots = [where.get(n, len(names)) for n in self.names]
+            slot = slots[0] if len(set(slots)) == 1 else torch.tensor(slots, device=x.device)
+            self._slots[key] = slot
+        return names, slot
 
 
 class LoraLayer(nn.Module):
@@ -260,13 +265,15 @@ class LoraLayer(nn.Module):
         """The shape of DoRA's ``m`` (PEFT's): one entry per output channel, broadcasting over the output."""
         return (self.weight_rows(self.weight).shape[0],)
 
-    def add_rows(self, out: Tensor, x: Tensor, names: tuple[str, ...], slot: Tensor) -> Tensor:
+    def add_rows(self, out: Tensor, x: Tensor, names: tuple[str, ...], slot: Tensor | int) -> Tensor:
         """``out`` plus, for each row ``i`` of the batch, the update of adapter
-        ``names[slot[i]]`` (none where ``slot[i] == len(names)``).
+        ``names[slot[i]]`` (none where ``slot[i] == len(names)``); an int ``slot`` is every row's.
 
         The reference: one :meth:`lora_forward` per adapter on its rows.
         :class:`LoraLinear` overrides it with one batched multiply.
         """
+        if isinstance(slot, int):
+            return out if slot == len(names) else out + self.update(x, names[slot], out).to(out.dtype)
         for i, name in enumerate(names):
             rows = (slot == i).nonzero().squeeze(1)
             if len(rows):
@@ -461,7 +468,7 @@ class LoraLinear(LoraLayer):
             plain.bias = nn.Parameter(self.bias.detach().to(self.weight.dtype), requires_grad=self.bias.requires_grad)
         return plain.train(self.training)
 
-    def add_rows(self, out: Tensor, x: Tensor, names: tuple[str, ...], slot: Tensor) -> Tensor:
+    def add_rows(self, out: Tensor, x: Tensor, names: tuple[str, ...], slot: Tensor | int) -> Tensor:
         """Batched gather-and-multiply over stacked factors (S-LoRA / Punica style).
 
         The adapters' ``A`` and ``scaling * B`` are stacked by rank, one stack per rank
@@ -469,11 +476,18 @@ class LoraLinear(LoraLayer):
         adapters x largest rank. Each row gathers its own pair from its rank's stack and two
         ``bmm`` per rank compute the updates. With a single rank, rows without adapter meet a
         zero pair; with several, each rank's ``bmm`` takes only its own rows. Only the
-        adapters in ``names`` enter the stacks, so only they receive gradients.
+        adapters in ``names`` enter the stacks, so only they receive gradients. A batch whose
+        rows all use one adapter (an int ``slot``: a single stream) gathers nothing: two small
+        products, as the reference.
         """
+        if isinstance(slot, int):
+            name = names[slot] if slot < len(names) else None
+            if name is not None and self._plain_update(name, x, out):  # (decoding one stream: the fewest operators)
+                return torch.add(out, F.linear(F.linear(x, self.lora_A[name]), self.lora_B[name]), alpha=self.scalings[name])
+            return LoraLayer.add_rows(self, out, x, names, slot)
         if not names:
             return out
-        dora = tuple(n for n in names if n in self.lora_magnitude_vector)
+        dora = tuple(n for n in names if n in self.lora_magnitude_vector) if self.lora_magnitude_vector else ()
         if dora:  # DoRA rows through the reference (per adapter, on the base output); the others batched
             names, slot, out = self._dora_rows(out, x, names, slot, dora)
             if not names:
@@ -484,18 +498,28 @@ class LoraLinear(LoraLayer):
         rows = self._rows_dropout(x.to(stacks[0][1].dtype), names, slot).reshape(len(slot), -1, self.in_features)
         if len(stacks) == 1:
             where, As, Bs = stacks[0]
-            pick = where[slot]
-            delta = torch.bmm(torch.bmm(rows, As[pick].transpose(1, 2)), Bs[pick].transpose(1, 2))  # (N, T, out)
-            return out + delta.view(out.shape).to(out.dtype)
+            pick = where[slot]  # (index_select: a third of the time of As[pick] for a small batch)
+            h = torch.bmm(rows, As.index_select(0, pick).transpose(1, 2))  # (N, T, r)
+            Bt = Bs.index_select(0, pick).transpose(1, 2)  # (N, r, out)
+            if out.dtype == h.dtype and not torch.is_grad_enabled():  # the sum in the same operator
+                return torch.baddbmm(out.reshape(len(slot), -1, self.out_features), h, Bt).view(out.shape)
+            return out + torch.bmm(h, Bt).view(out.shape).to(out.dtype)
         total = out.reshape(len(slot), -1, self.out_features)
         for where, As, Bs in stacks:
             pick = where[slot]  # (N,): each row's place in this rank's stack, -1 for the others
             index = (pick >= 0).nonzero().squeeze(1)
             if len(index):
-                h = torch.bmm(rows[index], As[pick[index]].transpose(1, 2))  # (n, T, rank)
-                delta = torch.bmm(h, Bs[pick[index]].transpose(1, 2))  # (n, T, out)
+                mine = pick[index]
+                h = torch.bmm(rows[index], As.index_select(0, mine).transpose(1, 2))  # (n, T, rank)
+                delta = torch.bmm(h, Bs.index_select(0, mine).transpose(1, 2))  # (n, T, out)
                 total = total.index_add(0, index, delta.to(out.dtype))
         return total.view(out.shape)
+
+    def _plain_update(self, name: str, x: Tensor, out: Tensor) -> bool:
+        """Whether adapter ``name``'s update is ``scaling * B A x`` with nothing else to apply: inference
+        (no autograd, no dropout), no DoRA magnitude, no slices, factors of ``x``'s and ``out``'s dtype."""
+        return (not torch.is_grad_enabled() and not self.training and self.enable[name] is None
+                and name not in self.lora_magnitude_vector and x.dtype == out.dtype == self.lora_A[name].dtype)
 
     def _dora_rows(self, out: Tensor, x: Tensor, names: tuple[str, ...], slot: Tensor,
                    dora: tuple[str, ...]) -> tuple[tuple[str, ...], Tensor, Tensor]:
@@ -700,6 +724,8 @@ class ModulesToSave(nn.Module):
         different widths (heads with different label counts) are zero-padded on the
         last dimension to the widest."""
         names, slot = self.rows.for_layer(tuple(self.copies), x)
+        if isinstance(slot, int):  # every row through one module
+            return (self.copies[names[slot]] if slot < len(names) else self.original)(x, *args, **kwargs)
         parts, order = [], []
         for i, module in enumerate([self.copies[n] for n in names] + [self.original]):
             rows = (slot == i).nonzero().squeeze(1)

@@ -17,7 +17,8 @@ and ``softcap``. For query ``t`` of row ``b`` at position ``p = p[b, t]``, over 
     out = softmax_j(s_j over j <= p and, with a window w, j > p - w) V
 
 (``j > p - w`` is transformers' ``sliding_window_overlay``.) Grouped-query heads are shared by
-SDPA's ``enable_gqa``. Masks are made once per forward and window.
+SDPA's ``enable_gqa``. Masks are made once per forward and window, none where every query sees
+the whole cache (one stream decoding).
 
 Served (``config.model_type``): see ``SERVED``; every other architecture is refused by name, as
 are bidirectional attention and a layer whose attention passes anything this function does not
@@ -52,16 +53,24 @@ class _Step:
         self.cache, self.rows, self.positions = cache, rows, positions  # positions: (B, T)
         self.end = int(positions.max()) + 1
         B, T = positions.shape
+        # One new token per row, all at the last position: each query sees the whole cache up to end (one stream)
+        self.sees_all = T == 1 and int(positions.min()) == self.end - 1
         self.where = (torch.arange(B, device=positions.device)[:, None].expand(B, T), positions)
-        self.masks: dict[int | None, Tensor] = {}
+        self.masks: dict[int | None, Tensor | None] = {}
         self.layers: set[int] = set()
 
-    def mask(self, window: int | None) -> Tensor:
-        """``(B, 1, T, end)``: query ``t`` of row ``b`` sees cache position ``j``."""
+    def mask(self, window: int | None, dtype: torch.dtype) -> Tensor | None:
+        """``(B, 1, T, end)``, added to the scores: 0 where query ``t`` of row ``b`` sees cache
+        position ``j``, ``-inf`` elsewhere; None where every query sees every position. Made once
+        per forward (SDPA would turn a boolean mask into this one in every layer)."""
         if window not in self.masks:
-            j, p = torch.arange(self.end, device=self.positions.device), self.positions[:, :, None]
-            seen = j <= p if window is None else (j <= p) & (j > p - window)
-            self.masks[window] = seen[:, None]
+            if self.sees_all and (window is None or self.end <= window):
+                self.masks[window] = None
+            else:
+                j, p = torch.arange(self.end, device=self.positions.device), self.positions[:, :, None]
+                seen = j <= p if window is None else (j <= p) & (j > p - window)
+                mask = torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill_(~seen, float("-inf"))
+                self.masks[window] = mask[:, None]
         return self.masks[window]
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scaling: float, window: int | None,
@@ -75,7 +84,7 @@ class _Step:
         b, p = self.where
         kc[b, :, p] = k.transpose(1, 2)
         vc[b, :, p] = v.transpose(1, 2)
-        kc, vc, mask = kc[:, :, : self.end], vc[:, :, : self.end], self.mask(window)
+        kc, vc, mask = kc[:, :, : self.end], vc[:, :, : self.end], self.mask(window, q.dtype)
         gqa = q.shape[1] != kc.shape[1]
         if softcap is None:
             out = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=scaling, enable_gqa=gqa)
@@ -83,8 +92,9 @@ class _Step:
             if gqa:
                 kc, vc = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (kc, vc))
             scores = torch.tanh(q @ kc.transpose(2, 3) * scaling / softcap) * softcap  # (B, heads, T, end)
-            weights = scores.masked_fill(~mask, float("-inf")).softmax(-1, dtype=torch.float32).to(q.dtype)
-            out = weights @ vc
+            if mask is not None:
+                scores = scores + mask
+            out = scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ vc
         return out.transpose(1, 2)
 
 
@@ -173,8 +183,8 @@ class ModelDecoder:
         if len(step.layers) != self.layers:  # a layer that attends some other way would be served wrong
             raise ValueError(f"{type(self.model).__name__}: {self.layers - len(step.layers)} of {self.layers} layers "
                              f"did not use the attention interface; not served")
-        index = torch.full((B,), T - 1, device=ids.device) if last is None else last
-        logits = self.head(hidden[torch.arange(B, device=ids.device), index])
+        last_hidden = hidden[:, T - 1] if last is None else hidden[torch.arange(B, device=ids.device), last]
+        logits = self.head(last_hidden)
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits.float()
