@@ -8,22 +8,24 @@ rows into its own row cache once; one timed call then decodes ``--steps`` greedy
 every row from that state (the same positions are rewritten each call, so every call does the
 same work). Before timing, both engines' prefill logits must be close and their greedy tokens
 over the decoded steps equal (else BenchmarkMismatch). Cases per R, alternated in each round
-(``benchtools.interleave``): ``decoder``, ``model``. Dtypes: fp32; int8 (q8_0 weights with fp32
-activations, ``lorakit.quant.linear.quantize_linears``: #27's kernel, every CPU); bf16 only where the
-CPU has native bf16.
+(``benchtools.interleave``): ``decoder``, ``model``. Dtypes: fp32; int8 (q8_0 weights) and q4_1 (q4_1
+weights, the LM head q8_0 as GGUF files keep it) under fp32 activations (``lorakit.quant.linear.quantize_linears``:
+#27's kernels, every CPU); bf16 only where the CPU has native bf16. The load average when each R starts and ends
+is recorded (the machine may be shared).
 
 Reported: tokens/s per case (R x steps / median call time), ``model / decoder`` time ratio
 (median over rounds of the per-round ratio) per R and dtype, CPU flags.
 ``--profile``: one single-stream decode step of each engine under torch.profiler, the top
 operators by self CPU time, written beside the record.
 
-    OMP_NUM_THREADS=2 python bench/engine_design.py [--quick] [--repeats 7] [--steps 8] [--profile]
+    OMP_NUM_THREADS=2 python bench/engine_design.py [--quick] [--repeats 7] [--steps 8] [--profile] [--dtypes ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 from pathlib import Path
 
@@ -42,10 +44,12 @@ from lm_step import hardware, model_folder  # noqa: E402
 ENGINES = {"decoder": Decoder, "model": ModelDecoder}
 ADAPTERS = 8
 ROWS = (1, 8, 32)
+DTYPES = ("fp32", "int8", "q4_1", "bf16")
 
 
 def build(folder: str, dtype: str):
-    """The model with ``ADAPTERS`` random q/v adapters, in ``dtype`` (fp32, bf16, int8 = fp32 + q8_0 weights)."""
+    """The model with ``ADAPTERS`` random q/v adapters, in ``dtype`` (fp32, bf16, int8 = fp32 + q8_0 weights,
+    q4_1 = fp32 + q4_1 weights and a q8_0 LM head)."""
     tokenizer, model = load_causal_lm(folder)
     g = torch.Generator().manual_seed(0)
     for i in range(ADAPTERS):
@@ -55,10 +59,10 @@ def build(folder: str, dtype: str):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
     if dtype == "bf16":
         model.to(torch.bfloat16)
-    if dtype == "int8":
+    if dtype in ("int8", "q4_1"):
         from lorakit.quant.linear import quantize_linears
 
-        quantize_linears(model, "q8_0")
+        quantize_linears(model, "q8_0" if dtype == "int8" else "q4_1", "q8_0")  # (the LM head q8_0 under q4_1)
     return tokenizer, model.eval()
 
 
@@ -95,15 +99,17 @@ def compare(folder: str, dtype: str, prompts: list[list[int]], repeats: int, ste
     for rows in ROWS:
         batch = (prompts * rows)[:rows]
         streams = {name: Stream(e, model, batch) for name, e in engines.items()}
-        tol = dict(rtol=1e-4, atol=1e-3) if dtype == "fp32" else dict(rtol=0.05, atol=0.1)  # bf16 sums in other orders
+        exact = dtype != "bf16"  # float32 activations (bf16 sums in other orders)
+        tol = dict(rtol=1e-4, atol=1e-3) if exact else dict(rtol=0.05, atol=0.1)
         check_close(streams["model"].first, streams["decoder"].first, f"{dtype} R={rows} prefill logits", **tol)
         tokens = {name: s.decode(steps) for name, s in streams.items()}
         agree = sum(a == b for x, y in zip(tokens["model"], tokens["decoder"]) for a, b in zip(x, y)) / (rows * steps)
-        if dtype == "fp32" and agree < 1:
-            raise BenchmarkMismatch(f"fp32 R={rows}: the engines' greedy tokens differ; refusing to report timings")
+        if exact and agree < 1:
+            raise BenchmarkMismatch(f"{dtype} R={rows}: the engines' greedy tokens differ; refusing to report timings")
+        load = os.getloadavg()[0]
         samples = interleave({name: (lambda s=s: s.decode(steps)) for name, s in streams.items()}, repeats=repeats)
         results[str(rows)] = {
-            "token_agreement": agree,
+            "token_agreement": agree, "load_average": [load, os.getloadavg()[0]],
             "tokens_per_s": {n: rows * steps / v["median_s"] for n, v in summarize(samples).items()},
             "model_over_decoder_time": median_ratio(samples, "model", "decoder"),
             "samples_s": samples,
@@ -144,8 +150,9 @@ def profile(folder: str, dtype: str, prompt: list[int], steps: int = 8) -> dict:
             stream.decode(steps)
             profiled = (time.perf_counter() - start) / steps * 1e3
         ops = {e.key: e.self_cpu_time_total / steps / 1e3 for e in prof.key_averages()}
+        # (a single row's adapter is two small aten::mm, counted here; mixed rows' are bmm / baddbmm)
         matmul = sum(v for k, v in ops.items() if k in ("aten::mm", "aten::addmm", "lorakit_quant::linear"))
-        lora = ops.get("aten::bmm", 0.0)  # the per-row adapters' gathered factors (LoraLinear.add_rows)
+        lora = ops.get("aten::bmm", 0.0) + ops.get("aten::baddbmm", 0.0)  # gathered factors (LoraLinear.add_rows)
         attention = sum(v for k, v in ops.items() if "attention" in k)
         calls = sum(e.count for e in prof.key_averages()) / steps
         python = cProfile.Profile()
@@ -172,8 +179,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--steps", type=int, default=8, help="decode steps per timed call")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--dtypes", nargs="+", choices=DTYPES,
+                    help="default: fp32, int8 and q4_1, and bf16 where the CPU has native bf16")
     args = ap.parse_args()
-    dtypes = ["fp32", "bf16", "int8"] if native_bf16() else ["fp32", "int8"]
+    dtypes = args.dtypes or ["fp32", "int8", "q4_1"] + (["bf16"] if native_bf16() else [])
     with model_folder(args.quick) as folder:
         tokenizer, _ = load_causal_lm(folder)
         prompts = [prompt_ids(tokenizer, mr, "plain") for mr, _ in read_e2e("dev")[:32]]
