@@ -236,6 +236,38 @@ def kernels(r: dict) -> list[str]:
     return rows
 
 
+def _flags(r: dict) -> str:
+    hardware = r["config"].get("hardware", {})
+    return f"CPU flags: {', '.join(hardware.get('cpu_flags', [])) or 'none of avx2 / avx512 / amx'}."
+
+
+def engine_design(r: dict) -> list[str]:
+    rows = [f"{_flags(r)} Tokens/s = rows x steps / median call time over interleaved rounds; model/decoder: median "
+            "over rounds of the per-round time ratio (below 1: ModelDecoder faster).", "",
+            "| dtype | rows | Decoder tok/s | ModelDecoder tok/s | model/decoder time | greedy agreement | load average |",
+            "|---|---|---|---|---|---|---|"]
+    for dtype, by_rows in r["results"].items():
+        if dtype == "profile":
+            continue
+        for R, v in by_rows.items():
+            tps, load = v["tokens_per_s"], v.get("load_average")
+            rows.append(f"| {dtype} | {R} | {tps['decoder']:.1f} | {tps['model']:.1f} | {v['model_over_decoder_time']:.3f} | "
+                        f"{v['token_agreement']:.3f} | {'—' if load is None else f'{load[0]:.1f} → {load[1]:.1f}'} |")
+    return rows
+
+
+def decode_step(r: dict) -> list[str]:
+    res = r["results"]
+    bw, load = res["bandwidth_gb_s"], res["load_average"]
+    rows = [f"{_flags(r)} Bandwidth in the same rounds: GEMV {bw['gemv']:.1f} GB/s, memcpy {bw['memcpy']:.1f} GB/s "
+            f"(the floor takes the faster); load average {load['before'][0]:.1f} → {load['after'][0]:.1f}.", "",
+            "| weights | ms/token | CPU ms/token | weights read MB | floor ms | ms/token / floor | KV cache read MB |",
+            "|---|---|---|---|---|---|---|"]
+    rows += [f"| {fmt} | {f['ms_per_token']:.1f} | {f['cpu_ms_per_token']:.1f} | {f['weight_mb']:.0f} | "
+             f"{f['floor_ms']:.1f} | {f['over_floor']:.2f} | {f['kv_cache_mb']:.1f} |" for fmt, f in res["formats"].items()]
+    return rows
+
+
 SECTIONS = [("train_step", "Training step (batch 16 x 128, forward + backward + AdamW)", train_step),
             ("memory", "Peak memory of training (each case in its own process)", memory),
             ("latency", "Inference latency, GPT-2 medium shape (paper Table 1 style)", latency),
@@ -257,7 +289,11 @@ SECTIONS = [("train_step", "Training step (batch 16 x 128, forward + backward + 
             ("dora", "DoRA training step, SmolLM2-135M shape (random weights), batch 8 x 128, r=8, fp32 "
              "(forward + backward + AdamW)", dora),
             ("kernels", "Weight-only quantized linear kernels (q8_0 / q4_1 / q4_0 blocks) against the stock ones, "
-             "SmolLM2-135M's shapes", kernels)]
+             "SmolLM2-135M's shapes", kernels),
+            ("engine_design", "Decoding engines (#33): lean Decoder vs ModelDecoder (the model's own modules), "
+             "SmolLM2-135M, 8 r=4 q/v adapters, a row per adapter, greedy", engine_design),
+            ("decode_step", "Single-stream decoding against the weight-bandwidth floor (#27): ModelDecoder, "
+             "SmolLM2-135M, 8 r=4 q/v adapters", decode_step)]
 # Records written by a script run with flags (default: bench/<record>.py).
 COMMANDS = {"serve_bf16": "serve.py --precision bf16", "lm_memory": "lm_step.py --memory", "kernels": "quant_kernels.py"}
 
@@ -343,6 +379,9 @@ TARGETS = [
                                                                                 "peft_dora/peft_lora"), None),
     ("DoRA step lorakit / PEFT, all-linear (reported, no target)", "dora", ("all-linear", "ratios",
                                                                             "lorakit_dora/peft_dora"), None),
+    # Issue #27: per-token time within 1.5x of the weight-bandwidth floor of the chosen format.
+    ("Single stream q4_1 weights: ms/token / weight-bandwidth floor", "decode_step",
+     ("formats", "q4_1", "over_floor"), ("<=", 1.5)),
 ]
 
 

@@ -336,3 +336,43 @@ def test_kernels_bench_checks_every_candidate_and_reports(tmp_path, monkeypatch)
     monkeypatch.setattr(bench_kernels.kernels, "linear", lambda x, q, bias=None, isa=None: real(x, q, bias, isa) + 1e-2)
     with pytest.raises(benchtools.BenchmarkMismatch, match="q8_0@avx2: outputs differ"):
         bench_kernels.time_matrices(args, isas)
+
+
+def test_decode_step_bench_counts_the_bytes_each_format_reads_and_reports(tiny_llama, tmp_path):
+    """The floor's bytes follow the formats' block sizes (q4_1: 20 bytes per 32 weights, its LM head q8_0: 34,
+    layers whose input is not a multiple of 32 stay float32), plus the stream's adapter and one embedding row."""
+    import decode_step
+    import report
+
+    fmts = [f for f in decode_step.formats() if f in ("fp32", "q4_1")]
+    results = decode_step.run(tiny_llama, repeats=1, steps=2, mb=4, fmts=fmts)
+    _, model = lorakit.tasks.lm.load_causal_lm(tiny_llama)
+    linears = {n: m.weight.shape for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    for fmt in fmts:
+        def nbytes(name, shape, fmt=fmt):
+            out, inp = shape
+            if fmt == "fp32" or inp % 32:
+                return 4 * out * inp
+            return out * inp // 32 * (34 if name == "lm_head" else 20)
+        counted = results["formats"][fmt]["weight_bytes"]
+        assert counted["linear"] == sum(nbytes(n, s) for n, s in linears.items()), fmt
+        assert counted["adapter"] == 4 * 4 * sum(s[0] + s[1] for n, s in linears.items() if n.endswith(("q_proj", "v_proj")))
+        assert counted["embedding_row"] == 4 * model.config.hidden_size
+        assert results["formats"][fmt]["floor_ms"] > 0 and results["formats"][fmt]["ms_per_token"] > 0
+    benchtools.write_record("decode_step", {"hardware": {"cpu_flags": ["avx2"]}}, results, tmp_path)
+    text = report.build(tmp_path)
+    assert "## Single-stream decoding against the weight-bandwidth floor" in text and "| fp32 |" in text
+
+
+def test_engine_design_bench_checks_both_engines_and_reports(tiny_llama, tmp_path, monkeypatch):
+    import engine_design
+    import report
+
+    monkeypatch.setattr(engine_design, "ROWS", (1, 3))
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1000, 2000, (n,), generator=g).tolist() for n in (5, 9, 7)]
+    results = {"fp32": engine_design.compare(tiny_llama, "fp32", prompts, repeats=1, steps=2)}
+    assert results["fp32"]["3"]["token_agreement"] == 1.0
+    benchtools.write_record("engine_design", {"hardware": {"cpu_flags": ["avx2", "avx512f"]}}, results, tmp_path)
+    text = report.build(tmp_path)
+    assert "## Decoding engines (#33)" in text and "CPU flags: avx2, avx512f." in text and "| fp32 | 3 |" in text

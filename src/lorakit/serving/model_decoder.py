@@ -81,9 +81,13 @@ class _Step:
             raise ValueError(f"layer {layer} has {k.shape[1]} key heads of {k.shape[3]}, the cache "
                              f"{kc.shape[1]} of {kc.shape[3]}: layers of different shapes are not served")
         self.layers.add(layer)
-        b, p = self.where
-        kc[b, :, p] = k.transpose(1, 2)
-        vc[b, :, p] = v.transpose(1, 2)
+        if self.sees_all:  # every row writes position end - 1: a slice, no index tensors
+            kc[:, :, self.end - 1 : self.end].copy_(k)
+            vc[:, :, self.end - 1 : self.end].copy_(v)
+        else:
+            b, p = self.where
+            kc[b, :, p] = k.transpose(1, 2)
+            vc[b, :, p] = v.transpose(1, 2)
         kc, vc, mask = kc[:, :, : self.end], vc[:, :, : self.end], self.mask(window, q.dtype)
         gqa = q.shape[1] != kc.shape[1]
         if softcap is None:
@@ -104,15 +108,20 @@ def row_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, 
     """transformers' attention-function signature (``query: (B, heads, T, d)``, ``key, value:
     (B, kv_heads, T, d)``; returns ``(B, T, heads, d)`` and no weights), over the rows of
     ``lorakit_step``'s cache."""
-    name = type(module).__name__
     if lorakit_step is None:
         raise RuntimeError(f"the {ATTENTION!r} attention runs only within ModelDecoder.forward")
+    if attention_mask is not None or not kwargs.keys() <= _PASSED_THROUGH or not getattr(module, "is_causal", True):
+        _refuse(module, attention_mask, kwargs)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    return lorakit_step.attend(module.layer_idx, query, key, value, scaling, sliding_window, softcap), None
+
+
+def _refuse(module: nn.Module, attention_mask: Tensor | None, kwargs: dict) -> None:
+    """Raise for what :func:`row_attention` does not implement (arguments passed as None are not used)."""
     unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in _PASSED_THROUGH)
     if attention_mask is not None or unknown or not getattr(module, "is_causal", True):
         what = "a mask of its own" if attention_mask is not None else unknown or "bidirectional attention"
-        raise ValueError(f"{name} gives its attention {what}, which lorakit serve does not implement")
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    return lorakit_step.attend(module.layer_idx, query, key, value, scaling, sliding_window, softcap), None
+        raise ValueError(f"{type(module).__name__} gives its attention {what}, which lorakit serve does not implement")
 
 
 def _register() -> None:
