@@ -268,6 +268,29 @@ def decode_step(r: dict) -> list[str]:
     return rows
 
 
+def _e2e_scores(scores: dict | None) -> str:
+    """The five E2E metrics as table cells, BLEU, METEOR and ROUGE_L in points."""
+    scale = {"BLEU": 100, "NIST": 1, "METEOR": 100, "ROUGE_L": 100, "CIDEr": 1}
+    return " | ".join("—" if scores is None or scores.get(k) is None else f"{x * scores[k]:.2f}" for k, x in scale.items())
+
+
+def quant_quality(r: dict) -> list[str]:
+    cfg, res = r["config"], r["results"]["adapters"]
+    rows = [f"{cfg['max_examples']} E2E test MRs per adapter; agreement: teacher-forced top-1 on the fp32 greedy "
+            f"completion (max {cfg['max_new_tokens']} tokens + EOS); BLEU: beam {cfg['bleu_decoding']['num_beams']}, "
+            "length penalty 0.9, no repeated 4-grams; int8 = q8_0, int4 = q4_1 with a q8_0 LM head, adapters in "
+            "float32, float32 activations", "",
+            "| adapter | weights | top-1 agreement | tokens | MRs all agreeing | BLEU | NIST | METEOR | ROUGE_L | CIDEr "
+            "| BLEU - fp32 (points) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for adapter, v in res.items():
+        for case, a in v["agreement"].items():
+            scores = _e2e_scores(v.get("bleu", {}).get(case))
+            diff = v.get("bleu_diff_points", {}).get(case)
+            rows.append(f"| {adapter} | {case} | {a['top1']:.4f} | {a['tokens']} | {a['mrs_all_agree']} / {v['mrs']} | "
+                        f"{scores} | {'—' if diff is None else f'{diff:+.2f}'} |")
+    return rows
+
+
 SECTIONS = [("train_step", "Training step (batch 16 x 128, forward + backward + AdamW)", train_step),
             ("memory", "Peak memory of training (each case in its own process)", memory),
             ("latency", "Inference latency, GPT-2 medium shape (paper Table 1 style)", latency),
@@ -293,9 +316,12 @@ SECTIONS = [("train_step", "Training step (batch 16 x 128, forward + backward + 
             ("engine_design", "Decoding engines (#33): lean Decoder vs ModelDecoder (the model's own modules), "
              "SmolLM2-135M, 8 r=4 q/v adapters, a row per adapter, greedy", engine_design),
             ("decode_step", "Single-stream decoding against the weight-bandwidth floor (#27): ModelDecoder, "
-             "SmolLM2-135M, 8 r=4 q/v adapters", decode_step)]
+             "SmolLM2-135M, 8 r=4 q/v adapters", decode_step),
+            ("quant_quality", "Quality of quantized decoding: int8 / int4 weights against fp32, SmolLM2-135M E2E "
+             "adapters", quant_quality)]
 # Records written by a script run with flags (default: bench/<record>.py).
-COMMANDS = {"serve_bf16": "serve.py --precision bf16", "lm_memory": "lm_step.py --memory", "kernels": "quant_kernels.py"}
+COMMANDS = {"serve_bf16": "serve.py --precision bf16", "lm_memory": "lm_step.py --memory", "kernels": "quant_kernels.py",
+            "quant_quality": "quant_quality.py --adapter e2e-1500=RUN/adapter --adapter e2e-demo=RUN/adapter"}
 
 
 # Targets of issues #5 and #8: (label, record, path to the measured ratio, (comparison, bound) or None).
@@ -382,6 +408,13 @@ TARGETS = [
     # Issue #27: per-token time within 1.5x of the weight-bandwidth floor of the chosen format.
     ("Single stream q4_1 weights: ms/token / weight-bandwidth floor", "decode_step",
      ("formats", "q4_1", "over_floor"), ("<=", 1.5)),
+    # Issue #27 item 4: quantized decoding against fp32, per E2E adapter (bench/quant_quality.py; ERRATA #27).
+    *[(f"{fmt} decoding, {adapter} adapter: teacher-forced top-1 agreement with fp32 (100 E2E MRs)", "quant_quality",
+       ("adapters", adapter, "agreement", fmt, "top1"), (">=", 0.95))
+      for adapter in ("e2e-1500", "e2e-demo") for fmt in ("int8", "int4")],
+    *[(f"{fmt} decoding, {adapter} adapter: E2E BLEU (beam 10, 100 MRs) - fp32's, absolute, points", "quant_quality",
+       ("adapters", adapter, "bleu_abs_diff_points", fmt), ("<=", 0.5))
+      for adapter in ("e2e-1500", "e2e-demo") for fmt in ("int8", "int4")],
 ]
 
 

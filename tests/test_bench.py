@@ -376,3 +376,62 @@ def test_engine_design_bench_checks_both_engines_and_reports(tiny_llama, tmp_pat
     benchtools.write_record("engine_design", {"hardware": {"cpu_flags": ["avx2", "avx512f"]}}, results, tmp_path)
     text = report.build(tmp_path)
     assert "## Decoding engines (#33)" in text and "CPU flags: avx2, avx512f." in text and "| fp32 | 3 |" in text
+
+
+def _e2e_adapter(model: str, folder: Path) -> Path:
+    """A random r=4 q/v adapter on ``model`` with the task.json of an E2E run (plain prompts)."""
+    from transformers import AutoModelForCausalLM
+
+    from helpers import randomize
+
+    lm = lorakit.add_lora(AutoModelForCausalLM.from_pretrained(model), lorakit.LoraConfig(
+        r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    randomize(lm, std=0.3)
+    lorakit.save_adapter(lm, folder)
+    info = {"task": "e2e", "prompt_format": "plain", "prompt_separator": "\n", "model": model, "method": "lora"}
+    (folder / "task.json").write_text(json.dumps(info))
+    return folder
+
+
+def test_quant_quality_bench_records_agreement_per_adapter_and_format(tiny_llama, tmp_path, monkeypatch):
+    import quant_quality
+    import report
+
+    data = tmp_path / "e2e"
+    data.mkdir()
+    mrs = ["name[Aromi], eatType[pub]", "name[Cotto], food[Indian]", "name[Zizzi], area[riverside]"]
+    (data / "testset_w_refs.csv").write_text("mr,ref\n" + "".join(f'"{mr}","{ref} place."\n' for mr in mrs
+                                                                  for ref in ("A", "A good")))
+    adapter = _e2e_adapter(tiny_llama, tmp_path / "adapter")
+    scores = iter([0.600, 0.597, 0.610])  # fp32, int8, int4: stands in for the beam search and the scorer
+    monkeypatch.setattr(quant_quality, "bleu", lambda *args: {"BLEU": next(scores), "NIST": 1.0})
+    results = quant_quality.run({"e2e-1500": str(adapter)}, data_dir=str(data), max_examples=3, max_new_tokens=5,
+                                out_dir=str(tmp_path))
+    record = json.loads((tmp_path / "quant_quality.json").read_text())
+    assert record["results"] == results and record["environment"]["cpu_flags"]
+    r = results["adapters"]["e2e-1500"]
+    fp32 = r["agreement"]["fp32"]
+    assert r["mrs"] == 3 and set(r["agreement"]) == {"fp32", "int8", "int4"}
+    assert 3 * 5 >= fp32["tokens"] >= 3  # each completion: up to 5 tokens, then EOS if it stopped before
+    assert fp32 == {"top1": 1.0, "matches": fp32["tokens"], "tokens": fp32["tokens"], "mrs_all_agree": 3}
+    for fmt in ("int8", "int4"):
+        a = r["agreement"][fmt]
+        assert a["tokens"] == fp32["tokens"] and a["top1"] == a["matches"] / a["tokens"]
+    assert r["bleu_diff_points"] == pytest.approx({"int8": -0.3, "int4": 1.0})
+    assert r["bleu_abs_diff_points"] == pytest.approx({"int8": 0.3, "int4": 1.0})
+    text = report.build(tmp_path)
+    assert "## Quality of quantized decoding" in text and "| e2e-1500 | int4 |" in text
+    assert "| int4 decoding, e2e-1500 adapter: E2E BLEU (beam 10, 100 MRs) - fp32's, absolute, points | <= 0.50 | 1.000 | **no** |" in text
+
+    real = quant_quality.quantized
+
+    def damaged(model, fmt):  # the LM head's codes negated: the quantized model's top-1 is fp32's bottom-1
+        out = real(model, fmt)
+        out.get_output_embeddings().q.neg_()
+        return out
+
+    monkeypatch.setattr(quant_quality, "quantized", damaged)
+    broken = quant_quality.run({"tiny": str(adapter)}, data_dir=str(data), max_examples=3, max_new_tokens=5,
+                               bleu_adapters=[], name="broken", out_dir=str(tmp_path))["adapters"]["tiny"]
+    assert broken["agreement"]["fp32"]["top1"] == 1.0 and "bleu" not in broken
+    assert broken["agreement"]["int8"]["top1"] < 0.5 and broken["agreement"]["int4"]["top1"] < 0.5
