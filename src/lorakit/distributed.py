@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["World", "setup", "shard_rows", "fully_shard_model", "full_parameters", "reshard"]
+__all__ = ["World", "setup", "shard_rows", "gradient_sync", "fully_shard_model", "full_parameters", "reshard"]
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,19 @@ def shard_rows(batch: list[int], world: World) -> tuple[list[int], float]:
     if not rows:
         return batch[:1], 0.0
     return rows, world.size * len(rows) / len(batch)
+
+
+@contextlib.contextmanager
+def gradient_sync(module: nn.Module, sync: bool) -> Iterator[None]:
+    """Forward and backward passes within the block synchronise gradients across processes only
+    if ``sync``: a DDP module's ``no_sync()`` otherwise (gradient accumulation: DDP all-reduces
+    the summed gradients in the last micro-step). A no-op for other modules; FSDP2 reduces each
+    micro-step's gradients into the shards, which sum them."""
+    if sync or not hasattr(module, "no_sync"):
+        yield
+        return
+    with module.no_sync():
+        yield
 
 
 def fully_shard_model(model: nn.Module) -> list[str]:

@@ -6,9 +6,14 @@ Reads top to bottom: config, load, attach, data, loop, evaluate, save. The task 
 never asks which task it runs. One run per seed writes into ``<out>/seed<N>/``:
 ``log.jsonl``, ``summary.json``, ``curve.png``, the best epoch's adapter (``adapter/``,
 PEFT format) or trainable weights (``trainable.safetensors``), generated outputs per
-evaluated epoch (``outputs/``, generation tasks), and ``checkpoint-<epoch>-<step>.pt``
-after every epoch and every ``--save-every`` steps so that ``--resume`` continues a
+evaluation (``outputs/``, generation tasks), and ``checkpoint-<epoch>-<step>.pt``
+after every epoch and every ``--save-steps`` steps so that ``--resume`` continues a
 killed run where it stopped. Under ``torchrun`` the same code trains with DDP.
+
+The loop counts optimizer steps as transformers' Trainer does (:mod:`lorakit.training.loop`):
+``--gradient-accumulation-steps`` batches each, ``--max-steps`` of them or ``--epochs``, the
+learning rate on transformers' ``get_scheduler`` (``--lr-scheduler``); it evaluates after every
+epoch or every ``--eval-steps``, and logs every ``--logging-steps``.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from torch import nn
 
 from . import baselines, checkpoint, data, quant, runfiles, tasks
 from .config import LoraConfig
-from .distributed import World, full_parameters, fully_shard_model, setup, shard_rows
+from .distributed import World, full_parameters, fully_shard_model, setup
 from .fastops import use_fast_dropout
 from .io import PREFIX, adapter_state_dict, copy_strict, read_weights
 from .model import add_lora, lora_layers, trainable_parameters
@@ -40,6 +45,7 @@ from .models import resolve_model
 from .precision import PRECISIONS, precision_context, resolve_precision
 from .settings import check_fields, int_list, pattern_text, read_yaml, string_list, typed
 from .tasks import Task, format_metrics
+from .training import loop, schedule
 from .variants import loraplus_param_groups
 
 __all__ = ["TrainConfig", "resolve_config", "read_config_file", "write_config_file", "read_yaml", "train", "train_seeds",
@@ -78,7 +84,16 @@ class TrainConfig:
     seeds: tuple[int, ...] = _opt((0,), "comma-separated seeds; the reported figure is the median over seeds")
     epochs: int = _opt(10, "training epochs (the best epoch is reported, as in the paper)")
     batch_size: int = _opt(16, "training batch size per process (under torchrun the global batch is N times larger)")
-    lr: float = _opt(4e-4, "peak learning rate (AdamW, linear warm-up then linear decay)")
+    lr: float = _opt(4e-4, "peak learning rate (AdamW; warm-up and decay: --lr-scheduler)")
+    lr_scheduler: str = _opt("linear", "learning-rate schedule, transformers' get_scheduler: linear, cosine, "
+                                       "cosine_with_restarts, polynomial, constant or constant_with_warmup; legacy_linear: "
+                                       "lorakit's own before this flag (warm-up (s+1)/(w+1), not s/w), which runs started "
+                                       "then recorded and resume on")
+    gradient_accumulation_steps: int = _opt(1, "each optimizer step takes this many batches, the loss normalised by "
+                                               "all their tokens (classifiers: rows): the update of a batch N times "
+                                               "larger")
+    max_steps: int | None = _opt(None, "train this many optimizer steps, overriding --epochs (the last epoch may end "
+                                       "early; the schedule spans them) (default: --epochs)")
     max_length: int = _opt(128, "truncate examples to this many tokens (batches are padded dynamically, to a multiple of 8)")
     pooling: str = _opt("cls", "classifiers: the head reads the first token (cls, the model's own) or the masked "
                                "mean of the last hidden states (mean: how sentence embedders were trained)")
@@ -106,7 +121,14 @@ class TrainConfig:
     resume: bool = _opt(False, "continue from the newest complete checkpoint in the run folder")
     overwrite: bool = _opt(False, "replace a previous run in the output folder (without it, lorakit refuses)")
     report_to: str = _opt("none", "experiment tracking: none, or tensorboard (scalars in <run>/tensorboard)")
-    save_every: int = _opt(0, "also checkpoint every N optimizer steps within an epoch (0: at epoch ends only)")
+    eval_steps: int = _opt(0, "evaluate every N optimizer steps and after the last (0: after every epoch); the best "
+                              "evaluation's weights are saved")
+    save_steps: int = _opt(0, "also checkpoint every N optimizer steps, counted over the run (0: after every epoch "
+                              "only); --save-every is its older name")
+    save_total_limit: int = _opt(2, "keep this many checkpoints, the newest (0: all of them)")
+    logging_steps: int | None = _opt(None, "every N optimizer steps print the mean training loss, learning rate and "
+                                           "gradient norm, and send them to --report-to (default: no lines; "
+                                           "--report-to gets every step)")
     fsdp: bool = _opt(False, "under torchrun: shard the model across processes with FSDP2 instead of DDP's copies")
     eval_batch_size: int = _opt(64, "evaluation (and generation) batch size")
     max_train_examples: int | None = _opt(None, "use only the first N training examples (quick runs, tests)")
@@ -128,11 +150,17 @@ class TrainConfig:
         tasks.canonical_name(self.task)
         if self.method not in baselines.METHODS:
             raise ValueError(f"method must be one of {baselines.METHODS}, got {self.method!r}")
-        for name in ("epochs", "batch_size", "max_length", "eval_batch_size", "lora_r", "adapter_dim", "max_new_tokens"):
+        for name in ("epochs", "batch_size", "max_length", "eval_batch_size", "lora_r", "adapter_dim", "max_new_tokens",
+                     "gradient_accumulation_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.save_every < 0 or (self.warmup_steps or 0) < 0:
-            raise ValueError(f"save_every and warmup_steps must be 0 or positive, got {self.save_every}, {self.warmup_steps}")
+        for name in ("warmup_steps", "eval_steps", "save_steps", "save_total_limit"):
+            if (getattr(self, name) or 0) < 0:
+                raise ValueError(f"{name} must be 0 or positive, got {getattr(self, name)}")
+        for name in ("max_steps", "logging_steps"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive (or None: {_UNSET[name]}), got {getattr(self, name)}")
+        schedule.check_scheduler(self.lr_scheduler)
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -176,6 +204,9 @@ class TrainConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.out.format(task=tasks.canonical_name(self.task), model=self.model, method=self.method))
+
+
+_UNSET = {"max_steps": "--epochs decides", "logging_steps": "no log lines"}
 
 
 @functools.cache
@@ -318,23 +349,16 @@ def _optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int):
             raise ValueError(f"--loraplus-lr-ratio applies to --method lora, not {cfg.method}")
         groups = loraplus_param_groups(model, cfg.lr, cfg.loraplus_lr_ratio, weight_decay=cfg.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
-    warmup = _warmup(cfg, total_steps)
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return optimizer, schedule.create_scheduler(optimizer, cfg.lr_scheduler, _warmup(cfg, total_steps), total_steps)
 
 
 def _warmup(cfg: TrainConfig, total_steps: int) -> int:
     return cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total_steps)
 
 
-def _recipe(cfg: TrainConfig, task: Task, train_rows: int, dev_rows: int, steps_per_epoch: int) -> str:
+def _recipe(cfg: TrainConfig, task: Task, train_rows: int, dev_rows: int, plan: loop.Plan) -> str:
     """The resolved values a run's result depends on, in one line (printed as it starts)."""
-    warmup = _warmup(cfg, steps_per_epoch * cfg.epochs)
+    warmup = _warmup(cfg, plan.total_steps)
     smoothing = f", label smoothing {cfg.label_smoothing:g}" if task.task_type == "CAUSAL_LM" else ""
     how = "--warmup-steps" if cfg.warmup_steps is not None else f"ratio {cfg.warmup_ratio:g}"
     method = (f"lora r {cfg.lora_r}, alpha {cfg.lora_alpha:g}, dropout {cfg.lora_dropout:g}, "
@@ -342,10 +366,14 @@ def _recipe(cfg: TrainConfig, task: Task, train_rows: int, dev_rows: int, steps_
               if cfg.method == "lora" else cfg.method + (f" (dim {cfg.adapter_dim})" if cfg.method == "adapter" else ""))
     limits = "".join(f", {flag} {value}" for flag, value in (("--max-train-examples", cfg.max_train_examples),
                                                             ("--max-eval-examples", cfg.max_eval_examples)) if value)
-    return (f"recipe: {cfg.model}, {method}; lr {cfg.lr:g}, {cfg.epochs} epochs x {steps_per_epoch} steps of "
-            f"{cfg.batch_size} rows, warm-up {warmup} steps ({how}){smoothing}, weight "
-            f"decay {cfg.weight_decay:g}, grad clip {cfg.grad_clip:g}, max length {cfg.max_length}; {train_rows:,} "
-            f"training rows, {dev_rows:,} dev rows{limits}")
+    steps = (f"{cfg.epochs} epochs x {plan.steps_per_epoch} steps" if cfg.max_steps is None else
+             f"--max-steps {cfg.max_steps} ({plan.steps_per_epoch} per epoch)")
+    accumulated = cfg.gradient_accumulation_steps
+    rows = f"{cfg.batch_size * accumulated} rows" + (f" ({accumulated} accumulated batches of {cfg.batch_size})"
+                                                     if accumulated > 1 else "")
+    return (f"recipe: {cfg.model}, {method}; lr {cfg.lr:g}, {steps} of {rows}, warm-up {warmup} steps ({how}){smoothing}, "
+            f"weight decay {cfg.weight_decay:g}, grad clip {cfg.grad_clip:g}, max length {cfg.max_length}; {train_rows:,} "
+            f"training rows, {dev_rows:,} dev rows{limits}; {cfg.lr_scheduler} schedule")
 
 
 def _variants(cfg: TrainConfig) -> str:
@@ -360,44 +388,48 @@ def _pattern_shown(pattern: dict[str, Any]) -> str:
     return ",".join(f"{k}={v:g}" for k, v in pattern.items())
 
 
-def _train_epoch(loss_fn: nn.Module, task: Task, cfg: TrainConfig, precision: str, split, order: list[list[int]], optimizer,
-                 scheduler, progress: checkpoint.Progress, world: World, run: Path, save, desc: str,
-                 tracker: runfiles.Tracker) -> None:
-    """The steps of ``order`` from ``progress.step`` on, updating ``progress``; ``save()``
-    every ``cfg.save_every`` steps. ``loss_fn`` may be DDP-wrapped."""
+def _train_epoch(loss_fn: nn.Module, task: Task, cfg: TrainConfig, plan: loop.Plan, precision: str, split,
+                 order: list[list[int]], epoch: int, optimizer, scheduler, progress: checkpoint.Progress, world: World,
+                 run: Path, after_step, tracker: runfiles.Tracker) -> None:
+    """The optimizer steps of ``order`` (one per entry: its global rows) from ``progress.step`` on,
+    updating ``progress``; ``after_step(step, epoch_end)`` after each (``step``: counted over the
+    run; it returns whether it evaluated the model). ``loss_fn`` may be DDP-wrapped."""
     from tqdm.auto import tqdm
 
     loss_fn.train()
     trainable = [p for p in loss_fn.parameters() if p.requires_grad]
-    started = time.perf_counter() - progress.seconds
-    bar = tqdm(total=len(order), initial=progress.step, disable=not (cfg.progress and world.main), desc=desc, leave=False)
+    bar = tqdm(total=len(order), initial=progress.step, disable=not (cfg.progress and world.main),
+               desc=f"epoch {epoch + 1}/{plan.epochs}", leave=False)
+    window = [0.0, 0]  # loss sum and rows since the last log line
     for step in range(progress.step, len(order)):
-        rows, weight = shard_rows(order[step], world)
-        batch = task.collate(split, rows)
-        with precision_context(precision, world.device):
-            loss = loss_fn(**{k: v.to(world.device) for k, v in batch.items()})
-        value = loss.item()
-        reported = getattr(getattr(loss_fn, "module", loss_fn), "reported", None)  # unsmoothed (causal LMs)
-        shown = value if reported is None else reported.item()
-        (loss * weight).backward()
+        started = time.perf_counter()
+        done = loop.accumulate(loss_fn, task, split, order[step], plan.micro_rows, world, precision)
         norm = _local(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)).item()
+        value = next((v for v, _, _ in done if not math.isfinite(v)), done[-1][0])
         if world.any(not (math.isfinite(value) and math.isfinite(norm))):  # one collective per step
             what = f"the training loss became {value}" if not math.isfinite(value) else "the gradient norm became non-finite"
             _stop(what, progress, step, run)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        n = len(rows) if weight else 0
-        progress.step, progress.loss_sum, progress.seen = step + 1, progress.loss_sum + shown * n, progress.seen + n
-        progress.seconds = time.perf_counter() - started
-        tracker.step(progress.epoch * len(order) + progress.step,
-                     {"loss": shown, "lr": scheduler.get_last_lr()[0], "grad_norm": norm,
-                      "examples_per_second": progress.seen * world.size / progress.seconds})
+        loss_sum, n = sum(shown * rows for _, shown, rows in done), sum(rows for _, _, rows in done)
+        progress.step, progress.loss_sum, progress.seen = step + 1, progress.loss_sum + loss_sum, progress.seen + n
+        progress.seconds += time.perf_counter() - started
+        window = [window[0] + loss_sum, window[1] + n]
+        global_step = epoch * plan.steps_per_epoch + progress.step
+        if plan.logging_steps is None or plan.logs(global_step):
+            values = {"loss": window[0] / max(1, window[1]), "lr": scheduler.get_last_lr()[0], "grad_norm": norm,
+                      "examples_per_second": progress.seen * world.size / progress.seconds}
+            tracker.step(global_step, values)
+            if plan.logging_steps is not None and world.main:
+                tqdm.write(f"step {global_step}/{plan.total_steps} (epoch {global_step / plan.steps_per_epoch:.2f}): "
+                           f"loss {values['loss']:.4f}, lr {values['lr']:.3g}, grad norm {norm:.3g}")
+            window = [0.0, 0]
         bar.update()
         bar.set_postfix(loss=f"{progress.loss_sum / max(1, progress.seen):.4f}",
                         ex_s=f"{progress.seen * world.size / progress.seconds:.1f}")
-        if cfg.save_every and progress.step % cfg.save_every == 0 and progress.step < len(order):
-            save()
+        if after_step(global_step, progress.step == len(order)):  # it evaluated
+            loss_fn.train()
     bar.close()
 
 
@@ -467,11 +499,10 @@ def train(cfg: TrainConfig, seed: int) -> dict[str, Any]:
         if world.main:
             print(f"FSDP2: sharded {', '.join(blocks)} and the rest over {world.size} processes")
     train_split, dev = task.read(tokenizer)
-    global_batch = cfg.batch_size * world.size
-    steps_per_epoch = math.ceil(len(train_split) / global_batch)
+    plan = loop.Plan.of(cfg, len(train_split), world.size)
     if world.main:
-        print(_recipe(cfg, task, len(train_split), sum(map(len, dev.values())), steps_per_epoch))
-    optimizer, scheduler = _optimizer(model, cfg, steps_per_epoch * cfg.epochs)
+        print(_recipe(cfg, task, len(train_split), sum(map(len, dev.values())), plan))
+    optimizer, scheduler = _optimizer(model, cfg, plan.total_steps)
     progress = (checkpoint.resume(run, record, model, optimizer, scheduler, world, _defaults()) if cfg.resume
                 else checkpoint.Progress())
     if world.main and progress.epoch == progress.step == 0:
@@ -484,28 +515,26 @@ def train(cfg: TrainConfig, seed: int) -> dict[str, Any]:
 
         loss_fn = DistributedDataParallel(loss_fn, device_ids=[world.device] if world.device.type == "cuda" else None)
 
-    def save() -> None:
-        checkpoint.save(run, record, progress, model, optimizer, scheduler, world)
-
     (split, metric), sign = task.main, 1 if task.higher_is_better else -1
-    for epoch in range(progress.epoch, cfg.epochs):
-        if progress.step == 0:  # else the checkpoint restored the random state mid-epoch
-            # dropout masks depend on (seed, epoch, process) only: resumable
-            torch.manual_seed(seed * 1_000 + epoch + 1_000_003 * world.rank)
-        order = data.length_grouped_batches(train_split.lengths, global_batch, seed, epoch)
-        _train_epoch(loss_fn, task, cfg, precision, train_split, order, optimizer, scheduler, progress, world, run, save,
-                     desc=f"epoch {epoch + 1}/{cfg.epochs}", tracker=tracker)
+
+    def save() -> None:
+        checkpoint.save(run, record, progress, model, optimizer, scheduler, world, keep=cfg.save_total_limit)
+
+    def evaluate(step: int) -> None:
+        """Evaluate after ``step`` optimizer steps; record it, keep the weights if they are the best."""
+        epoch = progress.epoch + 1 if not cfg.eval_steps else round(step / plan.steps_per_epoch, 4)
         train_time = progress.seconds
         started = time.perf_counter()
+        outputs = run / "outputs" / (f"epoch{epoch}" if not cfg.eval_steps else f"step{step}")
         with precision_context(precision, world.device):
-            metrics = task.evaluate(model, dev, world, run / "outputs" / f"epoch{epoch + 1}" if world.main else None)
+            metrics = task.evaluate(model, dev, world, outputs if world.main else None)
         progress.wall += train_time + time.perf_counter() - started
         loss_sum, seen = map(sum, zip(*world.gather((progress.loss_sum, progress.seen))))
         best = max((sign * h["dev"][split][metric] for h in progress.history), default=-math.inf)
-        progress.history.append({"epoch": epoch + 1, "train_loss": loss_sum / seen, "dev": metrics,
+        progress.history.append({"epoch": epoch, "step": step, "train_loss": loss_sum / seen, "dev": metrics,
                                  "train_seconds": train_time, "examples_per_second": seen / train_time,
                                  "lr": scheduler.get_last_lr()[0]})
-        progress.epoch, progress.step, progress.loss_sum, progress.seen, progress.seconds = epoch + 1, 0, 0.0, 0, 0.0
+        progress.loss_sum, progress.seen, progress.seconds = 0.0, 0, 0.0
         if sign * metrics[split][metric] > best:  # the same decision in every process (gathered metrics)
             with full_parameters(model):
                 if world.main:
@@ -513,10 +542,28 @@ def train(cfg: TrainConfig, seed: int) -> dict[str, Any]:
                             **({"quantize_base": cfg.quantize_base} if cfg.quantize_base else {})}
                     runfiles.save_weights(model, cfg.method, run, info | ({"adapter_dim": cfg.adapter_dim}
                                                                           if cfg.method == "adapter" else {}))
-        tracker.epoch((epoch + 1) * len(order), metrics)
+        tracker.epoch(step, metrics)
         if world.main:
             runfiles.append_log(run, progress.history[-1])
-            print(f"epoch {epoch + 1}: train loss {loss_sum / seen:.4f}, dev {format_metrics(metrics)}, {train_time:.0f}s")
+            where = f"epoch {epoch}" if not cfg.eval_steps else f"step {step} (epoch {epoch:g})"
+            print(f"{where}: train loss {loss_sum / seen:.4f}, dev {format_metrics(metrics)}, {train_time:.0f}s")
+
+    def after_step(step: int, epoch_end: bool) -> bool:
+        evaluates = plan.evaluates(step, epoch_end)
+        if evaluates:
+            evaluate(step)
+        if plan.saves(step, epoch_end):
+            save()
+        return evaluates
+
+    for epoch in range(progress.epoch, plan.epochs):
+        if progress.step == 0:  # else the checkpoint restored the random state mid-epoch
+            # dropout masks depend on (seed, epoch, process) only: resumable
+            torch.manual_seed(seed * 1_000 + epoch + 1_000_003 * world.rank)
+        order = data.length_grouped_batches(train_split.lengths, plan.rows_per_step, seed, epoch)[:plan.steps_in(epoch)]
+        _train_epoch(loss_fn, task, cfg, plan, precision, train_split, order, epoch, optimizer, scheduler, progress, world,
+                     run, after_step, tracker)
+        progress.epoch, progress.step = epoch + 1, 0
         save()
     tracker.close()
     return _summarize(cfg, task, run, record, model, progress, world)
@@ -536,7 +583,7 @@ def _summarize(cfg: TrainConfig, task: Task, run: Path, record: dict[str, Any], 
     size = runfiles.weights_path(run, cfg.method).stat().st_size if world.main else None
     summary = {
         "config": record, "task": task.name, "main_metric": list(task.main), "higher_is_better": task.higher_is_better,
-        "best_epoch": best + 1, "best": history[best]["dev"], "epochs": history,
+        "best_epoch": best + 1, "best_step": history[best].get("step"), "best": history[best]["dev"], "epochs": history,
         "trainable_params": params.trainable, "total_params": params.total,
         "weights_bytes": world.gather(size)[0],  # only the main process wrote it
         "wall_seconds": progress.wall, "versions": runfiles.versions(),
@@ -564,7 +611,7 @@ def seeds_report(runs: list[dict[str, Any]]) -> dict[str, Any]:
     epoch, the median over seeds. Runs of different recipes are refused."""
     first = runs[0]
     defaults = _defaults()  # a field added since a run was made keeps its default
-    configs = [{**defaults, **checkpoint.current_names(r["config"])} for r in runs]
+    configs = [checkpoint.completed(r["config"], defaults) for r in runs]
     same = checkpoint.MAY_CHANGE | {"seed", "out"}
     differ = sorted({k for c in configs for k in c if k not in same and c[k] != configs[0].get(k)})
     if differ:

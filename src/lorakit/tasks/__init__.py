@@ -60,6 +60,10 @@ class Task(Protocol):
     def loss_module(self, model: nn.Module) -> nn.Module:
         """What the loop calls (and DDP wraps): ``module(**batch)`` returns the mean loss."""
 
+    def loss_units(self, split: Split, rows: list[int]) -> int:
+        """How many terms the mean loss of ``split``'s ``rows`` averages: completion tokens (causal
+        LMs), rows (classifiers). Gradient accumulation and processes weigh their means by it."""
+
     def evaluate(self, model: nn.Module, dev: dict[str, Split], world: World, out: Path | None = None
                  ) -> dict[str, dict[str, float]]:
         """``{split: {metric: value}}``; may write generated outputs into ``out``."""

@@ -198,6 +198,9 @@ class GlueTask:
     def loss_module(self, model: nn.Module) -> nn.Module:
         return _ModelLoss(model)
 
+    def loss_units(self, split: Split, rows: list[int]) -> int:
+        return len(rows)  # the model's loss is the mean over rows
+
     def evaluate(self, model: nn.Module, dev: dict[str, Split], world: World, out: Path | None = None
                  ) -> dict[str, dict[str, float]]:
         return {s: evaluate(model, self.task, split, self.cfg.eval_batch_size, self.pad_id, world)

@@ -413,6 +413,10 @@ class LMTask:
     def loss_module(self, model: nn.Module) -> nn.Module:
         return CausalLMLoss(model, self.cfg.label_smoothing)
 
+    def loss_units(self, split: Split, rows: list[int]) -> int:
+        """Completion tokens: the labels that follow a position (what ``CausalLMLoss`` averages)."""
+        return sum(sum(t != IGNORE for t in split.features[i]["labels"][1:]) for i in rows)
+
     @torch.no_grad()
     def dev_loss(self, model: nn.Module, split: Split, world: World) -> float:
         """Mean completion-token loss (no label smoothing) over ``split``."""

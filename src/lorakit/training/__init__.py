@@ -1,0 +1,8 @@
+"""The training wing (STYLE.md's layout): the loop's parts that are not tasks or surfaces.
+
+:mod:`.schedule` builds the learning-rate schedule through transformers' ``get_scheduler``;
+:mod:`.loop` counts a run's optimizer steps (gradient accumulation, ``max_steps``) and says when it
+evaluates, saves and logs, and runs one optimizer step's micro-batches.
+"""
+
+__all__: list[str] = []
