@@ -97,6 +97,24 @@ def test_the_kernel_computes_the_reference(isas, fmt, rows, isa):
         torch.testing.assert_close(got, want, rtol=0, atol=tol)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_every_row_count_and_tile_remainder_computes_the_reference(isas, fmt, isa):
+    """1..17 rows (each tile size 1..8, equal splits such as 9 = 5 + 4), 31 and 64; K sliced where a tile's rows of x
+    exceed L1 (1536, 2112); panels of output rows (37 q8_0 rows of K = 2112 are two); x read with a stride."""
+    if isa not in isas:
+        pytest.skip(f"this CPU has no {isa}")
+    for out, inp, bias in [(37, 2112, True), (70, 1536, False), (9, 96, True)]:
+        weight = blocks.quantize(_weight(out, inp), fmt)
+        b = torch.randn(out) if bias else None
+        wabs = blocks.dequantize(weight).abs().T
+        for rows in [*range(1, 18), 31, 64]:
+            x = torch.randn(rows, inp + 32, generator=torch.Generator().manual_seed(rows))[:, :inp]
+            tol = 1e-6 * float((x.abs() @ wabs).max())
+            torch.testing.assert_close(kernels.linear(x, weight, b, isa=isa), blocks.reference_linear(x, weight, b),
+                                       rtol=0, atol=tol, msg=lambda m, rows=rows, out=out, inp=inp: f"{rows} rows of {out}x{inp}: {m}")
+
+
 def test_the_kernel_reads_rows_with_a_stride(isas):
     weight = blocks.quantize(_weight(8, 64), "q4_1")
     x = torch.randn(4, 96)[:, :64]  # rows 96 apart

@@ -26,9 +26,12 @@ inline float dot(const float* a, const float* b, int64_t n) {
 }
 
 // Output rows [o, o + OT) x input rows [r, r + RT): OT * RT vector accumulators; each block's weights are
-// dequantized once in registers (w = d q + m, one fused multiply-add) and used for the RT input rows.
+// dequantized once in registers (w = d q + m, one fused multiply-add) and used for the RT input rows, whose
+// values come from memory (L1) as the multiply-adds' operands, so the registers hold accumulators and weights.
+//
+// Blocks [b0, b1) of K only: the first range (b0 == 0) writes y (with the bias), the later ones add to it.
 template <bool Q4, int OT, int RT>
-inline void tile(const Problem& p, int64_t o, int64_t r) {
+inline void tile(const Problem& p, int64_t o, int64_t r, int64_t b0, int64_t b1) {
   constexpr int kChunks = 32 / S::W;
   const int64_t nb = p.k / 32;
   const int64_t row_bytes = Q4 ? p.k / 2 : p.k;
@@ -41,13 +44,17 @@ inline void tile(const Problem& p, int64_t o, int64_t r) {
   const uint16_t* m = Q4 ? p.m + o * nb : nullptr;
   // Rows are short (K bytes or K / 2), so the hardware prefetchers barely ramp up on one tile's rows before
   // they end: fetch the same place kAhead rows further on (the tile after next) while computing this one.
+  // Only the first row tile fetches (r == 0): later ones find the weights in cache.
   constexpr int64_t kAhead = 2 * OT;
-  for (int64_t b = 0; b < nb; ++b) {
-    for (int i = 0; i < OT; ++i) {
-      _mm_prefetch(reinterpret_cast<const char*>(q + (i + kAhead) * row_bytes + b * (Q4 ? 16 : 32)), _MM_HINT_T0);
-      if ((b & 31) == 0) {
-        _mm_prefetch(reinterpret_cast<const char*>(d + (i + kAhead) * nb + b), _MM_HINT_T0);
-        if (Q4) _mm_prefetch(reinterpret_cast<const char*>(m + (i + kAhead) * nb + b), _MM_HINT_T0);
+  const bool fetch = r == 0;
+  for (int64_t b = b0; b < b1; ++b) {
+    if (fetch) {
+      for (int i = 0; i < OT; ++i) {
+        _mm_prefetch(reinterpret_cast<const char*>(q + (i + kAhead) * row_bytes + b * (Q4 ? 16 : 32)), _MM_HINT_T0);
+        if ((b & 31) == 0) {
+          _mm_prefetch(reinterpret_cast<const char*>(d + (i + kAhead) * nb + b), _MM_HINT_T0);
+          if (Q4) _mm_prefetch(reinterpret_cast<const char*>(m + (i + kAhead) * nb + b), _MM_HINT_T0);
+        }
       }
     }
     typename S::V dv[OT], mv[OT];
@@ -56,22 +63,34 @@ inline void tile(const Problem& p, int64_t o, int64_t r) {
       if (Q4) mv[i] = S::set1(_cvtsh_ss(m[i * nb + b]));
     }
     for (int c = 0; c < kChunks; ++c) {
-      typename S::V xv[RT];
-      for (int j = 0; j < RT; ++j) xv[j] = S::load(x + j * p.ldx + b * 32 + c * S::W);
+      typename S::V w[OT];
       for (int i = 0; i < OT; ++i) {
-        typename S::V w;
         if (Q4) {
-          w = S::fma(S::q4(q + i * row_bytes + b * 16, c), dv[i], mv[i]);
+          w[i] = S::fma(S::q4(q + i * row_bytes + b * 16, c), dv[i], mv[i]);
         } else {
-          w = S::mul(S::q8(reinterpret_cast<const int8_t*>(q + i * row_bytes + b * 32 + c * S::W)), dv[i]);
+          w[i] = S::mul(S::q8(reinterpret_cast<const int8_t*>(q + i * row_bytes + b * 32 + c * S::W)), dv[i]);
         }
-        for (int j = 0; j < RT; ++j) acc[i][j] = S::fma(xv[j], w, acc[i][j]);
+      }
+      for (int j = 0; j < RT; ++j) {
+        const typename S::V xv = S::load(x + j * p.ldx + b * 32 + c * S::W);
+        for (int i = 0; i < OT; ++i) acc[i][j] = S::fma(xv, w[i], acc[i][j]);
       }
     }
   }
   for (int i = 0; i < OT; ++i)
-    for (int j = 0; j < RT; ++j)
-      p.y[(r + j) * p.ldy + o + i] = S::sum(acc[i][j]) + (p.bias ? p.bias[o + i] : 0.0f);
+    for (int j = 0; j < RT; ++j) {
+      float& y = p.y[(r + j) * p.ldy + o + i];
+      y = S::sum(acc[i][j]) + (b0 > 0 ? y : p.bias ? p.bias[o + i] : 0.0f);
+    }
+}
+
+// A tile of n <= RT input rows: the tile<..., n> instance (each count its own, fully unrolled).
+template <bool Q4, int OT, int RT>
+inline void tile_n(const Problem& p, int64_t o, int64_t r, int64_t n, int64_t b0, int64_t b1) {
+  if constexpr (RT > 0) {
+    if (n == RT) tile<Q4, OT, RT>(p, o, r, b0, b1);
+    else tile_n<Q4, OT, RT - 1>(p, o, r, n, b0, b1);
+  }
 }
 
 // One input row (decoding), output rows [o, o + OT). Per block, sum_j x_j q_j in a vector, times d (the
@@ -111,25 +130,50 @@ inline void tile1(const Problem& p, int64_t o) {
   for (int i = 0; i < OT; ++i) p.y[o + i] = S::sum(acc[i]) + mterm[i] + (p.bias ? p.bias[o + i] : 0.0f);
 }
 
-// All input rows for output rows [o, o + OT): RT rows at a time, then the remainder.
-template <bool Q4, int OT>
-inline void column(const Problem& p, int64_t o) {
-  int64_t r = 0;
-  for (; r + S::RT <= p.rows; r += S::RT) tile<Q4, OT, S::RT>(p, o, r);
-  for (; r + 2 <= p.rows; r += 2) tile<Q4, OT, 2>(p, o, r);
-  for (; r < p.rows; ++r) tile<Q4, OT, 1>(p, o, r);
+// Output rows [o0, o1) for input rows [r, r + n), blocks [b0, b1): OT output rows at a time, then single ones.
+template <bool Q4, int OT, int RT>
+inline void sweep(const Problem& p, int64_t o0, int64_t o1, int64_t r, int64_t n, int64_t b0, int64_t b1) {
+  int64_t o = o0;
+  for (; o + OT <= o1; o += OT) tile_n<Q4, OT, RT>(p, o, r, n, b0, b1);
+  for (; o < o1; ++o) tile_n<Q4, 1, RT>(p, o, r, n, b0, b1);
+}
+
+// Several input rows, output rows [o_begin, o_end). The rows go in ceil(rows / RT) tiles of nearly equal size (9
+// rows with RT 8: 5 + 4, not 8 + 1, whose one-row tile would decode each weight for a single row); a tile of at
+// most RT / 2 rows takes twice the output rows at a time instead, so each decoded weight still feeds several
+// multiply-adds. Each row tile sweeps a panel of output rows (~kPanelBytes of weights, which stay in L2 for the
+// next tile) over a slice of K whose rows of x fit in L1 (kXBytes): the multiply-adds read x from L1 at up to two
+// loads a cycle, where from L2 (64 rows x 1536 floats is 384 KB) they would run at half the rate. K is cut in
+// equal slices only where the tile's x exceeds that (K = 1536 with 8 rows), each slice adding its sums to y.
+template <bool Q4>
+inline void rows(const Problem& p, int64_t o_begin, int64_t o_end) {
+  constexpr int64_t kPanelBytes = 64 << 10, kXBytes = 24 << 10;
+  const int64_t nb = p.k / 32, tiles = (p.rows + S::RT - 1) / S::RT;
+  const int64_t row_bytes = Q4 ? p.k / 2 + p.k / 8 : p.k + p.k / 16;
+  const int64_t panel = tiles == 1 ? o_end - o_begin : (kPanelBytes / row_bytes + S::OT) / S::OT * S::OT;
+  const int64_t tile_rows = (p.rows + tiles - 1) / tiles;
+  const int64_t fit = kXBytes / (tile_rows * 32 * 4), max_kb = fit > 0 ? fit : 1;
+  const int64_t slices = (nb + max_kb - 1) / max_kb, kb = (nb + slices - 1) / slices;
+  for (int64_t o0 = o_begin; o0 < o_end; o0 += panel) {
+    const int64_t o1 = o0 + panel < o_end ? o0 + panel : o_end;
+    for (int64_t b0 = 0; b0 < nb; b0 += kb) {
+      const int64_t b1 = b0 + kb < nb ? b0 + kb : nb;
+      for (int64_t t = 0, r = 0; t < tiles; ++t) {
+        const int64_t n = (p.rows - r + (tiles - t) - 1) / (tiles - t);
+        if (2 * n <= S::RT) sweep<Q4, 2 * S::OT, S::RT / 2>(p, o0, o1, r, n, b0, b1);
+        else sweep<Q4, S::OT, S::RT>(p, o0, o1, r, n, b0, b1);
+        r += n;
+      }
+    }
+  }
 }
 
 template <bool Q4>
 inline void run(const Problem& p, int64_t o_begin, int64_t o_end) {
-  int64_t o = o_begin;
-  if (p.rows == 1) {  // one row (decoding): more output rows at a time, for independent accumulators
-    for (; o + S::OT1 <= o_end; o += S::OT1) tile1<Q4, S::OT1>(p, o);
-    for (; o < o_end; ++o) tile1<Q4, 1>(p, o);
-  } else {
-    for (; o + S::OT <= o_end; o += S::OT) column<Q4, S::OT>(p, o);
-  }
-  for (; o < o_end; ++o) column<Q4, 1>(p, o);
+  if (p.rows > 1) return rows<Q4>(p, o_begin, o_end);
+  int64_t o = o_begin;  // one row (decoding): more output rows at a time, for independent accumulators
+  for (; o + S::OT1 <= o_end; o += S::OT1) tile1<Q4, S::OT1>(p, o);
+  for (; o < o_end; ++o) tile1<Q4, 1>(p, o);
 }
 
 }  // namespace

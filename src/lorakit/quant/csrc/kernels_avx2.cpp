@@ -9,7 +9,9 @@ namespace {
 struct S {
   using V = __m256;
   static constexpr int W = 8;
-  static constexpr int OT1 = 4, OT = 2, RT = 4;  // 16 ymm registers: 8 accumulators + 4 rows of x
+  // One row: 4 output rows a time (tile1). Several: 8 input rows x 1 output row (8 of the 16 ymm registers
+  // accumulate, x is read from L1 by the multiply-adds); tiles of <= 4 rows take 2 output rows instead.
+  static constexpr int OT1 = 4, OT = 1, RT = 8;
   static V zero() { return _mm256_setzero_ps(); }
   static V load(const float* p) { return _mm256_loadu_ps(p); }
   static V set1(float v) { return _mm256_set1_ps(v); }

@@ -9,7 +9,9 @@ namespace {
 struct S {
   using V = __m512;
   static constexpr int W = 16;
-  static constexpr int OT1 = 4, OT = 4, RT = 4;  // 32 zmm registers: 16 accumulators + 4 rows of x
+  // One row: 4 output rows a time (tile1). Several: 8 input rows x 2 output rows (16 of the 32 zmm registers
+  // accumulate); tiles of <= 4 rows take 4 output rows instead.
+  static constexpr int OT1 = 4, OT = 2, RT = 8;
   static V zero() { return _mm512_setzero_ps(); }
   static V load(const float* p) { return _mm512_loadu_ps(p); }
   static V set1(float v) { return _mm512_set1_ps(v); }
