@@ -17,18 +17,22 @@ Every candidate's output is checked before timing: lorakit's kernels against the
 format, the stock ones against the float product of the weights they hold. ``rel_err`` is each output's
 relative RMS distance from the fp32 product of the unquantized weights (random N(0, 0.02^2) weights, N(0, 1)
 activations). A single matrix of a few MB stays in the cache between calls, so ``decode_step`` also times
-one decoding step's whole set at batch 1: 30 layers x (q, k, v, o, gate, up, down) + the LM head, each
-matrix its own tensor (0.54 GB in fp32), read from memory. GB/s counts weight bytes (codes + scales) read.
+one decoding step's whole set: 30 layers x (q, k, v, o, gate, up, down) + the LM head, each matrix its own
+tensor (0.54 GB in fp32), read from memory, at each of ``--step-rows`` rows (a batched step: 8 clients are 8
+rows), each with 1 and 2 threads; the stock bf16 / int8pack / int4pack kernels at 1 row only. GB/s counts
+weight bytes (codes + scales) read; the load average is recorded before and after each round.
 
 ``--model`` runs a real model (SmolLM2-135M) through transformers' ``generate`` in each format: greedy
 agreement with the float model on E2E test MRs and ms per token (transformers' per-token work included).
 
-    python bench/quant_kernels.py [--quick] [--threads 1 2] [--step-threads 1 2] [--repeats 5] [--compile] [--model FOLDER]
+    python bench/quant_kernels.py [--quick] [--threads 1 2] [--step-threads 1 2] [--rows 1 2 4 8 16 32 64]
+        [--step-rows 1 2 4 8 16 32 64] [--repeats 5] [--compile] [--model FOLDER]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 import warnings
@@ -120,8 +124,8 @@ def time_matrices(args, isas: list[str]) -> list[dict]:
         if args.quick and out > 2000:
             continue
         weight = torch.randn(out, inp, generator=torch.Generator().manual_seed(0)) * 0.02
-        inner = max(1, 20_000_000 // (out * inp))
         for m in args.rows:
+            inner = max(1, 20_000_000 // (out * inp * m))
             x = torch.randn(m, inp, generator=torch.Generator().manual_seed(1))
             cases = candidates(weight, x, isas)
             ref32 = cases["fp32"][2]
@@ -145,47 +149,57 @@ def time_matrices(args, isas: list[str]) -> list[dict]:
 
 
 def time_decode_step(args, isas: list[str]) -> dict:
-    """Batch 1 through every matrix of one decoding step, each matrix stored once per candidate."""
+    """Every matrix of one decoding step at each of ``args.step_rows`` rows, each matrix stored once per candidate."""
     layers = 2 if args.quick else LAYERS
     shapes = LAYER * layers + [(VOCAB, HIDDEN)]
     gen = torch.Generator().manual_seed(0)
     weights = [torch.randn(o, i, generator=gen) * 0.02 for o, i in shapes]
-    xs = {n: torch.randn(1, n, generator=gen) for n in sorted({i for _, i in shapes})}
-    xb = {n: v.bfloat16() for n, v in xs.items()}
-    steps, nbytes = {}, {}
+    stored, nbytes, one_row_only = {}, {}, set()
 
-    def add(name: str, mats: list, product: Callable, x: dict) -> None:
-        steps[name] = lambda: [product(x[w_shape[1]], mat) for mat, w_shape in zip(mats, shapes)]
-        nbytes[name] = sum(t.nbytes() if isinstance(t, blocks.BlockWeight) else _nbytes(*t) if isinstance(t, tuple)
-                           else _nbytes(t) for t in mats)
+    def add(name: str, mats: list, product: Callable, bf16: bool = False, weight_bytes: int | None = None) -> None:
+        stored[name] = (mats, product, bf16)
+        nbytes[name] = weight_bytes or sum(t.nbytes() if isinstance(t, blocks.BlockWeight) else _nbytes(*t)
+                                           if isinstance(t, tuple) else _nbytes(t) for t in mats)
 
-    add("fp32", weights, F.linear, xs)
-    add("bf16 (bf16 x)", [w.bfloat16() for w in weights], F.linear, xb)
+    add("fp32", weights, F.linear)
+    add("bf16 (bf16 x)", [w.bfloat16() for w in weights], F.linear, bf16=True)
     q8 = []
     for w in weights:
         s = (w.abs().amax(1) / 127).bfloat16()
         q8.append((torch.round(w / s.float()[:, None]).to(torch.int8), s))
-    add("int8pack (bf16 x)", q8, lambda x, t: torch._weight_int8pack_mm(x, *t), xb)
+    add("int8pack (bf16 x)", q8, lambda x, t: torch._weight_int8pack_mm(x, *t), bf16=True)
     add("int4pack (bf16 x)", [_int4pack(blocks.quantize(w, "q4_1"), torch.bfloat16) for w in weights],
-        lambda x, t: torch._weight_int4pack_mm_for_cpu(x, t[0], 32, t[1]), xb)
-    fb = [_fbgemm(w) for w in weights]
-    steps["fbgemm dynamic int8"] = lambda: [f(xs[s[1]]) for f, s in zip(fb, shapes)]
-    nbytes["fbgemm dynamic int8"] = sum(w.numel() + 4 * w.shape[0] for w in weights)
+        lambda x, t: torch._weight_int4pack_mm_for_cpu(x, t[0], 32, t[1]), bf16=True)
+    one_row_only.update(("bf16 (bf16 x)", "int8pack (bf16 x)", "int4pack (bf16 x)"))
+    add("fbgemm dynamic int8", [_fbgemm(w) for w in weights], lambda x, f: f(x),
+        weight_bytes=sum(w.numel() + 4 * w.shape[0] for w in weights))
     for fmt in blocks.FORMATS:
         qs = [blocks.quantize(w, fmt) for w in weights]
         for isa in isas:
-            add(f"{fmt}@{isa}", qs, lambda x, q, isa=isa: kernels.linear(x, q, isa=isa), xs)
+            add(f"{fmt}@{isa}", qs, lambda x, q, isa=isa: kernels.linear(x, q, isa=isa))
     del weights
     result = {"layers": layers, "matrices": len(shapes), "cases": {}}
-    for threads in args.step_threads:
-        torch.set_num_threads(threads)
-        samples = interleave(steps, repeats=args.repeats)
-        for name, s in samples.items():
-            ms = statistics.median(s) * 1e3
-            result["cases"][f"{name} t={threads}"] = {"ms": ms, "weight_bytes": nbytes[name],
-                                                      "weight_gb_s": nbytes[name] / ms / 1e6,
-                                                      "vs_fp32": statistics.median(a / b for a, b in zip(s, samples["fp32"]))}
-            print(f"decode step t={threads} {name:22} {ms:8.2f} ms  {nbytes[name] / ms / 1e6:6.1f} GB/s", flush=True)
+    for rows in args.step_rows:
+        xs = {n: torch.randn(rows, n, generator=gen) for n in sorted({i for _, i in shapes})}
+        steps = {}
+        for name, (mats, product, bf16) in stored.items():
+            if rows > 1 and name in one_row_only:
+                continue
+            x = {n: v.bfloat16() for n, v in xs.items()} if bf16 else xs
+            steps[name] = lambda mats=mats, product=product, x=x: [product(x[s[1]], m) for m, s in zip(mats, shapes)]
+        for threads in args.step_threads:
+            torch.set_num_threads(threads)
+            load = os.getloadavg()[0]
+            samples = interleave(steps, repeats=args.repeats)
+            load = (load, os.getloadavg()[0])
+            for name, s in samples.items():
+                ms = statistics.median(s) * 1e3
+                result["cases"][f"{name} rows={rows} t={threads}"] = {
+                    "case": name, "rows": rows, "threads": threads, "ms": ms, "weight_bytes": nbytes[name],
+                    "weight_gb_s": nbytes[name] / ms / 1e6, "load": load,
+                    "vs_fp32": statistics.median(a / b for a, b in zip(s, samples["fp32"]))}
+                print(f"decode step rows={rows} t={threads} {name:22} {ms:8.2f} ms  {nbytes[name] / ms / 1e6:6.1f} GB/s "
+                      f"load {load[0]:.1f}-{load[1]:.1f}", flush=True)
     return result
 
 
@@ -253,7 +267,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small shapes, 2 layers in the decode step")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="threads for the single matrices")
     parser.add_argument("--step-threads", type=int, nargs="+", default=[1, 2], help="threads for the decode step")
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64], help="rows of x, single matrices")
+    parser.add_argument("--step-rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64], help="rows of x, decode step")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd dequantize + matmul")
     parser.add_argument("--skip-matrices", action="store_true")

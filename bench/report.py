@@ -222,10 +222,7 @@ def kernels(r: dict) -> list[str]:
             ms = {m["case"]: m["ms"] for m in res["matrices"] if (m["shape"], m["rows"], m["threads"]) == key}
             rows.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(f"{ms[c]:.3f}" for c in cols) + " |")
     if res.get("decode_step"):
-        step = res["decode_step"]
-        rows += ["", f"One decoding step's {step['matrices']} matrices at batch 1, read from memory:", "",
-                 "| case | ms | weight GB/s | / fp32 |", "|---|---|---|---|"]
-        rows += [f"| {k} | {c['ms']:.2f} | {c['weight_gb_s']:.1f} | {c['vs_fp32']:.3f} |" for k, c in step["cases"].items()]
+        rows += ["", *_decode_step_rows(res["decode_step"])]
     if res.get("model"):
         model = res["model"]
         rows += ["", f"{Path(model['model']).name} through transformers' generate, batch 1, {model['threads']} thread, "
@@ -234,6 +231,25 @@ def kernels(r: dict) -> list[str]:
         rows += [f"| {k} | {c['ms_per_token']:.1f} | {c['teacher_forced_top1']:.3f} | {c['identical_tokens']:.3f} |"
                  for k, c in model["cases"].items()]
     return rows
+
+
+def _decode_step_rows(step: dict) -> list[str]:
+    cases = step["cases"]
+    if not all("rows" in c for c in cases.values()):  # records before the per-rows step: one row, a case per line
+        return [f"One decoding step's {step['matrices']} matrices at batch 1, read from memory:", "",
+                "| case | ms | weight GB/s | / fp32 |", "|---|---|---|---|",
+                *(f"| {k} | {c['ms']:.2f} | {c['weight_gb_s']:.1f} | {c['vs_fp32']:.3f} |" for k, c in cases.items())]
+    cols = list(dict.fromkeys(c["case"] for c in cases.values()))
+    out = [f"One decoding step's {step['matrices']} matrices (weights read from memory), rows of x at a time (a batched "
+           "step), ms (and / fp32, the median ratio over interleaved rounds); load average before-after each round; "
+           "the bf16 / int8pack / int4pack kernels at 1 row only:", "",
+           "| rows | threads | load | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
+    for key in dict.fromkeys((c["rows"], c["threads"]) for c in cases.values()):
+        here = {c["case"]: c for c in cases.values() if (c["rows"], c["threads"]) == key}
+        load = next(iter(here.values()))["load"]
+        cells = [f"{here[c]['ms']:.2f} ({here[c]['vs_fp32']:.2f})" if c in here else "" for c in cols]
+        out.append(f"| {key[0]} | {key[1]} | {load[0]:.1f}-{load[1]:.1f} | " + " | ".join(cells) + " |")
+    return out
 
 
 def _flags(r: dict) -> str:
