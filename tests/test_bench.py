@@ -319,17 +319,22 @@ def test_kernels_bench_checks_every_candidate_and_reports(tmp_path, monkeypatch)
     monkeypatch.setattr(bench_kernels, "LAYER", [(48, 64), (64, 64)])
     monkeypatch.setattr(bench_kernels, "VOCAB", 96)
     monkeypatch.setattr(bench_kernels, "HIDDEN", 64)
-    args = argparse.Namespace(quick=True, rows=[1, 3], threads=[1], step_threads=[1], repeats=1)
+    args = argparse.Namespace(quick=True, rows=[1, 3], threads=[1], step_threads=[1], step_rows=[1, 3], repeats=1)
     isas = ["avx2"]
     matrices = bench_kernels.time_matrices(args, isas)
     cases = {m["case"] for m in matrices}
     assert {"fp32", "int8pack (bf16 x)", "int4pack", "fbgemm dynamic int8", "q8_0@avx2", "q4_1@avx2", "q4_0@avx2"} <= cases
     assert all(m["ms"] > 0 and m["rel_err"] < 0.2 for m in matrices)
     step = bench_kernels.time_decode_step(args, isas)
-    assert step["matrices"] == 2 * 2 + 1 and step["cases"]["q4_1@avx2 t=1"]["weight_bytes"] == (2 * (48 + 64) + 96) * 64 * 20 // 32
+    assert step["matrices"] == 2 * 2 + 1
+    assert step["cases"]["q4_1@avx2 rows=3 t=1"]["weight_bytes"] == (2 * (48 + 64) + 96) * 64 * 20 // 32
+    step_cases = {(c["case"], c["rows"]) for c in step["cases"].values()}
+    assert {("fp32", 3), ("q4_1@avx2", 3), ("fbgemm dynamic int8", 3), ("int4pack (bf16 x)", 1)} <= step_cases
+    assert ("int4pack (bf16 x)", 3) not in step_cases  # the stock bf16 kernels at 1 row only
     benchtools.write_record("kernels", {}, {"matrices": matrices, "decode_step": step}, tmp_path)
     text = report.build(tmp_path)
     assert "## Weight-only quantized linear kernels" in text and "| tiny 48x64 | 3 | 1 |" in text
+    assert "\n| 3 | 1 | " in text  # the decode step's row for 3 rows, 1 thread
     assert "`python bench/quant_kernels.py`" in text
 
     real = kernels.linear
