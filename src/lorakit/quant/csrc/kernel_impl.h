@@ -143,9 +143,9 @@ inline void sweep(const Problem& p, int64_t o0, int64_t o1, int64_t r, int64_t n
 // most RT / 2 rows takes twice the output rows at a time instead, so each decoded weight still feeds several
 // multiply-adds. Each row tile sweeps a panel of output rows (~kPanelBytes of weights, which stay in L2 for the
 // next tile) over a slice of K whose rows of x fit in L1 (kXBytes): the multiply-adds read x from L1 at up to two
-// loads a cycle, where from L2 (64 rows x 1536 floats is 384 KB) they ran at ~2/3 of the rate (AVX2, Zen 4: 27 against
-// 40 GMAC/s). K is cut in
-// equal slices only where the tile's x exceeds that (K = 1536 with 8 rows), each slice adding its sums to y.
+// loads a cycle, where from L2 (64 rows x 1536 floats is 384 KB) they ran at ~2/3 of the rate (AVX2 on Zen 4: 27
+// against 40 GMAC/s). K is cut in equal slices only where the tile's x exceeds that (K = 1536 with 8 rows), each
+// slice adding its sums to y.
 template <bool Q4>
 inline void rows(const Problem& p, int64_t o_begin, int64_t o_end) {
   constexpr int64_t kPanelBytes = 64 << 10, kXBytes = 24 << 10;
