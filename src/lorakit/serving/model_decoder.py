@@ -20,13 +20,15 @@ and ``softcap``. For query ``t`` of row ``b`` at position ``p = p[b, t]``, over 
 SDPA's ``enable_gqa``. Masks are made once per forward and window, none where every query sees
 the whole cache (one stream decoding).
 
-Compiled (``compile=True``, or ``LORAKIT_COMPILE=1`` in the environment when the argument is left out): the
-model's forward runs under ``torch.compile`` (inductor), fusing the norms, rotary embeddings and activations
-around the matrix products into a few generated kernels and dropping the Python of ~400 module calls per
-token; the quantized products stay one C++ operator each (its fake implementation gives inductor their
-shapes). The row count and the new tokens' count are marked dynamic: one graph for single-stream decoding,
-one for batches, one for prefills, compiled at first use (about a minute on 2 cores, less from inductor's
-cache), ``torch._dynamo``'s recompile limit bounds the rest. Off by default for that minute.
+Compiled (``compile=True``, or ``LORAKIT_COMPILE=1`` in the environment when the argument is left out): a
+single stream's decode step (one row, one new token) runs the model's forward under ``torch.compile``
+(inductor), fusing the norms, rotary embeddings and activations around the matrix products into a few
+generated kernels and dropping the Python of ~400 module calls per token; the quantized products stay one
+C++ operator each (its fake implementation gives inductor their shapes). Two graphs per model (the cache's
+length becomes dynamic at the second step), compiled at the first step (about a minute on one core of a
+Zen 4 EPYC, less from inductor's cache). Prefills and batches of rows stay eager: their per-row adapters
+(``LoraLinear.add_rows``' cached stacks) break the graph at every layer, and 30 layers' resumed frames exceed
+dynamo's recompile limit, so compiled batches ran 1.2-1.7x slower. Off by default for that minute.
 
 Served (``config.model_type``): see ``SERVED``; every other architecture is refused by name, as
 are bidirectional attention and a layer whose attention passes anything this function does not
@@ -206,12 +208,9 @@ class ModelDecoder:
         positions = (start[:, None] + torch.arange(T, device=ids.device)).clamp(max=cache.max_length - 1)
         step = _Step(cache, rows, positions)
         cache.reserve(rows.stop, step.end)
-        if self.compiled:  # a graph for every count of rows and of new tokens (1 apart: torch specializes it)
-            for t in (ids, positions):
-                torch._dynamo.maybe_mark_dynamic(t, 0)
-                torch._dynamo.maybe_mark_dynamic(t, 1)
+        body = self._body if B == T == 1 else self.body  # (compiled: a single stream's decode step only)
         with self._row_attention():
-            hidden = self._body(input_ids=ids, position_ids=positions, use_cache=False, lorakit_step=step)[0]
+            hidden = body(input_ids=ids, position_ids=positions, use_cache=False, lorakit_step=step)[0]
         if len(step.layers) != self.layers:  # a layer that attends some other way would be served wrong
             raise ValueError(f"{type(self.model).__name__}: {self.layers - len(step.layers)} of {self.layers} layers "
                              f"did not use the attention interface; not served")
