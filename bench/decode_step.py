@@ -17,7 +17,13 @@ work done, less moved by other processes on a shared machine than wall time). Th
 is reported beside the weights (not in the floor). Before timing, each format's prefill logits must equal the
 model's own forward (``model(ids)`` under ``adapter_per_row``).
 
+``--threads``: torch's intra-op threads (default: ``OMP_NUM_THREADS``'s). ``--compile``: each format also as
+``<format> compiled`` (``ModelDecoder(model, compile=True)``: the forward under ``torch.compile``) in the same
+rounds, its first prefill and decode steps (the compilation) timed apart as ``compile_s``; its greedy tokens
+must equal the eager ones.
+
     OMP_NUM_THREADS=1 python bench/decode_step.py [--quick] [--repeats 7] [--steps 16] [--bandwidth-mb 256]
+        [--threads 2] [--compile] [--formats q4_1 ...]
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit.benchtools import check_close, interleave, write_record
+from lorakit.benchtools import BenchmarkMismatch, check_close, interleave, write_record
 from lorakit.layers import LoraLinear
 from lorakit.precision import native_bf16
 from lorakit.serving import ModelDecoder
@@ -102,8 +108,9 @@ def bandwidth_cases(mb: int) -> tuple[dict, dict[str, int]]:
 class Stream:
     """One prefilled row of one format; :meth:`decode` runs ``steps`` greedy steps from the same state."""
 
-    def __init__(self, model: nn.Module, prompt: list[int]) -> None:
-        self.model, self.engine = model, ModelDecoder(model)
+    def __init__(self, model: nn.Module, prompt: list[int], compile: bool = False) -> None:
+        start = time.perf_counter()
+        self.model, self.engine = model, ModelDecoder(model, compile=compile)
         self.cache = self.engine.cache(1, 512)
         ids = torch.tensor([prompt])
         with lorakit.adapter_per_row(model, [ADAPTER]), torch.inference_mode():
@@ -111,8 +118,9 @@ class Stream:
             low = next(model.parameters()).dtype == torch.bfloat16  # (bf16 sums in other orders)
             check_close(self.first, model(ids).logits[:, -1].float(), f"{next(model.parameters()).dtype} prefill",
                         **(dict(rtol=0.05, atol=0.1) if low else dict(rtol=1e-3, atol=1e-3)))
-        self.length = len(prompt)
-        self.cpu_s: list[float] = []
+        self.length, self.cpu_s = len(prompt), []
+        self.tokens = self.decode(3)  # (compiled: the decode graphs)
+        self.compile_s = time.perf_counter() - start if compile else None
 
     def decode(self, steps: int) -> list[int]:
         start, token, out = time.thread_time(), self.first.argmax(-1), []
@@ -144,7 +152,7 @@ def formats() -> list[str]:
     return out + (["bf16"] if native_bf16() else [])
 
 
-def run(folder: str, repeats: int, steps: int, mb: int, fmts: list[str]) -> dict:
+def run(folder: str, repeats: int, steps: int, mb: int, fmts: list[str], compile: bool = False) -> dict:
     tokenizer, model = load_causal_lm(folder)
     g = torch.Generator().manual_seed(0)
     for i in range(ADAPTERS):
@@ -154,6 +162,11 @@ def run(folder: str, repeats: int, steps: int, mb: int, fmts: list[str]) -> dict
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
     prompt = prompt_ids(tokenizer, read_e2e("dev")[0][0], "plain")
     streams = {fmt: Stream(build(model, fmt), prompt) for fmt in fmts}
+    if compile:
+        for fmt in fmts:
+            streams[f"{fmt} compiled"] = compiled = Stream(streams[fmt].model, prompt, compile=True)
+            if compiled.tokens != streams[fmt].tokens:
+                raise BenchmarkMismatch(f"{fmt}: compiled greedy tokens {compiled.tokens} != eager {streams[fmt].tokens}")
     del model
     cases = {fmt: (lambda s=s: s.decode(steps)) for fmt, s in streams.items()}
     moves, moved = bandwidth_cases(mb)
@@ -174,9 +187,10 @@ def run(folder: str, repeats: int, steps: int, mb: int, fmts: list[str]) -> dict
             "floor_ms": statistics.median(total / b for b in bandwidth) * 1e3,
             "over_floor": statistics.median(t * b / total for t, b in zip(per_token, bandwidth)),
             "kv_cache_mb": kv_bytes(stream, steps) / 2**20,
+            "compile_s": stream.compile_s,
         }
         f = results["formats"][fmt]
-        print(f"{fmt:5}: {f['ms_per_token']:6.1f} ms/token (cpu {f['cpu_ms_per_token']:.1f}), weights {f['weight_mb']:.0f} "
+        print(f"{fmt:14}: {f['ms_per_token']:6.1f} ms/token (cpu {f['cpu_ms_per_token']:.1f}), weights {f['weight_mb']:.0f} "
               f"MB, floor {f['floor_ms']:.1f} ms, {f['over_floor']:.2f}x the floor", flush=True)
     print("bandwidth GB/s:", {k: round(v, 1) for k, v in results["bandwidth_gb_s"].items()},
           "load average before/after:", load_before[0], load_after[0], flush=True)
@@ -190,14 +204,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=16, help="tokens per timed call")
     ap.add_argument("--bandwidth-mb", type=int, default=256)
     ap.add_argument("--formats", nargs="+", help="default: fp32, q8_0 and q4_1 where the kernels build, bf16 if native")
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: OMP_NUM_THREADS's)")
+    ap.add_argument("--compile", action="store_true", help="also each format compiled (ModelDecoder compile=True)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     fmts = args.formats or formats()
     with model_folder(args.quick) as folder:
-        results = run(folder, args.repeats, args.steps, args.bandwidth_mb, fmts)
-    name = "decode_step_quick" if args.quick else "decode_step"
+        results = run(folder, args.repeats, args.steps, args.bandwidth_mb, fmts, args.compile)
+    threads = torch.get_num_threads()
+    name = ("decode_step_quick" if args.quick else "decode_step") + (f"_{threads}threads" if threads != 1 else "")
     config = {"model": "tiny-llama" if args.quick else "smollm2", "adapters": ADAPTERS, "rows": 1, "steps": args.steps,
               "repeats": args.repeats, "bandwidth_mb": args.bandwidth_mb, "formats": fmts, "hardware": hardware(),
-              "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+              "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "threads": torch.get_num_threads(),
+              "compile": args.compile}
     print("wrote", write_record(name, config, results))
 
 

@@ -16,9 +16,12 @@ is recorded (the machine may be shared).
 Reported: tokens/s per case (R x steps / median call time), ``model / decoder`` time ratio
 (median over rounds of the per-round ratio) per R and dtype, CPU flags.
 ``--profile``: one single-stream decode step of each engine under torch.profiler, the top
-operators by self CPU time, written beside the record.
+operators by self CPU time, written beside the record. ``--compile``: a third case, ``model compiled``
+(``ModelDecoder(model, compile=True)``, compiled during the untimed prefill and checks), whose greedy tokens must
+equal ``model``'s; reported as ``compiled_over_model_time``. ``--threads``: torch's intra-op threads.
 
     OMP_NUM_THREADS=2 python bench/engine_design.py [--quick] [--repeats 7] [--steps 8] [--profile] [--dtypes ...]
+        [--compile] [--threads 1]
 """
 
 from __future__ import annotations
@@ -92,9 +95,11 @@ class Stream:
         return out
 
 
-def compare(folder: str, dtype: str, prompts: list[list[int]], repeats: int, steps: int) -> dict:
+def compare(folder: str, dtype: str, prompts: list[list[int]], repeats: int, steps: int, compile: bool = False) -> dict:
     _, model = build(folder, dtype)
     engines = {name: make(model) for name, make in ENGINES.items()}
+    if compile:
+        engines["model compiled"] = ModelDecoder(model, compile=True)
     results = {}
     for rows in ROWS:
         batch = (prompts * rows)[:rows]
@@ -106,6 +111,8 @@ def compare(folder: str, dtype: str, prompts: list[list[int]], repeats: int, ste
         agree = sum(a == b for x, y in zip(tokens["model"], tokens["decoder"]) for a, b in zip(x, y)) / (rows * steps)
         if exact and agree < 1:
             raise BenchmarkMismatch(f"{dtype} R={rows}: the engines' greedy tokens differ; refusing to report timings")
+        if compile and tokens["model compiled"] != tokens["model"]:
+            raise BenchmarkMismatch(f"{dtype} R={rows}: compiled greedy tokens differ from uncompiled ones")
         load = os.getloadavg()[0]
         samples = interleave({name: (lambda s=s: s.decode(steps)) for name, s in streams.items()}, repeats=repeats)
         results[str(rows)] = {
@@ -114,10 +121,13 @@ def compare(folder: str, dtype: str, prompts: list[list[int]], repeats: int, ste
             "model_over_decoder_time": median_ratio(samples, "model", "decoder"),
             "samples_s": samples,
         }
+        if compile:
+            results[str(rows)]["compiled_over_model_time"] = median_ratio(samples, "model compiled", "model")
         print(f"{dtype:5} R={rows:2}: decoder {results[str(rows)]['tokens_per_s']['decoder']:7.1f} tok/s, "
               f"model {results[str(rows)]['tokens_per_s']['model']:7.1f} tok/s, "
-              f"time ratio model/decoder {results[str(rows)]['model_over_decoder_time']:.3f}, agreement {agree:.3f}",
-              flush=True)
+              f"time ratio model/decoder {results[str(rows)]['model_over_decoder_time']:.3f}, agreement {agree:.3f}"
+              + (f", compiled {results[str(rows)]['tokens_per_s']['model compiled']:7.1f} tok/s, compiled/model "
+                 f"{results[str(rows)]['compiled_over_model_time']:.3f}" if compile else ""), flush=True)
     return results
 
 
@@ -181,17 +191,23 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--dtypes", nargs="+", choices=DTYPES,
                     help="default: fp32, int8 and q4_1, and bf16 where the CPU has native bf16")
+    ap.add_argument("--compile", action="store_true", help="also ModelDecoder(model, compile=True)")
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: OMP_NUM_THREADS's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtypes = args.dtypes or ["fp32", "int8", "q4_1"] + (["bf16"] if native_bf16() else [])
     with model_folder(args.quick) as folder:
         tokenizer, _ = load_causal_lm(folder)
         prompts = [prompt_ids(tokenizer, mr, "plain") for mr, _ in read_e2e("dev")[:32]]
-        results = {d: compare(folder, d, copy.deepcopy(prompts), args.repeats, args.steps) for d in dtypes}
+        results = {d: compare(folder, d, copy.deepcopy(prompts), args.repeats, args.steps, args.compile)
+                   for d in dtypes}
         if args.profile:
             results["profile"] = {d: profile(folder, d, prompts[0]) for d in dtypes[:2]}
-    name = "engine_design_quick" if args.quick else "engine_design"
+    name = ("engine_design_quick" if args.quick else "engine_design") + ("_compiled" if args.compile else "")
     config = {"model": "tiny-llama" if args.quick else "smollm2", "adapters": ADAPTERS, "rows": ROWS,
-              "steps": args.steps, "repeats": args.repeats, "dtypes": dtypes, "hardware": hardware()}
+              "steps": args.steps, "repeats": args.repeats, "dtypes": dtypes, "hardware": hardware(),
+              "threads": torch.get_num_threads(), "compile": args.compile}
     print("wrote", write_record(name, config, results))
 
 

@@ -272,6 +272,20 @@ def engine_design(r: dict) -> list[str]:
     return rows
 
 
+def engine_design_compiled(r: dict) -> list[str]:
+    rows = [f"{_flags(r)} {r['config'].get('threads', 1)} thread(s). ModelDecoder uncompiled vs compiled "
+            "(`LORAKIT_COMPILE=1`), rows x steps / median call time over interleaved rounds; compiled/model: median "
+            "over rounds of the per-round time ratio (below 1: compiled faster). Greedy tokens equal.", "",
+            "| dtype | rows | ModelDecoder tok/s | compiled tok/s | compiled/model time | load average |",
+            "|---|---|---|---|---|---|"]
+    for dtype, by_rows in r["results"].items():
+        for R, v in by_rows.items():
+            tps, load = v["tokens_per_s"], v["load_average"]
+            rows.append(f"| {dtype} | {R} | {tps['model']:.1f} | {tps['model compiled']:.1f} | "
+                        f"{v['compiled_over_model_time']:.3f} | {load[0]:.1f} → {load[1]:.1f} |")
+    return rows
+
+
 def decode_step(r: dict) -> list[str]:
     res = r["results"]
     bw, load = res["bandwidth_gb_s"], res["load_average"]
@@ -281,6 +295,11 @@ def decode_step(r: dict) -> list[str]:
             "|---|---|---|---|---|---|---|"]
     rows += [f"| {fmt} | {f['ms_per_token']:.1f} | {f['cpu_ms_per_token']:.1f} | {f['weight_mb']:.0f} | "
              f"{f['floor_ms']:.1f} | {f['over_floor']:.2f} | {f['kv_cache_mb']:.1f} |" for fmt, f in res["formats"].items()]
+    threads, compiled = r["config"].get("threads", 1), {k: f["compile_s"] for k, f in res["formats"].items()
+                                                        if f.get("compile_s") is not None}
+    rows += ["", f"{threads} thread(s). \"compiled\": ModelDecoder(compile=True) (`LORAKIT_COMPILE=1`), same rounds; "
+             "first prefill + 3 decode steps (the compilation, inductor's cache as found): "
+             + (", ".join(f"{k} {v:.0f} s" for k, v in compiled.items()) or "not run") + "."]
     return rows
 
 
@@ -331,12 +350,19 @@ SECTIONS = [("train_step", "Training step (batch 16 x 128, forward + backward + 
              "SmolLM2-135M's shapes", kernels),
             ("engine_design", "Decoding engines (#33): lean Decoder vs ModelDecoder (the model's own modules), "
              "SmolLM2-135M, 8 r=4 q/v adapters, a row per adapter, greedy", engine_design),
+            ("engine_design_compiled", "ModelDecoder compiled (#27 item 3), SmolLM2-135M, 8 r=4 q/v adapters, a row "
+             "per adapter, greedy", engine_design_compiled),
             ("decode_step", "Single-stream decoding against the weight-bandwidth floor (#27): ModelDecoder, "
              "SmolLM2-135M, 8 r=4 q/v adapters", decode_step),
+            ("decode_step_2threads", "Single-stream decoding against the weight-bandwidth floor (#27), 2 threads",
+             decode_step),
             ("quant_quality", "Quality of quantized decoding: int8 / int4 weights against fp32, SmolLM2-135M E2E "
              "adapters", quant_quality)]
 # Records written by a script run with flags (default: bench/<record>.py).
-COMMANDS = {"serve_bf16": "serve.py --precision bf16", "lm_memory": "lm_step.py --memory", "kernels": "quant_kernels.py",
+COMMANDS = {"serve_bf16": "serve.py --precision bf16", "decode_step": "decode_step.py --compile",
+            "decode_step_2threads": "decode_step.py --compile --threads 2",
+            "engine_design_compiled": "engine_design.py --compile --dtypes int8 q4_1", "lm_memory": "lm_step.py --memory",
+            "kernels": "quant_kernels.py",
             "quant_quality": "quant_quality.py --adapter e2e-1500=RUN/adapter --adapter e2e-demo=RUN/adapter"}
 
 

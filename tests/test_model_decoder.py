@@ -190,3 +190,39 @@ def test_a_step_masks_only_what_some_query_must_not_see():
     assert torch.equal(two.mask(None, torch.float32).isfinite().squeeze(), torch.arange(5) <= torch.tensor([[2], [4]]))
     chunk = _Step(cache, slice(0, 1), torch.tensor([[3, 4]]))  # a prefill chunk: causal within it
     assert torch.equal(chunk.mask(None, torch.float32).isfinite().squeeze(), torch.arange(5) <= torch.tensor([[3], [4]]))
+
+
+def test_compiled_forward_gives_the_eager_greedy_tokens_over_quantized_weights():
+    """ModelDecoder(compile=True): the same tokens as uncompiled over q4_1 weights (one C++ operator each, which
+    inductor must trace, not break on), rows with mixed adapters and windows (eager), then single streams
+    (compiled: one row decoding), past the sliding window."""
+    pytest.importorskip("torch._inductor")
+    from lorakit.quant import kernels
+    from lorakit.quant.linear import QuantLinear, quantize_linears
+
+    try:
+        kernels.load()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    _, model = _adapted(FAMILIES["mistral"])
+    assert quantize_linears(model, "q4_1", "q8_0") > 0
+    assert any(isinstance(m, QuantLinear) for m in model.modules())
+    prompts, eager, compiled = _prompts(), ModelDecoder(model), ModelDecoder(model, compile=True)
+    assert not eager.compiled and compiled.compiled
+    want = _drive(eager, model, prompts, ADAPTERS)
+    assert _drive(compiled, model, prompts, ADAPTERS) == want
+    torch._dynamo.utils.counters.clear()
+    for prompt, adapter in zip(prompts, ADAPTERS):
+        assert _drive(compiled, model, [prompt], [adapter]) == _drive(eager, model, [prompt], [adapter])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the decode steps ran compiled
+
+
+def test_lorakit_compile_in_the_environment_compiles_unless_told_otherwise(monkeypatch):
+    _, model = _adapted(FAMILIES["llama"])
+    monkeypatch.setenv("LORAKIT_COMPILE", "1")
+    assert ModelDecoder(model).compiled and not ModelDecoder(model, compile=False).compiled
+    monkeypatch.setenv("LORAKIT_COMPILE", "0")
+    assert not ModelDecoder(model).compiled
+    monkeypatch.setenv("LORAKIT_COMPILE", "yes")
+    with pytest.raises(ValueError, match="LORAKIT_COMPILE must be 0 or 1, got 'yes'"):
+        ModelDecoder(model)
