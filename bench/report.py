@@ -415,6 +415,13 @@ TARGETS = [
      (">=", 0.5)),
     ("Single stream --quantize int8: tokens/s / llama.cpp", "serve_gen", ("clients_1", "ratios", "int8/llamacpp"),
      (">=", 0.5)),
+    # Issue #27: quantized decoding against llama.cpp serving the base alone (its best case), same run.
+    ("#27 single stream --quantize int4 --compile: tokens/s / llama.cpp", "serve_gen",
+     ("clients_1", "ratios", "int4-compiled/llamacpp"), (">=", 0.7)),
+    ("#27 single stream --quantize int4: tokens/s / llama.cpp", "serve_gen",
+     ("clients_1", "ratios", "int4/llamacpp"), (">=", 0.7)),
+    *[(f"#27 {c} clients over 32 adapters --quantize {q}: tokens/s / llama.cpp", "serve_gen",
+       (f"clients_{c}", "ratios", f"{q}/llamacpp"), (">=", 1.0)) for c in (8, 32) for q in ("int4", "int8")],
     ("MRPC epochs, batches padded to a multiple of 8: epoch time / to the longest (reported, no target)", "padding",
      ("multiple=8", "epoch time / multiple=1"), None),
     ("As above: resident memory after the last epoch / to the longest (reported, no target)", "padding",

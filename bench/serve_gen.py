@@ -11,6 +11,8 @@ completion has the same length whatever the adapter). Cases, alternated in each 
 - ``int8`` / ``int4``: as ``spread``, against a server started with ``--quantize int8`` /
   ``int4`` (``--quantize``, repeatable; by default both: q8_0, and q4_1 with a q8_0 head,
   lorakit's block-quantized kernels, at any precision);
+- ``int8-compiled`` / ``int4-compiled`` (``--compile``): as ``int8`` / ``int4``, the server also
+  started with ``--compile`` (a single stream's decode step under ``torch.compile``, model engine);
 - ``llamacpp``: llama.cpp's ``llama-server`` on the Q4_1 GGUF the lorakit model is
   dequantized from, ``-np 32`` parallel slots (continuous batching), no adapter; only if a
   ``llama-server`` binary is given (``--llama-server``, ``$LLAMA_SERVER``) or was built for this
@@ -25,7 +27,7 @@ Separately (``offline``): the lorakit scheduler against PEFT's ``generate(adapte
 on the same 32 prompts over 32 adapters in one batch, fp32, in this process (tokens/s, and ms
 per token: one decoding step of the batch).
 
-    python bench/serve_gen.py [--quick] [--seconds 20] [--rounds 2] [--quantize int8] [--llama-server PATH]
+    python bench/serve_gen.py [--quick] [--seconds 20] [--rounds 2] [--quantize int8] [--compile] [--llama-server PATH]
 """
 
 from __future__ import annotations
@@ -233,8 +235,10 @@ def offline(model: str, paths: dict[str, str], prompts: list[str], max_tokens: i
 
 def run(model: str = "smollm2", adapters: int = 32, concurrency: tuple[int, ...] = (1, 8, 32), seconds: float = 20.0,
         rounds: int = 2, max_tokens: int = 64, precision: str = "auto", llama_binary: str | None = None,
-        quantize: list[str] | None = None, name: str = "serve_gen", out_dir: str = "bench/results") -> dict:
-    """``quantize``: a ``--quantize`` case per value (None: ``int8`` and ``int4``)."""
+        quantize: list[str] | None = None, compile: bool = False, name: str = "serve_gen",
+        out_dir: str = "bench/results") -> dict:
+    """``quantize``: a ``--quantize`` case per value (None: ``int8`` and ``int4``); ``compile``: each
+    also with ``--compile``."""
     threads = torch.get_num_threads()
     try:
         resolve_model(model)
@@ -256,12 +260,17 @@ def run(model: str = "smollm2", adapters: int = 32, concurrency: tuple[int, ...]
                  "nobatch": (unbatched, lambda i: f"a{i % adapters}")}
         for q in quantize:
             cases[q] = (stack.enter_context(server(model, paths, *flags, "--quantize", q)), cases["spread"][1])
+        compiled = [f"{q}-compiled" for q in quantize] if compile else []
+        for q in quantize if compile else []:
+            cases[f"{q}-compiled"] = (stack.enter_context(server(model, paths, *flags, "--quantize", q, "--compile")),
+                                      cases["spread"][1])
         if llama_binary:
             url = stack.enter_context(llama_server(llama_binary, smollm2_gguf(), max(concurrency), 256, threads))
             cases["llamacpp"] = (url, lambda i: "base")
         else:
             print("llama.cpp: no llama-server binary (--llama-server, $LLAMA_SERVER); its cases are skipped", flush=True)
-        for url, model_of in cases.values():  # warm-up
+        for url, model_of in cases.values():  # warm-up (one stream alone first: --compile compiles its step then)
+            asyncio.run(load(url, 1, 3, prompts, model_of, max_tokens))
             asyncio.run(load(url, 4, 3, prompts, model_of, max_tokens))
         samples: dict[int, dict[str, list[dict]]] = {c: {k: [] for k in cases} for c in concurrency}
         for r in range(rounds):
@@ -283,7 +292,7 @@ def run(model: str = "smollm2", adapters: int = 32, concurrency: tuple[int, ...]
             return statistics.median(x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(s[a], s[b]))
 
         pairs = [("spread", "one"), ("spread", "nobatch"), ("spread", "llamacpp"),
-                 *((q, b) for q in quantize for b in ("llamacpp", "spread"))]
+                 *((q, b) for q in quantize + compiled for b in ("llamacpp", "spread"))]
         ratios = {f"{a}/{b}": ratio(a, b) for a, b in pairs}
         results[f"clients_{c}"] = {"cases": per_case, "ratios": {k: v for k, v in ratios.items() if v is not None}}
         print(f"{c} clients: " + "; ".join(f"{k} {v['tokens_per_s']:.0f} tok/s, TTFT p50 {v['ttft_p50_ms']:.0f} "
@@ -292,7 +301,7 @@ def run(model: str = "smollm2", adapters: int = 32, concurrency: tuple[int, ...]
                                              for k, v in per_case.items()),
               {k: round(v, 3) for k, v in results[f"clients_{c}"]["ratios"].items()}, flush=True)
     config = dict(model=model, adapters=adapters, concurrency=list(concurrency), seconds=seconds, rounds=rounds,
-                  max_tokens=max_tokens, precision=precision, quantize=quantize, r=4, threads=threads,
+                  max_tokens=max_tokens, precision=precision, quantize=quantize, compile=compile, r=4, threads=threads,
                   llama_server=llama_binary, llama_server_build=binary_key(llama_binary) if llama_binary else None,
                   cpu_build_key=build_key(cpu_flags()), cpu_flags=sorted(KEY_FLAGS & cpu_flags()))
     write_record(name, config, results, out_dir)
@@ -309,12 +318,13 @@ def main(argv: list[str] | None = None) -> None:
                         "$LLAMA_SERVER, else the one bench/build_llama_server.sh built for this CPU)")
     parser.add_argument("--quantize", choices=["int8", "int4"], action="append",
                         help="a case served with `lorakit serve --quantize` this value (repeatable; default: int8 and int4)")
+    parser.add_argument("--compile", action="store_true", help="each --quantize case also served with --compile")
     args = parser.parse_args(argv)
     try:
         binary = find_llama_server(args.llama_server)
     except ValueError as e:
         sys.exit(f"serve_gen.py: {e}")
-    common = dict(precision=args.precision, llama_binary=binary, quantize=args.quantize)
+    common = dict(precision=args.precision, llama_binary=binary, quantize=args.quantize, compile=args.compile)
     if args.quick:
         run(adapters=8, concurrency=(1, 8), seconds=5, rounds=1, max_tokens=16, name="serve_gen_quick", **common)
     else:

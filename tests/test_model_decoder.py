@@ -165,10 +165,12 @@ class _Tokens:
 
 def test_the_scheduler_serves_a_new_family_with_mixed_adapters(tmp_path):
     base, model = _adapted(FAMILIES["gemma2"])
-    with pytest.raises(ValueError, match="engine must be one of"):
+    with pytest.raises(ValueError, match="engine must be auto or one of"):
         Scheduler(model, _Tokens(), eos=set(), engine="vllm")
-    scheduler = Scheduler(model, _Tokens(), eos=set(), max_rows=2, max_length=64, prefill_chunk=6, engine="model")
-    assert isinstance(scheduler.decoder, ModelDecoder)
+    with pytest.raises(ValueError, match="use engine 'model'"):
+        Scheduler(model, _Tokens(), eos=set(), engine="decoder")
+    scheduler = Scheduler(model, _Tokens(), eos=set(), max_rows=2, max_length=64, prefill_chunk=6)  # auto
+    assert isinstance(scheduler.decoder, ModelDecoder) and scheduler.engine == "model"
     prompts = _prompts()
     seqs = [Sequence(p, a, Sampling(max_tokens=NEW, temperature=0), lambda e: None) for p, a in zip(prompts, ADAPTERS)]
     for seq in seqs:  # three sequences on two rows: one waits, and joins as another leaves
@@ -226,3 +228,17 @@ def test_lorakit_compile_in_the_environment_compiles_unless_told_otherwise(monke
     monkeypatch.setenv("LORAKIT_COMPILE", "yes")
     with pytest.raises(ValueError, match="LORAKIT_COMPILE must be 0 or 1, got 'yes'"):
         ModelDecoder(model)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_auto_picks_the_lean_decoder_where_it_serves_the_family(name):
+    from lorakit.continuous import pick_engine
+    from lorakit.decoder import Decoder
+
+    model = zoo.base(FAMILIES[name])
+    lean = name in ("llama", "gpt2")  # the others here are new families or have a sliding window
+    assert pick_engine(model) == ("decoder" if lean else "model")
+    assert (Decoder.refusal(model) is None) == lean
+    assert pick_engine(model, compile=True) == "model"  # only the model engine compiles
+    with pytest.raises(ValueError, match="needs the model engine"):
+        pick_engine(model, "decoder", compile=True)

@@ -279,3 +279,41 @@ def test_nan_factors_end_their_rows_alone_and_leave_no_nan_in_the_cache(lm):
         alone = generate_ids(model, [seq.prompt], pad_id=None, eos_id=[-1], adapters=["small"],
                              decoding=Decoding(max_new_tokens=seq.sampling.max_tokens))[0]
         assert seq.tokens == alone and events[("short" if seq is short else "late")][-1] == ("done", "length")
+
+
+def test_a_family_only_the_model_engine_serves_gives_peft_greedy_text(tiny_gemma2_lm, tmp_path):
+    """Gemma 2 (sliding window 4, soft-capping) through a real ``lorakit serve``: the auto engine picks
+    the model's own modules; concurrent requests over two adapters and the base, prompts longer than
+    the window, each equal to transformers + PEFT ``generate`` alone."""
+    peft = pytest.importorskip("peft")
+    model_dir = tiny_gemma2_lm
+    folders = _adapter_folders(model_dir, tmp_path / "adapters")
+    adapters = {name: folders[name] for name in ("small", "wide")}
+    tokenizer, base = load_causal_lm(model_dir)
+
+    def expected(prompt: str, adapter: str | None) -> str:
+        model = base if adapter is None else peft.PeftModel.from_pretrained(load_causal_lm(model_dir)[1], folders[adapter])
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+        with torch.no_grad():
+            out = model.eval().generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                        pad_token_id=tokenizer.pad_token_id)
+        return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+    jobs = [(p, a) for p in PROMPTS if len(tokenizer(p)["input_ids"]) > 4 for a in [None, *adapters]]
+    with cli_server(model_dir, adapters, tmp_path / "log") as (_, url):
+        health = httpx.get(f"{url}/healthz", timeout=30).json()
+
+        def complete(job):
+            prompt, adapter = job
+            body = {"model": adapter or model_dir, "prompt": prompt, "temperature": 0, "max_tokens": 12}
+            r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["text"]
+
+        with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:  # a mixed-adapter batch
+            served = list(pool.map(complete, jobs))
+    assert health["engine"] == "model"
+    assert "decoding with the model engine" in (tmp_path / "log").read_text()
+    want = [expected(*job) for job in jobs]
+    assert served == want
+    assert len({text for text, (p, _) in zip(want, jobs) if p == jobs[0][0]}) == 3  # the adapters change the text

@@ -27,13 +27,27 @@ from torch import Tensor, nn
 
 from .decoder import Decoder
 from .model import adapter_per_row
-from .serving.model_decoder import ModelDecoder
+from .serving.model_decoder import ModelDecoder, compile_wanted
 
-__all__ = ["Sampling", "Sequence", "Scheduler", "Busy"]
+__all__ = ["Sampling", "Sequence", "Scheduler", "Busy", "ENGINES", "pick_engine"]
 
 SHUTTING_DOWN = "the server is shutting down"
 POLL_S = 0.5  # the longest an idle scheduler sleeps
 ENGINES = {"decoder": Decoder, "model": ModelDecoder}
+
+
+def pick_engine(model: nn.Module, engine: str = "auto", compile: bool = False) -> str:
+    """The engine that decodes ``model``: ``engine`` itself, or for ``"auto"`` the lean
+    :class:`~lorakit.decoder.Decoder` where it serves the family (a few % faster uncompiled,
+    docs/BENCH.md "Decoding engines") and :class:`~lorakit.serving.ModelDecoder` elsewhere or
+    when ``compile`` (only it compiles)."""
+    if engine != "auto" and engine not in ENGINES:
+        raise ValueError(f"engine must be auto or one of {', '.join(ENGINES)}, not {engine!r}")
+    if engine == "decoder" and compile:
+        raise ValueError("compiling the decode step needs the model engine, not the decoder engine")
+    if engine == "auto":
+        return "decoder" if not compile and Decoder.refusal(model) is None else "model"
+    return engine
 
 
 class Busy(Exception):
@@ -87,18 +101,20 @@ class Scheduler:
     ``max_rows`` sequences run at once (1: no batching across requests); ``max_queue`` more
     may wait; ``max_length`` bounds prompt plus completion; ``eos`` ends a completion.
     ``engine`` runs the forward passes: ``"decoder"`` (:class:`lorakit.decoder.Decoder`, a lean
-    forward of its own for Llama-style decoders and GPT-2) or ``"model"``
-    (:class:`lorakit.serving.ModelDecoder`, the model's own modules, more families).
+    forward of its own for Llama-style decoders and GPT-2), ``"model"``
+    (:class:`lorakit.serving.ModelDecoder`, the model's own modules, every served family) or
+    ``"auto"`` (:func:`pick_engine`); :attr:`engine` names the one chosen. ``compile``: a single
+    stream's decode step under ``torch.compile`` (model engine; default: ``LORAKIT_COMPILE``).
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, eos: set[int], max_rows: int = 64, max_queue: int = 256,
                  max_length: int = 2048, prefill_chunk: int = 256,
-                 engine: Literal["decoder", "model"] = "decoder") -> None:
-        if engine not in ENGINES:
-            raise ValueError(f"engine must be one of {sorted(ENGINES)}, not {engine!r}")
+                 engine: Literal["auto", "decoder", "model"] = "auto", compile: bool | None = None) -> None:
+        compile = compile_wanted() if compile is None else compile
+        self.engine = pick_engine(model, engine, compile)
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.decoder = ENGINES[engine](model)
+        self.decoder = ModelDecoder(model, compile) if self.engine == "model" else Decoder(model)
         self.max_length = min(max_length, self.decoder.max_positions)
         self.cache = self.decoder.cache(max_rows, self.max_length)
         self.eos = eos

@@ -106,14 +106,23 @@ class Decoder:
     in each row of the token whose logits are returned.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    @staticmethod
+    def refusal(model: nn.Module) -> str | None:
+        """Why this engine cannot serve ``model`` (None: it can)."""
         config = model.config
         kind = getattr(config, "model_type", None)
         if kind not in ("llama", "mistral", "qwen2", "gpt2"):
-            raise ValueError(f"lorakit serve generates with Llama-style decoders (llama, mistral, qwen2) and GPT-2, "
-                             f"not {type(model).__name__} (model_type {kind!r})")
+            return (f"the decoder engine serves Llama-style decoders (llama, mistral, qwen2) and GPT-2, "
+                    f"not {type(model).__name__} (model_type {kind!r})")
         if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-            raise ValueError(f"{kind}: sliding-window attention is not supported by lorakit serve")
+            return f"{kind}: the decoder engine does not implement sliding-window attention"
+        return None
+
+    def __init__(self, model: nn.Module) -> None:
+        if (reason := self.refusal(model)) is not None:
+            raise ValueError(f"{reason}; use engine 'model' (lorakit serve --engine model)")
+        config = model.config
+        kind = config.model_type
         self.model = model
         self.config = config
         if kind == "gpt2":

@@ -67,6 +67,11 @@ class ServeConfig:
     body_timeout_s: float = _opt(10.0, "and its body within this time (else 408)")
     keep_alive_s: float = _opt(5.0, "an idle kept-alive connection is closed after this time")
     batching: bool = _opt(True, "batch requests together in forward passes (--no-batching: one request at a time)")
+    engine: str = _opt("auto", "generation: the decoding engine: decoder (lorakit's lean forward: llama, mistral, qwen2 "
+                               "without a sliding window, gpt2), model (the model's own transformers modules: every "
+                               "served family), auto (decoder where it serves the family, else model)")
+    compile: bool = _opt(False, "generation: run a single stream's decode step under torch.compile (the model engine; "
+                                "its first step compiles for about a minute; also LORAKIT_COMPILE=1)")
     token: str | None = _opt(None, "bearer token of the admin routes (default: $LORAKIT_TOKEN; none: open on loopback)")
 
     def __post_init__(self) -> None:
@@ -77,6 +82,8 @@ class ServeConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if isinstance(self.max_connections, bool) or not isinstance(self.max_connections, int) or self.max_connections <= 0:
             raise ValueError(f"max_connections must be a positive integer, got {self.max_connections!r}")
+        if self.engine not in ("auto", "decoder", "model"):
+            raise ValueError(f"engine must be auto, decoder or model, got {self.engine!r}")
         if not self.max_wait_ms >= 0:
             raise ValueError(f"max_wait_ms must be 0 or more, got {self.max_wait_ms!r}")
         for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s"):
@@ -646,6 +653,8 @@ def serve(model: str | None, adapters: dict[str, str], config: ServeConfig, host
         return
     # Generation: the scheduler on the main thread (see Scheduler.run), HTTP on another one.
     engine.main_thread = True
+    compiled = " (a single stream's decode step compiled)" if getattr(engine.scheduler.decoder, "compiled", False) else ""
+    print(f"lorakit serve: decoding with the {engine.scheduler.engine} engine{compiled}", flush=True)
     engine.prepare()  # here, not on the HTTP thread: torch ops run there once slowed this one (int8: 43 vs 21 ms/token)
     if engine.quantized:
         print(f"lorakit serve: {engine.quantized}", flush=True)

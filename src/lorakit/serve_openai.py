@@ -73,7 +73,8 @@ class GenerationEngine:
         eos = {self.tokenizer.eos_token_id, *([] if eos is None else [eos] if isinstance(eos, int) else eos)}
         c = self.config
         return Scheduler(self.model, self.tokenizer, eos=eos, max_rows=c.max_batch_rows if c.batching else 1,
-                         max_queue=c.max_queue, max_length=c.max_length + c.max_new_tokens, prefill_chunk=c.prefill_chunk)
+                         max_queue=c.max_queue, max_length=c.max_length + c.max_new_tokens, prefill_chunk=c.prefill_chunk,
+                         engine=c.engine, compile=c.compile or None)
 
     async def call(self, fn, *args):
         """``fn(*args)`` on the scheduler's thread, between two decode steps."""
@@ -107,7 +108,7 @@ class GenerationEngine:
 
     def health(self) -> dict[str, Any]:
         s = self.scheduler
-        return {"running": len(s.rows), "queued": s.queued, "steps": s.steps, "tokens": s.tokens}
+        return {"engine": s.engine, "running": len(s.rows), "queued": s.queued, "steps": s.steps, "tokens": s.tokens}
 
     def load(self, name: str, path: str, task: str | None = None) -> GenAdapter:
         check_name(name)

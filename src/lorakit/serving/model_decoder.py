@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from ..decoder import RowCache
 
-__all__ = ["ATTENTION", "SERVED", "ModelDecoder", "row_attention"]
+__all__ = ["ATTENTION", "SERVED", "ModelDecoder", "compile_wanted", "row_attention"]
 
 ATTENTION = "lorakit_rows"
 # Families whose greedy tokens are tested equal to transformers + PEFT (tests/test_model_decoder.py)
@@ -141,7 +141,7 @@ def _register() -> None:
     AttentionInterface.register(ATTENTION, row_attention)
 
 
-def _compile_wanted() -> bool:
+def compile_wanted() -> bool:
     """``LORAKIT_COMPILE``: ``1`` compiles ModelDecoder's forward, ``0`` or unset does not."""
     value = os.environ.get("LORAKIT_COMPILE", "0")
     if value not in ("0", "1"):
@@ -184,7 +184,7 @@ class ModelDecoder:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         self.softcap = getattr(config, "final_logit_softcapping", None)
         self.max_positions = _max_positions(config)
-        self.compiled = _compile_wanted() if compile is None else compile
+        self.compiled = compile_wanted() if compile is None else compile
         self._body = torch.compile(self.body) if self.compiled else self.body
 
     def cache(self, rows: int, max_length: int, dtype: torch.dtype | None = None) -> RowCache:
