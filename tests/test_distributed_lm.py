@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_distributed import ENV, KILLER
 
 from lorakit import train
+from test_distributed import ENV, KILLER
 
 E2E = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e"
 pytestmark = pytest.mark.skipif(not E2E.is_dir(), reason="../shared/data/e2e not present")
