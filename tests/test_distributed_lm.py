@@ -1,6 +1,7 @@
 """FSDP2 for causal LMs (tiny Llama, E2E, gloo, 2 CPU processes): the same adapter as DDP and as
 one process, resume after SIGKILL, and two torchrun launches with --nnodes 2 on one host."""
 
+import json
 import socket
 import subprocess
 import sys
@@ -55,6 +56,9 @@ def test_fsdp_gives_the_adapter_of_ddp_and_of_one_process(tiny_llama, tmp_path):
         assert not torch.equal(tensor, torch.zeros_like(tensor)), name
         torch.testing.assert_close(tensor, ddp[name], rtol=0, atol=1e-5, msg=name)
         torch.testing.assert_close(tensor, one[name], rtol=0, atol=1e-5, msg=name)
+    # 3 dev batches over 2 processes: under FSDP one process repeats a batch and counts it 0
+    dev = [json.loads((tmp_path / n / "seed0" / "summary.json").read_text())["epochs"] for n in ("ddp", "fsdp")]
+    assert [e["dev"]["dev"]["loss"] for e in dev[1]] == pytest.approx([e["dev"]["dev"]["loss"] for e in dev[0]], abs=1e-5)
     outputs = [(tmp_path / n / "seed0" / "outputs").rglob("*.txt") for n in ("ddp", "fsdp")]
     assert [p.read_text() for p in sorted(outputs[0])] == [p.read_text() for p in sorted(outputs[1])]
 
