@@ -12,7 +12,7 @@ import atexit
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["World", "setup", "shard_rows", "gradient_sync", "fully_shard_model", "full_parameters", "reshard"]
+__all__ = ["World", "setup", "shard_rows", "gradient_sync", "fully_shard_model", "full_parameters", "reshard", "is_sharded",
+           "as_forward"]
 
 
 @dataclass(frozen=True)
@@ -121,16 +122,40 @@ def fully_shard_model(model: nn.Module) -> list[str]:
     trainable LoRA factors side by side (FSDP1's flat parameters required one
     ``requires_grad`` per wrapped module).
     """
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     blocks = set(getattr(model, "_no_split_modules", None) or ())
     found = [m for m in model.modules() if type(m).__name__ in blocks]
     if not found:
         raise ValueError(f"--fsdp: {type(model).__name__} names no transformer blocks (_no_split_modules) to shard")
+    names = sorted({type(m).__name__ for m in found})  # fully_shard renames the classes (FSDP...)
     for module in found:
         fully_shard(module)
     fully_shard(model)
-    return sorted({type(m).__name__ for m in found})
+    model.lorakit_forward = _call
+    register_fsdp_forward_method(model, "lorakit_forward")
+    return names
+
+
+def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return fn(*args, **kwargs)
+
+
+def as_forward(model: nn.Module, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, run as a forward pass of ``model``: code that calls a model's
+    parts (its decoder stack, its output layer) rather than ``model(...)`` needs this under
+    FSDP, which gathers the root's own weights (embeddings, final norm, output layer) only
+    around a forward pass. A plain call for other models."""
+    method = getattr(model, "lorakit_forward", None)
+    return method(fn, *args, **kwargs) if method is not None else fn(*args, **kwargs)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` (or a module in it) is FSDP-sharded: then every process must run
+    the same forward passes, since each one gathers the block's weights from all of them."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 @contextlib.contextmanager
@@ -142,11 +167,10 @@ def full_parameters(model: nn.Module) -> Iterator[None]:
     unsharded, with parameters that are views into its gather buffer, which e.g.
     safetensors cannot read: those are copied.
     """
-    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
     swapped = []
-    if any(isinstance(m, FSDPModule) for m in model.modules()):
+    if is_sharded(model):
         with torch.no_grad():
             for module in model.modules():
                 for name, param in list(module._parameters.items()):

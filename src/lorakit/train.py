@@ -493,8 +493,6 @@ def train(cfg: TrainConfig, seed: int) -> dict[str, Any]:
     if cfg.fsdp:
         if not world.distributed:
             raise ValueError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node N")
-        if task.task_type != "SEQ_CLS":
-            raise ValueError("--fsdp is implemented for GLUE tasks; train causal LMs with DDP (without --fsdp)")
         blocks = fully_shard_model(model)
         if world.main:
             print(f"FSDP2: sharded {', '.join(blocks)} and the rest over {world.size} processes")

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import data, quant
-from ..distributed import World
+from ..distributed import World, as_forward, is_sharded
 from ..models import resolve_model
 from . import Split, first_rows, refuse_classify_flags, report
 
@@ -328,6 +328,9 @@ class CausalLMLoss(nn.Module):
         self.reported: torch.Tensor | None = None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return as_forward(self.model, self._loss, input_ids, attention_mask, labels)  # FSDP: a forward of the model
+
+    def _loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
         if _right_padded(attention_mask):
             # Causal attention never lets a real token see the padding after it, and padded
             # positions carry no label: the plain causal mask (SDPA's is_causal path) suffices.
@@ -422,10 +425,15 @@ class LMTask:
         """Mean completion-token loss (no label smoothing) over ``split``."""
         model.eval()
         module, total, count = CausalLMLoss(model), 0.0, 0
-        for rows in list(data.sequential_batches(len(split), self.cfg.eval_batch_size, split.lengths))[world.rank :: world.size]:
-            batch = {k: v.to(world.device) for k, v in self.collate(split, rows).items()}
-            tokens = int((batch["labels"][:, 1:] != IGNORE).sum())
-            total, count = total + module(**batch).item() * tokens, count + tokens
+        batches = list(data.sequential_batches(len(split), self.cfg.eval_batch_size, split.lengths))
+        share = batches[world.rank :: world.size]
+        # Every process runs as many forward passes (FSDP gathers weights in each); extras count 0.
+        padding = [[]] * ((-(-len(batches) // world.size) - len(share)) if is_sharded(model) else 0)
+        for rows in share + padding:
+            batch = {k: v.to(world.device) for k, v in self.collate(split, rows or batches[0]).items()}
+            tokens = int((batch["labels"][:, 1:] != IGNORE).sum()) if rows else 0
+            loss = module(**batch).item()
+            total, count = total + loss * tokens, count + tokens
         total, count = map(sum, zip(*world.gather((total, count))))
         return total / count
 
@@ -442,15 +450,18 @@ class LMTask:
 
     def generate(self, model: nn.Module, prompts: list[list[int]], world: World = World()) -> list[str]:
         """Texts generated for ``prompts`` with the configured decoding; each process
-        takes a share, every process gets all."""
+        takes a share, every process gets all. An FSDP-sharded model generates every prompt
+        in every process: each decoding step is a forward pass that all processes must run,
+        and their completions differ in length."""
         from ..generate import generate_ids
 
-        mine = list(range(world.rank, len(prompts), world.size))
+        together = is_sharded(model)
+        mine = list(range(len(prompts))) if together else list(range(world.rank, len(prompts), world.size))
         ids = generate_ids(model, [prompts[i] for i in mine], pad_id=self.tokenizer.pad_token_id,
                            eos_id=self.tokenizer.eos_token_id, decoding=decoding_for(self.cfg.decoding, self.cfg.max_new_tokens),
                            batch_size=self.cfg.eval_batch_size, progress=self.cfg.progress and world.main)
         texts: list[str] = [""] * len(prompts)
-        for part in world.gather(list(zip(mine, ids))):
+        for part in [list(zip(mine, ids))] if together else world.gather(list(zip(mine, ids))):
             for i, t in part:
                 texts[i] = self.tokenizer.decode(t, skip_special_tokens=True).strip()
         return texts
