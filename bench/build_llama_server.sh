@@ -23,7 +23,7 @@ if [ ! -d "llama_cpp_python-$VERSION" ]; then
 fi
 cd "llama_cpp_python-$VERSION/vendor/llama.cpp"
 echo "building $KEY: ${OPTIONS[*]}"
-cmake -B "$KEY" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
+cmake -B "$KEY" -DCMAKE_BUILD_TYPE=Release -DCMAKE_BUILD_RPATH_USE_ORIGIN=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
   -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DGGML_NATIVE=OFF "${OPTIONS[@]}"
 cmake --build "$KEY" --target llama-server -j "$(nproc)"
 echo "$PWD/$KEY/bin/llama-server"

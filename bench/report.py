@@ -286,6 +286,20 @@ def engine_design_compiled(r: dict) -> list[str]:
     return rows
 
 
+def cb_design(r: dict) -> list[str]:
+    cfg = r["config"]
+    rows = [f"{_flags(r)} {cfg['threads']} thread(s), {cfg['new_tokens']} new tokens per prompt, prefill included, base "
+            "model (transformers' batching has no per-request adapter); tokens/s = R x new tokens / median call time "
+            "over interleaved rounds.", "",
+            "| prompts R | lorakit scheduler (model engine) tok/s | transformers generate_batch tok/s | "
+            "transformers / lorakit time | greedy agreement | load average |", "|---|---|---|---|---|---|"]
+    for R, v in r["results"].items():
+        tps, load = v["tokens_per_s"], v["load_average"]
+        rows.append(f"| {R} | {tps['lorakit']:.1f} | {tps['transformers_cb']:.1f} | {v['cb_over_lorakit_time']:.2f} | "
+                    f"{v['token_agreement']:.3f} | {load[0]:.1f} → {load[1]:.1f} |")
+    return rows
+
+
 def decode_step(r: dict) -> list[str]:
     res = r["results"]
     bw, load = res["bandwidth_gb_s"], res["load_average"]
@@ -352,6 +366,8 @@ SECTIONS = [("train_step", "Training step (batch 16 x 128, forward + backward + 
              "SmolLM2-135M, 8 r=4 q/v adapters, a row per adapter, greedy", engine_design),
             ("engine_design_compiled", "ModelDecoder compiled (#27 item 3), SmolLM2-135M, 8 r=4 q/v adapters, a row "
              "per adapter, greedy", engine_design_compiled),
+            ("cb_design", "Decoding engines (#33): transformers' own continuous batching vs lorakit's scheduler, "
+             "SmolLM2-135M, fp32", cb_design),
             ("decode_step", "Single-stream decoding against the weight-bandwidth floor (#27): ModelDecoder, "
              "SmolLM2-135M, 8 r=4 q/v adapters", decode_step),
             ("decode_step_2threads", "Single-stream decoding against the weight-bandwidth floor (#27), 2 threads",

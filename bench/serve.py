@@ -71,12 +71,13 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_process(cmd: list[str], health_url: str, what: str, timeout: float = 300):
-    """Run ``cmd`` until the block ends, after ``health_url`` answers 200 (else the log's end)."""
+def running_process(cmd: list[str], health_url: str, what: str, timeout: float = 300, env: dict | None = None):
+    """Run ``cmd`` (in ``env``, default this process's) until the block ends, after ``health_url``
+    answers 200 (else the log's end)."""
     import httpx
 
     log = tempfile.TemporaryFile("w+")  # not a pipe: nobody reads it while the server runs
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         deadline = time.time() + timeout
         while True:

@@ -108,7 +108,10 @@ def llama_server(binary: str, gguf: Path, slots: int, context: int, threads: int
     cmd = [binary, "-m", str(gguf), "--port", str(port), "--host", "127.0.0.1", "-np", str(slots),
            "-c", str(slots * context), "-t", str(threads), "-tb", str(threads), "--no-webui"]
     url = f"http://127.0.0.1:{port}"
-    with running_process(cmd, f"{url}/health", "llama-server", timeout=120):
+    # Its libraries lie beside it; a build moved since (or made before build_llama_server.sh set $ORIGIN) has a
+    # run path to where it was built
+    libs = ":".join(filter(None, [str(Path(binary).resolve().parent), os.environ.get("LD_LIBRARY_PATH")]))
+    with running_process(cmd, f"{url}/health", "llama-server", timeout=120, env={**os.environ, "LD_LIBRARY_PATH": libs}):
         yield url
 
 

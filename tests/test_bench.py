@@ -441,3 +441,18 @@ def test_quant_quality_bench_records_agreement_per_adapter_and_format(tiny_llama
                                bleu_adapters=[], name="broken", out_dir=str(tmp_path))["adapters"]["tiny"]
     assert broken["agreement"]["fp32"]["top1"] == 1.0 and "bleu" not in broken
     assert broken["agreement"]["int8"]["top1"] < 0.5 and broken["agreement"]["int4"]["top1"] < 0.5
+
+
+def test_cb_design_bench_compares_transformers_batching_with_the_scheduler_and_reports(tiny_llama, tmp_path):
+    import cb_design
+    import report
+
+    results = cb_design.run(tiny_llama, repeats=1, new=3, rows=(1, 3))
+    assert set(results) == {"1", "3"}
+    for v in results.values():
+        assert v["token_agreement"] == 1.0  # fp32, a tiny model: the same greedy tokens
+        assert v["generated"] == [3] * min(4, len(v["generated"])) and v["cb_over_lorakit_time"] > 0
+    benchtools.write_record("cb_design", {"threads": 1, "new_tokens": 3, "hardware": {"cpu_flags": ["avx2"]}}, results,
+                            tmp_path)
+    text = report.build(tmp_path)
+    assert "transformers' own continuous batching" in text and "| 3 |" in text

@@ -242,3 +242,25 @@ def test_auto_picks_the_lean_decoder_where_it_serves_the_family(name):
     assert pick_engine(model, compile=True) == "model"  # only the model engine compiles
     with pytest.raises(ValueError, match="needs the model engine"):
         pick_engine(model, "decoder", compile=True)
+
+
+def test_a_compiled_single_stream_is_not_recompiled_for_each_size_of_a_growing_cache():
+    """A serving process's row cache grows in rows and length with the load: the compiled decode step takes
+    both as symbolic sizes (3 graphs over five cache sizes; one more, a recompilation, without it)."""
+    pytest.importorskip("torch._inductor")
+    cfg = T.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(cfg).eval()
+    compiled, eager = ModelDecoder(model, compile=True), ModelDecoder(model, compile=False)
+    caches = {d: d.cache(32, 512) for d in (compiled, eager)}
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for rows, length in [(1, 10), (1, 70), (5, 80), (9, 140), (17, 300)]:
+        for decoder, cache in caches.items():
+            cache.reserve(rows, length)
+        for p in range(length - 3, length):
+            out = [d.forward(torch.tensor([[5 + p % 7]]), c, slice(0, 1), torch.tensor([p])) for d, c in caches.items()]
+            torch.testing.assert_close(out[0], out[1], rtol=1e-4, atol=1e-4)
+    assert caches[compiled].rows == 32 and caches[compiled].capacity == 512
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3

@@ -161,6 +161,16 @@ def _max_positions(config) -> int:
     return limit
 
 
+def _dynamic_sizes(cache: RowCache) -> None:
+    """A row cache's rows and capacity follow the load: symbolic in the compiled graph from the start, rather than
+    a recompilation (about a minute) at each new size of a serving process's cache."""
+    if getattr(cache, "_marked", None) is not cache.k[0]:  # (new tensors after each resize)
+        for t in (*cache.k, *cache.v):
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+            torch._dynamo.maybe_mark_dynamic(t, 2)
+        cache._marked = cache.k[0]
+
+
 class ModelDecoder:
     """``forward(ids, cache, rows, start, last)``: the next-token logits ``(B, vocab)`` of
     ``rows`` of the cache after feeding them ``ids`` ``(B, T)`` (right-padded) at positions
@@ -209,6 +219,8 @@ class ModelDecoder:
         step = _Step(cache, rows, positions)
         cache.reserve(rows.stop, step.end)
         body = self._body if B == T == 1 else self.body  # (compiled: a single stream's decode step only)
+        if body is not self.body:
+            _dynamic_sizes(cache)
         with self._row_attention():
             hidden = body(input_ids=ids, position_ids=positions, use_cache=False, lorakit_step=step)[0]
         if len(step.layers) != self.layers:  # a layer that attends some other way would be served wrong
