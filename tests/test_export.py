@@ -9,10 +9,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lorakit
+from helpers import randomize
 from lorakit import cli, export
 from lorakit.layers import LoraLinear
-
-from helpers import randomize
 
 gguf = pytest.importorskip("gguf")
 
