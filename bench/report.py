@@ -340,6 +340,23 @@ def quant_quality(r: dict) -> list[str]:
     return rows
 
 
+def gguf_export(r: dict) -> list[str]:
+    cfg, res = r["config"], r["results"]
+    rows = [f"{cfg['max_examples']} E2E test MRs per adapter, greedy, at most {cfg['max_new_tokens']} tokens: lorakit "
+            "(float32, the adapter as trained) against `llama-server -t 1 --lora adapter.gguf` (`lorakit export gguf`) on "
+            "each base GGUF (q4_1: the file lorakit's SmolLM2 folder was dequantized from; f32: that folder through "
+            "`convert_hf_to_gguf.py --outtype f32`). Base alone: the same MRs with the adapter off on both sides. "
+            "Margin: lorakit's logit of its token minus its logit of llama.cpp's, where they first differ", "",
+            "| adapter | llama.cpp base | same text, adapter | same text, base alone | margins at the first difference |",
+            "|---|---|---|---|---|"]
+    for adapter, v in res.items():
+        for base in cfg["base_ggufs"]:
+            a, b = v[base]["adapter"], v[base]["base"]
+            rows.append(f"| {adapter} | {base} | {a['same_text']} / {a['mrs']} | {b['same_text']} / {b['mrs']} | "
+                        f"{', '.join(f'{m:.3f}' for m in a['logit_margins']) or '—'} |")
+    return rows
+
+
 SECTIONS = [("train_step", "Training step (batch 16 x 128, forward + backward + AdamW)", train_step),
             ("memory", "Peak memory of training (each case in its own process)", memory),
             ("latency", "Inference latency, GPT-2 medium shape (paper Table 1 style)", latency),
@@ -373,13 +390,17 @@ SECTIONS = [("train_step", "Training step (batch 16 x 128, forward + backward + 
             ("decode_step_2threads", "Single-stream decoding against the weight-bandwidth floor (#27), 2 threads",
              decode_step),
             ("quant_quality", "Quality of quantized decoding: int8 / int4 weights against fp32, SmolLM2-135M E2E "
-             "adapters", quant_quality)]
+             "adapters", quant_quality),
+            ("gguf_export", "lorakit export gguf against llama.cpp: llama-server --lora, greedy E2E text, SmolLM2-135M",
+             gguf_export)]
 # Records written by a script run with flags (default: bench/<record>.py).
 COMMANDS = {"serve_bf16": "serve.py --precision bf16", "decode_step": "decode_step.py --compile",
             "decode_step_2threads": "decode_step.py --compile --threads 2",
             "engine_design_compiled": "engine_design.py --compile --dtypes int8 q4_1", "lm_memory": "lm_step.py --memory",
             "kernels": "quant_kernels.py",
-            "quant_quality": "quant_quality.py --adapter e2e-1500=RUN/adapter --adapter e2e-demo=RUN/adapter"}
+            "quant_quality": "quant_quality.py --adapter e2e-1500=RUN/adapter --adapter e2e-demo=RUN/adapter",
+            "gguf_export": "gguf_export.py --adapter e2e-1500=RUN/adapter --adapter e2e-demo=RUN/adapter "
+                           "--base f32=smollm2-f32.gguf"}
 
 
 # Targets of issues #5 and #8: (label, record, path to the measured ratio, (comparison, bound) or None).
@@ -480,6 +501,10 @@ TARGETS = [
     *[(f"{fmt} decoding, {adapter} adapter: E2E BLEU (beam 10, 100 MRs) - fp32's, absolute, points", "quant_quality",
        ("adapters", adapter, "bleu_abs_diff_points", fmt), ("<=", 0.5))
       for adapter in ("e2e-1500", "e2e-demo") for fmt in ("int8", "int4")],
+    # Issue #29 item 5: llama-server --lora with the exported adapter, same greedy text on >= 18 of 20 E2E MRs.
+    *[(f"llama.cpp on the {base} base + exported {adapter} adapter: E2E MRs of 20 with lorakit's greedy text",
+       "gguf_export", (adapter, base, "adapter", "same_text"), (">=", 18))
+      for adapter in ("e2e-1500", "e2e-demo") for base in ("q4_1", "f32")],
 ]
 
 

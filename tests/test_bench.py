@@ -456,3 +456,18 @@ def test_cb_design_bench_compares_transformers_batching_with_the_scheduler_and_r
                             tmp_path)
     text = report.build(tmp_path)
     assert "transformers' own continuous batching" in text and "| 3 |" in text
+
+
+def test_gguf_export_report_counts_same_texts_per_adapter_and_base(tmp_path):
+    import report
+
+    def case(same, margins):
+        return {"adapter": {"same_text": same, "mrs": 20, "logit_margins": margins}, "base": {"same_text": 6, "mrs": 20}}
+
+    from lorakit.benchtools import write_record
+
+    write_record("gguf_export", {"max_examples": 20, "max_new_tokens": 64, "base_ggufs": {"q4_1": "a", "f32": "b"}},
+                 {"e2e-1500": {"q4_1": case(15, [0.0223]), "f32": case(20, [])}}, tmp_path)
+    text = report.build(tmp_path)
+    assert "| e2e-1500 | q4_1 | 15 / 20 | 6 / 20 | 0.022 |" in text and "| e2e-1500 | f32 | 20 / 20 | 6 / 20 | — |" in text
+    assert "exported e2e-1500 adapter: E2E MRs of 20 with lorakit's greedy text | >= 18.00 | 15.000 | **no** |" in text

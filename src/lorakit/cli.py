@@ -223,6 +223,24 @@ def _task_of_peft_adapter(adapter: str) -> str | None:
     return "jsonl" if LoraConfig.load(adapter).task_type == "CAUSAL_LM" else None
 
 
+def _export(args: argparse.Namespace) -> int:
+    """``lorakit export gguf``: the adapter as llama.cpp's LoRA adapter GGUF (:mod:`lorakit.export`)."""
+    from transformers import AutoConfig
+
+    from .config import LoraConfig
+    from .export import export_gguf
+    from .models import resolve_model
+
+    info_path = Path(args.adapter) / "task.json"
+    model = args.model or (json.loads(info_path.read_text()).get("model") if info_path.is_file() else None)
+    model = model or LoraConfig.load(args.adapter).base_model_name_or_path
+    if not model:
+        raise ValueError(f"cannot tell the base model of {args.adapter!r}; pass --model")
+    out = export_gguf(args.adapter, args.out, AutoConfig.from_pretrained(resolve_model(model)))
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB): llama-server -m BASE.gguf --lora {out}")
+    return 0
+
+
 def _merge(args: argparse.Namespace) -> int:
     import torch
 
@@ -668,6 +686,15 @@ def _merge_parser(sub) -> None:
                         "prints how far the outputs move on a batch")
 
 
+def _export_parser(sub) -> None:
+    p = sub.add_parser("export", help="export an adapter for llama.cpp: its LoRA adapter GGUF (llama-server --lora)")
+    p.add_argument("format", choices=["gguf"])
+    p.add_argument("--adapter", required=True, help="adapter folder written by lorakit train (or PEFT)")
+    p.add_argument("--out", required=True, help="the .gguf file to write")
+    p.add_argument("--model", help="base model, for its architecture and head counts (default: from the adapter)")
+    p.set_defaults(func=_export)
+
+
 def _generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate completions with a causal LM and its adapter(s)")
     p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]FOLDER",
@@ -765,8 +792,8 @@ def _report_parser(sub) -> None:
     p.set_defaults(func=_report)
 
 
-_COMMANDS = (_train_parser, _eval_parser, _merge_parser, _generate_parser, _score_parser, _models_parser,
-             _serve_parser, _sweep_parser, _analyze_parser, _report_parser)
+_COMMANDS = (_train_parser, _eval_parser, _merge_parser, _export_parser, _generate_parser, _score_parser,
+             _models_parser, _serve_parser, _sweep_parser, _analyze_parser, _report_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
