@@ -397,7 +397,8 @@ SECTIONS = [("train_step", "Training step (batch 16 x 128, forward + backward + 
 COMMANDS = {"serve_bf16": "serve.py --precision bf16", "decode_step": "decode_step.py --compile",
             "decode_step_2threads": "decode_step.py --compile --threads 2",
             "engine_design_compiled": "engine_design.py --compile --dtypes int8 q4_1", "lm_memory": "lm_step.py --memory",
-            "kernels": "quant_kernels.py",
+            "kernels": "quant_kernels.py", "cb_design": "cb_design.py --repeats 3",
+            "serve_gen": "serve_gen.py --seconds 15 --rounds 2 --llama-server PATH",
             "quant_quality": "quant_quality.py --adapter e2e-1500=RUN/adapter --adapter e2e-demo=RUN/adapter",
             "gguf_export": "gguf_export.py --adapter e2e-1500=RUN/adapter --adapter e2e-demo=RUN/adapter "
                            "--base f32=smollm2-f32.gguf"}
