@@ -58,6 +58,10 @@ def _tiny_lm_folder(folder, arch: str):
                            num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
                            attn_logit_softcapping=2.0, final_logit_softcapping=1.0, max_position_embeddings=256, **ids)
         model = T.Gemma2ForCausalLM(cfg)
+    elif arch == "gpt_neox":  # a causal LM neither decoding engine serves
+        cfg = T.GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                              num_attention_heads=4, max_position_embeddings=256, **ids)
+        model = T.GPTNeoXForCausalLM(cfg)
     else:
         cfg = T.GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=256, **ids)
         model = T.GPT2LMHeadModel(cfg)

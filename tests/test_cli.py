@@ -194,6 +194,34 @@ def test_serve_reads_a_config_file_and_flags_override_it(tmp_path, capsys, monke
     _one_line_error(capsys, ["serve", "--config", str(settings)], "unknown key(s) ['workers']")
 
 
+def test_serve_engine_comes_from_the_config_file_or_the_flag(tmp_path, capsys, monkeypatch):
+    from lorakit import serve as serve_module
+
+    seen = {}
+    monkeypatch.setattr(serve_module, "serve", lambda model, adapters, config, *rest: seen.update(config=config))
+    assert cli.main(["serve", "--model", "m"]) == 0 and seen["config"].engine == "auto"
+    settings = tmp_path / "serve.yaml"
+    settings.write_text("model: m\nengine: model\n")
+    assert cli.main(["serve", "--config", str(settings)]) == 0 and seen["config"].engine == "model"
+    assert cli.main(["serve", "--config", str(settings), "--engine", "decoder"]) == 0 and seen["config"].engine == "decoder"
+    _one_line_error(capsys, ["serve", "--model", "m", "--engine", "vllm"], "engine must be auto, decoder or model, got 'vllm'")
+
+
+def test_serve_refuses_at_start_up_by_name_what_no_engine_serves(tmp_path, tiny_gemma2_lm, capsys):
+    """Before any port is bound: an architecture neither engine serves, and Gemma 2 asked of the lean decoder."""
+    from conftest import _tiny_lm_folder
+
+    neox = _tiny_lm_folder(tmp_path / "neox", "gpt_neox")
+    capsys.readouterr()  # (saving it printed a progress bar)
+    _one_line_error(capsys, ["serve", "--model", neox, "--port", "1"],
+                    "not GPTNeoXForCausalLM (model_type 'gpt_neox'); use lorakit generate for it")
+    for engine in ("model", "decoder"):  # (not pointed to the model engine, which does not serve it either)
+        _one_line_error(capsys, ["serve", "--model", neox, "--port", "1", "--engine", engine],
+                        "(model_type 'gpt_neox'); use lorakit generate for it")
+    _one_line_error(capsys, ["serve", "--model", tiny_gemma2_lm, "--port", "1", "--engine", "decoder"],
+                    "not Gemma2ForCausalLM (model_type 'gemma2'); use engine 'model' (lorakit serve --engine model)")
+
+
 def test_merge_reads_a_peft_causal_lm_adapter_and_saves_the_dtype_asked(tiny_llama, tmp_path, capsys):
     import torch
     from safetensors.torch import load_file

@@ -163,8 +163,11 @@ class _Tokens:
         return " ".join(map(str, ids))
 
 
-def test_the_scheduler_serves_a_new_family_with_mixed_adapters(tmp_path):
-    base, model = _adapted(FAMILIES["gemma2"])
+@pytest.mark.parametrize("name", ["mistral", "qwen2", "gemma2", "gemma3", "qwen3"])
+def test_the_scheduler_serves_windowed_and_new_families_with_mixed_adapters(name, tmp_path):
+    """The serving path (chunked prefill, rows joining and leaving) over prompts of 9 and 14 tokens, longer than
+    the window of 4: Mistral's on every layer, Qwen2's on its second, Gemma 2/3's on interleaved layers."""
+    base, model = _adapted(FAMILIES[name])
     with pytest.raises(ValueError, match="engine must be auto or one of"):
         Scheduler(model, _Tokens(), eos=set(), engine="vllm")
     with pytest.raises(ValueError, match="use engine 'model'"):

@@ -269,12 +269,16 @@ def _served(client, model: str, prompt: str, n: int) -> str:
     return r.json()["choices"][0]["text"]
 
 
-def test_serve_int4_decodes_the_quantized_model_with_per_row_adapters(installed):
+@pytest.mark.parametrize("engine_name, runs", [("auto", "decoder"), ("model", "model")])
+def test_serve_int4_decodes_the_quantized_model_with_per_row_adapters(installed, engine_name, runs):
+    """Either decoding engine (auto: the lean decoder for Llama; model: the model's own modules) over the
+    quantized layers: the tokens of the model quantized directly, the adapters applied per row."""
     folder, adapters = installed
-    config = ServeConfig(max_length=64, max_new_tokens=16)
+    config = ServeConfig(max_length=64, max_new_tokens=16, engine=engine_name)
     engine = GenerationEngine(folder, config, "fp32", quantize="int4")
     with running(create_app(engine, config, adapters)) as client:
         assert engine.quantized.endswith(f"; {LINEARS} of them read as they are from {GGUF_NAME}")
+        assert client.get("/healthz").json()["engine"] == runs == engine.scheduler.engine
         served = {(p, m): _served(client, m, p, 10) for p in PROMPTS for m in (folder, "a", "b")}
     tokenizer, direct = _model(folder, adapters)
     quantize_linears(direct, "q4_1", "q8_0")  # the same model, quantized directly

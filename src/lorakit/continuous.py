@@ -43,6 +43,8 @@ def pick_engine(model: nn.Module, engine: str = "auto", compile: bool = False) -
     when ``compile`` (only it compiles)."""
     if engine != "auto" and engine not in ENGINES:
         raise ValueError(f"engine must be auto or one of {', '.join(ENGINES)}, not {engine!r}")
+    if (reason := ModelDecoder.refusal(model)) is not None:  # neither engine serves it, whichever was asked
+        raise ValueError(reason)
     if engine == "decoder" and compile:
         raise ValueError("compiling the decode step needs the model engine, not the decoder engine")
     if engine == "auto":

@@ -177,14 +177,22 @@ class ModelDecoder:
     ``start, start + 1, ...`` (``start: (B,)``), taken at index ``last`` (default ``T - 1``) of
     each row — as :class:`lorakit.decoder.Decoder`, through the model's own modules."""
 
-    def __init__(self, model: nn.Module, compile: bool | None = None) -> None:
+    @staticmethod
+    def refusal(model: nn.Module) -> str | None:
+        """Why no engine serves ``model`` (None: this one does)."""
         config = model.config
         kind = getattr(config, "model_type", None)
         if kind not in SERVED:
-            raise ValueError(f"lorakit serve generates with {', '.join(SERVED)}, not {type(model).__name__} "
-                             f"(model_type {kind!r}); use lorakit generate for it")
+            return (f"lorakit serve generates with {', '.join(SERVED)}, not {type(model).__name__} "
+                    f"(model_type {kind!r}); use lorakit generate for it")
         if getattr(config, "use_bidirectional_attention", False):
-            raise ValueError(f"{kind} with use_bidirectional_attention is not a causal decoder: not served")
+            return f"{kind} with use_bidirectional_attention is not a causal decoder: not served"
+        return None
+
+    def __init__(self, model: nn.Module, compile: bool | None = None) -> None:
+        if (reason := self.refusal(model)) is not None:
+            raise ValueError(reason)
+        config = model.config
         _register()
         self.model, self.config = model, config
         self.body, self.head = model.base_model, model.get_output_embeddings()
