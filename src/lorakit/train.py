@@ -65,18 +65,30 @@ class TrainConfig:
     model: str = _opt("minilm", "model: minilm (embedded), mpnet-base, smollm2 (causal LM), or any HF name or folder")
     method: str = _opt("lora", "lora, full (full fine-tuning), bitfit (biases only) or adapter (Houlsby)")
     data_dir: str | None = _opt(None, "GLUE tsv / E2E csv folder, or 'hub' (default: ../shared/data/glue or /e2e)")
-    train_file: str | None = _opt(None, "jsonl task: training rows {prompt, completion} or {messages}; classify task: "
-                                        "a CSV or JSONL file of texts and labels (the classes are read from it)")
-    dev_file: str | None = _opt(None, "jsonl and classify tasks: dev rows, same format (classify without it: a seeded "
-                                      "--dev-ratio of the training rows)")
+    train_file: str | None = _opt(None, "jsonl task: training rows {prompt, completion} or {messages} from a .jsonl, "
+                                        ".json, .csv or .parquet file, a datasets save_to_disk folder or a Hub dataset "
+                                        "name (owner/name; pip install 'lorakit[hub]' for all but JSONL); classify "
+                                        "task: a CSV or JSONL file of texts and labels (the classes are read from it)")
+    dev_file: str | None = _opt(None, "jsonl and classify tasks: dev rows, same formats (without it and without "
+                                      "--dev-split: a seeded --dev-ratio of the training rows)")
+    dataset_config: str | None = _opt(None, "jsonl task, a Hub dataset: its configuration (load_dataset's name)")
+    train_split: str = _opt("train", "jsonl task, a Hub dataset or a save_to_disk folder of several splits: the "
+                                     "training split")
+    dev_split: str | None = _opt(None, "jsonl task: the dev split of the same Hub dataset or folder (or of --dev-file)")
+    prompt_field: str | None = _opt(None, "jsonl task: the column holding the prompt; several, comma-separated "
+                                          "(instruction,input), are joined by a blank line, empty ones left out "
+                                          "(default: prompt)")
+    completion_field: str | None = _opt(None, "jsonl task: the column holding the completion (default: completion)")
+    messages_field: str | None = _opt(None, "jsonl task: the column holding conversations, lists of {role, content} "
+                                            "(default: messages, where a row has no prompt)")
     text_field: str | None = _opt(None, "classify task: the column / JSON field holding the text")
     text_pair_field: str | None = _opt(None, "classify task: the field holding the second text of a pair (as MRPC)")
     label_field: str | None = _opt(None, "classify task: the field holding the label: strings and integers are classes "
                                          "(sorted; integers numerically), other numbers a regression score")
     problem_type: str | None = _opt(None, "classify task: single_label_classification or regression, overriding what "
                                           "the labels suggest")
-    dev_ratio: float = _opt(0.1, "classify task without --dev-file: the share of training rows held out as dev "
-                                 "(seeded, the same rows for every seed)")
+    dev_ratio: float = _opt(0.1, "jsonl and classify tasks without --dev-file (or --dev-split): the share of training "
+                                 "rows held out as dev (seeded, the same rows for every seed)")
     prompt_format: str = _opt("plain", "causal LM prompts: plain (prompt, separator, completion) or chat (chat template)")
     prompt_separator: str = _opt("\n", "plain prompts: the text between prompt and completion, recorded in task.json "
                                        "for generate and eval (default: a newline; '' joins them verbatim, as TRL does)")

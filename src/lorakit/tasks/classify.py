@@ -36,7 +36,7 @@ from . import Split, first_rows, report
 from .glue import GlueTask, tokenize
 
 __all__ = ["ClassifyTask", "Row", "read_rows", "discover_labels", "examples", "read_examples", "task_of", "create",
-           "presets", "default_preset", "canonical_name", "PROBLEM_TYPES", "SPLIT_SEED"]
+           "presets", "default_preset", "canonical_name", "PROBLEM_TYPES", "SPLIT_SEED", "held_out"]
 
 NAME = "classify"
 PROBLEM_TYPES = ("single_label_classification", "regression")
@@ -85,10 +85,10 @@ def _csv_records(path: Path, fields: tuple[str, ...]) -> Iterator[tuple[str, dic
 
 def _jsonl_records(path: Path, fields: tuple[str, ...]) -> Iterator[tuple[str, dict[str, Any]]]:
     """``(path:line, object)`` per non-blank JSONL line."""
-    from .lm import _json_object, _lines  # the prompt/completion reader's: UTF-8 and JSON errors name the line
+    from ..training.datasets import json_object, text_lines  # UTF-8 and JSON errors name the line
 
-    for line, where in _lines(path):
-        yield where, _json_object(line, where)
+    for line, where in text_lines(path):
+        yield where, json_object(line, where)
 
 
 # A format is one entry: the file's suffix and a reader of (where, record) pairs.
@@ -240,7 +240,7 @@ def task_of(info: dict[str, Any]) -> data.Task:
 # ---- the task ----------------------------------------------------------------------------------
 
 
-def _held_out(rows: list[Row], ratio: float, path: str) -> tuple[list[Row], list[Row]]:
+def held_out(rows: list[Row], ratio: float, path: str) -> tuple[list[Row], list[Row]]:
     """``(training rows, dev rows)``: a seeded ``ratio`` of ``rows`` held out (at least one row),
     announced; the rows keep the file's order."""
     count = max(1, round(ratio * len(rows)))
@@ -273,7 +273,7 @@ class ClassifyTask(GlueTask):
             train_rows = self.rows
             dev = examples(read_rows(cfg.dev_file, task.text_columns, task.label_column), task, cfg.train_file)
         else:
-            train_rows, dev_rows = _held_out(self.rows, cfg.dev_ratio, cfg.train_file)
+            train_rows, dev_rows = held_out(self.rows, cfg.dev_ratio, cfg.train_file)
             dev = examples(dev_rows, task, cfg.train_file)
         train = first_rows(examples(train_rows, task, cfg.train_file), cfg.max_train_examples, "training rows",
                            "--max-train-examples")

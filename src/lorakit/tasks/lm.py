@@ -33,9 +33,11 @@ from torch import nn
 from .. import data, quant
 from ..distributed import World, as_forward, is_sharded
 from ..models import resolve_model
+from ..training.datasets import Fields, columns_hint, json_object, map_record, read_records, text_lines
 from . import Split, first_rows, refuse_classify_flags, report
 
-__all__ = ["TASKS", "LMTask", "CausalLMLoss", "read_e2e", "read_jsonl", "encode", "collate", "load_causal_lm",
+__all__ = ["TASKS", "LMTask", "CausalLMLoss", "read_e2e", "read_jsonl", "read_rows", "check_row",
+           "encode", "collate", "load_causal_lm",
            "e2e_data_dir", "create", "presets", "default_preset", "canonical_name", "decoding_for", "evaluate_e2e", "prompt_ids",
            "group_references", "score_outputs", "read_prompts", "trained_prompt_format"]
 
@@ -128,43 +130,28 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a JSONL file, each ``{"prompt": str, "completion": str}`` or
     ``{"messages": [{"role": ..., "content": str}, ...]}`` with at least one assistant turn.
     Errors name the file and line."""
-    rows = [_check_row(line, where) for line, where in _lines(path)]
+    rows = [check_row(json_object(line, where), where) for line, where in text_lines(path)]
     if not rows:
         raise ValueError(f"{path}: no rows (expected one JSON object per line)")
     return rows
 
 
-def _lines(path: str | Path) -> Iterable[tuple[str, str]]:
-    """The non-blank lines of a UTF-8 text file, each with ``"path:line"`` for errors."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"no such file: {path}")
-    with path.open("rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{number}: not UTF-8 text (byte {e.start + 1} of the line: {e.reason}); "
-                                 "save the file as UTF-8") from None
-            if line.strip():
-                yield line, f"{path}:{number}"
-
-
-def _json_object(line: str, where: str) -> dict[str, Any]:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-    if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    return row
+def read_rows(source: str, fields: Fields | None = None, split: str = "train", config: str | None = None
+              ) -> list[dict[str, Any]]:
+    """Rows of any dataset source (JSONL, JSON, CSV, Parquet, a save_to_disk folder, a Hub name:
+    :mod:`lorakit.training.datasets`) mapped by ``fields`` and checked as JSONL rows are."""
+    fields = fields or Fields()
+    rows = [check_row(map_record(record, fields, where), where) for record, where in read_records(source, split, config)]
+    if not rows:
+        raise ValueError(f"{source}: no rows")
+    return rows
 
 
 def read_prompts(path: str | Path) -> list[dict[str, Any]]:
     """Rows ``{"prompt": str, "adapter": str (optional)}`` of a JSONL file for generation."""
     rows = []
-    for line, where in _lines(path):
-        row = _json_object(line, where)
+    for line, where in text_lines(path):
+        row = json_object(line, where)
         if not isinstance(row.get("prompt"), str) or not isinstance(row.get("adapter", ""), str):
             raise ValueError(f"{where}: expected {{\"prompt\": str}} (and optionally \"adapter\": str)")
         rows.append(row)
@@ -173,8 +160,8 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _check_row(line: str, where: str) -> dict[str, Any]:
-    row = _json_object(line, where)
+def check_row(row: dict[str, Any], where: str) -> dict[str, Any]:
+    """``row`` as ``{"prompt", "completion"}`` or ``{"messages"}``; a one-line error naming ``where``."""
     if "messages" in row:
         messages = row["messages"]
         if not isinstance(messages, list) or not messages or not all(
@@ -187,7 +174,8 @@ def _check_row(line: str, where: str) -> dict[str, Any]:
     for key in ("prompt", "completion"):
         if not isinstance(row.get(key), str):
             raise ValueError(f"{where}: expected {{\"prompt\": str, \"completion\": str}} or {{\"messages\": [...]}}; "
-                             f"'{key}' is {'missing' if key not in row else type(row[key]).__name__}")
+                             f"'{key}' is {'missing' if key not in row else type(row[key]).__name__}"
+                             + (f"; {columns_hint(row)}" if key not in row else ""))
     if not row["completion"]:
         raise ValueError(f"{where}: 'completion' is empty")
     return {"prompt": row["prompt"], "completion": row["completion"]}
@@ -366,8 +354,11 @@ class LMTask:
         self.main = ("dev", "BLEU" if self.name == "e2e" else "loss")
         self.tokenizer = None
         self.prompt_format = cfg.prompt_format  # how the training rows were encoded: set by read()
-        if self.name == "jsonl" and not (cfg.train_file and cfg.dev_file):
-            raise ValueError("--task jsonl needs --train-file and --dev-file (JSONL, one row per line)")
+        self._held_out: dict[str, list[dict[str, Any]]] | None = None  # without a dev source: train/dev rows
+        if self.name == "jsonl" and not cfg.train_file:
+            raise ValueError("--task jsonl needs --train-file (JSONL, JSON, CSV, Parquet, a save_to_disk folder or a "
+                             "Hub dataset name) and, optionally, --dev-file or --dev-split (else --dev-ratio holds "
+                             "training rows out)")
         if getattr(cfg, "pooling", "cls") != "cls":
             raise ValueError(f"--pooling applies to classifiers, not to the causal-LM task {self.name}")
         refuse_classify_flags(cfg)
@@ -380,9 +371,22 @@ class LMTask:
         return None
 
     def _rows(self, split: str) -> list[dict[str, Any]]:
-        if self.name == "jsonl":
-            return read_jsonl(self.cfg.train_file if split == "train" else self.cfg.dev_file)
-        return [{"prompt": mr, "completion": ref} for mr, ref in read_e2e(split, self.cfg.data_dir)]
+        if self.name == "e2e":
+            return [{"prompt": mr, "completion": ref} for mr, ref in read_e2e(split, self.cfg.data_dir)]
+        if self._held_out is not None:
+            return self._held_out[split]
+        cfg = self.cfg
+        fields = Fields(cfg.prompt_field, cfg.completion_field, cfg.messages_field)
+        if split == "dev" and (cfg.dev_file or cfg.dev_split):
+            return read_rows(cfg.dev_file or cfg.train_file, fields, cfg.dev_split or cfg.train_split, cfg.dataset_config)
+        train = read_rows(cfg.train_file, fields, cfg.train_split, cfg.dataset_config)
+        if cfg.dev_file or cfg.dev_split:
+            return train
+        from .classify import held_out
+
+        rows, dev = held_out(train, cfg.dev_ratio, cfg.train_file)
+        self._held_out = {"train": rows, "dev": dev}
+        return self._held_out[split]
 
     def encode_rows(self, rows: list[dict[str, Any]], tokenizer, what: str = "training rows") -> Split:
         """``rows`` encoded; rows that leave no completion token within ``max_length`` are
