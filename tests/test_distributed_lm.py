@@ -1,5 +1,7 @@
 """FSDP2 for causal LMs (tiny Llama, E2E, gloo, 2 CPU processes): the same adapter as DDP and as
-one process, resume after SIGKILL, and two torchrun launches with --nnodes 2 on one host."""
+one process, resume after SIGKILL, two torchrun launches with --nnodes 2 on one host; the model is
+built on the meta device and each process fills only its shards, from the checkpoint or (a folder
+with only a config) from seeded random weights."""
 
 import json
 import socket
@@ -13,6 +15,7 @@ from safetensors.torch import load_file
 
 from lorakit import train
 from test_distributed import ENV, KILLER
+from test_materialise import _config_only, _tied_llama
 
 E2E = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e"
 pytestmark = pytest.mark.skipif(not E2E.is_dir(), reason="../shared/data/e2e not present")
@@ -49,7 +52,7 @@ def test_fsdp_gives_the_adapter_of_ddp_and_of_one_process(tiny_llama, tmp_path):
         done = _torchrun(["--standalone", "--nproc_per_node", "2"],
                          _args(tiny_llama, tmp_path / engine, fsdp=engine == "fsdp", **two))
         assert done.returncode == 0, done.stderr[-3000:]
-    assert "FSDP2: sharded LlamaDecoderLayer" in done.stdout
+    assert "FSDP2: sharded LlamaDecoderLayer and the rest over 2 processes, each process reading only its shards" in done.stdout
     one, ddp, fsdp = (_adapter(tmp_path / name) for name in ("one", "ddp", "fsdp"))
     assert one.keys() == ddp.keys() == fsdp.keys() and len(one) == 8  # q_proj, v_proj: A and B in 2 layers
     for name, tensor in fsdp.items():
@@ -101,3 +104,57 @@ def test_two_nodes_on_one_host_equal_one_launch(tiny_llama, tmp_path):
     assert single.returncode == 0, single.stderr[-3000:]
     a, b = _adapter(tmp_path / "nodes"), _adapter(tmp_path / "single")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+SHARDS = """
+import sys, torch
+from lorakit import LoraConfig, add_lora
+from lorakit.distributed import fully_shard_model, setup
+from lorakit.tasks.lm import load_causal_lm
+from lorakit.training.materialise import Checkpoint, materialise
+
+world = setup()
+path = sys.argv[1]
+models = []
+for empty in (False, True):
+    torch.manual_seed(0)
+    _, model = load_causal_lm(path, empty=empty)
+    add_lora(model, LoraConfig(r=4))
+    models.append(model)
+loaded, model = models
+fully_shard_model(model)
+materialise(model, "cpu", Checkpoint.find(path))
+assert model.lm_head.weight is model.model.embed_tokens.weight
+want = dict(loaded.named_parameters())
+for name, param in model.named_parameters():
+    mine = want[name].chunk(world.size)[world.rank]  # FSDP2's Shard(0): torch.chunk's rows
+    assert torch.equal(param.to_local(), mine), name
+for name, buffer in loaded.named_buffers():
+    assert torch.equal(model.get_buffer(name), buffer), name
+print("shards equal", world.rank, len(want))
+"""
+
+
+def test_each_process_fills_its_shards_with_the_loaded_model_rows(tmp_path):
+    path = _tied_llama(tmp_path / "tied")
+    (tmp_path / "shards.py").write_text(SHARDS)
+    done = subprocess.run([*TORCHRUN, "--standalone", "--nproc_per_node", "2", str(tmp_path / "shards.py"), path],
+                          env=ENV, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "shards equal 0 " in done.stdout and "shards equal 1 " in done.stdout
+
+
+def test_fsdp_trains_a_random_weights_model_as_ddp(tmp_path):
+    """A folder with a config and no weights (the memory benchmark's model): every process draws the
+    same seeded weights, so FSDP's shards and DDP's copies hold one model."""
+    path = _config_only(_tied_llama(tmp_path / "tied"), tmp_path / "config-only")
+    for engine in ("ddp", "fsdp"):
+        done = _torchrun(["--standalone", "--nproc_per_node", "2"],
+                         _args(path, tmp_path / engine, fsdp=engine == "fsdp", batch_size=2, epochs=1))
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "a config and no weights: random weights" in done.stdout
+    ddp, fsdp = _adapter(tmp_path / "ddp"), _adapter(tmp_path / "fsdp")
+    assert ddp.keys() == fsdp.keys() and len(ddp) == 8
+    for name, tensor in fsdp.items():
+        assert not torch.equal(tensor, torch.zeros_like(tensor)), name
+        torch.testing.assert_close(tensor, ddp[name], rtol=0, atol=1e-5, msg=name)

@@ -152,8 +152,11 @@ class LoraLayer(nn.Module):
     def _add_factors(self, name: str, config: LoraConfig, a_shape: tuple[int, ...], b_shape: tuple[int, ...],
                      r: int, alpha: float) -> None:
         dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
-        A = torch.empty(a_shape, dtype=dtype, device=self.weight.device)
-        B = torch.zeros(b_shape, dtype=dtype, device=self.weight.device)
+        # A base on the meta device (built for FSDP, filled later) still gets real factors, drawn now
+        # from the random state, as on a loaded base (lorakit.training.materialise).
+        device = torch.device("cpu") if self.weight.is_meta else self.weight.device
+        A = torch.empty(a_shape, dtype=dtype, device=device)
+        B = torch.zeros(b_shape, dtype=dtype, device=device)
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(B)
         self.init_factors(name, config, r)

@@ -46,6 +46,7 @@ from .precision import PRECISIONS, precision_context, resolve_precision
 from .settings import check_fields, int_list, pattern_text, read_yaml, string_list, typed
 from .tasks import Task, format_metrics
 from .training import loop, schedule
+from .training.materialise import Checkpoint, has_meta, materialise
 from .variants import loraplus_param_groups
 
 __all__ = ["TrainConfig", "resolve_config", "read_config_file", "write_config_file", "read_yaml", "train", "train_seeds",
@@ -500,14 +501,19 @@ def train(cfg: TrainConfig, seed: int) -> dict[str, Any]:
     torch.manual_seed(seed)
     random.seed(seed)
     precision = resolve_precision(cfg.precision, world.device)
+    if cfg.fsdp and not world.distributed:
+        raise ValueError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node N")
     tokenizer, model = _prepare(cfg, task, world)
-    model.to(world.device)
+    empty = has_meta(model)  # a causal LM under --fsdp: built on the meta device, filled once sharded
+    if not empty:
+        model.to(world.device)
     if cfg.fsdp:
-        if not world.distributed:
-            raise ValueError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node N")
         blocks = fully_shard_model(model)
+        if empty:
+            materialise(model, world.device, Checkpoint.find(model.name_or_path))
         if world.main:
-            print(f"FSDP2: sharded {', '.join(blocks)} and the rest over {world.size} processes")
+            print(f"FSDP2: sharded {', '.join(blocks)} and the rest over {world.size} processes"
+                  + (", each process reading only its shards" if empty else ""))
     train_split, dev = task.read(tokenizer)
     plan = loop.Plan.of(cfg, len(train_split), world.size)
     if world.main:

@@ -272,11 +272,17 @@ def collate(features: list[dict[str, list[int]]], pad_id: int, multiple: int = d
 # ---- model and loss ------------------------------------------------------------------------
 
 
-def load_causal_lm(model_name: str, quantize_base: str | None = None):
+def load_causal_lm(model_name: str, quantize_base: str | None = None, empty: bool = False):
     """Tokenizer (with a pad token) and causal LM; float32 weights, or its linear layers quantized with
-    bitsandbytes (``quantize_base``: nf4, fp4, bnb-int8; default: what ``lorakit.quant.base_quantization`` set)."""
+    bitsandbytes (``quantize_base``: nf4, fp4, bnb-int8; default: what ``lorakit.quant.base_quantization`` set).
+
+    ``empty``: the model on the meta device, to be sharded and then filled by
+    :func:`lorakit.training.materialise.materialise` (``--fsdp``). A folder with a config and no
+    weights gives a model of random weights (transformers' init, seeded by each module's name)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
+
+    from ..training.materialise import empty_causal_lm, materialise, weightless
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()  # one-line errors on stderr, no loading bars before them
@@ -287,9 +293,29 @@ def load_causal_lm(model_name: str, quantize_base: str | None = None):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     quantize_base = quantize_base if quantize_base is not None else quant.current_base_quantization()
+    random = weightless(path)
+    if random and quantize_base:
+        raise ValueError(f"--quantize-base {quantize_base}: {model_name} has a config and no weights; bitsandbytes "
+                         "quantizes loaded weights, so give a folder with model.safetensors or drop --quantize-base")
+    if random:
+        report(f"{model_name}: a config and no weights: random weights (transformers' init, seeded by module names)")
+    if empty or random:
+        model = empty_causal_lm(_local_folder(path))
+        if not empty:
+            materialise(model, "cpu", None)
+        return tokenizer, model
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **quant.load_kwargs(quantize_base))
     quant.adopt_all(model)  # before any forward: computes in its compute dtype from the loaded weights (lorakit.quant)
     return tokenizer, model
+
+
+def _local_folder(path: str) -> str:
+    """``path``, or the local copy of a Hub model's config and safetensors files."""
+    if Path(path).is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(path, allow_patterns=["*.json", "*.safetensors"])
 
 
 def _right_padded(mask: torch.Tensor) -> bool:
@@ -364,7 +390,13 @@ class LMTask:
         refuse_classify_flags(cfg)
 
     def load_model(self, model_name: str):
-        self.tokenizer, model = load_causal_lm(model_name, getattr(self.cfg, "quantize_base", None))
+        """Under ``--fsdp`` the model is built on the meta device: the trainer fills each process's
+        shards after sharding, so no process holds the whole base."""
+        empty = getattr(self.cfg, "fsdp", False)
+        if empty and getattr(self.cfg, "use_dora", False):
+            raise ValueError("--fsdp with --use-dora: DoRA's magnitude is computed from the whole base weight, which "
+                             "no process holds under --fsdp (built on the meta device); train DoRA with DDP (drop --fsdp)")
+        self.tokenizer, model = load_causal_lm(model_name, getattr(self.cfg, "quantize_base", None), empty=empty)
         return self.tokenizer, model
 
     def head(self, model: nn.Module) -> str | None:
