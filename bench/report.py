@@ -153,6 +153,20 @@ def lm_memory(r: dict) -> list[str]:
     return rows
 
 
+def fsdp_memory(r: dict) -> list[str]:
+    res, cfg = r["results"], r["config"]
+    hidden, layers, inter, vocab, heads, kv = cfg["dims"]
+    rows = [f"{cfg['shape']} shape (hidden {hidden}, {layers} layers, intermediate {inter}, vocab {vocab}, {heads} heads, "
+            f"{kv} kv heads, tied), random weights, {cfg['processes']} processes ({cfg['backend']}), r={cfg['r']} "
+            f"{cfg['targets']}, batch {cfg['batch']} x {cfg['seq']} per process, gradient checkpointing, "
+            f"{cfg['steps']} steps (the first untimed):", "",
+            "| engine | peak RSS after building MB | peak RSS MB | build s | median step s |", "|---|---|---|---|---|"]
+    for engine, e in res["engines"].items():
+        rows.append(f"| {engine} | {e['built_peak_rss_mb']:.0f} | {e['peak_rss_mb']:.0f} | "
+                    f"{max(x['build_s'] for x in e['ranks']):.0f} | {e['median_step_s']:.1f} |")
+    return rows + _ratio_rows(res["ratios"])
+
+
 def generation(r: dict) -> list[str]:
     res = r["results"]
     rows = [f"model: {r['config']['model']}, {r['config']['new_tokens']} new tokens", "",
@@ -369,6 +383,7 @@ SECTIONS = [("train_step", "Training step (batch 16 x 128, forward + backward + 
             ("lm_step", "Causal-LM training step on real E2E batches of 8, r=4 q/v, label smoothing 0.1 "
              "(lorakit train vs a PEFT user's step)", lm_step),
             ("lm_memory", "Causal-LM training peak memory, as above, each case in its own process", lm_memory),
+            ("fsdp_memory", "FSDP against DDP for a causal LM (#28): peak RSS per process (the larger of 2)", fsdp_memory),
             ("generation", "Generation latency, batch 1, greedy, fixed new tokens, E2E dev prompts", generation),
             ("serve_gen", "lorakit serve with a causal LM: OpenAI completions, continuous batching over adapters",
              serve_gen),
@@ -483,6 +498,10 @@ TARGETS = [
      ("speed", "smollm2-1.7b", "ratios", "lorakit/fp32"), None),
     ("QLoRA SmolLM2-135M: step nf4 / fp32 base, lorakit (reported, no target)", "qlora",
      ("speed", "smollm2", "ratios", "lorakit/fp32"), None),
+    # Issue #28: FSDP2 for causal LMs, built on the meta device (bench/fsdp_memory.py).
+    ("FSDP / DDP peak RSS per process, 2 processes, SmolLM2-1.7B shape, r=8 q,v, gradient checkpointing",
+     "fsdp_memory", ("ratios", "fsdp/ddp peak rss"), ("<=", 0.60)),
+    ("FSDP / DDP step time, as above (gloo, CPU; reported, no target)", "fsdp_memory", ("ratios", "fsdp/ddp step"), None),
     # Issue #26: DoRA's step against lorakit's own LoRA step (PEFT's DoRA: about 2x its LoRA, peft #1474).
     ("DoRA step / LoRA step, lorakit, q/v (SmolLM2 shape)", "dora", ("q_proj,v_proj", "ratios",
                                                                       "lorakit_dora/lorakit_lora"), ("<=", 1.3)),

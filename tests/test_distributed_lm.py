@@ -108,6 +108,7 @@ def test_two_nodes_on_one_host_equal_one_launch(tiny_llama, tmp_path):
 
 SHARDS = """
 import sys, torch
+from torch.distributed.tensor import DTensor
 from lorakit import LoraConfig, add_lora
 from lorakit.distributed import fully_shard_model, setup
 from lorakit.tasks.lm import load_causal_lm
@@ -126,9 +127,15 @@ fully_shard_model(model)
 materialise(model, "cpu", Checkpoint.find(path))
 assert model.lm_head.weight is model.model.embed_tokens.weight
 want = dict(loaded.named_parameters())
+replicated = []
 for name, param in model.named_parameters():
-    mine = want[name].chunk(world.size)[world.rank]  # FSDP2's Shard(0): torch.chunk's rows
-    assert torch.equal(param.to_local(), mine), name
+    if isinstance(param, DTensor):
+        mine = want[name].chunk(world.size)[world.rank]  # FSDP2's Shard(0): torch.chunk's rows
+        assert torch.equal(param.to_local(), mine), name
+    else:  # the frozen weights outside the blocks are replicated
+        assert torch.equal(param, want[name]) and not param.requires_grad, name
+        replicated.append(name)
+assert replicated == ["model.embed_tokens.weight", "model.norm.weight"], replicated
 for name, buffer in loaded.named_buffers():
     assert torch.equal(model.get_buffer(name), buffer), name
 print("shards equal", world.rank, len(want))

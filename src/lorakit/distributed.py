@@ -115,12 +115,18 @@ def gradient_sync(module: nn.Module, sync: bool) -> Iterator[None]:
 
 
 def fully_shard_model(model: nn.Module) -> list[str]:
-    """FSDP2: shard every transformer block (the model's ``_no_split_modules`` classes)
-    and the rest of the model across the processes; returns the sharded classes.
+    """FSDP2: shard every transformer block (the model's ``_no_split_modules`` classes), each
+    weight matrix inside a block as a unit of its own, and the rest of the model across the
+    processes; returns the sharded block classes.
 
-    FSDP2 shards parameter by parameter, so a block may hold frozen base weights and
-    trainable LoRA factors side by side (FSDP1's flat parameters required one
-    ``requires_grad`` per wrapped module).
+    FSDP2 shards parameter by parameter, so a unit may hold frozen base weights and trainable
+    LoRA factors side by side (FSDP1's flat parameters required one ``requires_grad`` per
+    wrapped module). A unit's gather holds its whole weights, plus the gather's own buffers, for
+    the time of its forward and backward: one matrix per unit keeps that to one matrix, not a
+    block's seven. The frozen weights outside the blocks (embeddings, final norm, a tied output
+    layer) are replicated, not sharded: they belong to the root unit, which FSDP keeps gathered
+    from its forward to the end of its backward, so sharding them would save nothing at a step's
+    peak and add a gather of the largest matrix (measured in bench/fsdp_memory.py).
     """
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
@@ -129,12 +135,22 @@ def fully_shard_model(model: nn.Module) -> list[str]:
     if not found:
         raise ValueError(f"--fsdp: {type(model).__name__} names no transformer blocks (_no_split_modules) to shard")
     names = sorted({type(m).__name__ for m in found})  # fully_shard renames the classes (FSDP...)
-    for module in found:
-        fully_shard(module)
-    fully_shard(model)
+    for block in found:
+        for layer in [m for m in block.modules() if m is not block and _holds_matrix(m)]:
+            fully_shard(layer)
+        fully_shard(block)
+    inside = {id(p) for block in found for p in block.parameters()}
+    frozen = {p for p in model.parameters() if not p.requires_grad and id(p) not in inside}
+    fully_shard(model, ignored_params=frozen or None)
     model.lorakit_forward = _call
     register_fsdp_forward_method(model, "lorakit_forward")
     return names
+
+
+def _holds_matrix(module: nn.Module) -> bool:
+    """A layer with its own 2-D ``weight`` (a linear layer, GPT-2's Conv1D, a LoRA layer wrapping one)."""
+    weight = module._parameters.get("weight")
+    return weight is not None and weight.dim() == 2
 
 
 def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

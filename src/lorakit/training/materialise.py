@@ -19,7 +19,6 @@ saves).
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import zlib
 from collections.abc import Iterator
@@ -189,13 +188,22 @@ def _init_module(model: nn.Module, name: str, module: nn.Module, full: dict[str,
     layer's: the layer it wraps), from a generator seeded by the module's name."""
     from ..layers import LoraLayer
 
-    stand = copy.copy(module.base_template if isinstance(module, LoraLayer) else module)
+    source = module.base_template if isinstance(module, LoraLayer) else module
+    stand = object.__new__(_plain_class(source))  # not copy.copy: an FSDP class's __new__ runs __init__
+    stand.__dict__ = dict(source.__dict__)
     stand._parameters = {n: full.get(n) for n in module._parameters}
     stand._buffers = dict(buffers)
     stand._modules = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(zlib.crc32(name.encode()))
         model._init_weights(stand)
+
+
+def _plain_class(module: nn.Module) -> type:
+    """``module``'s class, before ``fully_shard`` swapped it for ``FSDP<class>``."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
 
 
 def _copy_shard(param: torch.Tensor, full: torch.Tensor) -> None:
