@@ -13,6 +13,9 @@ def test_auto_picks_bf16_only_where_native(monkeypatch, flags, native):
     assert precision.native_bf16() is native
     assert precision.resolve_precision("auto") == ("bf16" if native else "fp32")
     assert precision.resolve_precision("fp32") == "fp32"
+    # block-quantized weights (--quantize): the kernels compute in fp32, bf16 activations only add casts
+    assert precision.resolve_precision("auto", quantized=True) == "fp32"
+    assert precision.resolve_precision("bf16", quantized=True) == "bf16"  # asked for: kept
 
 
 def test_forced_bf16_without_hardware_support_warns(monkeypatch):

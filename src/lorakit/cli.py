@@ -374,7 +374,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.quantize:  # after the adapters (and merging): their layers keep a float weight beside the quantized copy
         print(f"lorakit generate: {quantize_model(model, args.quantize, installed(resolve_model(info['model'])))}",
               file=sys.stderr)
-    with precision_context(resolve_precision(args.precision)):
+    with precision_context(resolve_precision(args.precision, quantized=bool(args.quantize))):
         ids = generate_ids(model, [lm.prompt_ids(tokenizer, r["prompt"], fmt, separator) for r in rows],
                            pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, decoding=_decoding(args),
                            adapters=None if args.merge or not adapters else names, batch_size=args.batch_size,

@@ -58,12 +58,16 @@ def native_bf16(device: torch.device = torch.device("cpu")) -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
-def resolve_precision(precision: str, device: torch.device = torch.device("cpu")) -> str:
-    """``auto`` -> bf16 where native, else fp32; a forced bf16 without hardware support warns."""
+def resolve_precision(precision: str, device: torch.device = torch.device("cpu"), quantized: bool = False) -> str:
+    """``auto`` -> bf16 where native, else fp32; a forced bf16 without hardware support warns.
+
+    ``quantized``: the base's linear layers are block-quantized (``--quantize``), whose kernels compute in
+    fp32 from any activations: ``auto`` is fp32 then, as bf16 activations only add conversions around every
+    product (``lorakit serve --quantize int4``, 32 clients, Zen 4: 154 tokens/s in bf16, 197 in fp32)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "auto":
-        return "bf16" if native_bf16(device) else "fp32"
+        return "bf16" if native_bf16(device) and not quantized else "fp32"
     if precision == "bf16" and not native_bf16(device):
         warnings.warn(f"bf16 on a {device.type} without native bf16 is emulated and much slower than fp32 "
                       "(20-100x on AVX2-only CPUs); use --precision fp32 or auto", stacklevel=2)

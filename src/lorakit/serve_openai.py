@@ -56,7 +56,7 @@ class GenerationEngine:
 
     def __init__(self, model_name: str, config: ServeConfig, precision: str = "auto", quantize: str | None = None) -> None:
         self.model_name = model_name
-        self.precision = resolve_precision(precision)
+        self.precision = resolve_precision(precision, quantized=bool(quantize))
         quant.check_quantize(quantize)
         if quantize:
             quant.require_kernels(f"--quantize {quantize}")  # before loading the model: no compiler, no wait
