@@ -1,7 +1,8 @@
 """Quality guard of quantized decoding (#27 item 4): int8 / int4 weights against fp32, per adapter, on E2E.
 
 Formats (``lorakit.quant.linear.quantize_linears``, adapters kept in float32): ``int8`` = q8_0 layers and head;
-``int4`` = q4_1 layers with a q8_0 LM head (GGUF's layout). Activations are float32 in every case.
+``int4`` = q4_1 layers with a q8_0 LM head (GGUF's layout). The kernels' activations are ``$LORAKIT_QUANT_ACT``'s
+(int8 blocks by default, or fp32; :mod:`lorakit.quant.kernels`), recorded as ``activations``.
 
 - **Agreement**: the fp32 model's greedy completion (at most ``--max-new-tokens``, then its EOS if it stopped)
   of each of the first ``--max-examples`` unique E2E test MRs; then prompt + that completion through each model
@@ -26,6 +27,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
@@ -146,7 +148,7 @@ def run(adapters: dict[str, str], *, model: str | None = None, data_dir: str | N
     config = {"adapters": adapters, "model": model, "data_dir": data_dir, "max_examples": max_examples,
               "max_new_tokens": max_new_tokens, "batch_size": batch_size, "bleu_adapters": bleu_adapters,
               "formats": {k: {"layers": v[0], "head": v[1]} for k, v in FORMATS.items()},
-              "bleu_decoding": dataclasses.asdict(PAPER_DECODING), "activations": "float32"}
+              "bleu_decoding": dataclasses.asdict(PAPER_DECODING), "activations": os.environ.get("LORAKIT_QUANT_ACT") or "int8"}
     results: dict = {"adapters": {}}
     common = dict(model=model, data_dir=data_dir, max_examples=max_examples, batch_size=batch_size)
     for label, path in adapters.items():

@@ -80,50 +80,96 @@ def test_an_unknown_format_is_refused():
 # ---- the kernels --------------------------------------------------------------------------------------------------
 
 
+ACTS = list(kernels.ACTS)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("rows", [1, 3, 32])
-@pytest.mark.parametrize("isa", ["avx2", "avx512"])
-def test_the_kernel_computes_the_reference(isas, fmt, rows, isa):
+@pytest.mark.parametrize("isa", list(kernels.ISAS))
+@pytest.mark.parametrize("act", ACTS)
+def test_the_kernel_computes_the_reference(isas, fmt, rows, isa, act):
     if isa not in isas:
         pytest.skip(f"this CPU has no {isa}")
     for out, inp, bias in [(37, 96, True), (5, 2112, False)]:  # odd output rows; > 64 blocks (factor chunks)
         weight = blocks.quantize(_weight(out, inp), fmt)
         b = torch.randn(out) if bias else None
         x = torch.randn(rows, inp, generator=torch.Generator().manual_seed(1))
-        want = blocks.reference_linear(x, weight, b)
-        got = kernels.linear(x, weight, b, isa=isa)
+        want = blocks.reference_linear(x, weight, b, act)
+        got = kernels.linear(x, weight, b, isa=isa, act=act)
         # the same float32 products, summed in another order: a few ulps of the sum of |terms|
         tol = 1e-6 * float((x.abs() @ blocks.dequantize(weight).abs().T).max())
         torch.testing.assert_close(got, want, rtol=0, atol=tol)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("isa", ["avx2", "avx512"])
-def test_every_row_count_and_tile_remainder_computes_the_reference(isas, fmt, isa):
+@pytest.mark.parametrize("isa", list(kernels.ISAS))
+@pytest.mark.parametrize("act", ACTS)
+def test_every_row_count_and_tile_remainder_computes_the_reference(isas, fmt, isa, act):
     """1..17 rows (each tile size 1..8, equal splits such as 9 = 5 + 4), 31 and 64; K sliced where a tile's rows of x
-    exceed L1 (1536, 2112); panels of output rows (37 q8_0 rows of K = 2112 are two); x read with a stride."""
+    exceed L1 (1536, 2112); panels of output rows (37 q8_0 rows of K = 2112 are two); x read with a stride; with int8
+    activations, K / 32 not a multiple of 8 (their scales' rows are padded) and over 64 blocks (chunks of scales)."""
     if isa not in isas:
         pytest.skip(f"this CPU has no {isa}")
-    for out, inp, bias in [(37, 2112, True), (70, 1536, False), (9, 96, True)]:
+    for out, inp, bias in [(37, 2112, True), (70, 1536, False), (9, 96, True), (11, 576, True)]:
         weight = blocks.quantize(_weight(out, inp), fmt)
         b = torch.randn(out) if bias else None
         wabs = blocks.dequantize(weight).abs().T
         for rows in [*range(1, 18), 31, 64]:
             x = torch.randn(rows, inp + 32, generator=torch.Generator().manual_seed(rows))[:, :inp]
             tol = 1e-6 * float((x.abs() @ wabs).max())
-            torch.testing.assert_close(kernels.linear(x, weight, b, isa=isa), blocks.reference_linear(x, weight, b),
-                                       rtol=0, atol=tol, msg=lambda m, rows=rows, out=out, inp=inp: f"{rows} rows of {out}x{inp}: {m}")
+            torch.testing.assert_close(kernels.linear(x, weight, b, isa=isa, act=act),
+                                       blocks.reference_linear(x, weight, b, act), rtol=0, atol=tol,
+                                       msg=lambda m, rows=rows, out=out, inp=inp: f"{rows} rows of {out}x{inp}: {m}")
 
 
-def test_the_kernel_reads_rows_with_a_stride(isas):
+@pytest.mark.parametrize("act", ACTS)
+def test_the_kernel_reads_rows_with_a_stride(isas, act):
     weight = blocks.quantize(_weight(8, 64), "q4_1")
     x = torch.randn(4, 96)[:, :64]  # rows 96 apart
-    torch.testing.assert_close(kernels.linear(x, weight), blocks.reference_linear(x, weight), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kernels.linear(x, weight, act=act), blocks.reference_linear(x, weight, act=act),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("isa", list(kernels.ISAS))
+def test_int8_activations_carry_nan_and_infinity_and_zero_blocks(isas, fmt, isa):
+    """A NaN or an infinity in x makes its rows' outputs non-finite, as in float (a block's max would drop a NaN;
+    the scheduler ends a request whose logits are not finite); an all-zero block contributes 0."""
+    if isa not in isas:
+        pytest.skip(f"this CPU has no {isa}")
+    weight = blocks.quantize(_weight(16, 96), fmt)
+    x = torch.randn(4, 96, generator=torch.Generator().manual_seed(0))
+    x[0, 5], x[1, 70], x[2, :32] = float("nan"), float("inf"), 0.0
+    for rows in (x, x[:1], x[1:2]):
+        y = kernels.linear(rows, weight, isa=isa, act="int8")
+        assert not torch.isfinite(y[: 2 if len(rows) > 2 else 1]).any(dim=-1).any()
+    y = kernels.linear(x[2:], weight, isa=isa, act="int8")
+    torch.testing.assert_close(y, blocks.reference_linear(x[2:], weight, act="int8"), rtol=1e-5, atol=1e-5)
+
+
+def test_int8_activations_stay_within_their_rounding_of_float(isas):
+    """What rounding x to int8 blocks costs: each product moves by at most half a step of x per weight."""
+    weight = blocks.quantize(_weight(64, 576), "q4_1")
+    x = torch.randn(8, 576, generator=torch.Generator().manual_seed(0))
+    exact, rounded = kernels.linear(x, weight, act="fp32"), kernels.linear(x, weight, act="int8")
+    step = x.reshape(8, -1, 32).abs().amax(-1).repeat_interleave(32, -1) / 127  # (8, 576): each x's step
+    bound = (step / 2) @ blocks.dequantize(weight).abs().T + 1e-4
+    assert ((rounded - exact).abs() <= bound).all()
+    assert not torch.equal(rounded, exact)
+
+
+def test_an_unknown_act_is_refused(isas, monkeypatch):
+    with pytest.raises(ValueError, match=r"act must be one of \('int8', 'fp32'\) .*got 'int4'"):
+        kernels.resolve_act("int4")
+    monkeypatch.setenv("LORAKIT_QUANT_ACT", "fp32")
+    assert kernels.resolve_act() == 32 and QuantLinear.from_float(_weight(4, 32)).act == 32
+    monkeypatch.delenv("LORAKIT_QUANT_ACT")
+    assert kernels.resolve_act() == 8
 
 
 def test_an_unknown_or_missing_isa_is_refused(isas, monkeypatch):
     kernels.resolve_isa.cache_clear()
-    with pytest.raises(ValueError, match=r"isa must be 'auto' or one of \('avx2', 'avx512'\), got 'neon'"):
+    with pytest.raises(ValueError, match=r"isa must be 'auto' or one of \('avx2', 'avx512', 'avx512vnni'\), got 'neon'"):
         kernels.resolve_isa("neon")
     monkeypatch.setattr(kernels, "cpu_isa", lambda: "avx2")
     with pytest.raises(ValueError, match=r"isa 'avx512' is not supported by this CPU \(it runs 'avx2'\)"):
@@ -208,11 +254,13 @@ def test_quant_linear_takes_any_leading_shape_and_dtype(isas, fmt):
     layer = torch.nn.Linear(64, 24)
     q = QuantLinear.from_float(layer.weight, layer.bias, fmt)
     x = torch.randn(2, 3, 64)
-    want = F.linear(x, q.dequantize(), layer.bias)
+    act = {v: k for k, v in kernels.ACTS.items()}[q.act]
+    want = blocks.reference_linear(x, q.block_weight(), layer.bias, act)
     torch.testing.assert_close(q(x), want, rtol=1e-5, atol=1e-5)
     assert q(x.bfloat16()).dtype == torch.bfloat16
     q.to(torch.bfloat16)  # a model cast rounds the bias but leaves the float16 factors (int16 bit patterns) as they are
-    torch.testing.assert_close(q(x), F.linear(x, q.dequantize(), layer.bias.bfloat16().float()), rtol=1e-5, atol=1e-5)
+    want = blocks.reference_linear(x, q.block_weight(), layer.bias.bfloat16(), act)
+    torch.testing.assert_close(q(x), want, rtol=1e-5, atol=1e-5)
     assert repr(q).endswith(f"{fmt})")
 
 
@@ -252,16 +300,23 @@ def _dequantized_twin(fmt):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_quantize_linears_computes_the_quantized_model_with_float_adapters(isas, fmt):
+def test_quantize_linears_computes_the_quantized_model_with_float_adapters(isas, fmt, monkeypatch):
+    """With float32 activations, exactly the float model of the quantized weights; with int8 activations (the
+    default) close to it."""
     from lorakit.layers import LoraLinear
 
-    model = _tiny_llama()
+    monkeypatch.setenv("LORAKIT_QUANT_ACT", "fp32")
+    model, rounded = _tiny_llama(), _tiny_llama()
     ids = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         before = model(input_ids=ids).logits
         assert quantize_linears(model, fmt) == 2 * 7 + 1  # 7 matrices per layer and the LM head
         after = model(input_ids=ids).logits
         want = _dequantized_twin(fmt)(input_ids=ids).logits
+        monkeypatch.setenv("LORAKIT_QUANT_ACT", "int8")
+        quantize_linears(rounded, fmt)
+        int8 = rounded(input_ids=ids).logits
+    assert float((int8 - after).norm() / after.norm()) < 0.02 and not torch.equal(int8, after)
     lora = [m for m in model.modules() if isinstance(m, LoraLinear)]
     assert len(lora) == 4 and all(isinstance(m.int8_base, QuantLinear) for m in lora)
     assert isinstance(model.lm_head, QuantLinear) and isinstance(model.model.embed_tokens, torch.nn.Embedding)

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["BLOCK", "FORMATS", "Format", "BlockWeight", "quantize", "dequantize", "reference_linear", "pack_nibbles",
-           "unpack_nibbles"]
+__all__ = ["BLOCK", "FORMATS", "Format", "BlockWeight", "quantize", "dequantize", "round_activations", "reference_linear",
+           "pack_nibbles", "unpack_nibbles"]
 
 BLOCK = 32
 Format = Literal["q8_0", "q4_0", "q4_1"]
@@ -112,6 +112,19 @@ def dequantize(weight: BlockWeight) -> Tensor:
     return blocks.reshape(out, inp)
 
 
-def reference_linear(x: Tensor, weight: BlockWeight, bias: Tensor | None = None) -> Tensor:
-    """``x W^T + b`` in float32 with ``W = dequantize(weight)``: what the kernels compute, up to summation order."""
-    return F.linear(x.float(), dequantize(weight), None if bias is None else bias.float())
+def round_activations(x: Tensor) -> Tensor:
+    """``x: (..., in)`` as the kernels' int8 activations see it (float32): each block of 32 rounded to
+    ``xs * q`` with ``xs = max|x| / 127`` and ``q = round(x * 127 / max|x|)`` (ties to even), an integer in
+    [-127, 127]; GGUF's Q8_1, which llama.cpp multiplies its weight blocks by."""
+    blocks = x.float().reshape(*x.shape[:-1], -1, BLOCK)
+    top = blocks.abs().amax(-1, keepdim=True)
+    inv = torch.full_like(top, 127.0) / top  # (not 127 / top: torch computes that as 127 * (1 / top), an ulp off)
+    codes = torch.round(blocks * torch.where(top > 0, inv, torch.zeros_like(top)))
+    return (codes * (top / 127)).reshape(x.shape)
+
+
+def reference_linear(x: Tensor, weight: BlockWeight, bias: Tensor | None = None, act: str = "fp32") -> Tensor:
+    """``x W^T + b`` in float32 with ``W = dequantize(weight)`` and, with ``act="int8"``, ``x`` rounded as
+    :func:`round_activations` does: what the kernels compute, up to summation order."""
+    x = round_activations(x) if act == "int8" else x.float()
+    return F.linear(x, dequantize(weight), None if bias is None else bias.float())

@@ -1,9 +1,16 @@
-"""C++ kernels for block-quantized linear layers (:mod:`lorakit.quant.blocks`' formats): weight-only, float32
-activations in and out, AVX2 + FMA or AVX-512F chosen at run time, threads over output rows.
+"""C++ kernels for block-quantized linear layers (:mod:`lorakit.quant.blocks`' formats): float32 activations in
+and out, AVX2 + FMA, AVX-512F or AVX-512 VNNI chosen at run time, threads over output rows.
 
-``y = x W^T + b`` with ``W`` decoded block by block in registers (``d q + m``, one fused multiply-add per
-vector) and never written out, so a product reads 8.5 (q8_0) or 5 (4-bit) bits per weight instead of fp32's 32:
-decoding a token reads every weight once, and on a CPU its speed follows the bytes read.
+``y = x W^T + b`` with ``W`` read block by block and never written out in float, so a product reads 8.5 (q8_0) or
+5 (4-bit) bits per weight instead of fp32's 32: decoding a token reads every weight once, and on a CPU its speed
+follows the bytes read. Two ways to multiply (``act``, default ``$LORAKIT_QUANT_ACT`` or int8):
+
+- ``int8``: each row of ``x`` is first rounded to int8 blocks of 32 with a float scale each (GGUF's Q8_1, what
+  llama.cpp multiplies its blocks by), and each block's product is an integer dot product of 32 codes (AVX2's
+  ``maddubs``, VNNI's ``dpbusd``) scaled once: fewer instructions per weight than decoding it to float, and x's
+  rows take a quarter of the cache;
+- ``fp32``: each block decoded in registers (``d q + m``, one fused multiply-add per vector) and multiplied by
+  float32 ``x``: exact products of the block weights (the reference the int8 path is checked against).
 
 The extension is compiled at first use (:func:`load`) with ``torch.utils.cpp_extension`` from the sources
 shipped in ``csrc/``, into a cache folder keyed by the sources, the torch version and the CPU's flags (a
@@ -14,7 +21,7 @@ layer, so a caller that cannot build the kernels should keep its float weights i
 
 ``ninja`` comes from the system (``apt install ninja-build``) or from pip (``ninja``, in ``requirements.txt``
 and the ``serve`` / ``quant`` extras), whose binary lands beside the environment's python.
-``LORAKIT_QUANT_ISA=avx2`` (or ``avx512``) forces one code path (tests run both on an AVX-512 CPU);
+``LORAKIT_QUANT_ISA=avx2`` (or ``avx512``, ``avx512vnni``) forces one code path (tests run each one the CPU has);
 ``LORAKIT_KERNEL_CACHE`` moves the cache (default ``~/.cache/lorakit/kernels``).
 """
 
@@ -34,13 +41,14 @@ from torch import Tensor
 from ..precision import cpu_flags
 from .blocks import BlockWeight
 
-__all__ = ["ISAS", "FORMAT_CODES", "load", "cpu_isa", "resolve_isa", "linear", "cache_dir"]
+__all__ = ["ISAS", "ACTS", "FORMAT_CODES", "load", "cpu_isa", "resolve_isa", "resolve_act", "linear", "cache_dir"]
 
-ISAS = {"avx2": 1, "avx512": 2}
+ISAS = {"avx2": 1, "avx512": 2, "avx512vnni": 3}
+ACTS = {"int8": 8, "fp32": 32}
 FORMAT_CODES = {"q8_0": 0, "q4_0": 1, "q4_1": 1}  # the kernel's Q8 / Q4 (q4_0 is q4_1 with m = -8 d)
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("quant_ops.cpp", "kernels_avx2.cpp", "kernels_avx512.cpp")
-HEADERS = ("kernels.h", "kernel_impl.h")
+SOURCES = ("quant_ops.cpp", "kernels_avx2.cpp", "kernels_avx512.cpp", "kernels_avx512vnni.cpp")
+HEADERS = ("kernels.h", "kernel_impl.h", "simd_avx512.h")
 CFLAGS = ("-O3", "-fopenmp")
 INSTALL = "install a C++ compiler and ninja (Debian/Ubuntu: apt install g++ ninja-build; or pip install ninja)"
 
@@ -99,12 +107,12 @@ def load() -> None:
                            "keep the model's float weights on this CPU")
 
     @torch.library.register_fake("lorakit_quant::linear")
-    def _(x, q, d, m, bias, format, isa):  # shapes for torch.compile
+    def _(x, q, d, m, bias, format, isa, act):  # shapes for torch.compile
         return x.new_empty(*x.shape[:-1], q.shape[0])
 
 
 def cpu_isa() -> str:
-    """The fastest code path this CPU runs: ``avx512`` or ``avx2``."""
+    """The fastest code path this CPU runs: ``avx512vnni``, ``avx512`` or ``avx2``."""
     load()
     return {v: k for k, v in ISAS.items()}[torch.ops.lorakit_quant.cpu_isa()]
 
@@ -122,8 +130,18 @@ def resolve_isa(isa: str | None = None) -> int:
     return ISAS[isa]
 
 
-def linear(x: Tensor, weight: BlockWeight, bias: Tensor | None = None, isa: str | None = None) -> Tensor:
+def resolve_act(act: str | None = None) -> int:
+    """How the kernels multiply (:data:`ACTS`): ``act``, else ``$LORAKIT_QUANT_ACT``, else ``int8``."""
+    act = act or os.environ.get("LORAKIT_QUANT_ACT") or "int8"
+    if act not in ACTS:
+        raise ValueError(f"act must be one of {tuple(ACTS)} (--quantize's activations, $LORAKIT_QUANT_ACT), got {act!r}")
+    return ACTS[act]
+
+
+def linear(x: Tensor, weight: BlockWeight, bias: Tensor | None = None, isa: str | None = None,
+           act: str | None = None) -> Tensor:
     """``x W^T + b`` for ``x: (..., in)`` of any float dtype, computed in float32; returns ``(..., out)`` in
     ``x``'s dtype. ``weight.d`` / ``weight.m`` may be float16 or the int16 bits of float16 values."""
     load()
-    return torch.ops.lorakit_quant.linear(x, weight.q, weight.d, weight.m, bias, FORMAT_CODES[weight.fmt], resolve_isa(isa))
+    return torch.ops.lorakit_quant.linear(x, weight.q, weight.d, weight.m, bias, FORMAT_CODES[weight.fmt],
+                                          resolve_isa(isa), resolve_act(act))

@@ -34,17 +34,20 @@ class QuantLinear(nn.Module):
 
     ``d`` and ``m`` are kept as the int16 bit patterns of their float16 values, so that ``model.to(dtype)``
     leaves them alone (it converts floating buffers); ``bias`` is float32 (the kernel reads any float dtype).
-    Building one builds the kernels (:func:`lorakit.quant.kernels.load`); the code path (``isa``) is fixed then.
+    Building one builds the kernels (:func:`lorakit.quant.kernels.load`); the code path (``isa``) and how it
+    multiplies (``act``: int8 or fp32 activations, :mod:`lorakit.quant.kernels`) are fixed then.
     A forward is one call of the C++ operator: decoding calls ~200 of these per token, so what Python does
     around it shows (a reshape, a cast and a view cost about as much as the product of a small matrix; reading
     four buffers as module attributes and the operator through ``torch.ops`` doubled a small product's 4.5 us)."""
 
-    def __init__(self, weight: BlockWeight, bias: Tensor | None = None, isa: str | None = None) -> None:
+    def __init__(self, weight: BlockWeight, bias: Tensor | None = None, isa: str | None = None,
+                 act: str | None = None) -> None:
         global _linear
         super().__init__()
         kernels.load()
         _linear = torch.ops.lorakit_quant.linear.default
         self.fmt, self.code, self.isa = weight.fmt, kernels.FORMAT_CODES[weight.fmt], kernels.resolve_isa(isa)
+        self.act = kernels.resolve_act(act)
         self.out_features, self.in_features = weight.shape
         self.register_buffer("q", weight.q)
         self.register_buffer("d", weight.d.view(torch.int16))
@@ -65,7 +68,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b = self._buffers
-        return _linear(x, b["q"], b["d"], b["m"], b["bias"], self.code, self.isa)
+        return _linear(x, b["q"], b["d"], b["m"], b["bias"], self.code, self.isa, self.act)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.fmt}"

@@ -169,8 +169,124 @@ inline void rows(const Problem& p, int64_t o_begin, int64_t o_end) {
   }
 }
 
+// ---- int8 activations (p.xq): per block, an integer dot product of 32 weight codes and 32 activation codes,
+// converted once and scaled by d * xs; Q4's m term is sum_b m_b * xm_b. 256-bit integer code in every build.
+
+// 8 int32 lane sums of u * s over 32 (unsigned, signed) byte pairs, 4 pairs a lane.
+inline __m256i idot(__m256i u, __m256i s) {
+#ifdef LORAKIT_VNNI
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+// A 4-bit block's 32 codes as bytes, in element order (low nibbles are elements 0-15, high ones 16-31).
+inline __m256i unpack_q4(const uint8_t* block) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block)), low4 = _mm_set1_epi8(15);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low4), _mm_and_si128(v, low4));
+}
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// Output rows [o, o + OT) x input rows [r, r + RT), all of K: each block's codes unpacked once in registers for the
+// RT rows. Q8's signed codes go in as |w| with x's signs flipped where w < 0 (maddubs / dpbusd take u8 x s8). The
+// scales d * xs of a chunk of blocks are multiplied beforehand, a vector at a time, so that each block's product
+// costs its integer dot product, a conversion and one multiply-add by a scale broadcast from memory.
+template <bool Q4, int OT, int RT>
+inline void itile(const Problem& p, int64_t o, int64_t r) {
+  constexpr int64_t kChunk = 64, kAhead = 2 * OT;
+  const int64_t nb = p.k / 32, row_bytes = Q4 ? p.k / 2 : p.k;
+  __m256 acc[OT][RT];
+  for (int i = 0; i < OT; ++i)
+    for (int j = 0; j < RT; ++j) acc[i][j] = _mm256_setzero_ps();
+  alignas(32) float scale[OT][RT][kChunk], dbuf[kChunk], mbuf[kChunk];
+  const uint8_t* q = p.q + o * row_bytes;
+  const uint16_t* d = p.d + o * nb;
+  const int8_t* xq = p.xq + r * p.k;
+  const bool fetch = r == 0;  // (later row tiles find the weights in cache)
+  for (int64_t b0 = 0; b0 < nb; b0 += kChunk) {
+    const int64_t n = nb - b0 < kChunk ? nb - b0 : kChunk, n8 = (n + 7) / 8 * 8;
+    for (int i = 0; i < OT; ++i) {
+      // d and m of the chunk's blocks, zero past n: xs and xm rows are zero there too (their rows are ldxs apart,
+      // a multiple of 8), so that whole vectors of 8 blocks go through
+      to_float(d + i * nb + b0, dbuf, n);
+      for (int64_t b = n; b < n8; ++b) dbuf[b] = mbuf[b] = 0.0f;
+      if (Q4) to_float(p.m + (o + i) * nb + b0, mbuf, n);
+      for (int j = 0; j < RT; ++j) {
+        const float* xs = p.xs + (r + j) * p.ldxs + b0;
+        const float* xm = Q4 ? p.xm + (r + j) * p.ldxs + b0 : nullptr;
+        for (int64_t b = 0; b < n8; b += 8) {
+          _mm256_store_ps(scale[i][j] + b, _mm256_mul_ps(_mm256_load_ps(dbuf + b), _mm256_loadu_ps(xs + b)));
+          if (Q4) acc[i][j] = _mm256_fmadd_ps(_mm256_load_ps(mbuf + b), _mm256_loadu_ps(xm + b), acc[i][j]);  // m term
+        }
+      }
+    }
+    for (int64_t b = b0; b < b0 + n; ++b) {
+      __m256i w[OT];
+      for (int i = 0; i < OT; ++i) {
+        const uint8_t* block = q + i * row_bytes + b * (Q4 ? 16 : 32);
+        if (fetch) {
+          _mm_prefetch(reinterpret_cast<const char*>(block + kAhead * row_bytes), _MM_HINT_T0);
+          if ((b & 31) == 0) _mm_prefetch(reinterpret_cast<const char*>(d + (i + kAhead) * nb + b), _MM_HINT_T0);
+        }
+        w[i] = Q4 ? unpack_q4(block) : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block));
+      }
+      for (int j = 0; j < RT; ++j) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + j * p.k + b * 32));
+        for (int i = 0; i < OT; ++i) {
+          const __m256i s = Q4 ? idot(w[i], xv) : idot(_mm256_sign_epi8(w[i], w[i]), _mm256_sign_epi8(xv, w[i]));
+          acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_broadcast_ss(&scale[i][j][b - b0]), acc[i][j]);
+        }
+      }
+    }
+  }
+  for (int i = 0; i < OT; ++i)
+    for (int j = 0; j < RT; ++j) p.y[(r + j) * p.ldy + o + i] = hsum8(acc[i][j]) + (p.bias ? p.bias[o + i] : 0.0f);
+}
+
+template <bool Q4, int OT, int RT>
+inline void itile_n(const Problem& p, int64_t o, int64_t r, int64_t n) {
+  if constexpr (RT > 0) {
+    if (n == RT) itile<Q4, OT, RT>(p, o, r);
+    else itile_n<Q4, OT, RT - 1>(p, o, r, n);
+  }
+}
+
+template <bool Q4, int OT, int RT>
+inline void isweep(const Problem& p, int64_t o0, int64_t o1, int64_t r, int64_t n) {
+  int64_t o = o0;
+  for (; o + OT <= o1; o += OT) itile_n<Q4, OT, RT>(p, o, r, n);
+  for (; o < o1; ++o) itile_n<Q4, 1, RT>(p, o, r, n);
+}
+
+// Input rows in tiles of at most kRT (balanced, as rows() does), each sweeping a panel of output rows whose
+// weights stay in L2 for the next tile; a tile of at most kRT / 2 rows takes twice the output rows at a time.
+template <bool Q4>
+inline void irows(const Problem& p, int64_t o_begin, int64_t o_end) {
+  constexpr int kOT = S::IOT, kRT = S::IRT;
+  constexpr int64_t kPanelBytes = 64 << 10;
+  const int64_t tiles = (p.rows + kRT - 1) / kRT;
+  const int64_t row_bytes = Q4 ? p.k / 2 + p.k / 8 : p.k + p.k / 16;
+  const int64_t panel = tiles == 1 ? o_end - o_begin : (kPanelBytes / row_bytes + kOT) / kOT * kOT;
+  for (int64_t o0 = o_begin; o0 < o_end; o0 += panel) {
+    const int64_t o1 = o0 + panel < o_end ? o0 + panel : o_end;
+    for (int64_t t = 0, r = 0; t < tiles; ++t) {
+      const int64_t n = (p.rows - r + (tiles - t) - 1) / (tiles - t);
+      if (2 * n <= kRT) isweep<Q4, 2 * kOT, kRT / 2>(p, o0, o1, r, n);
+      else isweep<Q4, kOT, kRT>(p, o0, o1, r, n);
+      r += n;
+    }
+  }
+}
+
 template <bool Q4>
 inline void run(const Problem& p, int64_t o_begin, int64_t o_end) {
+  if (p.xq) return irows<Q4>(p, o_begin, o_end);
   if (p.rows > 1) return rows<Q4>(p, o_begin, o_end);
   int64_t o = o_begin;  // one row (decoding): more output rows at a time, for independent accumulators
   for (; o + S::OT1 <= o_end; o += S::OT1) tile1<Q4, S::OT1>(p, o);
