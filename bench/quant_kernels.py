@@ -9,8 +9,10 @@ Candidates for ``y = x W^T`` (``x: (M, in)``, no bias):
 - ``fbgemm``: ``torch.ao.quantization.quantize_dynamic`` (engine x86): int8 rows, activations quantized
   per product too (its output error is reported).
 - ``torch_ref``: lorakit's pure-torch q4_1 reference (dequantize to fp32, then ``F.linear``).
-- ``q8_0`` / ``q4_1`` / ``q4_0`` ``@avx2`` / ``@avx512``: lorakit's C++ kernels (``lorakit.quant.kernels``);
-  under bf16 activations the conversion to fp32 and back is timed with them.
+- ``q8_0`` / ``q4_1`` / ``q4_0`` ``@avx2`` / ``@avx512`` / ``@avx512vnni``: lorakit's C++ kernels
+  (``lorakit.quant.kernels``) with float32 activations, and ``(int8 x)`` with int8 activation blocks (their
+  default; checked against ``blocks.reference_linear(..., act="int8")``); under bf16 activations the conversion
+  to fp32 and back is timed with them.
 - ``compiled`` (``--compile``): ``torch.compile`` of the q4_1 dequantize + ``F.linear``, 1536 x 576 only.
 
 Every candidate's output is checked before timing: lorakit's kernels against the reference of their own
@@ -100,10 +102,13 @@ def candidates(weight: Tensor, x: Tensor, isas: list[str]) -> dict[str, tuple[Ca
     for fmt in blocks.FORMATS:
         q = blocks.quantize(weight, fmt)
         want = blocks.reference_linear(x, q)
+        want8 = blocks.reference_linear(x, q, act="int8")
         for isa in isas:
-            cases[f"{fmt}@{isa}"] = (lambda q=q, isa=isa: kernels.linear(x, q, isa=isa), q.nbytes(), want)
+            cases[f"{fmt}@{isa}"] = (lambda q=q, isa=isa: kernels.linear(x, q, isa=isa, act="fp32"), q.nbytes(), want)
+            cases[f"{fmt}@{isa} (int8 x)"] = (lambda q=q, isa=isa: kernels.linear(x, q, isa=isa, act="int8"), q.nbytes(),
+                                              want8)
         if fmt != "q4_0":
-            cases[f"{fmt}@{isas[-1]} (bf16 x)"] = (lambda q=q: kernels.linear(xb.float(), q).bfloat16(), q.nbytes(),
+            cases[f"{fmt}@{isas[-1]} (bf16 x)"] = (lambda q=q: kernels.linear(xb.float(), q, act="fp32").bfloat16(), q.nbytes(),
                                                    blocks.reference_linear(xb.float(), q))
     return cases
 
@@ -176,7 +181,8 @@ def time_decode_step(args, isas: list[str]) -> dict:
     for fmt in blocks.FORMATS:
         qs = [blocks.quantize(w, fmt) for w in weights]
         for isa in isas:
-            add(f"{fmt}@{isa}", qs, lambda x, q, isa=isa: kernels.linear(x, q, isa=isa))
+            add(f"{fmt}@{isa}", qs, lambda x, q, isa=isa: kernels.linear(x, q, isa=isa, act="fp32"))
+            add(f"{fmt}@{isa} (int8 x)", qs, lambda x, q, isa=isa: kernels.linear(x, q, isa=isa, act="int8"))
     del weights
     result = {"layers": layers, "matrices": len(shapes), "cases": {}}
     for rows in args.step_rows:

@@ -324,7 +324,8 @@ def test_kernels_bench_checks_every_candidate_and_reports(tmp_path, monkeypatch)
     isas = ["avx2"]
     matrices = bench_kernels.time_matrices(args, isas)
     cases = {m["case"] for m in matrices}
-    assert {"fp32", "int8pack (bf16 x)", "int4pack", "fbgemm dynamic int8", "q8_0@avx2", "q4_1@avx2", "q4_0@avx2"} <= cases
+    assert {"fp32", "int8pack (bf16 x)", "int4pack", "fbgemm dynamic int8", "q8_0@avx2", "q4_1@avx2", "q4_0@avx2",
+            "q4_1@avx2 (int8 x)"} <= cases
     assert all(m["ms"] > 0 and m["rel_err"] < 0.2 for m in matrices)
     step = bench_kernels.time_decode_step(args, isas)
     assert step["matrices"] == 2 * 2 + 1
@@ -339,7 +340,8 @@ def test_kernels_bench_checks_every_candidate_and_reports(tmp_path, monkeypatch)
     assert "`python bench/quant_kernels.py`" in text
 
     real = kernels.linear
-    monkeypatch.setattr(bench_kernels.kernels, "linear", lambda x, q, bias=None, isa=None: real(x, q, bias, isa) + 1e-2)
+    monkeypatch.setattr(bench_kernels.kernels, "linear",
+                        lambda x, q, bias=None, isa=None, act=None: real(x, q, bias, isa, act) + 1e-2)
     with pytest.raises(benchtools.BenchmarkMismatch, match="q8_0@avx2: outputs differ"):
         bench_kernels.time_matrices(args, isas)
 
