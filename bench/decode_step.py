@@ -5,7 +5,8 @@ SmolLM2-135M-Instruct (``--quick``: a tiny random Llama) with 8 random r=4 alpha
 prefilled, then greedy tokens decoded one at a time as the Scheduler decodes them (``serving.ModelDecoder``,
 ``lorakit.adapter_per_row`` at every step, adapter ``a0``). Weight formats: ``fp32``; ``q8_0`` and ``q4_1``
 (``lorakit.quant.linear.quantize_linears``, the LM head in q8_0 under q4_1 as GGUF files keep it; skipped where the
-kernels cannot be built); ``bf16`` where the CPU has native bf16.
+kernels cannot be built) with the kernels' int8 activations, and ``q8_0 fp32-x`` / ``q4_1 fp32-x`` with float32
+ones (``LORAKIT_QUANT_ACT=fp32``); ``bf16`` where the CPU has native bf16.
 
 Floor: the bytes one token reads of the weights — every linear layer's weights in its format (codes and scales),
 the LM head, the norms, one embedding row and the used adapter's factors — over a bandwidth measured in the same
@@ -35,6 +36,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch import nn
@@ -61,7 +63,9 @@ def build(model: nn.Module, fmt: str) -> nn.Module:
     elif fmt != "fp32":
         from lorakit.quant.linear import quantize_linears
 
-        quantize_linears(model, fmt, "q8_0")
+        weights, _, act = fmt.partition(" ")  # "q4_1": the kernels' default (int8 activations); "q4_1 fp32-x": float
+        with mock.patch.dict(os.environ, {"LORAKIT_QUANT_ACT": "fp32" if act == "fp32-x" else "int8"}):  # (read as
+            quantize_linears(model, weights, "q8_0")  # the layers are built)
     return model.eval()
 
 
@@ -146,7 +150,7 @@ def formats() -> list[str]:
         from lorakit.quant import kernels
 
         kernels.load()
-        out += ["q8_0", "q4_1"]
+        out += ["q8_0", "q4_1", "q8_0 fp32-x", "q4_1 fp32-x"]
     except RuntimeError as e:  # no compiler: the quantized formats cannot run here
         print(f"skipping q8_0 and q4_1: {e}", flush=True)
     return out + (["bf16"] if native_bf16() else [])
