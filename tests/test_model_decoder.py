@@ -222,6 +222,31 @@ def test_compiled_forward_gives_the_eager_greedy_tokens_over_quantized_weights()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the decode steps ran compiled
 
 
+def test_a_compiled_single_stream_takes_any_adapter_without_recompiling():
+    """The compiled decode step reads the stream's adapter as data: six adapters and the base model, one after
+    another, give each one's eager logits from the same two graphs (by name: two more graphs per adapter, and
+    from the fifth on dynamo's recompile limit sent the steps back to eager)."""
+    pytest.importorskip("torch._inductor")
+    cfg = T.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(cfg).eval()
+    names = [f"a{i}" for i in range(6)]
+    for name in names:
+        lorakit.add_lora(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), name)
+    randomize(model, seed=5, std=0.3)
+    compiled, eager = ModelDecoder(model, compile=True), ModelDecoder(model, compile=False)
+    caches = {d: d.cache(1, 64) for d in (compiled, eager)}
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for adapter in [*names, None, "a2"]:
+        with lorakit.adapter_per_row(model, [adapter]):
+            for p in range(4):
+                out = [d.forward(torch.tensor([[7 + p]]), c, slice(0, 1), torch.tensor([p])) for d, c in caches.items()]
+                torch.testing.assert_close(out[0], out[1], rtol=1e-4, atol=1e-4)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
+
+
 def test_lorakit_compile_in_the_environment_compiles_unless_told_otherwise(monkeypatch):
     _, model = _adapted(FAMILIES["llama"])
     monkeypatch.setenv("LORAKIT_COMPILE", "1")

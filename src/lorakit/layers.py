@@ -71,6 +71,8 @@ class RowPlan:
     """Which adapter each row of a batch uses (``None``: the base model); see
     :func:`lorakit.adapter_per_row`."""
 
+    prepared = False  # True: each LoRA layer's stacks are up to date (LoraLinear._stacks) before the forward
+
     def __init__(self, names: Sequence[str | None]) -> None:
         self.names = list(names)
         self.used = tuple(dict.fromkeys(n for n in self.names if n is not None))
@@ -497,7 +499,7 @@ class LoraLinear(LoraLayer):
                 return out
         # Inference in bf16/fp16 (a server): the factors in the activations' dtype too.
         low = not torch.is_grad_enabled() and x.dtype in (torch.bfloat16, torch.float16)
-        stacks = self._stacks(names, x.dtype if low else None)
+        stacks = self._stacked[1] if self.rows.prepared else self._stacks(names, x.dtype if low else None)
         rows = self._rows_dropout(x.to(stacks[0][1].dtype), names, slot).reshape(len(slot), -1, self.in_features)
         if len(stacks) == 1:
             where, As, Bs = stacks[0]

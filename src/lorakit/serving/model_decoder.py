@@ -26,7 +26,10 @@ single stream's decode step (one row, one new token) runs the model's forward un
 generated kernels and dropping the Python of ~400 module calls per token; the quantized products stay one
 C++ operator each (its fake implementation gives inductor their shapes). Two graphs per model (the cache's
 length becomes dynamic at the second step), compiled at the first step (about a minute on one core of a
-Zen 4 EPYC, less from inductor's cache). Prefills and batches of rows stay eager: their per-row adapters
+Zen 4 EPYC, less from inductor's cache), whatever adapter the stream uses: the compiled step reads its adapter
+as data (:class:`_OneRow`: a slot tensor into stacks of every adapter, prepared eagerly before the step), where
+reading it by name gave two graphs per adapter and, from the fifth adapter on, dynamo's recompile limit sent
+every step back to eager. Prefills and batches of rows stay eager: their per-row adapters
 (``LoraLinear.add_rows``' cached stacks) break the graph at every layer, and 30 layers' resumed frames exceed
 dynamo's recompile limit, so compiled batches ran 1.2-1.7x slower. Off by default for that minute.
 
@@ -46,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..decoder import RowCache
+from ..layers import LoraLayer, LoraLinear, RowPlan
 
 __all__ = ["ATTENTION", "SERVED", "ModelDecoder", "compile_wanted", "row_attention"]
 
@@ -171,6 +175,55 @@ def _dynamic_sizes(cache: RowCache) -> None:
         cache._marked = cache.k[0]
 
 
+class _OneRow(RowPlan):
+    """A compiled single stream's adapter as data: ``slot``, a ``(1,)`` tensor set before each step, indexes
+    ``names`` (every adapter of the model, then the base model); each LoRA layer maps it to its place among its
+    own adapters (``tables``) and multiplies by its stacks of every adapter, prepared before the step (:meth:`prepare`).
+    The compiled graph then holds no adapter name."""
+
+    prepared = True
+
+    def __init__(self, layers: list[LoraLinear]) -> None:
+        self.layers = layers
+        self.key = tuple(tuple(layer.adapters) for layer in layers)
+        self.names = list(dict.fromkeys(n for adapters in self.key for n in adapters))
+        self.slot = torch.zeros(1, dtype=torch.long, device=layers[0].weight.device)
+        self.tables: dict[tuple[str, ...], Tensor] = {}
+        for adapters in self.key:
+            where = {n: i for i, n in enumerate(adapters)}
+            self.tables[adapters] = torch.tensor([where.get(n, len(adapters)) for n in self.names] + [len(adapters)],
+                                                 device=self.slot.device)
+
+    @staticmethod
+    def serves(layers: list[LoraLayer]) -> bool:
+        """Whether every layer can take its adapter as data: LoRA linear layers, one rank per layer, no DoRA."""
+        return all(isinstance(m, LoraLinear) and not m.lora_magnitude_vector
+                   and len({m.lora_A[n].shape[0] for n in m.adapters}) <= 1 for m in layers)
+
+    def prepare(self, adapter: str | None, dtype: torch.dtype | None) -> None:
+        """Point ``slot`` at ``adapter`` and bring each layer's stacks up to date (eager: cached until a factor
+        changes)."""
+        self.slot.fill_(len(self.names) if adapter is None else self.names.index(adapter))
+        for layer in self.layers:
+            layer._stacks(tuple(layer.adapters), dtype)
+
+    def for_layer(self, present, x: Tensor, every: bool = False) -> tuple[tuple[str, ...], Tensor]:
+        names = tuple(present)
+        return names, self.tables[names][self.slot]
+
+
+@contextmanager
+def _rows(model: nn.Module, plan: RowPlan | None) -> Iterator[None]:
+    """``plan`` as every adapter module's row plan for the block (nothing when None)."""
+    if plan is None:
+        yield
+        return
+    from ..model import _set_on_adapter_modules
+
+    with _set_on_adapter_modules(model, "rows", plan):
+        yield
+
+
 class ModelDecoder:
     """``forward(ids, cache, rows, start, last)``: the next-token logits ``(B, vocab)`` of
     ``rows`` of the cache after feeding them ``ids`` ``(B, T)`` (right-padded) at positions
@@ -204,11 +257,28 @@ class ModelDecoder:
         self.max_positions = _max_positions(config)
         self.compiled = compile_wanted() if compile is None else compile
         self._body = torch.compile(self.body) if self.compiled else self.body
+        self._one_row: _OneRow | None = None
 
     def cache(self, rows: int, max_length: int, dtype: torch.dtype | None = None) -> RowCache:
         weight = next(self.model.parameters())
         return RowCache(self.layers, rows, self.kv_heads, self.head_dim, min(max_length, self.max_positions),
                         dtype or weight.dtype, weight.device)
+
+    def _adapter_as_data(self) -> _OneRow | None:
+        """The stream's adapter (``lorakit.adapter_per_row``) as a :class:`_OneRow` plan, or None where there is
+        no per-row plan or a layer cannot take it (the layers then read it by name, as eager steps do)."""
+        from ..model import _adapter_modules
+
+        modules = _adapter_modules(self.model)
+        plan = modules[0].rows if modules else None
+        if plan is None or isinstance(plan, _OneRow) or len(plan.names) != 1:
+            return None
+        if self._one_row is None or self._one_row.key != tuple(tuple(m.adapters) for m in self._one_row.layers):
+            self._one_row = _OneRow(list(modules)) if _OneRow.serves(list(modules)) else None
+        if self._one_row is not None:
+            dtype = next(self.model.parameters()).dtype
+            self._one_row.prepare(plan.names[0], dtype if dtype in (torch.bfloat16, torch.float16) else None)
+        return self._one_row
 
     @contextmanager
     def _row_attention(self) -> Iterator[None]:
@@ -227,9 +297,11 @@ class ModelDecoder:
         step = _Step(cache, rows, positions)
         cache.reserve(rows.stop, step.end)
         body = self._body if B == T == 1 else self.body  # (compiled: a single stream's decode step only)
+        plan = None
         if body is not self.body:
             _dynamic_sizes(cache)
-        with self._row_attention():
+            plan = self._adapter_as_data()
+        with self._row_attention(), _rows(self.model, plan):
             hidden = body(input_ids=ids, position_ids=positions, use_cache=False, lorakit_step=step)[0]
         if len(step.layers) != self.layers:  # a layer that attends some other way would be served wrong
             raise ValueError(f"{type(self.model).__name__}: {self.layers - len(step.layers)} of {self.layers} layers "
