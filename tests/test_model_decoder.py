@@ -247,6 +247,35 @@ def test_a_compiled_single_stream_takes_any_adapter_without_recompiling():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
 
 
+def test_a_warmed_up_compiled_scheduler_serves_adapters_without_compiling_again():
+    """Scheduler.warm_up (lorakit serve --compile, before serving) compiles the single-stream step on the base
+    model; requests through adapters then add no graph and give the eager scheduler's tokens."""
+    pytest.importorskip("torch._inductor")
+    cfg = T.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(cfg).eval()
+    for name in ("a", "b", "c"):
+        lorakit.add_lora(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), name)
+    randomize(model, seed=5, std=0.3)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = Scheduler(model, _Tokens(), eos=set(), max_length=200, engine="model", compile=True)
+    compiled.warm_up()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs >= 1 and compiled.steps == compiled.tokens == 0 and not compiled.rows
+    eager = Scheduler(model, _Tokens(), eos=set(), max_length=200, engine="model", compile=False)
+    for adapter, prompt in [("a", [5, 6, 7]), ("c", [9, 3]), (None, [4, 4, 4, 4]), ("b", [8])]:
+        runs = []
+        for scheduler in (compiled, eager):
+            seq = Sequence(prompt, adapter, Sampling(max_tokens=12, temperature=0), lambda e: None)
+            scheduler.submit(seq)
+            scheduler.run_until_done()
+            runs.append(seq.tokens)
+        assert runs[0] == runs[1]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
 def test_lorakit_compile_in_the_environment_compiles_unless_told_otherwise(monkeypatch):
     _, model = _adapted(FAMILIES["llama"])
     monkeypatch.setenv("LORAKIT_COMPILE", "1")

@@ -385,6 +385,20 @@ def test_serve_picks_the_engine_from_the_models_architecture(lm, tiny_model, mon
     assert [type(e).__name__ for e in engines] == ["GenerationEngine", "Engine"]
 
 
+def test_compile_compiles_the_decode_step_before_serving_once(tiny_llama, monkeypatch, capsys):
+    """--compile: prepare() (before the scheduler starts) warms the scheduler up once, so the first requests do
+    not wait for the compilation; without it, no warm-up."""
+    calls = []
+    monkeypatch.setattr(Scheduler, "warm_up", lambda self: calls.append(self))
+    engine = GenerationEngine(tiny_llama, ServeConfig(max_length=64, max_new_tokens=16, compile=True), "fp32")
+    engine.prepare()
+    engine.prepare()
+    assert calls == [engine.scheduler] and engine.scheduler.decoder.compiled
+    assert "compiling the decode step" in capsys.readouterr().out
+    GenerationEngine(tiny_llama, ServeConfig(max_length=64, max_new_tokens=16), "fp32").prepare()
+    assert len(calls) == 1
+
+
 def test_a_failing_forward_ends_its_requests_with_500_and_the_server_goes_on(lm):
     model_dir, folders = lm
     config = ServeConfig(max_length=64, max_new_tokens=16)

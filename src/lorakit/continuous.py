@@ -171,6 +171,17 @@ class Scheduler:
                 self.inbox.put(("call", fn, args, future))
         return future
 
+    def warm_up(self, tokens: int = 80) -> None:
+        """One completion of ``tokens`` greedy tokens on the base model, discarded (before serving, on the
+        calling thread): a compiled decode step (``compile``) is compiled now, about a minute per graph on 2
+        cores, rather than during the first requests. Long enough for the row cache to grow past its first
+        size; the graphs take any adapter (:class:`lorakit.serving.model_decoder._OneRow`)."""
+        prompt = [getattr(self.tokenizer, "bos_token_id", None) or 0] * 4
+        tokens = max(1, min(tokens, self.max_length - len(prompt)))
+        self.submit(Sequence(prompt, None, Sampling(max_tokens=tokens, temperature=0, ignore_eos=True), lambda e: None))
+        self.run_until_done()
+        self.steps = self.tokens = 0
+
     def run_until_done(self) -> None:
         """Run every submitted sequence to its end on the calling thread (offline use, without :meth:`start`)."""
         self._drain(block=False)

@@ -35,8 +35,9 @@ class RowCache:
                  dtype: torch.dtype, device: torch.device) -> None:
         self.max_rows, self.max_length = max_rows, max_length
         shape = (min(self.MIN_ROWS, max_rows), kv_heads, min(self.MIN_LENGTH, max_length), head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        with torch.inference_mode():  # as _resize makes them: a compiled step sees one kind of tensor (no recompile)
+            self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+            self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
 
     @property
     def rows(self) -> int:

@@ -71,7 +71,7 @@ class ServeConfig:
                                "without a sliding window, gpt2), model (the model's own transformers modules: every "
                                "served family), auto (decoder where it serves the family, else model)")
     compile: bool = _opt(False, "generation: run a single stream's decode step under torch.compile (the model engine; "
-                                "its first step compiles for about a minute; also LORAKIT_COMPILE=1)")
+                                "compiled at start-up, about a minute per graph; also LORAKIT_COMPILE=1)")
     token: str | None = _opt(None, "bearer token of the admin routes (default: $LORAKIT_TOKEN; none: open on loopback)")
 
     def __post_init__(self) -> None:

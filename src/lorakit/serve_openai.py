@@ -85,10 +85,11 @@ class GenerationEngine:
 
     main_thread = False  # True: the caller runs self.scheduler.run() on the main thread (lorakit serve)
     quantized: str | None = None  # prepare() has run --quantize: what it did, in one line
+    warmed = False  # prepare() has compiled the decode step (--compile)
 
     def prepare(self) -> None:
-        """Quantize (once) now that the start-up adapters are loaded, then cast to bf16 if asked; before the
-        scheduler starts."""
+        """Quantize (once) now that the start-up adapters are loaded, then cast to bf16 if asked; compile the
+        decode step (``--compile``: :meth:`Scheduler.warm_up`); before the scheduler starts."""
         if self.quantize and not self.quantized:
             from .quant.gguf import installed
             from .quant.linear import quantize_model
@@ -97,6 +98,10 @@ class GenerationEngine:
             if self.precision == "bf16":
                 self.model.to(torch.bfloat16)
             self.scheduler = self._scheduler()  # its row cache in the model's dtype, its decoder on the new layers
+        if getattr(self.scheduler.decoder, "compiled", False) and not self.warmed:
+            print("lorakit serve: compiling the decode step (--compile; about a minute per graph on 2 cores)", flush=True)
+            self.scheduler.warm_up()
+            self.warmed = True
 
     def start(self) -> None:
         self.prepare()

@@ -296,7 +296,8 @@ class ModelDecoder:
         positions = (start[:, None] + torch.arange(T, device=ids.device)).clamp(max=cache.max_length - 1)
         step = _Step(cache, rows, positions)
         cache.reserve(rows.stop, step.end)
-        body = self._body if B == T == 1 else self.body  # (compiled: a single stream's decode step only)
+        # (compiled: a single stream's decode step only, not a one-token prompt's prefill: a graph of its own)
+        body = self._body if B == T == 1 and step.end > 1 else self.body
         plan = None
         if body is not self.body:
             _dynamic_sizes(cache)
