@@ -55,9 +55,10 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
 
     @classmethod
-    def from_float(cls, weight: Tensor, bias: Tensor | None = None, fmt: Format = "q8_0") -> QuantLinear:
+    def from_float(cls, weight: Tensor, bias: Tensor | None = None, fmt: Format = "q8_0",
+                   act: str | None = None) -> QuantLinear:
         """``weight: (out, in)`` rounded to ``fmt``; ``in`` must be a multiple of 32 (ValueError otherwise)."""
-        return cls(quantize(weight, fmt), bias)
+        return cls(quantize(weight, fmt), bias, act=act)
 
     def block_weight(self) -> BlockWeight:
         return BlockWeight(self.fmt, self.q, self.d.view(torch.float16), None if self.m is None else self.m.view(torch.float16))
@@ -98,11 +99,12 @@ def quantize_linears(model: nn.Module, fmt: Format, head_fmt: Format | None = No
 
     def quantized(module: nn.Module) -> QuantLinear:
         weight, name = float_weight(module), names[id(module)]
+        act = "fp32" if module is head else None  # the head's logits pick the tokens: float32 activations there
         if name not in blocks:
-            return QuantLinear.from_float(weight, module.bias, (head_fmt or fmt) if module is head else fmt)
+            return QuantLinear.from_float(weight, module.bias, (head_fmt or fmt) if module is head else fmt, act)
         if blocks[name].shape != tuple(weight.shape):
             raise ValueError(f"blocks[{name!r}] is {blocks[name].shape}, the layer's weight {tuple(weight.shape)}")
-        return QuantLinear(blocks[name], module.bias)
+        return QuantLinear(blocks[name], module.bias, act=act)
 
     count = 0
     for module in list(model.modules()):

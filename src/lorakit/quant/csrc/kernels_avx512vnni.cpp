@@ -5,8 +5,6 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512vnni,avx2,fma,f16c")
 #define LORAKIT_VNNI
-#define LK_IOT 2
-#define LK_IRT 4
 #include "simd_avx512.h"
 
 #include "kernel_impl.h"
