@@ -337,8 +337,7 @@ def _cast_merged(model, dtype: str) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    """Completions for --prompt texts, the rows of --input (JSONL ``{"prompt", "adapter"?}``) or the
-    conversations of --messages (the assistant's next turn); chat adapters (task.json) prompt in chat form."""
+    """Completions for --prompt texts or the rows of --input (JSONL ``{"prompt", "adapter"?}``)."""
     from . import quant
     from .generate import generate_ids
     from .io import load_adapter
@@ -357,9 +356,6 @@ def _generate(args: argparse.Namespace) -> int:
     fmt = args.prompt_format or info.get("prompt_format", "plain")
     separator = args.prompt_separator if args.prompt_separator is not None else info.get("prompt_separator", "\n")
     rows = _prompt_rows(args)
-    if args.system is not None and fmt != "chat" and not args.messages:
-        raise ValueError("--system is a chat template's system turn: use --messages, --prompt-format chat, or an "
-                         "adapter trained on conversations (task.json prompt_format chat)")
     unknown = sorted({r["adapter"] for r in rows if r.get("adapter") not in (None, *adapters)})
     if unknown:
         raise ValueError(f"rows name adapter(s) {unknown}; loaded: {list(adapters)}")
@@ -378,21 +374,12 @@ def _generate(args: argparse.Namespace) -> int:
     if args.quantize:  # after the adapters (and merging): their layers keep a float weight beside the quantized copy
         print(f"lorakit generate: {quantize_model(model, args.quantize, installed(resolve_model(info['model'])))}",
               file=sys.stderr)
-    if args.messages:
-        prompts = [lm.conversation_ids(tokenizer, r["messages"], args.system) for r in rows]
-    elif fmt == "chat":
-        prompts = [lm.conversation_ids(tokenizer, [{"role": "user", "content": r["prompt"]}], args.system) for r in rows]
-    else:
-        prompts = [lm.prompt_ids(tokenizer, r["prompt"], fmt, separator) for r in rows]
-    form = "chat form (the chat template)" if args.messages or fmt == "chat" else f"{fmt} form"
-    print(f"lorakit generate: {len(rows)} {'conversation' if args.messages else 'prompt'}(s) in {form}", file=sys.stderr)
     with precision_context(resolve_precision(args.precision, quantized=bool(args.quantize))):
-        ids = generate_ids(model, prompts,
+        ids = generate_ids(model, [lm.prompt_ids(tokenizer, r["prompt"], fmt, separator) for r in rows],
                            pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, decoding=_decoding(args),
                            adapters=None if args.merge or not adapters else names, batch_size=args.batch_size,
                            progress=args.output is not None)
-    key = "messages" if args.messages else "prompt"
-    results = [{key: r[key], "adapter": n, "completion": tokenizer.decode(t, skip_special_tokens=True).strip()}
+    results = [{"prompt": r["prompt"], "adapter": n, "completion": tokenizer.decode(t, skip_special_tokens=True).strip()}
                for r, n, t in zip(rows, names, ids)]
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
     if args.output:
@@ -416,12 +403,10 @@ def _named_adapters(specs: list[str]) -> dict[str, str]:
 
 
 def _prompt_rows(args: argparse.Namespace) -> list[dict]:
-    from .tasks.lm import read_conversations, read_prompts
+    from .tasks.lm import read_prompts
 
-    if (bool(args.prompt), bool(args.input), bool(args.messages)).count(True) != 1:
-        raise ValueError("give one of --prompt TEXT (repeatable), --input FILE.jsonl or --messages FILE.jsonl")
-    if args.messages:
-        return read_conversations(args.messages)
+    if bool(args.prompt) == bool(args.input):
+        raise ValueError("give --prompt TEXT (repeatable) or --input FILE.jsonl, not both")
     return [{"prompt": p} for p in args.prompt] if args.prompt else read_prompts(args.input)
 
 
@@ -717,11 +702,6 @@ def _generate_parser(sub) -> None:
     p.add_argument("--model", help="base model (default: from the adapter)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--input", help="JSONL file of {\"prompt\": ..., \"adapter\": NAME (optional)} rows")
-    p.add_argument("--messages", metavar="FILE", help="JSONL file of conversations ([{\"role\", \"content\"}, ...] or "
-                                                      "{\"messages\": [...], \"adapter\": NAME}): each gets the "
-                                                      "assistant's next turn, through the chat template")
-    p.add_argument("--system", help="a system message before each conversation (chat form: --messages, "
-                                    "--prompt-format chat or a chat adapter)")
     p.add_argument("--output", help="JSONL file for {prompt, adapter, completion} rows (default: stdout)")
     p.add_argument("--prompt-format", choices=["plain", "chat"], help="default: the adapter's (task.json), else plain")
     p.add_argument("--prompt-separator", help="plain prompts: text added after each prompt (default: the adapter's, "

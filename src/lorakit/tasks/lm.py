@@ -39,8 +39,7 @@ from . import Split, first_rows, refuse_classify_flags, report
 __all__ = ["TASKS", "LMTask", "CausalLMLoss", "read_e2e", "read_jsonl", "read_rows", "check_row",
            "encode", "collate", "load_causal_lm",
            "e2e_data_dir", "create", "presets", "default_preset", "canonical_name", "decoding_for", "evaluate_e2e", "prompt_ids",
-           "group_references", "score_outputs", "read_prompts", "read_conversations", "conversation_ids",
-           "trained_prompt_format"]
+           "group_references", "score_outputs", "read_prompts", "trained_prompt_format"]
 
 TASKS = ("e2e", "jsonl")
 IGNORE = -100
@@ -159,37 +158,6 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
     if not rows:
         raise ValueError(f"{path}: no rows (expected one JSON object per line)")
     return rows
-
-
-def read_conversations(path: str | Path) -> list[dict[str, Any]]:
-    """Rows ``{"messages": [...], "adapter": str (optional)}`` of a JSONL file for generation: each line a
-    conversation, as a list of ``{"role", "content"}`` messages or an object holding one under ``messages``,
-    ending on a turn the assistant answers (not an assistant turn)."""
-    rows = []
-    for line, where in text_lines(path):
-        row = {"messages": json_object(f'{{"messages": {line}}}', where)["messages"]} if line.lstrip().startswith("[") \
-            else json_object(line, where)
-        messages = row.get("messages")
-        if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages) or not isinstance(row.get("adapter", ""), str):
-            raise ValueError(f"{where}: expected a list of {{\"role\": str, \"content\": str}} messages, or "
-                             f"{{\"messages\": [...]}} (and optionally \"adapter\": str)")
-        if messages[-1]["role"] == "assistant":
-            raise ValueError(f"{where}: the conversation ends on an assistant turn; the completion is the next "
-                             "assistant turn, so end on the user's")
-        rows.append(row)
-    if not rows:
-        raise ValueError(f"{path}: no conversations (expected one per line)")
-    return rows
-
-
-def conversation_ids(tokenizer, messages: list[dict[str, str]], system: str | None = None) -> list[int]:
-    """The tokens the assistant's next turn follows: ``messages`` (``system`` first, unless they begin with a
-    system message of their own) through the chat template with its generation prompt."""
-    if system is not None and messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": system}, *messages]
-    return _chat(tokenizer, messages, generation_prompt=True)
 
 
 def check_row(row: dict[str, Any], where: str) -> dict[str, Any]:
