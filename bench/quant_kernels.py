@@ -281,6 +281,7 @@ def main() -> None:
     parser.add_argument("--skip-step", action="store_true")
     parser.add_argument("--model", help="also run this causal LM folder (SmolLM2-135M) through generate in each format")
     parser.add_argument("--e2e", default="../shared/data/e2e", help="E2E data folder (testset.csv) for --model's prompts")
+    parser.add_argument("--name", help="record name (default: kernels, or kernels_quick with --quick)")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args()
@@ -296,7 +297,7 @@ def main() -> None:
     if args.compile:
         results["compiled"] = time_compiled(args)
         print(results["compiled"])
-    name = "kernels_quick" if args.quick else "kernels"
+    name = args.name or ("kernels_quick" if args.quick else "kernels")
     config = {k: v for k, v in vars(args).items()} | {"shapes": SHAPES, "weights": "N(0, 0.02^2)", "activations": "N(0, 1)"}
     print(write_record(name, config, results))
 
