@@ -337,7 +337,8 @@ def _cast_merged(model, dtype: str) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    """Completions for --prompt texts or the rows of --input (JSONL ``{"prompt", "adapter"?}``)."""
+    """Completions for --prompt texts, the rows of --input (JSONL ``{"prompt", "adapter"?}``), or the
+    assistant's reply to each conversation of --messages."""
     from . import quant
     from .generate import generate_ids
     from .io import load_adapter
@@ -353,9 +354,8 @@ def _generate(args: argparse.Namespace) -> int:
     info = _run_info(first, "jsonl", args.model) if first else {"model": args.model, "task": "jsonl"}
     if not info["model"]:
         raise ValueError("pass --model (or an --adapter that names its base model)")
-    fmt = args.prompt_format or info.get("prompt_format", "plain")
-    separator = args.prompt_separator if args.prompt_separator is not None else info.get("prompt_separator", "\n")
     rows = _prompt_rows(args)
+    fmt = _prompt_form(args, info)
     unknown = sorted({r["adapter"] for r in rows if r.get("adapter") not in (None, *adapters)})
     if unknown:
         raise ValueError(f"rows name adapter(s) {unknown}; loaded: {list(adapters)}")
@@ -364,6 +364,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.quantize:
         quant.require_kernels(f"--quantize {args.quantize}")  # before loading the model: no compiler, no wait
     tokenizer, model = lm.load_causal_lm(info["model"], quantize_base)
+    prompts = _generation_prompts(args, info, tokenizer, rows, fmt)
     for name, path in adapters.items():
         load_adapter(model, path, name)
     names = [r.get("adapter", next(iter(adapters), None)) for r in rows]
@@ -372,15 +373,13 @@ def _generate(args: argparse.Namespace) -> int:
             raise ValueError("--merge needs every row on one adapter")
         merge(model)
     if args.quantize:  # after the adapters (and merging): their layers keep a float weight beside the quantized copy
-        print(f"lorakit generate: {quantize_model(model, args.quantize, installed(resolve_model(info['model'])))}",
-              file=sys.stderr)
+        _say(quantize_model(model, args.quantize, installed(resolve_model(info["model"]))))
     with precision_context(resolve_precision(args.precision, quantized=bool(args.quantize))):
-        ids = generate_ids(model, [lm.prompt_ids(tokenizer, r["prompt"], fmt, separator) for r in rows],
-                           pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, decoding=_decoding(args),
-                           adapters=None if args.merge or not adapters else names, batch_size=args.batch_size,
-                           progress=args.output is not None)
-    results = [{"prompt": r["prompt"], "adapter": n, "completion": tokenizer.decode(t, skip_special_tokens=True).strip()}
-               for r, n, t in zip(rows, names, ids)]
+        ids = generate_ids(model, prompts, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+                           decoding=_decoding(args), adapters=None if args.merge or not adapters else names,
+                           batch_size=args.batch_size, progress=args.output is not None)
+    results = [{**({"messages": r["messages"]} if args.messages else {"prompt": r["prompt"]}), "adapter": n,
+                "completion": tokenizer.decode(t, skip_special_tokens=True).strip()} for r, n, t in zip(rows, names, ids)]
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
     if args.output:
         Path(args.output).write_text(text)
@@ -388,6 +387,65 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         print(text, end="")
     return 0
+
+
+def _prompt_form(args: argparse.Namespace, info: dict) -> str:
+    """``chat`` or ``plain``: --prompt-format, else as the adapter was trained (task.json), else plain.
+    --messages rows are conversations (chat) and --system a chat turn: both refuse a plain form by name."""
+    if args.messages:
+        if args.prompt_format == "plain" or args.prompt_separator is not None:
+            flag = "--prompt-format plain" if args.prompt_format == "plain" else "--prompt-separator"
+            raise ValueError(f"--messages rows are conversations, always put in the chat template; drop {flag}")
+        return "chat"
+    fmt = args.prompt_format or info.get("prompt_format", "plain")
+    if args.system is not None and fmt == "plain":
+        why = ("--prompt-format plain" if args.prompt_format else "the adapter was trained on plain prompts, says its "
+               "task.json" if "prompt_format" in info else "the default without a chat adapter")
+        raise ValueError(f"--system is a chat turn, but prompts are in plain form ({why}); add --prompt-format chat")
+    return fmt
+
+
+def _generation_prompts(args: argparse.Namespace, info: dict, tokenizer, rows: list[dict], fmt: str) -> list[list[int]]:
+    """Each row's prompt tokens; says on stderr which form the prompts take (plain or chat, and why)."""
+    from .tasks import lm
+
+    system = [] if args.system is None else [{"role": "system", "content": args.system}]
+    if system:
+        lm.require_system_role(tokenizer, info["model"])
+    if args.messages:
+        return _conversation_prompts(args, info, tokenizer, rows, system)
+    separator = args.prompt_separator if args.prompt_separator is not None else info.get("prompt_separator", "\n")
+    if fmt == "chat":
+        why = "--prompt-format chat" if args.prompt_format else "the adapter was trained on chat, says its task.json"
+        after = " after the --system message" if system else ""
+        _say(f"chat form ({why}): each prompt is a user turn{after} in the chat template; --prompt-format plain "
+             "sends prompts as they are")
+        if system:
+            return [lm.conversation_ids(tokenizer, [*system, {"role": "user", "content": r["prompt"]}]) for r in rows]
+    else:
+        hint = ("; the tokenizer has a chat template: --prompt-format chat makes each prompt a user turn"
+                if getattr(tokenizer, "chat_template", None) and not args.prompt_format else "")
+        _say(f"plain form: each prompt as it is, then {separator!r}{hint}")
+    return [lm.prompt_ids(tokenizer, r["prompt"], fmt, separator) for r in rows]
+
+
+def _conversation_prompts(args: argparse.Namespace, info: dict, tokenizer, rows: list[dict], system: list[dict]
+                          ) -> list[list[int]]:
+    from .tasks import lm
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"--messages needs a chat template; the tokenizer of {info['model']} has none")
+    own = [i for i, r in enumerate(rows, start=1) if system and r["messages"][0]["role"] == "system"]
+    if own:
+        raise ValueError(f"--system: conversations {own[:5]} of {args.messages} open with their own system message; "
+                         "drop --system or those messages")
+    _say(f"chat form: each conversation of {args.messages}{' after the --system message' if system else ''} "
+         "through the chat template")
+    return [lm.conversation_ids(tokenizer, [*system, *r["messages"]]) for r in rows]
+
+
+def _say(line: str) -> None:
+    print(f"lorakit generate: {line}", file=sys.stderr)
 
 
 def _named_adapters(specs: list[str]) -> dict[str, str]:
@@ -403,10 +461,12 @@ def _named_adapters(specs: list[str]) -> dict[str, str]:
 
 
 def _prompt_rows(args: argparse.Namespace) -> list[dict]:
-    from .tasks.lm import read_prompts
+    from .tasks.lm import read_conversations, read_prompts
 
-    if bool(args.prompt) == bool(args.input):
-        raise ValueError("give --prompt TEXT (repeatable) or --input FILE.jsonl, not both")
+    if sum(map(bool, (args.prompt, args.input, args.messages))) != 1:
+        raise ValueError("give one of --prompt TEXT (repeatable), --input FILE.jsonl or --messages FILE.jsonl")
+    if args.messages:
+        return read_conversations(args.messages)
     return [{"prompt": p} for p in args.prompt] if args.prompt else read_prompts(args.input)
 
 
@@ -702,8 +762,15 @@ def _generate_parser(sub) -> None:
     p.add_argument("--model", help="base model (default: from the adapter)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--input", help="JSONL file of {\"prompt\": ..., \"adapter\": NAME (optional)} rows")
-    p.add_argument("--output", help="JSONL file for {prompt, adapter, completion} rows (default: stdout)")
-    p.add_argument("--prompt-format", choices=["plain", "chat"], help="default: the adapter's (task.json), else plain")
+    p.add_argument("--messages", metavar="FILE.jsonl",
+                   help="conversations, one a line: a JSON list of {\"role\", \"content\"} messages or "
+                        "{\"messages\": [...], \"adapter\": NAME (optional)}; the assistant's reply to each is generated")
+    p.add_argument("--system", metavar="TEXT", help="a system message before each prompt or conversation (chat form; "
+                                                    "refused if the chat template has no system role)")
+    p.add_argument("--output", help="JSONL file for {prompt (or messages), adapter, completion} rows (default: stdout)")
+    p.add_argument("--prompt-format", choices=["plain", "chat"],
+                   help="chat: each prompt a user turn in the chat template; plain: as it is, then the separator "
+                        "(default: the adapter's, from task.json: chat for an adapter trained on chat; else plain)")
     p.add_argument("--prompt-separator", help="plain prompts: text added after each prompt (default: the adapter's, "
                                               "from task.json, else a newline; '' adds nothing)")
     p.add_argument("--merge", action="store_true", help="merge the (one) adapter into the weights first")

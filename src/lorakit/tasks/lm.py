@@ -39,7 +39,8 @@ from . import Split, first_rows, refuse_classify_flags, report
 __all__ = ["TASKS", "LMTask", "CausalLMLoss", "read_e2e", "read_jsonl", "read_rows", "check_row",
            "encode", "collate", "load_causal_lm",
            "e2e_data_dir", "create", "presets", "default_preset", "canonical_name", "decoding_for", "evaluate_e2e", "prompt_ids",
-           "group_references", "score_outputs", "read_prompts", "trained_prompt_format"]
+           "group_references", "score_outputs", "read_prompts", "read_conversations", "conversation_ids",
+           "require_system_role", "trained_prompt_format"]
 
 TASKS = ("e2e", "jsonl")
 IGNORE = -100
@@ -160,14 +161,34 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def read_conversations(path: str | Path) -> list[dict[str, Any]]:
+    """Rows ``{"messages": [{"role", "content"}, ...], "adapter": str (optional)}`` of a JSONL file for
+    generation: each line a JSON list of messages or an object with ``"messages"``. The reply to each
+    conversation is generated, so none may end with an assistant turn."""
+    rows = []
+    for line, where in text_lines(path):
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+        row = {"messages": value} if isinstance(value, list) else value
+        if not isinstance(row, dict) or "messages" not in row or not isinstance(row.get("adapter", ""), str):
+            raise ValueError(f"{where}: expected a JSON list of {{\"role\", \"content\"}} messages or an object "
+                             "{\"messages\": [...]} (and optionally \"adapter\": str)")
+        messages = _check_messages(row["messages"], where)
+        if messages[-1]["role"] == "assistant":
+            raise ValueError(f"{where}: the conversation ends with an assistant turn; end it with the turn to answer "
+                             "(lorakit generate writes the assistant's reply)")
+        rows.append({"messages": messages, **({"adapter": row["adapter"]} if "adapter" in row else {})})
+    if not rows:
+        raise ValueError(f"{path}: no rows (expected one conversation per line)")
+    return rows
+
+
 def check_row(row: dict[str, Any], where: str) -> dict[str, Any]:
     """``row`` as ``{"prompt", "completion"}`` or ``{"messages"}``; a one-line error naming ``where``."""
     if "messages" in row:
-        messages = row["messages"]
-        if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages):
-            raise ValueError(f"{where}: 'messages' must be a non-empty list of {{\"role\": str, \"content\": str}}")
+        messages = _check_messages(row["messages"], where)
         if not any(m["role"] == "assistant" for m in messages):
             raise ValueError(f"{where}: 'messages' has no assistant turn to learn")
         return {"messages": messages}
@@ -179,6 +200,14 @@ def check_row(row: dict[str, Any], where: str) -> dict[str, Any]:
     if not row["completion"]:
         raise ValueError(f"{where}: 'completion' is empty")
     return {"prompt": row["prompt"], "completion": row["completion"]}
+
+
+def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        raise ValueError(f"{where}: 'messages' must be a non-empty list of {{\"role\": str, \"content\": str}}")
+    return messages
 
 
 # ---- encoding ------------------------------------------------------------------------------
@@ -207,6 +236,31 @@ def prompt_ids(tokenizer, prompt: str, prompt_format: str, separator: str = "\n"
     if prompt_format == "chat":
         return _chat(tokenizer, [{"role": "user", "content": prompt}], generation_prompt=True)
     return _ids(tokenizer, prompt + separator, special=True)
+
+
+def conversation_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """The tokens the next assistant turn follows: ``messages`` and the assistant header, through the chat template."""
+    return _chat(tokenizer, messages, generation_prompt=True)
+
+
+def require_system_role(tokenizer, model_name: str) -> None:
+    """A one-line error unless the chat template shows a system message: some raise on one (Gemma's
+    "System role not supported"), some drop it."""
+    from jinja2 import TemplateError
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"--system needs a chat template; the tokenizer of {model_name} has none")
+    probe = [{"role": "system", "content": _MARK}, {"role": "user", "content": "hi"}]
+    try:
+        text = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+    except TemplateError as e:
+        why = f"it raises {str(e)!r}"
+    else:
+        if _MARK in text:
+            return
+        why = "it drops system messages"
+    raise ValueError(f"--system: the chat template of {model_name} has no system role ({why}); put the "
+                     "instructions in the user turn instead")
 
 
 def encode(tokenizer, row: dict[str, Any], prompt_format: str, max_length: int,
