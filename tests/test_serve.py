@@ -15,7 +15,7 @@ import lorakit
 from helpers import randomize
 from lorakit import data
 from lorakit.cli import main
-from lorakit.serve import ClientError, Engine, ServeConfig, _Request, _tokenize, create_app, length_groups
+from lorakit.serving.http import ClientError, Engine, ServeConfig, _Request, _tokenize, create_app, length_groups
 from lorakit.tasks.glue import load_classifier
 
 PAIRS = [["The cat sat on the mat.", "A cat was sitting on a mat."], ["Stocks fell sharply.", "It rained all day in Paris."],
@@ -352,7 +352,7 @@ def test_rows_far_over_the_token_limit_are_refused_before_tokenizing(client):
 def test_slow_and_idle_connections_are_cut_and_connections_limited(tiny_model, adapters):
     import socket
 
-    from lorakit.serve import uvicorn_options
+    from lorakit.serving.http import uvicorn_options
 
     # uvicorn refuses a request when the open connections, its own included, reach the limit
     config = ServeConfig(header_timeout_s=1.5, body_timeout_s=1.5, keep_alive_s=1.5, max_connections=3)
@@ -420,7 +420,7 @@ def test_mean_pooled_classifiers_are_served_beside_first_token_ones(tiny_model, 
 
 
 def test_the_served_base_defaults_to_the_adapters_own_as_for_eval_and_merge(tiny_model, adapters, tmp_path):
-    from lorakit.serve import _base_of
+    from lorakit.serving.http import _base_of
 
     assert _base_of(adapters["mrpc"]) == tiny_model  # task.json's model
     peft_style = tmp_path / "peft"  # no task.json: adapter_config.json's base_model_name_or_path, as PEFT writes it

@@ -479,7 +479,7 @@ def _adapter_specs(value: typing.Any) -> list[str]:
 def _serve(args: argparse.Namespace) -> int:
     """``lorakit serve``: defaults, then the --config file, then the flags given."""
     from .quant import base_quantization
-    from .serve import ServeConfig, serve
+    from .serving.http import ServeConfig, serve
 
     defaults = {**_SERVE_KEYS, **{f.name: f.default for f in dataclasses.fields(ServeConfig)}}
     values = dict(defaults)
@@ -733,7 +733,7 @@ def _models_parser(sub) -> None:
 
 
 def _serve_parser(sub) -> None:
-    from .serve import ServeConfig
+    from .serving.http import ServeConfig
 
     p = sub.add_parser("serve", help="serve classification or generation adapters on one base model over HTTP "
                                      "(JSON; causal LMs: OpenAI's completions API)")

@@ -1,7 +1,7 @@
 """``lorakit serve``: many adapters on one base model behind an HTTP JSON API.
 
 A classifier base serves the routes below; a causal LM base serves OpenAI-compatible
-completions instead (:mod:`lorakit.serve_openai`), with the same adapter routes and limits.
+completions instead (:mod:`lorakit.serving.openai`), with the same adapter routes and limits.
 
 Requests that arrive together are batched whatever adapters they name (paper section
 4.2): :func:`lorakit.adapter_per_row` runs each row of a forward pass through its own
@@ -30,14 +30,14 @@ from typing import Any
 
 import torch
 
-from . import data
-from .io import load_adapter
-from .layers import ModulesToSave
-from .model import adapter_per_row, remove_adapter
-from .models import resolve_model
-from .precision import precision_context, resolve_precision
-from .tasks.classify import task_of
-from .tasks.glue import POOLINGS, load_classifier, mean_pooling
+from .. import data
+from ..io import load_adapter
+from ..layers import ModulesToSave
+from ..model import adapter_per_row, remove_adapter
+from ..models import resolve_model
+from ..precision import precision_context, resolve_precision
+from ..tasks.classify import task_of
+from ..tasks.glue import POOLINGS, load_classifier, mean_pooling
 
 __all__ = ["ServeConfig", "Engine", "create_app", "serve"]
 
@@ -512,7 +512,7 @@ class _BodyLimit:
 def create_app(engine, config: ServeConfig | None = None, adapters: dict[str, str] | None = None,
                task: str | None = None):
     """The FastAPI app serving ``engine`` (an :class:`Engine`, or a causal LM's
-    :class:`lorakit.serve_openai.GenerationEngine`); ``adapters`` (name -> folder) are loaded at start-up,
+    :class:`lorakit.serving.openai.GenerationEngine`); ``adapters`` (name -> folder) are loaded at start-up,
     as of ``task`` when given (in place of their task.json's: a PEFT SEQ_CLS adapter has none)."""
     from contextlib import asynccontextmanager
 
@@ -595,7 +595,7 @@ def create_app(engine, config: ServeConfig | None = None, adapters: dict[str, st
         return info
 
     if generation:
-        from .serve_openai import add_routes
+        from .openai import add_routes
 
         add_routes(app, engine, config, parse)
     else:
@@ -706,7 +706,7 @@ def _stop_on_signals(server, scheduler):
 def _base_of(adapter: str | None) -> str:
     """The base model of ``adapter``, as eval, generate and merge read it: its ``task.json``'s model,
     else the ``base_model_name_or_path`` of its ``adapter_config.json`` (a PEFT adapter)."""
-    from .config import LoraConfig
+    from ..config import LoraConfig
 
     found = None
     if adapter is not None:
@@ -726,7 +726,7 @@ def _engine(model: str, config: ServeConfig, precision: str, quantize: str | Non
 
     architectures = AutoConfig.from_pretrained(resolve_model(model)).architectures or []
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
-        from .serve_openai import GenerationEngine
+        from .openai import GenerationEngine
 
         return GenerationEngine(model, config, precision, quantize)
     if quantize:

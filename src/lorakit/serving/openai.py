@@ -20,14 +20,14 @@ from typing import Any, Literal
 
 import torch
 
-from . import quant
-from .continuous import Busy, Sampling, Scheduler, Sequence
-from .io import load_adapter
-from .model import remove_adapter
-from .models import resolve_model
-from .precision import resolve_precision
-from .serve import _CHARS_PER_TOKEN, ClientError, ServeConfig, adapter_folder, check_name, clip, task_info
-from .tasks.lm import load_causal_lm
+from .. import quant
+from ..io import load_adapter
+from ..model import remove_adapter
+from ..models import resolve_model
+from ..precision import resolve_precision
+from ..tasks.lm import load_causal_lm
+from .http import _CHARS_PER_TOKEN, ClientError, ServeConfig, adapter_folder, check_name, clip, task_info
+from .scheduler import Busy, Sampling, Scheduler, Sequence
 
 __all__ = ["GenerationEngine", "add_routes"]
 
@@ -91,8 +91,8 @@ class GenerationEngine:
         """Quantize (once) now that the start-up adapters are loaded, then cast to bf16 if asked; compile the
         decode step (``--compile``: :meth:`Scheduler.warm_up`); before the scheduler starts."""
         if self.quantize and not self.quantized:
-            from .quant.gguf import installed
-            from .quant.linear import quantize_model
+            from ..quant.gguf import installed
+            from ..quant.linear import quantize_model
 
             self.quantized = quantize_model(self.model, self.quantize, installed(resolve_model(self.model_name)))
             if self.precision == "bf16":
