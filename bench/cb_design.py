@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from lorakit.benchtools import interleave, median_ratio, summarize, write_record
-from lorakit.continuous import Sampling, Scheduler, Sequence
+from lorakit.serving.scheduler import Sampling, Scheduler, Sequence
 from lorakit.tasks.lm import load_causal_lm, prompt_ids, read_e2e
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -36,9 +36,9 @@ import torch
 
 import lorakit
 from lorakit.benchtools import BenchmarkMismatch, check_close, interleave, median_ratio, summarize, write_record
-from lorakit.decoder import Decoder
 from lorakit.precision import native_bf16
 from lorakit.serving import ModelDecoder
+from lorakit.serving.decoder import Decoder
 from lorakit.tasks.lm import load_causal_lm, prompt_ids, read_e2e
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -183,7 +183,7 @@ def offline(model: str, paths: dict[str, str], prompts: list[str], max_tokens: i
     ``len(paths)`` prompts, each through its own adapter, fp32, greedy, ``max_tokens`` each."""
     from peft import PeftModel
 
-    from lorakit.continuous import Sampling, Scheduler, Sequence
+    from lorakit.serving.scheduler import Sampling, Scheduler, Sequence
 
     names = list(paths)
     tokenizer, ours = load_causal_lm(model)

@@ -59,7 +59,9 @@ def test_a_csv_classifier_trains_evaluates_merges_and_serves_with_its_label_name
     from fastapi.testclient import TestClient
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from lorakit.serve import Engine, ServeConfig, create_app
+    from lorakit.serving.classify import Engine
+    from lorakit.serving.config import ServeConfig
+    from lorakit.serving.server import create_app
 
     train_file, dev_file = _write_csv(tmp_path / "train.csv", _pairs(24)), _write_csv(tmp_path / "dev.csv", _pairs(9, 1))
     run = _train(tiny_model, tmp_path / "run", "--train-file", train_file, "--dev-file", dev_file,
@@ -311,8 +313,10 @@ def test_a_peft_seq_cls_adapter_is_served_with_task(peft_seq_cls, tiny_model, mo
     from fastapi.testclient import TestClient
     from transformers import AutoTokenizer
 
-    from lorakit import serve
-    from lorakit.serve import Engine, ServeConfig, create_app
+    from lorakit.serving import server as serve
+    from lorakit.serving.classify import Engine
+    from lorakit.serving.config import ServeConfig
+    from lorakit.serving.server import create_app
 
     folder, theirs = peft_seq_cls
     engine = Engine(tiny_model, "fp32")

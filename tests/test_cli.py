@@ -175,7 +175,7 @@ def test_config_files_set_flags_and_a_runs_config_repeats_it(tiny_model, tmp_pat
 
 
 def test_serve_reads_a_config_file_and_flags_override_it(tmp_path, capsys, monkeypatch):
-    from lorakit import serve as serve_module
+    from lorakit.serving import server as serve_module
 
     seen = {}
     monkeypatch.setattr(serve_module, "serve", lambda model, adapters, config, host, port, precision, quantize, task=None: seen.update(
@@ -195,7 +195,7 @@ def test_serve_reads_a_config_file_and_flags_override_it(tmp_path, capsys, monke
 
 
 def test_serve_engine_comes_from_the_config_file_or_the_flag(tmp_path, capsys, monkeypatch):
-    from lorakit import serve as serve_module
+    from lorakit.serving import server as serve_module
 
     seen = {}
     monkeypatch.setattr(serve_module, "serve", lambda model, adapters, config, *rest: seen.update(config=config))
@@ -360,7 +360,7 @@ def test_the_default_preset_is_demo_for_glue_and_e2e_and_none_for_your_own_data(
 
 
 def test_serve_config_values_are_checked_against_their_types(tmp_path, capsys, monkeypatch):
-    from lorakit import serve as serve_module
+    from lorakit.serving import server as serve_module
 
     monkeypatch.setattr(serve_module, "serve", lambda *args: pytest.fail("a bad config file must not start the server"))
     settings = tmp_path / "serve.yaml"

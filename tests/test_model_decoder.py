@@ -15,10 +15,10 @@ import transformers as T
 import lorakit
 import zoo
 from helpers import MODEL_TOL, randomize
-from lorakit.continuous import Sampling, Scheduler, Sequence
-from lorakit.decoder import RowCache
 from lorakit.serving import ModelDecoder
+from lorakit.serving.decoder import RowCache
 from lorakit.serving.model_decoder import _Step, row_attention
+from lorakit.serving.scheduler import Sampling, Scheduler, Sequence
 from zoo import ARCHS
 
 peft = pytest.importorskip("peft")
@@ -289,8 +289,8 @@ def test_lorakit_compile_in_the_environment_compiles_unless_told_otherwise(monke
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_auto_picks_the_lean_decoder_where_it_serves_the_family(name):
-    from lorakit.continuous import pick_engine
-    from lorakit.decoder import Decoder
+    from lorakit.serving.decoder import Decoder
+    from lorakit.serving.scheduler import pick_engine
 
     model = zoo.base(FAMILIES[name])
     lean = name in ("llama", "gpt2")  # the others here are new families or have a sliding window

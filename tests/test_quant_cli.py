@@ -145,7 +145,9 @@ def test_quantize_base_none_loads_a_full_precision_base(lm_run, monkeypatch):
 
 
 def test_a_classifier_trains_evaluates_and_serves_on_an_nf4_base(bert64, tmp_path, capsys):
-    from lorakit.serve import Engine, ServeConfig, create_app
+    from lorakit.serving.classify import Engine
+    from lorakit.serving.config import ServeConfig
+    from lorakit.serving.server import create_app
     from lorakit.tasks.glue import load_classifier
     from test_serve import running
 
@@ -177,8 +179,9 @@ def test_a_classifier_trains_evaluates_and_serves_on_an_nf4_base(bert64, tmp_pat
 
 
 def test_the_generation_server_runs_a_quantized_base(lm_run):
-    from lorakit.serve import ServeConfig, create_app
-    from lorakit.serve_openai import GenerationEngine
+    from lorakit.serving.config import ServeConfig
+    from lorakit.serving.generation import GenerationEngine
+    from lorakit.serving.server import create_app
     from test_serve import running
 
     adapter, _ = lm_run

@@ -16,8 +16,9 @@ from lorakit.generate import Decoding, generate_ids
 from lorakit.quant import blocks
 from lorakit.quant import gguf as qgguf
 from lorakit.quant.linear import QuantLinear, quantize_linears, quantize_model
-from lorakit.serve import ServeConfig, create_app
-from lorakit.serve_openai import GenerationEngine
+from lorakit.serving.config import ServeConfig
+from lorakit.serving.generation import GenerationEngine
+from lorakit.serving.server import create_app
 from lorakit.tasks.lm import load_causal_lm
 from test_serve import running
 

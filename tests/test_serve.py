@@ -15,7 +15,10 @@ import lorakit
 from helpers import randomize
 from lorakit import data
 from lorakit.cli import main
-from lorakit.serve import ClientError, Engine, ServeConfig, _Request, _tokenize, create_app, length_groups
+from lorakit.serving.classify import Engine, Job, length_groups
+from lorakit.serving.classify_api import _tokenize
+from lorakit.serving.config import ClientError, ServeConfig
+from lorakit.serving.server import create_app
 from lorakit.tasks.glue import load_classifier
 
 PAIRS = [["The cat sat on the mat.", "A cat was sitting on a mat."], ["Stocks fell sharply.", "It rained all day in Paris."],
@@ -193,7 +196,7 @@ def test_requests_for_an_adapter_replaced_while_they_waited_get_404(tiny_model, 
     features = _tokenize(engine.tokenizer, [tuple(PAIRS[0])], 32)
     engine.unload("a")
     new = engine.load("a", adapters["stsb"])
-    stale, fresh = _Request(old, features, None), _Request(new, features, None)
+    stale, fresh = Job(old, features, None), Job(new, features, None)
     results = engine.classify([stale, fresh])
     assert isinstance(results[0], ClientError) and results[0].status == 404
     assert results[1]["task"] == "stsb"
@@ -352,7 +355,7 @@ def test_rows_far_over_the_token_limit_are_refused_before_tokenizing(client):
 def test_slow_and_idle_connections_are_cut_and_connections_limited(tiny_model, adapters):
     import socket
 
-    from lorakit.serve import uvicorn_options
+    from lorakit.serving.http import uvicorn_options
 
     # uvicorn refuses a request when the open connections, its own included, reach the limit
     config = ServeConfig(header_timeout_s=1.5, body_timeout_s=1.5, keep_alive_s=1.5, max_connections=3)
@@ -420,14 +423,14 @@ def test_mean_pooled_classifiers_are_served_beside_first_token_ones(tiny_model, 
 
 
 def test_the_served_base_defaults_to_the_adapters_own_as_for_eval_and_merge(tiny_model, adapters, tmp_path):
-    from lorakit.serve import _base_of
+    from lorakit.serving.adapters import base_of
 
-    assert _base_of(adapters["mrpc"]) == tiny_model  # task.json's model
+    assert base_of(adapters["mrpc"]) == tiny_model  # task.json's model
     peft_style = tmp_path / "peft"  # no task.json: adapter_config.json's base_model_name_or_path, as PEFT writes it
     shutil.copytree(adapters["mrpc"], peft_style)
     (peft_style / "task.json").unlink()
-    assert _base_of(str(peft_style)) == tiny_model
+    assert base_of(str(peft_style)) == tiny_model
     config = json.loads((peft_style / "adapter_config.json").read_text())
     (peft_style / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": None}))
     with pytest.raises(ValueError, match="name the base model with --model"):
-        _base_of(str(peft_style))
+        base_of(str(peft_style))

@@ -10,11 +10,12 @@ import pytest
 
 import lorakit
 from helpers import randomize
-from lorakit.continuous import Sampling, Scheduler, Sequence
-from lorakit.decoder import Decoder
 from lorakit.generate import Decoding, generate_ids
-from lorakit.serve import ServeConfig, create_app
-from lorakit.serve_openai import GenerationEngine
+from lorakit.serving.config import ServeConfig
+from lorakit.serving.decoder import Decoder
+from lorakit.serving.generation import GenerationEngine
+from lorakit.serving.scheduler import Sampling, Scheduler, Sequence
+from lorakit.serving.server import create_app
 from lorakit.tasks.lm import load_causal_lm
 from test_serve import running
 
@@ -373,7 +374,7 @@ def test_decoder_refuses_other_architectures():
 
 
 def test_serve_picks_the_engine_from_the_models_architecture(lm, tiny_model, monkeypatch):
-    from lorakit import serve as serve_module
+    from lorakit.serving import server as serve_module
 
     engines = []
     monkeypatch.setattr("uvicorn.run", lambda app, **kw: None)

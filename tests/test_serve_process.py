@@ -19,8 +19,8 @@ import torch
 
 import lorakit
 from lorakit.cli import main
-from lorakit.continuous import Sampling, Scheduler, Sequence
 from lorakit.generate import Decoding, generate_ids
+from lorakit.serving.scheduler import Sampling, Scheduler, Sequence
 from lorakit.tasks.lm import load_causal_lm
 from test_serve_openai import PROMPTS, _adapter_folders
 
@@ -211,7 +211,7 @@ def test_ctrl_c_ends_running_streams_with_an_error_and_exits_0(lm, tmp_path):
 def test_a_signal_taken_by_another_thread_still_stops_an_idle_scheduler(lm):
     """Linux may run a process's SIGINT handler on any thread; Python then runs its own
     handler on the main thread only once that thread wakes: an idle scheduler must wake."""
-    from lorakit.serve import _stop_on_signals
+    from lorakit.serving.server import _stop_on_signals
 
     tokenizer, model = load_causal_lm(lm[0])
     scheduler = Scheduler(model, tokenizer, eos=set(), max_rows=2, max_length=64)

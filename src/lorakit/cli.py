@@ -539,7 +539,8 @@ def _adapter_specs(value: typing.Any) -> list[str]:
 def _serve(args: argparse.Namespace) -> int:
     """``lorakit serve``: defaults, then the --config file, then the flags given."""
     from .quant import base_quantization
-    from .serve import ServeConfig, serve
+    from .serving.config import ServeConfig
+    from .serving.server import serve
 
     defaults = {**_SERVE_KEYS, **{f.name: f.default for f in dataclasses.fields(ServeConfig)}}
     values = dict(defaults)
@@ -559,7 +560,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServeConfig(**{k: values[k] for k in values if k not in _SERVE_KEYS and k != "token"},
                          token=values["token"] or os.environ.get("LORAKIT_TOKEN"))
     quantize_base, precision = _serve_quantized_base(values, adapters)
-    with base_quantization(quantize_base):  # lorakit.serve loads the base: as the adapters were trained on
+    with base_quantization(quantize_base):  # lorakit.serving loads the base: as the adapters were trained on
         serve(values["model"], adapters, config, values["host"], values["port"], precision, values["quantize"],
               values["task"])
     return 0
@@ -800,7 +801,7 @@ def _models_parser(sub) -> None:
 
 
 def _serve_parser(sub) -> None:
-    from .serve import ServeConfig
+    from .serving.config import ServeConfig
 
     p = sub.add_parser("serve", help="serve classification or generation adapters on one base model over HTTP "
                                      "(JSON; causal LMs: OpenAI's completions API)")

@@ -134,7 +134,7 @@ def load_kwargs(quantize_base: str | None, skip: tuple[str, ...] | None = None) 
     return {"quantization_config": config, "device_map": device}
 
 
-# lorakit serve loads its base inside lorakit.serve, which takes no quantization argument yet: the
+# lorakit serve loads its base inside lorakit.serving, which takes no quantization argument yet: the
 # command sets it here for the duration of the call and the model loaders read it.
 _SERVE_QUANTIZATION: contextvars.ContextVar[str | None] = contextvars.ContextVar("base_quantization", default=None)
 

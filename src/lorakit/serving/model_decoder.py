@@ -1,6 +1,6 @@
 """Serving a transformers decoder through its own modules, with lorakit's row cache for attention.
 
-:class:`ModelDecoder` has :class:`lorakit.decoder.Decoder`'s interface (``cache``, ``forward``,
+:class:`ModelDecoder` has :class:`lorakit.serving.decoder.Decoder`'s interface (``cache``, ``forward``,
 ``max_positions``) but writes no model's forward again: it calls the model's own base model
 (``model.base_model``: embedding and its scale, rotary embeddings — per layer type for Gemma 3 —,
 norms, fused projections, MLPs and mixture-of-experts blocks, final norm) and then its LM head on
@@ -48,8 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..decoder import RowCache
 from ..layers import LoraLayer, LoraLinear, RowPlan
+from .decoder import RowCache
 
 __all__ = ["ATTENTION", "SERVED", "ModelDecoder", "compile_wanted", "row_attention"]
 
@@ -228,7 +228,7 @@ class ModelDecoder:
     """``forward(ids, cache, rows, start, last)``: the next-token logits ``(B, vocab)`` of
     ``rows`` of the cache after feeding them ``ids`` ``(B, T)`` (right-padded) at positions
     ``start, start + 1, ...`` (``start: (B,)``), taken at index ``last`` (default ``T - 1``) of
-    each row — as :class:`lorakit.decoder.Decoder`, through the model's own modules."""
+    each row — as :class:`lorakit.serving.decoder.Decoder`, through the model's own modules."""
 
     @staticmethod
     def refusal(model: nn.Module) -> str | None:

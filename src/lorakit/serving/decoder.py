@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .allocator import trim_heap
+from ..allocator import trim_heap
 
 __all__ = ["RowCache", "Decoder"]
 

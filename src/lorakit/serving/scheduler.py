@@ -25,9 +25,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from ..model import adapter_per_row
 from .decoder import Decoder
-from .model import adapter_per_row
-from .serving.model_decoder import ModelDecoder, compile_wanted
+from .model_decoder import ModelDecoder, compile_wanted
 
 __all__ = ["Sampling", "Sequence", "Scheduler", "Busy", "ENGINES", "pick_engine"]
 
@@ -38,7 +38,7 @@ ENGINES = {"decoder": Decoder, "model": ModelDecoder}
 
 def pick_engine(model: nn.Module, engine: str = "auto", compile: bool = False) -> str:
     """The engine that decodes ``model``: ``engine`` itself, or for ``"auto"`` the lean
-    :class:`~lorakit.decoder.Decoder` where it serves the family (a few % faster uncompiled,
+    :class:`~lorakit.serving.decoder.Decoder` where it serves the family (a few % faster uncompiled,
     docs/BENCH.md "Decoding engines") and :class:`~lorakit.serving.ModelDecoder` elsewhere or
     when ``compile`` (only it compiles)."""
     if engine != "auto" and engine not in ENGINES:
@@ -102,7 +102,7 @@ class Scheduler:
 
     ``max_rows`` sequences run at once (1: no batching across requests); ``max_queue`` more
     may wait; ``max_length`` bounds prompt plus completion; ``eos`` ends a completion.
-    ``engine`` runs the forward passes: ``"decoder"`` (:class:`lorakit.decoder.Decoder`, a lean
+    ``engine`` runs the forward passes: ``"decoder"`` (:class:`lorakit.serving.decoder.Decoder`, a lean
     forward of its own for Llama-style decoders and GPT-2), ``"model"``
     (:class:`lorakit.serving.ModelDecoder`, the model's own modules, every served family) or
     ``"auto"`` (:func:`pick_engine`); :attr:`engine` names the one chosen. ``compile``: a single

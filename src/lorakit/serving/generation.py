@@ -1,0 +1,139 @@
+"""The generation engine of ``lorakit serve``: a causal LM, its adapters and the :class:`Scheduler` that
+decodes every request's sequences together (continuous batching across adapters)."""
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .. import quant
+from ..io import load_adapter
+from ..model import remove_adapter
+from ..models import resolve_model
+from ..precision import resolve_precision
+from ..tasks.lm import load_causal_lm
+from .adapters import adapter_folder, check_name, clip, task_info
+from .config import ClientError, ServeConfig
+from .scheduler import Busy, Scheduler
+
+__all__ = ["GenAdapter", "GenerationEngine"]
+
+
+@dataclass
+class GenAdapter:
+    name: str
+    path: str
+    task: str | None
+
+    def public(self, with_path: bool = False) -> dict[str, Any]:
+        return {"name": self.name, **({"path": self.path} if with_path else {}), "task": self.task}
+
+
+class GenerationEngine:
+    """A causal LM, its adapters and the :class:`Scheduler` that runs them.
+
+    ``quantize`` (``int8``: q8_0 weights; ``int4``: q4_1 layers and a q8_0 LM head;
+    :func:`lorakit.quant.linear.quantize_model`) rounds the base's linear layers when the server
+    starts, read as they are from the GGUF the model was installed from where there is one
+    (``lorakit models install smollm2``). The layers adapted by the adapters loaded by then keep
+    their float weight beside the quantized copy (adapters stay float, per row); adapters loaded
+    later must target those same layers. The kernels compute in fp32 from activations of any
+    dtype, so ``--precision bf16`` works too (the model is cast after quantizing).
+    """
+
+    def __init__(self, model_name: str, config: ServeConfig, precision: str = "auto", quantize: str | None = None) -> None:
+        self.model_name = model_name
+        self.precision = resolve_precision(precision, quantized=bool(quantize))
+        quant.check_quantize(quantize)
+        if quantize:
+            quant.require_kernels(f"--quantize {quantize}")  # before loading the model: no compiler, no wait
+        self.quantize = quantize
+        self.tokenizer, model = load_causal_lm(model_name)
+        if self.precision == "bf16" and not quantize:  # weights in bf16: autocast would convert them at every step
+            model.to(torch.bfloat16)  # (quantized: after quantizing, from the float weights; see prepare)
+        self.model, self.config = model.eval(), config
+        self.scheduler = self._scheduler()
+        self.adapters: dict[str, GenAdapter] = {}
+
+    def _scheduler(self) -> Scheduler:
+        eos = self.model.generation_config.eos_token_id
+        eos = {self.tokenizer.eos_token_id, *([] if eos is None else [eos] if isinstance(eos, int) else eos)}
+        c = self.config
+        return Scheduler(self.model, self.tokenizer, eos=eos, max_rows=c.max_batch_rows if c.batching else 1,
+                         max_queue=c.max_queue, max_length=c.max_length + c.max_new_tokens, prefill_chunk=c.prefill_chunk,
+                         engine=c.engine, compile=c.compile or None)
+
+    async def call(self, fn, *args):
+        """``fn(*args)`` on the scheduler's thread, between two decode steps."""
+        try:
+            return await asyncio.wrap_future(self.scheduler.call(fn, *args))
+        except Busy as e:  # the scheduler has stopped
+            raise ClientError(503, str(e)) from None
+
+    main_thread = False  # True: the caller runs self.scheduler.run() on the main thread (lorakit serve)
+    quantized: str | None = None  # prepare() has run --quantize: what it did, in one line
+    warmed = False  # prepare() has compiled the decode step (--compile)
+
+    def prepare(self) -> None:
+        """Quantize (once) now that the start-up adapters are loaded, then cast to bf16 if asked; compile the
+        decode step (``--compile``: :meth:`Scheduler.warm_up`); before the scheduler starts."""
+        if self.quantize and not self.quantized:
+            from ..quant.gguf import installed
+            from ..quant.linear import quantize_model
+
+            self.quantized = quantize_model(self.model, self.quantize, installed(resolve_model(self.model_name)))
+            if self.precision == "bf16":
+                self.model.to(torch.bfloat16)
+            self.scheduler = self._scheduler()  # its row cache in the model's dtype, its decoder on the new layers
+        if getattr(self.scheduler.decoder, "compiled", False) and not self.warmed:
+            print("lorakit serve: compiling the decode step (--compile; about a minute per graph on 2 cores)", flush=True)
+            self.scheduler.warm_up()
+            self.warmed = True
+
+    def start(self) -> None:
+        self.prepare()
+        if not self.main_thread:
+            self.scheduler.start()
+
+    def stop(self) -> None:
+        self.scheduler.stop()
+
+    def health(self) -> dict[str, Any]:
+        s = self.scheduler
+        return {"engine": s.engine, "running": len(s.rows), "queued": s.queued, "steps": s.steps, "tokens": s.tokens}
+
+    def load(self, name: str, path: str, task: str | None = None) -> GenAdapter:
+        check_name(name)
+        if name in self.adapters or name == self.model_name:
+            raise ClientError(409, f"the name {name!r} is taken; DELETE that adapter first or choose another name")
+        folder = adapter_folder(path)
+        info = task_info(folder)
+        trained_on = info.get("model")
+        try:
+            if trained_on and resolve_model(trained_on) != resolve_model(self.model_name):
+                raise ClientError(400, f"adapter {name!r} was trained on {trained_on!r}, but this server runs "
+                                       f"{self.model_name!r}")
+            load_adapter(self.model, folder, name)
+        except (ValueError, TypeError, RuntimeError, MemoryError) as e:
+            hint = f" (the server's {self.quantize} layers take no new adapters: adapt the layers the start-up adapters " \
+                "adapt)" if self.quantize else ""
+            raise ClientError(400, " ".join(str(e).split())[:1000] + hint) from None
+        self.adapters[name] = GenAdapter(name, str(folder), task or info.get("task"))
+        return self.adapters[name]
+
+    def unload(self, name: str) -> None:
+        if name not in self.adapters:
+            raise ClientError(404, f"no adapter named {clip(name)!r}; loaded: {sorted(self.adapters)}")
+        self.scheduler.retire(lambda s: s.adapter == name, 404, f"adapter {name!r} was unloaded")
+        del self.adapters[name]
+        remove_adapter(self.model, name)
+
+    def resolve(self, model: str) -> str | None:
+        """The adapter a request's ``model`` names (None: the base model)."""
+        if model == self.model_name:
+            return None
+        if model not in self.adapters:
+            available = [self.model_name, *sorted(self.adapters)]
+            raise ClientError(404, f"no model or adapter named {clip(model)!r}; available: {available}")
+        return model
