@@ -1,4 +1,4 @@
-"""--packing (lorakit.training.packing): first-fit placement, seeded and deterministic; each row of a
+"""--packing (lorakit.training.packing): first-fit decreasing placement, seeded and deterministic; each row of a
 packed sequence has the logits of the row alone (Llama's rotary positions, GPT-2's learned ones,
 Gemma 2's sliding window); the first label of each row and the prompt tokens are never learned; the
 loss and the trained adapter equal the unpacked ones (with accumulation, --method full, DDP and
@@ -70,6 +70,10 @@ def test_packing_is_seeded_and_deterministic_and_keeps_every_row_once(tiny_llama
     assert packing.pack(split, 40, seed=1).targets != packed.targets  # the seed draws the order
     assert sorted(i for rows in packed.targets for i in rows) == list(range(len(split)))
     assert len(packed) < len(split) and all(n <= 40 for n in packed.lengths)
+    placed = [i for rows in packed.targets for i in rows]  # first-fit decreasing: the longest row opens the first
+    assert split.lengths[placed[0]] == max(split.lengths)
+    bins = packing.first_fit(sorted(split.lengths, reverse=True), 40)
+    assert [len(rows) for rows in packed.targets] == [len(b) for b in bins]
     for f, rows in zip(packed.features, packed.targets):
         assert f["input_ids"] == [t for i in rows for t in split.features[i]["input_ids"]]
     with pytest.raises(ValueError, match="a row of .* tokens does not fit a packed sequence of --max-length 8"):
