@@ -58,6 +58,10 @@ def _tiny_lm_folder(folder, arch: str):
                            num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
                            attn_logit_softcapping=2.0, final_logit_softcapping=1.0, max_position_embeddings=256, **ids)
         model = T.Gemma2ForCausalLM(cfg)
+    elif arch == "opt":  # a causal LM whose attention does not follow packed position ids (--packing refuses it)
+        cfg = T.OPTConfig(vocab_size=len(tokenizer), hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
+                          max_position_embeddings=256, word_embed_proj_dim=32, **ids)
+        model = T.OPTForCausalLM(cfg)
     elif arch == "gpt_neox":  # a causal LM neither decoding engine serves
         cfg = T.GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                               num_attention_heads=4, max_position_embeddings=256, **ids)

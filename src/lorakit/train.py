@@ -45,7 +45,7 @@ from .models import resolve_model
 from .precision import PRECISIONS, precision_context, resolve_precision
 from .settings import check_fields, int_list, pattern_text, read_yaml, string_list, typed
 from .tasks import Task, format_metrics
-from .training import loop, schedule
+from .training import loop, packing, schedule
 from .training.materialise import Checkpoint, has_meta, materialise
 from .variants import loraplus_param_groups
 
@@ -108,6 +108,10 @@ class TrainConfig:
     max_steps: int | None = _opt(None, "train this many optimizer steps, overriding --epochs (the last epoch may end "
                                        "early; the schedule spans them) (default: --epochs)")
     max_length: int = _opt(128, "truncate examples to this many tokens (batches are padded dynamically, to a multiple of 8)")
+    packing: bool = _opt(False, "causal LMs (TRL's packing): concatenate training rows into sequences of up to "
+                                "--max-length tokens (first-fit, in an order the seed draws), each row attending only "
+                                "to itself, its positions from 0; --batch-size then counts sequences. The loss is the "
+                                "unpacked rows' loss")
     pooling: str = _opt("cls", "classifiers: the head reads the first token (cls, the model's own) or the masked "
                                "mean of the last hidden states (mean: how sentence embedders were trained)")
     warmup_ratio: float = _opt(0.06, "fraction of steps spent warming up the learning rate")
@@ -382,11 +386,12 @@ def _recipe(cfg: TrainConfig, task: Task, train_rows: int, dev_rows: int, plan: 
     steps = (f"{cfg.epochs} epochs x {plan.steps_per_epoch} steps" if cfg.max_steps is None else
              f"--max-steps {cfg.max_steps} ({plan.steps_per_epoch} per epoch)")
     accumulated = cfg.gradient_accumulation_steps
-    rows = f"{cfg.batch_size * accumulated} rows" + (f" ({accumulated} accumulated batches of {cfg.batch_size})"
-                                                     if accumulated > 1 else "")
+    unit = "packed sequences" if cfg.packing else "rows"
+    rows = f"{cfg.batch_size * accumulated} {unit}" + (f" ({accumulated} accumulated batches of {cfg.batch_size})"
+                                                       if accumulated > 1 else "")
     return (f"recipe: {cfg.model}, {method}; lr {cfg.lr:g}, {steps} of {rows}, warm-up {warmup} steps ({how}){smoothing}, "
             f"weight decay {cfg.weight_decay:g}, grad clip {cfg.grad_clip:g}, max length {cfg.max_length}; {train_rows:,} "
-            f"training rows, {dev_rows:,} dev rows{limits}; {cfg.lr_scheduler} schedule")
+            f"training {unit}, {dev_rows:,} dev rows{limits}; {cfg.lr_scheduler} schedule")
 
 
 def _variants(cfg: TrainConfig) -> str:
@@ -444,6 +449,16 @@ def _train_epoch(loss_fn: nn.Module, task: Task, cfg: TrainConfig, plan: loop.Pl
         if after_step(global_step, progress.step == len(order)):  # it evaluated
             loss_fn.train()
     bar.close()
+
+
+def _packed(split, max_length: int, seed: int, world: World):
+    """``split``'s rows packed into sequences of ``max_length`` tokens (:mod:`lorakit.training.packing`), said."""
+    packed = packing.pack(split, max_length, seed)
+    if world.main:
+        tokens = sum(split.lengths)
+        print(f"--packing: {len(split):,} training rows in {len(packed):,} sequences of up to {max_length} tokens "
+              f"({tokens / (len(packed) * max_length):.1%} of their room filled)")
+    return packed
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -515,6 +530,9 @@ def train(cfg: TrainConfig, seed: int) -> dict[str, Any]:
             print(f"FSDP2: sharded {', '.join(blocks)} and the rest over {world.size} processes"
                   + (", each process reading only its shards" if empty else ""))
     train_split, dev = task.read(tokenizer)
+    if cfg.packing:
+        packing.check_model(model, world.device)
+        train_split = _packed(train_split, cfg.max_length, seed, world)
     plan = loop.Plan.of(cfg, len(train_split), world.size)
     if world.main:
         print(_recipe(cfg, task, len(train_split), sum(map(len, dev.values())), plan))

@@ -20,7 +20,7 @@ from torch import nn
 from ..distributed import World
 
 __all__ = ["Task", "Split", "create", "canonical_name", "presets", "default_preset", "format_metrics",
-           "PERCENT_METRICS", "report", "first_rows", "refuse_classify_flags"]
+           "PERCENT_METRICS", "report", "first_rows", "refuse_classify_flags", "refuse_packing"]
 
 
 @dataclass
@@ -91,6 +91,13 @@ def refuse_classify_flags(cfg) -> None:
              if getattr(cfg, name, None) is not None]
     if given:
         raise ValueError(f"{', '.join(given)} apply to --task classify (your own labelled files), not to --task {cfg.task}")
+
+
+def refuse_packing(cfg) -> None:
+    """Refuse ``--packing`` for a classifier: it classifies each row on its own."""
+    if getattr(cfg, "packing", False):
+        raise ValueError(f"--packing concatenates causal-LM rows (--task e2e, jsonl); --task {cfg.task} classifies "
+                         "each row on its own: drop --packing")
 
 
 # Metrics shown as percentages (stored as fractions, as the official scorers print them).

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from .. import data
-from . import Split, first_rows, report
+from . import Split, first_rows, refuse_packing, report
 from .glue import GlueTask, tokenize
 
 __all__ = ["ClassifyTask", "Row", "read_rows", "discover_labels", "examples", "read_examples", "task_of", "create",
@@ -287,5 +287,6 @@ class ClassifyTask(GlueTask):
 
 
 def create(cfg) -> ClassifyTask:
+    refuse_packing(cfg)
     return ClassifyTask(cfg)
 

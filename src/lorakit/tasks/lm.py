@@ -312,15 +312,21 @@ def _first_turn_start(tokenizer, messages: list[dict[str, str]]) -> int:
 
 
 def collate(features: list[dict[str, list[int]]], pad_id: int, multiple: int = data.PAD_MULTIPLE) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (``IGNORE`` on padding), as
-    wide as the longest row rounded up to ``multiple``."""
+    """Right-padded ``input_ids`` and ``labels`` (``IGNORE`` on padding), as wide as the longest
+    row rounded up to ``multiple``, and ``attention_mask``; packed sequences
+    (:mod:`lorakit.training.packing`) carry ``position_ids`` instead, their padding a row of its
+    own (positions from 0) that no other row sees."""
     width = data.padded_width((len(f["input_ids"]) for f in features), multiple)
     pad = [width - len(f["input_ids"]) for f in features]
-    return {
+    batch = {
         "input_ids": torch.tensor([f["input_ids"] + [pad_id] * n for f, n in zip(features, pad)]),
-        "attention_mask": torch.tensor([[1] * len(f["input_ids"]) + [0] * n for f, n in zip(features, pad)]),
         "labels": torch.tensor([f["labels"] + [IGNORE] * n for f, n in zip(features, pad)]),
     }
+    if "position_ids" in features[0]:
+        batch["position_ids"] = torch.tensor([f["position_ids"] + list(range(n)) for f, n in zip(features, pad)])
+    else:
+        batch["attention_mask"] = torch.tensor([[1] * len(f["input_ids"]) + [0] * n for f, n in zip(features, pad)])
+    return batch
 
 
 # ---- model and loss ------------------------------------------------------------------------
@@ -395,18 +401,24 @@ class CausalLMLoss(nn.Module):
         self.label_smoothing = label_smoothing
         self.reported: torch.Tensor | None = None
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return as_forward(self.model, self._loss, input_ids, attention_mask, labels)  # FSDP: a forward of the model
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``attention_mask`` for padded rows, or ``position_ids`` (restarting at each row, no
+        mask) for packed ones: transformers then keeps the rows apart (:mod:`lorakit.training.packing`)."""
+        # FSDP: a forward of the model
+        return as_forward(self.model, self._loss, input_ids, attention_mask, labels, position_ids)
 
-    def _loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
-        if _right_padded(attention_mask):
+    def _loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
+              position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if attention_mask is not None and _right_padded(attention_mask):
             # Causal attention never lets a real token see the padding after it, and padded
             # positions carry no label: the plain causal mask (SDPA's is_causal path) suffices.
             attention_mask = None
         # base_model: the decoder stack in every transformers version (get_decoder() is the whole
         # model for GPT-2 before transformers 5)
-        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                       use_cache=False).last_hidden_state  # (B, T, H)
+        packed = {} if position_ids is None else {"position_ids": position_ids}  # not every family takes them
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                       **packed).last_hidden_state  # (B, T, H)
         targets = labels[:, 1:]
         where = targets != IGNORE
         logits = self.model.get_output_embeddings()(hidden[:, :-1][where]).float()  # (N, V)
