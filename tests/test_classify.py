@@ -216,8 +216,8 @@ def test_dev_labels_unseen_in_training_are_refused_by_name(tiny_model, tmp_path,
 @pytest.mark.parametrize("values, message", [
     (dict(task="classify"), "--task classify needs --train-file, --text-field, --label-field"),
     (dict(task="classify", dev_ratio=1.0), "dev_ratio must be between 0 and 1"),
-    (dict(task="mrpc", text_field="sentence"), "--text-field apply to --task classify .* not to --task mrpc"),
-    (dict(task="jsonl", train_file="t", dev_file="d", label_field="y"), "--label-field apply to --task classify"),
+    (dict(task="mrpc", text_field="sentence"), "--text-field applies to --task classify .* not to --task mrpc"),
+    (dict(task="jsonl", train_file="t", dev_file="d", label_field="y"), "--label-field applies to --task classify"),
 ])
 def test_classify_settings_are_checked(values, message):
     with pytest.raises(ValueError, match=message):

@@ -55,14 +55,15 @@ def _jsonl(path, rows):
     return str(path)
 
 
-def test_accumulation_normalises_a_causal_lm_by_the_tokens_of_the_whole_step(tiny_llama, tmp_path):
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_accumulation_normalises_a_causal_lm_by_the_tokens_of_the_whole_step(tiny_llama, tmp_path, method):
     # completions of 1 to 12 words: micro-batches of one row each hold very different token counts
     rows = [{"prompt": f"count {i}", "completion": " ".join(str(j) for j in range(i, i + 1 + (5 * i) % 12))}
             for i in range(12)]
     data = _jsonl(tmp_path / "rows.jsonl", rows)
     common = dict(task="jsonl", model=tiny_llama, train_file=data, dev_file=data, out=str(tmp_path / "{task}"), epochs=2,
-                  lr=1e-2, max_length=64, lora_r=4, lora_dropout=0.0, label_smoothing=0.1, precision="fp32",
-                  eval_batch_size=4, progress=False)
+                  lr=1e-2 if method == "lora" else 1e-3, max_length=64, lora_r=4, lora_dropout=0.0, label_smoothing=0.1,
+                  precision="fp32", eval_batch_size=4, progress=False, method=method)
     train.train(train.TrainConfig(**{**common, "out": str(tmp_path / "big"), "batch_size": 4}), seed=0)
     train.train(train.TrainConfig(**{**common, "out": str(tmp_path / "small"), "batch_size": 1,
                                      "gradient_accumulation_steps": 4}), seed=0)
@@ -129,6 +130,33 @@ def test_logging_steps_print_and_report_every_n_steps(tiny_model, tmp_path, monk
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
     assert [line.split(":")[0] for line in lines] == ["step 4/10 (epoch 0.80)", "step 8/10 (epoch 1.60)"]
     assert f"loss {seen[0][1]['loss']:.4f}, lr {seen[0][1]['lr']:.3g}" in lines[0]
+
+
+def test_full_fine_tuning_of_a_glue_regression_takes_every_step_flag(tiny_model, tmp_path, monkeypatch):
+    """--method full on STS-B: accumulation, --max-steps, the schedule, --eval-steps (the best evaluation's weights
+    are what trainable.safetensors holds), --save-steps with --save-total-limit 0, --logging-steps."""
+    from safetensors.torch import load_file
+
+    from test_schedule import _reference
+
+    seen = []
+    monkeypatch.setattr(runfiles.Tracker, "step", lambda self, step, values: seen.append((step, values["lr"])))
+    # 40 rows, 8 per optimizer step (2 x 4 accumulated): 5 steps per epoch; 7 steps in all
+    kw = dict(task="stsb", method="full", lr=1e-4, gradient_accumulation_steps=2, max_steps=7, epochs=10, eval_steps=3,
+              save_steps=3, save_total_limit=0, logging_steps=2, lr_scheduler="cosine", warmup_steps=2)
+    summary = train.train(_cfg(tiny_model, tmp_path, **kw), seed=0)
+    run = tmp_path / "stsb" / "seed0"
+    assert [h["step"] for h in summary["epochs"]] == [3, 6, 7]
+    assert seen == [(s, _reference("cosine", 1e-4, 2, 7)[s]) for s in (2, 4, 6)]
+    at = {3: "checkpoint-0-3.pt", 5: "checkpoint-1-0.pt", 6: "checkpoint-1-1.pt", 7: "checkpoint-2-0.pt"}
+    assert [p.name for p in checkpoint.checkpoints(run)] == [at[s] for s in (7, 6, 5, 3)]
+    states = {s: torch.load(run / name, weights_only=True) for s, name in at.items()}
+    assert states[7]["scheduler"]["last_epoch"] == 7
+    saved = load_file(run / "trainable.safetensors")
+    assert len(saved) > 20 and "bert.embeddings.word_embeddings.weight" in saved  # the whole model trained
+    for step in (3, 6, 7):
+        same = all(torch.equal(saved[k], states[step]["trainable"][k]) for k in saved)
+        assert same == (step == summary["best_step"]), step  # the best evaluation's weights, no other's
 
 
 def test_plan_counts_optimizer_steps():

@@ -309,3 +309,44 @@ def test_dora_rank_patterns_and_loraplus_train_and_save_their_adapter(tiny_model
     assert sum(".lora_magnitude_vector" in k for k in load_file(adapter / "adapter_model.safetensors")) == 4
     _, fresh = load_classifier(tiny_model, data.get_task("mrpc"))
     lorakit.load_adapter(fresh, adapter)  # strict: every tensor where the config says
+
+
+JSONL_ONLY = [("--prompt-field", "instruction"), ("--completion-field", "output"), ("--messages-field", "conversation"),
+              ("--dataset-config", "en"), ("--train-split", "validation"), ("--dev-split", "test")]
+OWN_FILES = [("--dev-ratio", "0.2"), ("--train-file", "rows.jsonl"), ("--dev-file", "dev.jsonl")]
+
+
+@pytest.mark.parametrize("task", ["mrpc", "stsb", "e2e"])
+@pytest.mark.parametrize(("flag", "value"), JSONL_ONLY + OWN_FILES, ids=[f for f, _ in JSONL_ONLY + OWN_FILES])
+def test_glue_and_e2e_refuse_the_flags_of_your_own_data_by_name(task, flag, value, tmp_path, capsys, monkeypatch):
+    from lorakit.cli import main
+
+    monkeypatch.setattr(train, "_prepare", _never)
+    assert main(["train", "--task", task, flag, value, "--out", str(tmp_path)]) == 2
+    reader = ("--task jsonl (your own prompt/completion data)" if (flag, value) in JSONL_ONLY else
+              "--task jsonl and --task classify (your own files)")
+    assert capsys.readouterr().err.splitlines() == [f"lorakit: error: {flag} applies to {reader}, not to --task {task}"]
+
+
+def _never(*args):
+    raise AssertionError("refused flags must stop the run before the model loads")
+
+
+def test_the_refusal_lists_every_flag_in_one_line(tmp_path, capsys, monkeypatch):
+    from lorakit.cli import main
+
+    monkeypatch.setattr(train, "_prepare", _never)
+    assert main(["train", "--task", "mrpc", "--prompt-field", "a", "--train-split", "dev", "--dev-ratio", "0.3",
+                 "--text-field", "t", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "lorakit: error: --text-field applies to --task classify (your own labelled files); --prompt-field, --train-split "
+        "to --task jsonl (your own prompt/completion data); --dev-ratio to --task jsonl and --task classify (your own "
+        "files), not to --task mrpc"]
+
+
+@pytest.mark.parametrize(("flag", "value"), JSONL_ONLY, ids=[f for f, _ in JSONL_ONLY])
+def test_classify_refuses_the_flags_of_jsonl_data(tiny_model, tmp_path, flag, value):
+    cfg = train.resolve_config(None, task="classify", model=tiny_model, train_file="t.csv", text_field="t",
+                               label_field="l", **{flag[2:].replace("-", "_"): value})
+    with pytest.raises(ValueError, match=f"^{flag} applies to --task jsonl .*, not to --task classify$"):
+        train.tasks.create(cfg)

@@ -9,6 +9,7 @@ causal-LM prompt -> completion tasks (:mod:`.lm`: the E2E NLG Challenge and the 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from torch import nn
 from ..distributed import World
 
 __all__ = ["Task", "Split", "create", "canonical_name", "presets", "default_preset", "format_metrics",
-           "PERCENT_METRICS", "report", "first_rows", "refuse_classify_flags", "refuse_packing"]
+           "PERCENT_METRICS", "report", "first_rows", "refuse_unread_flags", "refuse_packing"]
 
 
 @dataclass
@@ -85,12 +86,28 @@ def first_rows(rows: list[Any], limit: int | None, what: str, flag: str) -> list
     return rows[:limit]
 
 
-def refuse_classify_flags(cfg) -> None:
-    """Refuse the fields only ``--task classify`` reads when another task is set (else they would be ignored)."""
-    given = [f"--{name.replace('_', '-')}" for name in ("text_field", "text_pair_field", "label_field", "problem_type")
-             if getattr(cfg, name, None) is not None]
-    if given:
-        raise ValueError(f"{', '.join(given)} apply to --task classify (your own labelled files), not to --task {cfg.task}")
+# Fields only some task families read, by group: (who reads them, the TrainConfig fields).
+_ONLY = {
+    "classify": ("--task classify (your own labelled files)", ("text_field", "text_pair_field", "label_field",
+                                                               "problem_type")),
+    "jsonl": ("--task jsonl (your own prompt/completion data)", ("prompt_field", "completion_field", "messages_field",
+                                                                 "dataset_config", "train_split", "dev_split")),
+    "files": ("--task jsonl and --task classify (your own files)", ("train_file", "dev_file", "dev_ratio")),
+}
+
+
+def refuse_unread_flags(cfg, reads: tuple[str, ...] = ()) -> None:
+    """Refuse the fields of the groups of :data:`_ONLY` that ``cfg.task`` does not read (``reads``
+    names those it does) when they are set away from their defaults: else they would be ignored."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    parts = []
+    for group, (reader, names) in _ONLY.items():
+        given = [f"--{n.replace('_', '-')}" for n in names if group not in reads and getattr(cfg, n) != defaults[n]]
+        if given:
+            verb = "" if parts else " apply" if len(given) > 1 else " applies"
+            parts.append(f"{', '.join(given)}{verb} to {reader}")
+    if parts:
+        raise ValueError(f"{'; '.join(parts)}, not to --task {cfg.task}")
 
 
 def refuse_packing(cfg) -> None:

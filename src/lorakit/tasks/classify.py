@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from .. import data
-from . import Split, first_rows, refuse_packing, report
+from . import Split, first_rows, refuse_packing, refuse_unread_flags, report
 from .glue import GlueTask, tokenize
 
 __all__ = ["ClassifyTask", "Row", "read_rows", "discover_labels", "examples", "read_examples", "task_of", "create",
@@ -287,6 +287,7 @@ class ClassifyTask(GlueTask):
 
 
 def create(cfg) -> ClassifyTask:
+    refuse_unread_flags(cfg, ("classify", "files"))
     refuse_packing(cfg)
     return ClassifyTask(cfg)
 

@@ -13,7 +13,7 @@ from .. import data, quant
 from ..distributed import World
 from ..metrics import compute_metrics
 from ..models import resolve_model
-from . import Split, first_rows, refuse_classify_flags, refuse_packing
+from . import Split, first_rows, refuse_packing, refuse_unread_flags
 
 __all__ = ["GlueTask", "load_classifier", "mean_pooling", "tokenize", "evaluate", "create", "presets", "default_preset",
            "canonical_name", "POOLINGS"]
@@ -211,6 +211,6 @@ class GlueTask:
 
 
 def create(cfg) -> GlueTask:
-    refuse_classify_flags(cfg)
+    refuse_unread_flags(cfg)
     refuse_packing(cfg)
     return GlueTask(cfg)

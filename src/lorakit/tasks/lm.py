@@ -34,7 +34,7 @@ from .. import data, quant
 from ..distributed import World, as_forward, is_sharded
 from ..models import resolve_model
 from ..training.datasets import Fields, columns_hint, json_object, map_record, read_records, text_lines
-from . import Split, first_rows, refuse_classify_flags, report
+from . import Split, first_rows, refuse_unread_flags, report
 
 __all__ = ["TASKS", "LMTask", "CausalLMLoss", "read_e2e", "read_jsonl", "read_rows", "check_row",
            "encode", "collate", "load_causal_lm",
@@ -453,7 +453,7 @@ class LMTask:
                              "training rows out)")
         if getattr(cfg, "pooling", "cls") != "cls":
             raise ValueError(f"--pooling applies to classifiers, not to the causal-LM task {self.name}")
-        refuse_classify_flags(cfg)
+        refuse_unread_flags(cfg, ("jsonl", "files") if self.name == "jsonl" else ())
 
     def load_model(self, model_name: str):
         """Under ``--fsdp`` the model is built on the meta device: the trainer fills each process's
