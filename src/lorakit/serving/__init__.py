@@ -4,11 +4,14 @@
     openai.py          OpenAI's routes (completions, chat, models) over the generation engine
     classify_api.py    /v1/classify: request batching over the classification engine
     http.py            the HTTP shell both APIs share: limits, timeouts, auth, error shapes, adapter routes
+                       (lorakit's and vLLM's), /healthz, /health, /metrics
+    tokens.py          chat messages to token ids; vLLM's /tokenize and /detokenize
     generation.py      the generation engine: a causal LM, its adapters, its scheduler
     scheduler.py       continuous batching: sequences of many adapters advanced together, a token per step
     model_decoder.py   a decode step through the model's own transformers modules (every served family)
     decoder.py         lorakit's lean decode step (Llama-style, GPT-2) and the row KV cache
     classify.py        the classification engine: a base classifier, adapters with their heads
+    metrics.py         Prometheus' text format; what both APIs count
     adapters.py        the checks of an adapter folder both engines load
     config.py          ServeConfig (the limits) and ClientError
 """

@@ -15,6 +15,7 @@ from typing import Any
 from .adapters import clip
 from .classify import AdapterInfo, Engine, Job
 from .config import CHARS_PER_TOKEN, ClientError, ServeConfig
+from .metrics import Gauge, RequestMetrics
 
 __all__ = ["Batcher", "ClassifyApi"]
 
@@ -149,6 +150,9 @@ class ClassifyApi:
     def __init__(self, engine: Engine, config: ServeConfig) -> None:
         self.engine, self.config = engine, config
         self.batcher: Batcher | None = None
+        self.stats = RequestMetrics(waiting=lambda: self.batcher.queue.qsize(), adapters=lambda: len(engine.adapters))
+        self.stats.gauges.append(Gauge("lorakit:forward_passes_total", "Forward passes run", lambda: self.batcher.forwards,
+                                       kind="counter"))
 
     def start(self) -> None:
         """On the event loop: the batcher and its task."""
@@ -164,6 +168,9 @@ class ClassifyApi:
 
     def health(self) -> dict[str, Any]:
         return {"queued": self.batcher.queue.qsize(), "forwards": self.batcher.forwards}
+
+    def metrics(self) -> str:
+        return self.stats.render()
 
     def mount(self, app, parse) -> None:
         from fastapi import Request
@@ -185,4 +192,6 @@ class ClassifyApi:
             rows = _texts(info, body.inputs, config)
             # off the event loop: other requests are read and answered meanwhile
             features = await asyncio.to_thread(_tokenize, engine.tokenizer, rows, min(config.max_length, engine.max_length))
-            return await self.batcher.submit(info, features)
+            result = await self.batcher.submit(info, features)
+            self.stats.request(info.name, _tokens(features))
+            return result

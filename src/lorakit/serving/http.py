@@ -5,10 +5,14 @@ many connections: 503), the admin token, the two error shapes (lorakit's ``{"err
 OpenAI's ``{"error": {"message", "type", "param", "code"}}`` on the routes an API names), and the
 routes every API has:
 
-    GET    /healthz
+    GET    /healthz                     {"ok": true, ...the engine's counts}
+    GET    /health                      200, no body (vLLM's)
+    GET    /metrics                     Prometheus' text format (:mod:`lorakit.serving.metrics`)
     GET    /v1/adapters
-    POST   /v1/adapters          {"name": "rte", "path": "runs/rte/seed0/adapter"}   (token)
-    DELETE /v1/adapters/{name}                                                      (token)
+    POST   /v1/adapters                 {"name": "rte", "path": "runs/rte/seed0/adapter"}          (token)
+    DELETE /v1/adapters/{name}                                                                    (token)
+    POST   /v1/load_lora_adapter        {"lora_name": "rte", "lora_path": "runs/rte/seed0/adapter"} (token, vLLM's)
+    POST   /v1/unload_lora_adapter      {"lora_name": "rte"}                                        (token, vLLM's)
 
 An :class:`Api` brings the rest: its engine (adapters, load, unload), its own routes, the thread
 that runs the model (:class:`lorakit.serving.classify_api.ClassifyApi`,
@@ -25,6 +29,7 @@ from typing import Any, Protocol
 
 from .adapters import clip
 from .config import ClientError, ServeConfig
+from .metrics import CONTENT_TYPE
 
 __all__ = ["Api", "build_app", "uvicorn_options"]
 
@@ -48,6 +53,9 @@ class Api(Protocol):
 
     def health(self) -> dict[str, Any]:
         """The API's part of ``/healthz``."""
+
+    def metrics(self) -> str:
+        """``/metrics``: its counts in Prometheus' text format."""
 
 
 async def _send_json(send, status: int, payload: dict[str, Any]) -> None:
@@ -133,6 +141,9 @@ class _BodyLimit:
 
 
 
+VLLM_ADAPTER_ROUTES = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
+
+
 def build_app(api: Api, config: ServeConfig, adapters: dict[str, str] | None = None, task: str | None = None):
     """The ASGI app serving ``api`` within ``config``'s limits; ``adapters`` (name -> folder) are loaded at
     start-up, as of ``task`` when given (in place of their task.json's: a PEFT SEQ_CLS adapter has none)."""
@@ -153,15 +164,29 @@ def build_app(api: Api, config: ServeConfig, adapters: dict[str, str] | None = N
         api.stop()
 
     app = FastAPI(title="lorakit serve", lifespan=lifespan)
-    _error_shapes(app, api.openai_paths)
+    _error_shapes(app, api.openai_paths | VLLM_ADAPTER_ROUTES)
     api.mount(app, _parse)
-    _adapter_routes(app, api, config)
+    authorized, admin = _authorization(config)
+    _adapter_routes(app, api, authorized, admin)
+    _vllm_adapter_routes(app, api, admin)
+    _health_routes(app, api)
+    return _BodyLimit(app, config.max_body_bytes, config.body_timeout_s)
+
+
+def _health_routes(app, api: Api) -> None:
+    from fastapi import Response
 
     @app.get("/healthz")
     async def healthz():
         return {"ok": True, **api.health(), "time": time.time()}
 
-    return _BodyLimit(app, config.max_body_bytes, config.body_timeout_s)
+    @app.get("/health")
+    async def health():  # vLLM's: a 200 while the server answers
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(api.metrics(), media_type=CONTENT_TYPE)
 
 
 def _error_shapes(app, openai_paths: frozenset[str]) -> None:
@@ -191,16 +216,10 @@ async def _parse(request, schema):
         raise ClientError(400, f"{kind}: " + "; ".join(problems)) from None
 
 
-def _adapter_routes(app, api: Api, config: ServeConfig) -> None:
-    """List, load and unload adapters; loading and unloading need the admin token."""
-    from fastapi import Depends, Request
-    from pydantic import BaseModel, ConfigDict
-
-    class LoadAdapter(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        name: str
-        path: str
-        task: str | None = None
+def _authorization(config: ServeConfig):
+    """``(authorized, admin)``: whether a request carries the admin token; a route dependency refusing one
+    that does not (401), or without a token on the server, a POST that is not JSON (415)."""
+    from fastapi import Request
 
     def authorized(request: Request) -> bool:
         given = request.headers.get("authorization", "")
@@ -215,6 +234,20 @@ def _adapter_routes(app, api: Api, config: ServeConfig) -> None:
             return
         if not authorized(request):
             raise ClientError(401, "this route needs 'Authorization: Bearer <token>' with the server's --token")
+
+    return authorized, admin
+
+
+def _adapter_routes(app, api: Api, authorized, admin) -> None:
+    """List, load and unload adapters; loading and unloading are for admins."""
+    from fastapi import Depends, Request
+    from pydantic import BaseModel, ConfigDict
+
+    class LoadAdapter(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        name: str
+        path: str
+        task: str | None = None
 
     engine = api.engine
 
@@ -233,6 +266,39 @@ def _adapter_routes(app, api: Api, config: ServeConfig) -> None:
     async def remove(name: str, request: Request):
         await api.call(engine.unload, name)
         return {"deleted": name}
+
+
+def _vllm_adapter_routes(app, api: Api, admin) -> None:
+    """vLLM's two adapter routes, for admins: their request shapes, their plain-text answers; errors in OpenAI's
+    shape (a name already taken stays a 409, where vLLM answers 400)."""
+    from fastapi import Depends, Request
+    from fastapi.responses import PlainTextResponse
+    from pydantic import BaseModel, ConfigDict
+
+    class LoadLoRA(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        lora_name: str
+        lora_path: str
+        load_inplace: bool = False
+
+    class UnloadLoRA(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        lora_name: str
+        lora_int_id: int | None = None  # (vLLM's own number of an adapter: the name suffices)
+
+    @app.post("/v1/load_lora_adapter", dependencies=[Depends(admin)])
+    async def load_lora(request: Request):
+        body = await _parse(request, LoadLoRA)
+        if body.load_inplace:
+            raise ClientError(400, "load_inplace is not supported: unload the adapter first (/v1/unload_lora_adapter)")
+        await api.call(api.engine.load, body.lora_name, body.lora_path, None)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter", dependencies=[Depends(admin)])
+    async def unload_lora(request: Request):
+        body = await _parse(request, UnloadLoRA)
+        await api.call(api.engine.unload, body.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
 
 def uvicorn_options(config: ServeConfig) -> dict[str, Any]:

@@ -15,23 +15,28 @@ import asyncio
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any
 
 from .config import CHARS_PER_TOKEN, ClientError, ServeConfig
 from .generation import GenerationEngine
+from .metrics import GenerationMetrics
 from .scheduler import Busy, Sampling, Sequence
+from .tokens import add_tokenizer_routes, chat_ids, message_schema, message_text
 
 __all__ = ["OpenAIApi", "add_routes"]
 
 
 class OpenAIApi:
-    """OpenAI's routes over a :class:`GenerationEngine`, for :func:`lorakit.serving.http.build_app`; the
-    engine's scheduler runs the model."""
+    """OpenAI's routes (and vLLM's tokenizer routes, :mod:`lorakit.serving.tokens`) over a
+    :class:`GenerationEngine`, for :func:`lorakit.serving.http.build_app`; the engine's scheduler runs the model."""
 
-    openai_paths = frozenset({"/v1/completions", "/v1/chat/completions"})  # errors in OpenAI's shape
+    # errors in OpenAI's shape
+    openai_paths = frozenset({"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"})
 
     def __init__(self, engine: GenerationEngine, config: ServeConfig) -> None:
         self.engine, self.config = engine, config
+        self.stats = GenerationMetrics(waiting=lambda: engine.scheduler.queued, adapters=lambda: len(engine.adapters),
+                                       running=lambda: len(engine.scheduler.rows))
 
     def start(self) -> None:
         self.engine.start()
@@ -45,8 +50,12 @@ class OpenAIApi:
     def health(self) -> dict[str, Any]:
         return self.engine.health()
 
+    def metrics(self) -> str:
+        return self.stats.render()
+
     def mount(self, app, parse) -> None:
-        add_routes(app, self.engine, self.config, parse)
+        add_routes(app, self.engine, self.config, parse, self.stats)
+        add_tokenizer_routes(app, self.engine, parse)
 
 
 # ---- requests -------------------------------------------------------------------------------
@@ -80,15 +89,7 @@ def _schemas():
         logprobs: int | None = None
         suffix: str | None = None
 
-    class Part(BaseModel):
-        type: Literal["text"]
-        text: str
-
-    class Message(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        role: Literal["system", "user", "assistant", "developer"]
-        content: str | list[Part]
-        name: str | None = None
+    Message = message_schema()
 
     class Chat(Common):
         messages: list[Message]
@@ -125,11 +126,6 @@ def _sampling(body, config: ServeConfig, default_max: int) -> Sampling:
     return Sampling(max_tokens, body.temperature, body.top_p, body.seed, tuple(stop), body.ignore_eos)
 
 
-def _text(message) -> str:
-    """A chat message's content as one string (its text parts joined)."""
-    return message.content if isinstance(message.content, str) else "".join(p.text for p in message.content)
-
-
 def _check_prompts(prompts: list[list[int]], sampling: Sampling, config: ServeConfig) -> None:
     for i, ids in enumerate(prompts):
         if not ids:
@@ -142,27 +138,51 @@ class _Run:
     """The completions of one request: sequences submitted to the scheduler, their events
     gathered on the event loop."""
 
-    def __init__(self, engine: GenerationEngine, prompts: list[list[int]], adapter: str | None, sampling: Sampling) -> None:
-        self.engine = engine
+    def __init__(self, engine: GenerationEngine, prompts: list[list[int]], adapter: str | None, sampling: Sampling,
+                 model: str, stats: GenerationMetrics) -> None:
+        self.engine, self.model, self.stats = engine, model, stats
         self.events: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        self.seqs = [Sequence(ids, adapter, sampling, lambda e, i=i: loop.call_soon_threadsafe(self.events.put_nowait, (i, e)))
-                     for i, ids in enumerate(prompts)]
+        self.seqs = [Sequence(ids, adapter, sampling, self._emitter(i)) for i, ids in enumerate(prompts)]
         self.open = len(self.seqs)
+        self.start = time.monotonic()
+        self.seen, self.last = [0] * len(self.seqs), [self.start] * len(self.seqs)  # per sequence: tokens, time
         for seq in self.seqs:
             try:
                 engine.scheduler.submit(seq)
             except Busy as e:
                 self.cancel()
                 raise ClientError(503, str(e)) from None
+        stats.request(model, sum(len(ids) for ids in prompts))
+
+    def _emitter(self, i: int):
+        loop = asyncio.get_running_loop()
+
+        def emit(event) -> None:  # on the scheduler's thread, right after the token that made the event
+            loop.call_soon_threadsafe(self.events.put_nowait, (i, event, time.monotonic(), self.seqs[i].sampled))
+
+        return emit
 
     async def __aiter__(self):
         """``(index, event)`` until every sequence is done (see :class:`Sequence`)."""
         while self.open:
-            i, event = await self.events.get()
+            i, event, at, sampled = await self.events.get()
+            self._count(i, event, at, sampled)
             if event[0] != "text":
                 self.open -= 1
             yield i, event
+
+    def _count(self, i: int, event, at: float, sampled: int) -> None:
+        """Sequence ``i``'s new tokens and latencies in the metrics (see :class:`GenerationMetrics`)."""
+        new, stats = sampled - self.seen[i], self.stats
+        if new:
+            stats.generation_tokens.inc(new, model_name=self.model)
+            if self.seen[i] == 0:
+                stats.first_token.observe(at - self.start)
+            else:
+                stats.inter_token.observe((at - self.last[i]) / new, times=new)
+            self.seen[i], self.last[i] = sampled, at
+        if event[0] != "text":
+            stats.finished.inc(model_name=self.model, finished_reason=event[1] if event[0] == "done" else "error")
 
     def cancel(self) -> None:
         for seq in self.seqs:
@@ -180,7 +200,7 @@ async def _until_disconnect(request) -> None:
         pass
 
 
-def add_routes(app, engine: GenerationEngine, config: ServeConfig, parse) -> None:
+def add_routes(app, engine: GenerationEngine, config: ServeConfig, parse, stats: GenerationMetrics) -> None:
     """``/v1/completions``, ``/v1/chat/completions`` and ``/v1/models`` on ``app``."""
     from fastapi import Request
     from fastapi.responses import StreamingResponse
@@ -192,12 +212,7 @@ def add_routes(app, engine: GenerationEngine, config: ServeConfig, parse) -> Non
         return [tokenizer(p)["input_ids"] for p in prompts]
 
     def encode_chat(messages) -> list[list[int]]:
-        if not getattr(tokenizer, "chat_template", None):
-            raise ClientError(400, f"{engine.model_name!r} has no chat template; use /v1/completions")
-        # "developer" is OpenAI's newer name of the system role, which chat templates know
-        turns = [{"role": "system" if m.role == "developer" else m.role, "content": _text(m)} for m in messages]
-        text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-        return [tokenizer(text, add_special_tokens=False)["input_ids"]]
+        return [chat_ids(tokenizer, engine.model_name, messages)]
 
     async def respond(request: Request, body, chat: bool):
         adapter = engine.resolve(body.model)
@@ -205,7 +220,7 @@ def add_routes(app, engine: GenerationEngine, config: ServeConfig, parse) -> Non
             if not body.messages:
                 raise ClientError(400, "messages is empty")
             sampling = _sampling(body, config, config.max_new_tokens)
-            chars = sum(len(_text(m)) for m in body.messages)
+            chars = sum(len(message_text(m)) for m in body.messages)
             if chars > config.max_length * CHARS_PER_TOKEN:  # refused before tokenizing
                 raise ClientError(400, f"messages are {chars} characters long, over the limit of {config.max_length} tokens")
             prompts = await asyncio.to_thread(encode_chat, body.messages)
@@ -219,7 +234,7 @@ def add_routes(app, engine: GenerationEngine, config: ServeConfig, parse) -> Non
                 raise ClientError(400, f"a prompt is over the limit of {config.max_length} tokens")
             prompts = await asyncio.to_thread(encode_prompts, texts)
         _check_prompts(prompts, sampling, config)
-        run = _Run(engine, prompts, adapter, sampling)
+        run = _Run(engine, prompts, adapter, sampling, body.model, stats)
         head = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, "created": int(time.time()), "model": body.model}
         if body.stream:
             usage = bool((body.stream_options or {}).get("include_usage"))
