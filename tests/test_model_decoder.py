@@ -245,6 +245,12 @@ def test_a_compiled_single_stream_takes_any_adapter_without_recompiling():
                 out = [d.forward(torch.tensor([[7 + p]]), c, slice(0, 1), torch.tensor([p])) for d, c in caches.items()]
                 torch.testing.assert_close(out[0], out[1], rtol=1e-4, atol=1e-4)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
+    # an adapter loaded later on layers no adapter had (a server's load_lora_adapter): new layers, a new plan
+    lorakit.add_lora(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=["o_proj"]), "late")
+    randomize(model, seed=6, std=0.3)
+    with lorakit.adapter_per_row(model, ["late"]):
+        out = [d.forward(torch.tensor([[9]]), c, slice(0, 1), torch.tensor([4])) for d, c in caches.items()]
+    torch.testing.assert_close(out[0], out[1], rtol=1e-4, atol=1e-4)
 
 
 def test_a_warmed_up_compiled_scheduler_serves_adapters_without_compiling_again():

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers import LoraLayer, LoraLinear, RowPlan
+from ..layers import LoraLinear, RowPlan
 from .decoder import RowCache
 
 __all__ = ["ATTENTION", "SERVED", "ModelDecoder", "compile_wanted", "row_attention"]
@@ -183,8 +183,8 @@ class _OneRow(RowPlan):
 
     prepared = True
 
-    def __init__(self, layers: list[LoraLinear]) -> None:
-        self.layers = layers
+    def __init__(self, layers: tuple[LoraLinear, ...]) -> None:
+        self.layers = layers  # (lorakit.model._adapter_modules' tuple: a new one when layers are added or replaced)
         self.key = tuple(tuple(layer.adapters) for layer in layers)
         self.names = list(dict.fromkeys(n for adapters in self.key for n in adapters))
         self.slot = torch.zeros(1, dtype=torch.long, device=layers[0].weight.device)
@@ -195,7 +195,7 @@ class _OneRow(RowPlan):
                                                  device=self.slot.device)
 
     @staticmethod
-    def serves(layers: list[LoraLayer]) -> bool:
+    def serves(layers: tuple[nn.Module, ...]) -> bool:
         """Whether every layer can take its adapter as data: LoRA linear layers, one rank per layer, no DoRA."""
         return all(isinstance(m, LoraLinear) and not m.lora_magnitude_vector
                    and len({m.lora_A[n].shape[0] for n in m.adapters}) <= 1 for m in layers)
@@ -273,8 +273,9 @@ class ModelDecoder:
         plan = modules[0].rows if modules else None
         if plan is None or isinstance(plan, _OneRow) or len(plan.names) != 1:
             return None
-        if self._one_row is None or self._one_row.key != tuple(tuple(m.adapters) for m in self._one_row.layers):
-            self._one_row = _OneRow(list(modules)) if _OneRow.serves(list(modules)) else None
+        one = self._one_row
+        if one is None or one.layers is not modules or one.key != tuple(tuple(m.adapters) for m in modules):
+            self._one_row = _OneRow(modules) if _OneRow.serves(modules) else None
         if self._one_row is not None:
             dtype = next(self.model.parameters()).dtype
             self._one_row.prepare(plan.names[0], dtype if dtype in (torch.bfloat16, torch.float16) else None)
