@@ -499,7 +499,8 @@ class LoraLinear(LoraLayer):
                 return out
         # Inference in bf16/fp16 (a server): the factors in the activations' dtype too.
         low = not torch.is_grad_enabled() and x.dtype in (torch.bfloat16, torch.float16)
-        stacks = self._stacked[1] if self.rows.prepared else self._stacks(names, x.dtype if low else None)
+        prepared = self.rows is not None and self.rows.prepared  # (add_rows is also called without a plan)
+        stacks = self._stacked[1] if prepared else self._stacks(names, x.dtype if low else None)
         rows = self._rows_dropout(x.to(stacks[0][1].dtype), names, slot).reshape(len(slot), -1, self.in_features)
         if len(stacks) == 1:
             where, As, Bs = stacks[0]
