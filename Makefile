@@ -50,6 +50,7 @@ bench: install
 	$(BENCH_ENV) $(PY) bench/generation.py
 	$(BENCH_ENV) $(PY) bench/serve_gen.py
 	$(BENCH_ENV) $(PY) bench/padding.py
+	$(BENCH_ENV) $(PY) bench/packing.py
 	$(BENCH_ENV) $(PY) bench/qlora.py
 	$(BENCH_ENV) $(PY) bench/dora.py
 	$(PY) bench/report.py
@@ -67,6 +68,7 @@ bench-quick: install
 	$(BENCH_ENV) $(PY) bench/generation.py --quick
 	$(BENCH_ENV) $(PY) bench/serve_gen.py --quick
 	$(BENCH_ENV) $(PY) bench/padding.py --quick
+	$(BENCH_ENV) $(PY) bench/packing.py --quick
 	$(BENCH_ENV) $(PY) bench/qlora.py --quick
 	$(BENCH_ENV) $(PY) bench/dora.py --quick
 	$(PY) bench/report.py

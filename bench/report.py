@@ -187,6 +187,24 @@ def dora(r: dict) -> list[str]:
     return rows
 
 
+def packing(r: dict) -> list[str]:
+    cfg = r["config"]
+    rows = [f"model: {cfg['model']}, {cfg['precision']}, {cfg['rounds']} interleaved rounds per data set (after one "
+            "untimed round), each case's round about as many rows", "",
+            "| data | max length | rows | packed sequences | case | batch | steps per round | rows / computed tokens | "
+            "row tokens/s (median of rounds) | row tokens/s (all rounds) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    ratios = {}
+    for key, v in r["results"].items():
+        for case, c in v["cases"].items():
+            rows.append(f"| {key} | {cfg['datasets'][key]['max_length']} | {v['rows']:,} | {v['sequences']:,} | {case} | "
+                        f"{v['batch_sizes'][case]} | {v['steps_per_round'][case]} | "
+                        f"{v['row_share_of_computed_tokens'][case]:.3f} | {c['median_tokens_per_s']:.0f} | "
+                        f"{v['tokens_per_s'][case]:.0f} |")
+        ratios.update({f"{key}: {k} (median of rounds)": x for k, x in v["ratios"].items()})
+        ratios.update({f"{key}: {k} (all rounds)": x for k, x in v["ratios_of_totals"].items()})
+    return rows + _ratio_rows(ratios)
+
+
 def padding(r: dict) -> list[str]:
     res = r["results"]
     rows = [f"model: {r['config']['model']}, {r['config']['epochs']} epochs of MRPC, each variant in its own process "
@@ -388,6 +406,8 @@ SECTIONS = [("train_step", "Training step (batch 16 x 128, forward + backward + 
             ("serve_gen", "lorakit serve with a causal LM: OpenAI completions, continuous batching over adapters",
              serve_gen),
             ("padding", "A long training process: batches padded to the longest row or to a multiple of 8", padding),
+            ("packing", "lorakit train --packing against unpacked batches (#28): row tokens per second of the "
+             "training step, SmolLM2-135M, E2E demo recipe", packing),
             ("qlora", "QLoRA: a LoRA step (r=16 q,k,v,o, 1 x 128, gradient checkpointing) on a bitsandbytes nf4 base",
              qlora),
             ("dora", "DoRA training step, SmolLM2-135M shape (random weights), batch 8 x 128, r=8, fp32 "
@@ -479,6 +499,15 @@ TARGETS = [
      ("multiple=8", "epoch time / multiple=1"), None),
     ("As above: resident memory after the last epoch / to the longest (reported, no target)", "padding",
      ("multiple=8", "last-epoch rss / multiple=1"), None),
+    # Issue #28 item 3 (ERRATA #28): --packing, the same recipe and batch size (TRL's: sequences under packing).
+    ("--packing on E2E rows (max length 128, batch 8): row tokens/s / unpacked", "packing",
+     ("e2e", "ratios", "packed/unpacked tokens/s"), (">=", 1.0)),
+    ("--packing on rows of varied lengths (E2E + long rows, max length 384, batch 4): row tokens/s / unpacked "
+     "(reported, no target)", "packing", ("mixed", "ratios", "packed/unpacked tokens/s"), None),
+    ("As above, E2E rows: packed / unpacked with as many rows per step (reported, no target)", "packing",
+     ("e2e", "ratios", "packed/unpacked_matched tokens/s"), None),
+    ("As above, varied lengths: packed / unpacked with as many rows per step (reported, no target)", "packing",
+     ("mixed", "ratios", "packed/unpacked_matched tokens/s"), None),
     # Issue #26: QLoRA (bitsandbytes nf4 base, random weights, one step, each memory case in its own process).
     ("QLoRA Llama-2-7B shape: peak RSS of a training step, GB", "qlora",
      ("memory", "llama2-7b", "lorakit", "peak_rss_gb"), ("<=", 8.0)),

@@ -473,3 +473,36 @@ def test_gguf_export_report_counts_same_texts_per_adapter_and_base(tmp_path):
     text = report.build(tmp_path)
     assert "| e2e-1500 | q4_1 | 15 / 20 | 6 / 20 | 0.022 |" in text and "| e2e-1500 | f32 | 20 / 20 | 6 / 20 | — |" in text
     assert "exported e2e-1500 adapter: E2E MRs of 20 with lorakit's greedy text | >= 18.00 | 15.000 | **no** |" in text
+
+
+E2E_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e"
+
+
+@pytest.mark.skipif(not E2E_DATA.is_dir(), reason="../shared/data/e2e not present")
+def test_packing_bench_times_the_same_rows_and_refuses_a_packing_that_changes_the_loss(tiny_llama, tmp_path,
+                                                                                        monkeypatch):
+    import packing as bench
+    import report
+
+    results = bench.run(tiny_llama, "tiny", rounds=1, precision="fp32", quick=True, name="packing", out_dir=str(tmp_path))
+    for key in ("e2e", "mixed"):
+        v = results[key]
+        assert v["check"]["rows"] > 8 and v["sequences"] < v["rows"]
+        assert v["batch_sizes"]["unpacked_matched"] * v["sequences"] == pytest.approx(v["batch_sizes"]["packed"] * v["rows"],
+                                                                                     rel=0.2)
+        assert all(r > 0 for r in v["ratios"].values())
+        assert v["row_share_of_computed_tokens"]["packed"] > v["row_share_of_computed_tokens"]["unpacked"]
+    assert "| e2e | 128 | 800 |" in report.build(tmp_path)
+
+    real = bench.packer.pack
+
+    def positions_run_on(split, max_length, seed):  # rows would see each other
+        packed = real(split, max_length, seed)
+        for f in packed.features:
+            f["position_ids"] = list(range(len(f["input_ids"])))
+        return packed
+
+    monkeypatch.setattr(bench.packer, "pack", positions_run_on)
+    with pytest.raises(benchtools.BenchmarkMismatch, match="packed vs unpacked loss"):
+        bench.run(tiny_llama, "tiny", rounds=1, precision="fp32", quick=True, name="broken", out_dir=str(tmp_path))
+    assert not (tmp_path / "broken.json").exists()
