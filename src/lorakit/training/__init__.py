@@ -3,7 +3,8 @@
 :mod:`.schedule` builds the learning-rate schedule through transformers' ``get_scheduler``;
 :mod:`.loop` counts a run's optimizer steps (gradient accumulation, ``max_steps``) and says when it
 evaluates, saves and logs, and runs one optimizer step's micro-batches; :mod:`.datasets` reads
-training rows from files, save_to_disk folders and Hub datasets, with a column mapping.
+training rows from files, save_to_disk folders and Hub datasets, with a column mapping;
+:mod:`.packing` packs a causal LM's training rows into ``max_length`` sequences (``--packing``).
 """
 
 __all__: list[str] = []
