@@ -322,6 +322,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quantize", choices=["int8", "int4"], action="append",
                         help="a case served with `lorakit serve --quantize` this value (repeatable; default: int8 and int4)")
     parser.add_argument("--compile", action="store_true", help="each --quantize case also served with --compile")
+    parser.add_argument("--name", default="serve_gen", help="record name (bench/results/NAME.json)")
     args = parser.parse_args(argv)
     try:
         binary = find_llama_server(args.llama_server)
@@ -331,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         run(adapters=8, concurrency=(1, 8), seconds=5, rounds=1, max_tokens=16, name="serve_gen_quick", **common)
     else:
-        run(seconds=args.seconds, rounds=args.rounds, **common)
+        run(seconds=args.seconds, rounds=args.rounds, name=args.name, **common)
 
 
 if __name__ == "__main__":
