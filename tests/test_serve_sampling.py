@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lorakit
-from lorakit.serving.sampling import Sampling
+from lorakit.serving.sampling import Sampling, penalize, sample
 from lorakit.serving.scheduler import Sequence
 from test_serve_openai import PROMPTS, _adapter_folders, _scheduler_with_adapters
 from test_serve_process import cli_server
@@ -261,6 +261,26 @@ def test_what_stays_unsupported_is_refused_by_name(client):
         with pytest.raises(openai.BadRequestError, match=message):
             call()
     assert len(client.completions.create(model="small", prompt="x", n=2, best_of=2, max_tokens=2).choices) == 2
+
+
+# ---- the math, by hand ----------------------------------------------------------------------------
+
+
+def test_penalties_and_cuts_by_hand():
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0])
+    # repetition 2 over the prompt [0] and the output [1, 1, 2]: 2 -> 1, -1 -> -2, 0.5 -> 0.25, 3 unseen;
+    # then counts [0, 2, 1, 0]: frequency 0.25 and presence 0.5 take 1 from token 1, 0.75 from token 2
+    got = penalize(logits, Sampling(repetition_penalty=2, presence_penalty=0.5, frequency_penalty=0.25), [0], [1, 1, 2])
+    torch.testing.assert_close(got, torch.tensor([1.0, -3.0, -0.5, 3.0]))
+    assert penalize(logits, Sampling(), [0], [1]) is logits  # none: the logits themselves
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+
+    def drawn(**cut) -> set[int]:
+        return {sample(probs, Sampling(**cut), torch.Generator().manual_seed(s)) for s in range(200)}
+
+    assert drawn() == {0, 1, 2, 3}
+    assert drawn(top_k=2) == drawn(min_p=0.5) == {0, 1}  # 0.3 >= 0.5 x 0.5 > 0.15
+    assert drawn(min_p=0.2, top_k=3) == {0, 1, 2} and drawn(top_k=1) == {0}
 
 
 # ---- the scheduler, without HTTP ------------------------------------------------------------------

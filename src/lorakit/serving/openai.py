@@ -114,7 +114,7 @@ def _schemas():
     return Completion, Chat
 
 
-def _sampling(body, config: ServeConfig, default_max: int) -> Sampling:
+def _sampling(body, config: ServeConfig, default_max: int, chat: bool) -> Sampling:
     """The request's :class:`Sampling`; a 400 naming the field for a value out of range or not supported."""
     for name in ("logit_bias", "suffix"):
         if getattr(body, name, None):
@@ -133,7 +133,7 @@ def _sampling(body, config: ServeConfig, default_max: int) -> Sampling:
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > 4 or any(not s for s in stop):
         raise ClientError(400, "stop takes up to 4 non-empty strings")
-    if isinstance(body.logprobs, bool):  # chat
+    if chat:
         if body.top_logprobs is not None and not body.logprobs:
             raise ClientError(400, "top_logprobs needs logprobs: true")
         if body.top_logprobs is not None and not 0 <= body.top_logprobs <= MAX_LOGPROBS:
@@ -275,7 +275,7 @@ def add_routes(app, engine: GenerationEngine, config: ServeConfig, parse, stats:
         if chat:
             if not body.messages:
                 raise ClientError(400, "messages is empty")
-            sampling = _sampling(body, config, config.max_new_tokens)
+            sampling = _sampling(body, config, config.max_new_tokens, chat)
             _check_n(body.n, 1, engine, config)
             chars = sum(len(message_text(m)) for m in body.messages)
             if chars > config.max_length * CHARS_PER_TOKEN:  # refused before tokenizing
@@ -287,7 +287,7 @@ def add_routes(app, engine: GenerationEngine, config: ServeConfig, parse, stats:
             if not texts or len(texts) > config.max_rows_per_request:
                 limit = config.max_rows_per_request
                 raise ClientError(413 if texts else 400, f"prompt takes 1 to {limit} strings, got {len(texts)}")
-            sampling = _sampling(body, config, 16)
+            sampling = _sampling(body, config, 16, chat)
             _check_n(body.n, len(texts), engine, config)
             if not isinstance(texts[0], str):
                 prompts = texts
@@ -337,17 +337,18 @@ class _Shapes:
         """Choice ``i``'s start: its prompt and the prompt's log-probabilities (if echo asks)."""
         return (self.run.echo[i // self.run.n], self.run.prompt_logprobs(i)) if self.run.echo else ("", [])
 
-    def logprobs(self, i: int, entries: list[Logprob]) -> dict[str, Any] | None:
-        """The next ``entries`` of choice ``i`` (None when the request did not ask or there are none)."""
-        if self.run.sampling.logprobs is None or not entries:
+    def logprobs(self, i: int, entries: list[Logprob], empty: bool = False) -> dict[str, Any] | None:
+        """The next ``entries`` of choice ``i`` (None when the request did not ask, or there are none and
+        not ``empty``)."""
+        if self.run.sampling.logprobs is None or not (entries or empty):
             return None
         tokens = [self.text_of(e.token) for e in entries]
         if self.chat:
             return {"content": [{**self._entry(t, e.logprob), "top_logprobs": [self._entry(self.text_of(a), lp)
                                                                                 for a, lp in e.top]}
                                 for t, e in zip(tokens, entries)]}
-        offsets = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=self.offset[i]))
-        self.offset[i] = offsets[-1] + len(tokens[-1])
+        offsets = list(itertools.accumulate((len(t) for t in tokens), initial=self.offset[i]))
+        self.offset[i] = offsets.pop()
         return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
                 "top_logprobs": [None if e.logprob is None else {**{self.text_of(a): lp for a, lp in e.top}, t: e.logprob}
                                  for t, e in zip(tokens, entries)],
@@ -388,11 +389,11 @@ async def _complete(request, run: _Run, head: dict[str, Any], chat: bool) -> dic
     for i, (text, reason) in enumerate(zip(texts, reasons)):
         if chat:
             choices.append({"index": i, "message": {"role": "assistant", "content": text},
-                            "logprobs": shapes.logprobs(i, entries[i]), "finish_reason": reason})
+                            "logprobs": shapes.logprobs(i, entries[i], empty=True), "finish_reason": reason})
         else:
             prompt, prompt_logprobs = shapes.echo(i)
-            choices.append({"index": i, "text": prompt + text, "logprobs": shapes.logprobs(i, prompt_logprobs + entries[i]),
-                            "finish_reason": reason})
+            logprobs = shapes.logprobs(i, prompt_logprobs + entries[i], empty=True)
+            choices.append({"index": i, "text": prompt + text, "logprobs": logprobs, "finish_reason": reason})
     return {**head, "object": "chat.completion" if chat else "text_completion", "choices": choices, "usage": run.usage()}
 
 

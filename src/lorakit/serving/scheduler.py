@@ -353,8 +353,8 @@ class Scheduler:
                 self._end(seq, ("done", "length") if finite[i] else ("error", (500, _non_finite(seq.adapter))))
                 continue
             forks, seq.forks = seq.forks, []
-            if forks:
-                self.cache.reserve(forks[-1].row + 1, seq.length)
+            if forks:  # (rows may have moved: an echo-only sequence before it in seqs ended)
+                self.cache.reserve(max(f.row for f in forks) + 1, seq.length)
             for fork in forks:
                 self.cache.move(seq.row, fork.row, seq.length)
                 fork.length, fork.parent = seq.length, None
