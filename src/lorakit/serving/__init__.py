@@ -2,6 +2,7 @@
 
     server.py          lorakit serve: picks the engine for the base, mounts its API on the shell, runs uvicorn
     openai.py          OpenAI's routes (completions, chat, models) over the generation engine
+    openai_requests.py their request bodies and the sampling they ask for (400s naming the field)
     classify_api.py    /v1/classify: request batching over the classification engine
     http.py            the HTTP shell both APIs share: limits, timeouts, auth, error shapes, adapter routes
                        (lorakit's and vLLM's), /healthz, /health, /metrics
