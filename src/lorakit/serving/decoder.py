@@ -18,7 +18,19 @@ from torch import Tensor, nn
 
 from ..allocator import trim_heap
 
-__all__ = ["RowCache", "Decoder"]
+__all__ = ["RowCache", "Decoder", "Positions", "at_positions"]
+
+Positions = Tensor | tuple[Tensor, Tensor] | None  # see at_positions
+
+
+def at_positions(x: Tensor, last: Positions) -> Tensor:
+    """``x: (B, T, ...)`` at index ``last: (B,)`` of each row (None: ``T - 1``), ``(B, ...)``; or at the
+    ``(row, index)`` pairs of two ``(N,)`` tensors, ``(N, ...)`` (a prompt's every position: its log-probabilities)."""
+    if isinstance(last, tuple):
+        return x[last[0], last[1]]
+    if last is None:
+        return x[:, -1]
+    return x[torch.arange(x.shape[0], device=x.device), last]
 
 
 class RowCache:
@@ -104,7 +116,7 @@ class Decoder:
     ``ids`` is ``(B, T)`` (right-padded; a row's padding writes cache positions past its
     length, which no later step reads before overwriting), ``rows`` a slice of ``B`` cache
     rows, ``start`` a ``(B,)`` tensor of the positions of ``ids[:, 0]``, ``last`` the index
-    in each row of the token whose logits are returned.
+    in each row of the token whose logits are returned (or pairs of rows and indices: :func:`at_positions`).
     """
 
     @staticmethod
@@ -149,7 +161,7 @@ class Decoder:
                         dtype, next(self.model.parameters()).device)
 
     @torch.inference_mode()
-    def forward(self, ids: Tensor, cache: RowCache, rows: slice, start: Tensor, last: Tensor | None = None) -> Tensor:
+    def forward(self, ids: Tensor, cache: RowCache, rows: slice, start: Tensor, last: Positions = None) -> Tensor:
         B, T = ids.shape
         # (B, T); a padding token past the cache's end writes (garbage) into its last position instead
         positions = (start[:, None] + torch.arange(T, device=ids.device)).clamp(max=cache.max_length - 1)
@@ -162,8 +174,7 @@ class Decoder:
             x = self._llama(ids, cache, rows, positions, mask, where, end)
         else:
             x = self._gpt2(ids, cache, rows, positions, mask, where, end)
-        index = torch.full((B,), T - 1, device=ids.device) if last is None else last
-        x = x[torch.arange(B, device=ids.device), index]
+        x = at_positions(x, last)
         norm = self.model.model.norm if self.kind == "llama" else self.model.transformer.ln_f
         return self.model.lm_head(norm(x)).float()
 

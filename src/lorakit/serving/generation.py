@@ -2,6 +2,7 @@
 decodes every request's sequences together (continuous batching across adapters)."""
 
 import asyncio
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +56,12 @@ class GenerationEngine:
         self.model, self.config = model.eval(), config
         self.scheduler = self._scheduler()
         self.adapters: dict[str, GenAdapter] = {}
+        self.vocab = model.get_input_embeddings().weight.shape[0]  # token ids a prompt may hold
+        self.token_text = functools.cache(self._token_text)
+
+    def _token_text(self, token: int) -> str:
+        """A token's text as the tokenizer decodes it alone (OpenAI's ``logprobs`` name tokens so)."""
+        return self.tokenizer.decode([token])
 
     def _scheduler(self) -> Scheduler:
         eos = self.model.generation_config.eos_token_id

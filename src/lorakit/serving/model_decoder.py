@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers import LoraLinear, RowPlan
-from .decoder import RowCache
+from .decoder import Positions, RowCache, at_positions
 
 __all__ = ["ATTENTION", "SERVED", "ModelDecoder", "compile_wanted", "row_attention"]
 
@@ -228,7 +228,8 @@ class ModelDecoder:
     """``forward(ids, cache, rows, start, last)``: the next-token logits ``(B, vocab)`` of
     ``rows`` of the cache after feeding them ``ids`` ``(B, T)`` (right-padded) at positions
     ``start, start + 1, ...`` (``start: (B,)``), taken at index ``last`` (default ``T - 1``) of
-    each row — as :class:`lorakit.serving.decoder.Decoder`, through the model's own modules."""
+    each row (or pairs of rows and indices: :func:`~lorakit.serving.decoder.at_positions`) — as
+    :class:`lorakit.serving.decoder.Decoder`, through the model's own modules."""
 
     @staticmethod
     def refusal(model: nn.Module) -> str | None:
@@ -291,7 +292,7 @@ class ModelDecoder:
             self.config._attn_implementation = before
 
     @torch.inference_mode()
-    def forward(self, ids: Tensor, cache: RowCache, rows: slice, start: Tensor, last: Tensor | None = None) -> Tensor:
+    def forward(self, ids: Tensor, cache: RowCache, rows: slice, start: Tensor, last: Positions = None) -> Tensor:
         B, T = ids.shape
         # (B, T); a padding token past the cache's end writes (garbage) into its last position instead
         positions = (start[:, None] + torch.arange(T, device=ids.device)).clamp(max=cache.max_length - 1)
@@ -308,8 +309,7 @@ class ModelDecoder:
         if len(step.layers) != self.layers:  # a layer that attends some other way would be served wrong
             raise ValueError(f"{type(self.model).__name__}: {self.layers - len(step.layers)} of {self.layers} layers "
                              f"did not use the attention interface; not served")
-        last_hidden = hidden[:, T - 1] if last is None else hidden[torch.arange(B, device=ids.device), last]
-        logits = self.head(last_hidden)
+        logits = self.head(at_positions(hidden, last))
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits.float()

@@ -8,20 +8,33 @@
 with server-sent events. All requests share the decode steps of one :class:`Scheduler`
 (continuous batching across adapters, :mod:`lorakit.serving.generation`); the adapter routes of
 the HTTP shell (:mod:`lorakit.serving.http`) load and unload adapters while streams run.
+
+Sampling fields (:mod:`lorakit.serving.sampling`): ``temperature``, ``top_p``, ``top_k``, ``min_p``,
+``repetition_penalty`` (vLLM's), ``presence_penalty``, ``frequency_penalty``, ``seed`` (choice ``j`` of
+``n`` draws with ``seed + j``, as vLLM). ``n`` completions of a prompt share its prefill (the scheduler's
+forks); choice ``i * n + j`` is prompt ``i``'s ``j``-th. ``logprobs`` (completions: an int, the
+alternatives per token; chat: ``logprobs: true`` and ``top_logprobs``) come in OpenAI's shapes, of the
+model's raw logits; ``echo`` puts the prompt before the completion, with its tokens' log-probabilities
+when ``logprobs`` is set (the first token's is null), and ``max_tokens: 0`` then returns them alone (what
+lm-evaluation-harness's completions backend reads).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route functions' annotations.
 import asyncio
+import itertools
 import json
 import time
 import uuid
+from dataclasses import replace
 from typing import Any
 
 from .config import CHARS_PER_TOKEN, ClientError, ServeConfig
 from .generation import GenerationEngine
 from .metrics import GenerationMetrics
-from .scheduler import Busy, Sampling, Sequence
-from .tokens import add_tokenizer_routes, chat_ids, message_schema, message_text
+from .openai_requests import check_n, check_prompts, sampling_of, schemas
+from .sampling import Logprob, Sampling
+from .scheduler import Busy, Sequence
+from .tokens import add_tokenizer_routes, chat_ids, message_text
 
 __all__ = ["OpenAIApi", "add_routes"]
 
@@ -58,95 +71,30 @@ class OpenAIApi:
         add_tokenizer_routes(app, self.engine, parse)
 
 
-# ---- requests -------------------------------------------------------------------------------
-
-
-def _schemas():
-    from pydantic import BaseModel, ConfigDict
-
-    class Common(BaseModel):
-        model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # (JSON parsers take NaN and Infinity)
-        model: str
-        max_tokens: int | None = None
-        temperature: float = 1.0
-        top_p: float = 1.0
-        stop: str | list[str] | None = None
-        seed: int | None = None
-        stream: bool = False
-        stream_options: dict[str, bool] | None = None
-        user: str | None = None
-        ignore_eos: bool = False  # vLLM's extension: run to max_tokens (load tests)
-        # accepted at their neutral values only (refused otherwise, by name)
-        n: int = 1
-        presence_penalty: float = 0.0
-        frequency_penalty: float = 0.0
-        logit_bias: dict[str, float] | None = None
-
-    class Completion(Common):
-        prompt: str | list[str]
-        echo: bool = False
-        best_of: int = 1
-        logprobs: int | None = None
-        suffix: str | None = None
-
-    Message = message_schema()
-
-    class Chat(Common):
-        messages: list[Message]
-        max_completion_tokens: int | None = None
-        logprobs: bool = False
-
-    return Completion, Chat
-
-
-_NEUTRAL = {"n": 1, "presence_penalty": 0.0, "frequency_penalty": 0.0, "logit_bias": None, "echo": False,
-            "best_of": 1, "logprobs": None, "suffix": None}
-
-
-def _sampling(body, config: ServeConfig, default_max: int) -> Sampling:
-    for name, neutral in _NEUTRAL.items():
-        value = getattr(body, name, neutral)
-        if not (value is None or value == neutral or value == {} or (name == "logprobs" and value is False)):
-            raise ClientError(400, f"{name}={value!r} is not supported by lorakit serve (leave it out)")
-    name = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) is not None else "max_tokens"
-    max_tokens = getattr(body, name)
-    max_tokens = default_max if max_tokens is None else max_tokens
-    if not 1 <= max_tokens <= config.max_new_tokens:
-        why = " (0 asks for the prompt's logprobs only, with echo: not supported)" if max_tokens == 0 else ""
-        raise ClientError(400, f"{name} must be between 1 and {config.max_new_tokens}, got {max_tokens}{why}")
-    if not 0 <= body.temperature <= 2:
-        raise ClientError(400, f"temperature must be between 0 and 2, got {body.temperature}")
-    if not 0 < body.top_p <= 1:
-        raise ClientError(400, f"top_p must be in (0, 1], got {body.top_p}")
-    if body.seed is not None and not 0 <= body.seed < 2**63:
-        raise ClientError(400, f"seed must be a non-negative 64-bit integer, got {body.seed}")
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if len(stop) > 4 or any(not s for s in stop):
-        raise ClientError(400, "stop takes up to 4 non-empty strings")
-    return Sampling(max_tokens, body.temperature, body.top_p, body.seed, tuple(stop), body.ignore_eos)
-
-
-def _check_prompts(prompts: list[list[int]], sampling: Sampling, config: ServeConfig) -> None:
-    for i, ids in enumerate(prompts):
-        if not ids:
-            raise ClientError(400, f"prompt {i} is empty")
-        if len(ids) > config.max_length:
-            raise ClientError(400, f"prompt {i} is {len(ids)} tokens long; the limit is {config.max_length}")
+def _seeded(sampling: Sampling, j: int) -> Sampling:
+    """Choice ``j``'s sampling: its own seed, ``seed + j`` (vLLM's)."""
+    return sampling if sampling.seed is None or j == 0 else replace(sampling, seed=(sampling.seed + j) % 2**63)
 
 
 class _Run:
-    """The completions of one request: sequences submitted to the scheduler, their events
-    gathered on the event loop."""
+    """The completions of one request: ``n`` sequences per prompt (one submitted with ``n - 1`` forks)
+    given to the scheduler, their events gathered on the event loop. ``echo``: each prompt's text, for
+    a completion that starts with it; ``text_of``: a token's text."""
 
     def __init__(self, engine: GenerationEngine, prompts: list[list[int]], adapter: str | None, sampling: Sampling,
-                 model: str, stats: GenerationMetrics) -> None:
-        self.engine, self.model, self.stats = engine, model, stats
+                 n: int, model: str, stats: GenerationMetrics, echo: list[str] | None = None) -> None:
+        self.engine, self.model, self.stats, self.n, self.echo = engine, model, stats, n, echo
+        self.sampling, self.text_of = sampling, engine.token_text
         self.events: asyncio.Queue = asyncio.Queue()
-        self.seqs = [Sequence(ids, adapter, sampling, self._emitter(i)) for i, ids in enumerate(prompts)]
+        self.seqs: list[Sequence] = []
+        for p, ids in enumerate(prompts):  # choice p * n + j: prompt p's j-th
+            forks = [Sequence(ids, adapter, _seeded(sampling, j), self._emitter(p * n + j)) for j in range(1, n)]
+            self.seqs += [Sequence(ids, adapter, sampling, self._emitter(p * n), forks), *forks]
         self.open = len(self.seqs)
         self.start = time.monotonic()
         self.seen, self.last = [0] * len(self.seqs), [self.start] * len(self.seqs)  # per sequence: tokens, time
-        for seq in self.seqs:
+        self.given = [0] * len(self.seqs)  # per sequence: log-probabilities handed out
+        for seq in self.seqs[::n]:
             try:
                 engine.scheduler.submit(seq)
             except Busy as e:
@@ -158,18 +106,26 @@ class _Run:
         loop = asyncio.get_running_loop()
 
         def emit(event) -> None:  # on the scheduler's thread, right after the token that made the event
-            loop.call_soon_threadsafe(self.events.put_nowait, (i, event, time.monotonic(), self.seqs[i].sampled))
+            seq = self.seqs[i]
+            loop.call_soon_threadsafe(self.events.put_nowait, (i, event, time.monotonic(), seq.sampled, len(seq.tokens)))
 
         return emit
 
     async def __aiter__(self):
-        """``(index, event)`` until every sequence is done (see :class:`Sequence`)."""
+        """``(index, event, logprobs)`` until every sequence is done (see :class:`Sequence`): the
+        :class:`Logprob` of each token generated since the sequence's previous event (none unless asked)."""
         while self.open:
-            i, event, at, sampled = await self.events.get()
+            i, event, at, sampled, tokens = await self.events.get()
             self._count(i, event, at, sampled)
             if event[0] != "text":
                 self.open -= 1
-            yield i, event
+            logprobs = self.seqs[i].logprobs[self.given[i] : tokens]  # (a final EOS's has no text: left out)
+            self.given[i] = max(self.given[i], tokens)
+            yield i, event, logprobs
+
+    def prompt_logprobs(self, i: int) -> list[Logprob]:
+        """Choice ``i``'s prompt's log-probabilities (read by the first of its ``n`` sequences)."""
+        return self.seqs[i - i % self.n].prompt_logprobs
 
     def _count(self, i: int, event, at: float, sampled: int) -> None:
         """Sequence ``i``'s new tokens and latencies in the metrics (see :class:`GenerationMetrics`)."""
@@ -190,7 +146,7 @@ class _Run:
                 self.engine.scheduler.cancel(seq)
 
     def usage(self) -> dict[str, int]:
-        prompt = sum(len(s.prompt) for s in self.seqs)
+        prompt = sum(len(s.prompt) for s in self.seqs[:: self.n])  # (once per prompt, whatever n)
         completion = sum(s.sampled for s in self.seqs)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -205,7 +161,7 @@ def add_routes(app, engine: GenerationEngine, config: ServeConfig, parse, stats:
     from fastapi import Request
     from fastapi.responses import StreamingResponse
 
-    Completion, Chat = _schemas()
+    Completion, Chat = schemas()
     tokenizer = engine.tokenizer
 
     def encode_prompts(prompts: list[str]) -> list[list[int]]:
@@ -216,25 +172,34 @@ def add_routes(app, engine: GenerationEngine, config: ServeConfig, parse, stats:
 
     async def respond(request: Request, body, chat: bool):
         adapter = engine.resolve(body.model)
+        echo = None
         if chat:
             if not body.messages:
                 raise ClientError(400, "messages is empty")
-            sampling = _sampling(body, config, config.max_new_tokens)
+            sampling = sampling_of(body, config, config.max_new_tokens, chat)
+            check_n(body.n, 1, engine.scheduler.max_rows, config)
             chars = sum(len(message_text(m)) for m in body.messages)
             if chars > config.max_length * CHARS_PER_TOKEN:  # refused before tokenizing
                 raise ClientError(400, f"messages are {chars} characters long, over the limit of {config.max_length} tokens")
             prompts = await asyncio.to_thread(encode_chat, body.messages)
         else:
             texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+            texts = [texts] if texts and isinstance(texts[0], int) else texts  # (one prompt of token ids)
             if not texts or len(texts) > config.max_rows_per_request:
                 limit = config.max_rows_per_request
                 raise ClientError(413 if texts else 400, f"prompt takes 1 to {limit} strings, got {len(texts)}")
-            sampling = _sampling(body, config, 16)
-            if any(len(t) > config.max_length * CHARS_PER_TOKEN for t in texts):  # refused before tokenizing
+            sampling = sampling_of(body, config, 16, chat)
+            check_n(body.n, len(texts), engine.scheduler.max_rows, config)
+            if not isinstance(texts[0], str):
+                prompts = texts
+            elif any(len(t) > config.max_length * CHARS_PER_TOKEN for t in texts):  # refused before tokenizing
                 raise ClientError(400, f"a prompt is over the limit of {config.max_length} tokens")
-            prompts = await asyncio.to_thread(encode_prompts, texts)
-        _check_prompts(prompts, sampling, config)
-        run = _Run(engine, prompts, adapter, sampling, body.model, stats)
+            else:
+                prompts = await asyncio.to_thread(encode_prompts, texts)
+        check_prompts(prompts, sampling, config, engine.vocab)
+        if not chat and body.echo:
+            echo = texts if isinstance(texts[0], str) else await asyncio.to_thread(tokenizer.batch_decode, prompts)
+        run = _Run(engine, prompts, adapter, sampling, body.n, body.model, stats, echo)
         head = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, "created": int(time.time()), "model": body.model}
         if body.stream:
             usage = bool((body.stream_options or {}).get("include_usage"))
@@ -258,12 +223,52 @@ def add_routes(app, engine: GenerationEngine, config: ServeConfig, parse, stats:
                                            for n in names]}
 
 
+class _Shapes:
+    """OpenAI's shapes of a run's choices and their log-probabilities. Completions: ``{tokens,
+    token_logprobs, top_logprobs, text_offset}``, each ``top_logprobs`` entry a ``{text: logprob}`` of the
+    most likely tokens and the token itself (vLLM's), ``text_offset`` counting the characters of the token
+    texts before (``offset``: per choice, those given so far); chat: ``{content: [{token, logprob, bytes,
+    top_logprobs: [{token, logprob, bytes}]}]}``."""
+
+    def __init__(self, run: _Run, chat: bool) -> None:
+        self.run, self.chat, self.text_of = run, chat, run.text_of
+        self.offset = [0] * len(run.seqs)
+
+    def echo(self, i: int) -> tuple[str, list[Logprob]]:
+        """Choice ``i``'s start: its prompt and the prompt's log-probabilities (if echo asks)."""
+        return (self.run.echo[i // self.run.n], self.run.prompt_logprobs(i)) if self.run.echo else ("", [])
+
+    def logprobs(self, i: int, entries: list[Logprob], empty: bool = False) -> dict[str, Any] | None:
+        """The next ``entries`` of choice ``i`` (None when the request did not ask, or there are none and
+        not ``empty``)."""
+        if self.run.sampling.logprobs is None or not (entries or empty):
+            return None
+        tokens = [self.text_of(e.token) for e in entries]
+        if self.chat:
+            return {"content": [{**self._entry(t, e.logprob), "top_logprobs": [self._entry(self.text_of(a), lp)
+                                                                                for a, lp in e.top]}
+                                for t, e in zip(tokens, entries)]}
+        offsets = list(itertools.accumulate((len(t) for t in tokens), initial=self.offset[i]))
+        self.offset[i] = offsets.pop()
+        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [None if e.logprob is None else {**{self.text_of(a): lp for a, lp in e.top}, t: e.logprob}
+                                 for t, e in zip(tokens, entries)],
+                "text_offset": offsets}
+
+    @staticmethod
+    def _entry(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+
 async def _complete(request, run: _Run, head: dict[str, Any], chat: bool) -> dict[str, Any]:
     texts = [""] * len(run.seqs)
     reasons: list[str | None] = [None] * len(run.seqs)
+    shapes = _Shapes(run, chat)
+    entries: list[list[Logprob]] = [[] for _ in run.seqs]
 
     async def collect():
-        async for i, (kind, value) in run:
+        async for i, (kind, value), logprobs in run:
+            entries[i] += logprobs
             if kind == "text":
                 texts[i] += value
             elif kind == "error":
@@ -281,11 +286,15 @@ async def _complete(request, run: _Run, head: dict[str, Any], chat: bool) -> dic
             work.cancel()
             run.cancel()
     work.result()
-    if chat:
-        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": r}
-                   for i, (t, r) in enumerate(zip(texts, reasons))]
-    else:
-        choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))]
+    choices = []
+    for i, (text, reason) in enumerate(zip(texts, reasons)):
+        if chat:
+            choices.append({"index": i, "message": {"role": "assistant", "content": text},
+                            "logprobs": shapes.logprobs(i, entries[i], empty=True), "finish_reason": reason})
+        else:
+            prompt, prompt_logprobs = shapes.echo(i)
+            logprobs = shapes.logprobs(i, prompt_logprobs + entries[i], empty=True)
+            choices.append({"index": i, "text": prompt + text, "logprobs": logprobs, "finish_reason": reason})
     return {**head, "object": "chat.completion" if chat else "text_completion", "choices": choices, "usage": run.usage()}
 
 
@@ -294,15 +303,18 @@ def _sse(payload: dict[str, Any] | str) -> bytes:
 
 
 async def _stream(run: _Run, head: dict[str, Any], chat: bool, usage: bool):
-    """Server-sent events as OpenAI sends them; a client that goes away cancels the run."""
+    """Server-sent events as OpenAI sends them, each chunk one choice's (``index``); a client that goes
+    away cancels the run."""
     head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+    shapes = _Shapes(run, chat)
+    started = [False] * len(run.seqs)
 
-    def chunk(i: int, text: str | None, reason: str | None) -> bytes:
+    def chunk(i: int, text: str | None, reason: str | None, logprobs: list[Logprob]) -> bytes:
         if chat:
             delta = {} if text is None else {"content": text}
-            choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
+            choice = {"index": i, "delta": delta, "logprobs": shapes.logprobs(i, logprobs), "finish_reason": reason}
         else:
-            choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": reason}
+            choice = {"index": i, "text": text or "", "logprobs": shapes.logprobs(i, logprobs), "finish_reason": reason}
         return _sse({**head, "choices": [choice]})
 
     try:
@@ -310,11 +322,15 @@ async def _stream(run: _Run, head: dict[str, Any], chat: bool, usage: bool):
             for i in range(len(run.seqs)):
                 yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                  "logprobs": None, "finish_reason": None}]})
-        async for i, (kind, value) in run:
+        async for i, (kind, value), logprobs in run:
+            if not started[i] and kind != "error" and run.echo:  # the prompt first, once it is read
+                prompt, prompt_logprobs = shapes.echo(i)
+                yield chunk(i, prompt, None, prompt_logprobs)
+            started[i] = True
             if kind == "text":
-                yield chunk(i, value, None)
+                yield chunk(i, value, None, logprobs)
             elif kind == "done":
-                yield chunk(i, None, value)
+                yield chunk(i, None, value, logprobs)
             else:
                 status, message = value
                 kind = "invalid_request_error" if status < 500 else "server_error"

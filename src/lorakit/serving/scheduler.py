@@ -8,6 +8,10 @@ and leave the running batch between any two steps. Rows of the cache are kept co
 running sequences first, then the ones being prefilled, in arrival order — so a step reads
 its rows as one slice, with no copy.
 
+A sequence may carry forks (OpenAI's ``n``): they take rows right after it and share its prefill;
+once its prompt is read, each gets a copy of its cache row and draws its own first token from the
+same logits, then runs as a sequence of its own.
+
 Other threads talk to it through :meth:`Scheduler.submit`, :meth:`Scheduler.cancel` and
 :meth:`Scheduler.call` (run a function between steps: adapter loads and unloads).
 """
@@ -19,15 +23,15 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from ..model import adapter_per_row
-from .decoder import Decoder
+from .decoder import Decoder, Positions
 from .model_decoder import ModelDecoder, compile_wanted
+from .sampling import Logprob, Sampling, logprobs_of, next_token
 
 __all__ = ["Sampling", "Sequence", "Scheduler", "Busy", "ENGINES", "pick_engine"]
 
@@ -56,34 +60,27 @@ class Busy(Exception):
     """The scheduler's queue is full."""
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """How one completion is decoded: ``temperature`` 0 takes the argmax; otherwise a draw
-    from ``softmax(logits / temperature)`` cut to the nucleus of mass ``top_p``, from a
-    generator seeded by ``seed`` (None: from torch's global generator). With ``ignore_eos``
-    a completion runs to ``max_tokens`` (load tests: vLLM's option of the same name)."""
-
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
-
-
 class Sequence:
     """One completion: its prompt, adapter (None: the base model) and decoding, and how far it got.
 
     ``emit`` receives, on the scheduler's thread, ``("text", delta)`` events, then one
     ``("done", finish_reason)`` (``"stop"`` or ``"length"``) or ``("error", (status, message))``
     with an HTTP status (404: its adapter was unloaded, 500: the forward pass failed or its
-    logits were not finite, 503: the scheduler stopped).
+    logits were not finite, 503: the scheduler stopped). ``logprobs`` holds a :class:`Logprob` per
+    generated token when ``sampling.logprobs`` asks (written before the event of its text),
+    ``prompt_logprobs`` one per prompt token when ``sampling.prompt_logprobs`` does (before the first event).
+
+    ``forks``: more completions of the same prompt and adapter (their own sampling and seeds), submitted
+    with this one and not on their own; they share its prefill. Ending it before its prompt is read
+    ends them too.
     """
 
     def __init__(self, prompt: list[int], adapter: str | None, sampling: Sampling,
-                 emit: Callable[[tuple[str, Any]], None]) -> None:
+                 emit: Callable[[tuple[str, Any]], None], forks: list[Sequence] | tuple[()] = ()) -> None:
         if not prompt:
             raise ValueError("a prompt needs at least one token")
+        if any(f.prompt != prompt or f.adapter != adapter or f.forks for f in forks):
+            raise ValueError("forks share their sequence's prompt and adapter, and have no forks of their own")
         self.prompt = prompt
         self.adapter = adapter
         self.sampling = sampling
@@ -95,6 +92,12 @@ class Sequence:
         self.sent = 0  # characters of the text already emitted
         self.finished = False
         self.generator = None if sampling.seed is None else torch.Generator().manual_seed(sampling.seed)
+        self.logprobs: list[Logprob] = []
+        self.prompt_logprobs: list[Logprob] = []
+        self.forks = list(forks)  # until the prompt is read (then they run on their own)
+        self.parent: Sequence | None = None  # a fork's, until then
+        for fork in forks:
+            fork.parent = self
 
 
 class Scheduler:
@@ -149,6 +152,12 @@ class Scheduler:
             self._thread.join()
 
     def submit(self, seq: Sequence) -> None:
+        """Queue ``seq`` (and its forks)."""
+        if seq.parent is not None:
+            raise ValueError("a fork is submitted with its sequence, not on its own")
+        if 1 + len(seq.forks) > self.max_rows:
+            raise ValueError(f"{1 + len(seq.forks)} completions of one prompt exceed the {self.max_rows} rows "
+                             "decoded at once")
         with self._lock:
             if self._closed:
                 raise Busy(SHUTTING_DOWN)
@@ -205,6 +214,7 @@ class Scheduler:
                 failed, self.rows, self.running = self.rows, [], 0
                 for seq in failed:
                     seq.row = -1
+                for seq in failed:  # (a sequence's forks end with it)
                     self._fail(seq, 500, f"generation failed: {type(e).__name__}: {e}")
         self._close()
 
@@ -249,13 +259,7 @@ class Scheduler:
             if kind == "add":
                 self.waiting.append(message[1])
             elif kind == "cancel":
-                seq = message[1]
-                if seq in self.waiting:
-                    self.waiting.remove(seq)
-                    self._dequeued()
-                elif seq.row >= 0:
-                    self._remove(seq)
-                seq.finished = True
+                self._drop(message[1])
             elif kind == "call":
                 _, fn, args, future = message
                 try:
@@ -268,13 +272,19 @@ class Scheduler:
             self.queued -= 1
 
     def _admit(self) -> None:
-        while self.waiting and len(self.rows) < self.max_rows:
-            seq = self.waiting.popleft()
+        """Rows for the waiting sequences, in order: each with its forks right after it."""
+        while self.waiting:
+            seq = self.waiting[0]
+            seq.forks = [f for f in seq.forks if not f.finished]
+            if len(self.rows) + 1 + len(seq.forks) > self.max_rows:
+                return
+            self.waiting.popleft()
             self._dequeued()
-            seq.row = len(self.rows)
-            self.rows.append(seq)
+            for s in (seq, *seq.forks):
+                s.row = len(self.rows)
+                self.rows.append(s)
 
-    def _forward(self, seqs: list[Sequence], ids: Tensor, start: Tensor, last: Tensor | None = None) -> Tensor:
+    def _forward(self, seqs: list[Sequence], ids: Tensor, start: Tensor, last: Positions = None) -> Tensor:
         rows = slice(seqs[0].row, seqs[0].row + len(seqs))
         with adapter_per_row(self.model, [s.adapter for s in seqs]):
             return self.decoder.forward(ids, self.cache, rows, start, last)
@@ -286,7 +296,7 @@ class Scheduler:
             n = min(len(seq.prompt) - seq.length, budget)
             chunks.append((seq, n))
             budget -= n
-            if budget == 0:
+            if budget == 0 or seq.forks:  # (rows of one forward are contiguous: its forks' rows come next)
                 break
         width = max(n for _, n in chunks)
         ids = torch.zeros(len(chunks), width, dtype=torch.long)
@@ -294,18 +304,64 @@ class Scheduler:
             ids[i, :n] = torch.tensor(seq.prompt[seq.length : seq.length + n])
         start = torch.tensor([seq.length for seq, _ in chunks])
         seqs = [s for s, _ in chunks]
-        logits = self._forward(seqs, ids, start, torch.tensor([n - 1 for _, n in chunks]))
+        # each row's last token; every token of the prompts whose log-probabilities are asked for
+        rows, index, last = [], [], []
+        for i, (seq, n) in enumerate(chunks):
+            every = seq.sampling.prompt_logprobs is not None
+            rows += [i] * (n if every else 1)
+            index += range(n) if every else [n - 1]
+            last.append(len(index) - 1)
+        out = self._forward(seqs, ids, start, (torch.tensor(rows), torch.tensor(index)))
+        logits = out[last]
         finite = self._finite(seqs, logits)
+        for i, (seq, n) in enumerate(chunks):
+            if seq.sampling.prompt_logprobs is not None and finite[i]:
+                finite[i] = self._prompt_logprobs(seq, out[last[i] - n + 1 : last[i] + 1])
         done = []
         for seq, n in chunks:
             seq.length += n
             if seq.length == len(seq.prompt):  # a prefix of the chunks: all but the last got all they needed
-                self.running += 1
+                seq.forks = [f for f in seq.forks if f.row >= 0]  # (those cancelled meanwhile left their rows)
+                self.running += 1 + len(seq.forks)  # (its forks' rows follow its own)
                 done.append(seq)
         for seq, ok in zip(seqs[len(done) :], finite[len(done) :]):  # (the last, when prefilled in part)
             if not ok:
                 self._fail(seq, 500, _non_finite(seq.adapter))
-        self._advance(done, logits[: len(done)], finite[: len(done)])
+        self._start(done, logits[: len(done)], finite[: len(done)])
+
+    def _prompt_logprobs(self, seq: Sequence, logits: Tensor) -> bool:
+        """Add the log-probabilities of the prompt tokens that ``logits`` ``(n, vocab)``, the chunk just
+        prefilled from position ``seq.length``, predict; whether they are finite (else the row is cleared)."""
+        if not bool(torch.isfinite(logits.amax(-1)).all() and torch.isfinite(logits.amin(-1)).all()):
+            self.cache.clear(seq.row)
+            return False
+        first = seq.length
+        if first == 0:
+            seq.prompt_logprobs.append(Logprob(seq.prompt[0], None))
+        targets = seq.prompt[first + 1 : first + 1 + len(logits)]  # (the last position predicts no prompt token)
+        if targets:
+            seq.prompt_logprobs += logprobs_of(logits[: len(targets)], targets, seq.sampling.prompt_logprobs)
+        return True
+
+    def _start(self, seqs: list[Sequence], logits: Tensor, finite: list[bool]) -> None:
+        """The first tokens of ``seqs``, whose prompts are now read, from their rows of ``logits``: each
+        fork gets a copy of its sequence's cache row and draws from the same logits. A sequence with
+        ``max_tokens`` 0 (its prompt's log-probabilities only) ends here, with its forks."""
+        group, rows, ok = [], [], []
+        for i, seq in enumerate(seqs):
+            if seq.sampling.max_tokens == 0:
+                self._end(seq, ("done", "length") if finite[i] else ("error", (500, _non_finite(seq.adapter))))
+                continue
+            forks, seq.forks = seq.forks, []
+            if forks:  # (rows may have moved: an echo-only sequence before it in seqs ended)
+                self.cache.reserve(max(f.row for f in forks) + 1, seq.length)
+            for fork in forks:
+                self.cache.move(seq.row, fork.row, seq.length)
+                fork.length, fork.parent = seq.length, None
+            group += [seq, *forks]
+            rows += [i] * (1 + len(forks))
+            ok += [finite[i]] * (1 + len(forks))
+        self._advance(group, logits[rows], ok)
 
     def _decode(self) -> None:
         seqs = self.rows[: self.running]
@@ -332,20 +388,38 @@ class Scheduler:
         weights overflow) ends alone with an error: no other row depends on it."""
         if not seqs:
             return
-        greedy = [i for i, s in enumerate(seqs) if s.sampling.temperature == 0 and finite[i]]
-        picks = dict(zip(greedy, logits[greedy].argmax(-1).tolist())) if greedy else {}
+        tokens = self._pick(seqs, logits, finite)
+        self._logprobs(seqs, logits, tokens)
         ended: list[tuple[Sequence, tuple[str, Any]]] = []
-        for i, seq in enumerate(seqs):
-            if not finite[i]:
+        for seq, token in zip(seqs, tokens):
+            if token is None:
                 ended.append((seq, ("error", (500, _non_finite(seq.adapter)))))
                 continue
-            token = picks[i] if i in picks else sample(logits[i], seq.sampling, seq.generator)
             self.tokens += 1
             reason = self._append(seq, token)
             if reason:
                 ended.append((seq, ("done", reason)))
         for seq, event in ended:
             self._end(seq, event)
+
+    @staticmethod
+    def _pick(seqs: list[Sequence], logits: Tensor, finite: list[bool]) -> list[int | None]:
+        """Each row's next token (None where its logits are not finite): the argmax of plain greedy rows
+        in one call, :func:`~lorakit.serving.sampling.next_token` for the others."""
+        plain = [i for i, s in enumerate(seqs) if finite[i] and s.sampling.temperature == 0 and not s.sampling.penalized]
+        picks = dict(zip(plain, logits[plain].argmax(-1).tolist())) if plain else {}
+        return [picks[i] if i in picks else None if not finite[i] else
+                next_token(logits[i], s.sampling, s.prompt, s.tokens, s.generator) for i, s in enumerate(seqs)]
+
+    @staticmethod
+    def _logprobs(seqs: list[Sequence], logits: Tensor, tokens: list[int | None]) -> None:
+        """Each picked token's log-probability, of the raw logits, where its sequence asks (one call for all rows)."""
+        want = [i for i, s in enumerate(seqs) if s.sampling.logprobs is not None and tokens[i] is not None]
+        if not want:
+            return
+        k = max(seqs[i].sampling.logprobs for i in want)
+        for i, entry in zip(want, logprobs_of(logits[want], [tokens[i] for i in want], k)):
+            seqs[i].logprobs.append(Logprob(entry.token, entry.logprob, entry.top[: seqs[i].sampling.logprobs]))
 
     def _append(self, seq: Sequence, token: int) -> str | None:
         """Add ``token``, emit the text that is now certain; the finish reason, if it ends here."""
@@ -375,13 +449,22 @@ class Scheduler:
         self._end(seq, ("error", (status, message)))
 
     def _end(self, seq: Sequence, event: tuple[str, Any]) -> None:
-        if seq in self.waiting:
-            self.waiting.remove(seq)
-            self._dequeued()
-        if seq.row >= 0:
-            self._remove(seq)
-        seq.finished = True
-        seq.emit(event)
+        """``seq`` (and its forks, before its prompt is read) ends with ``event``; once only."""
+        ending = [s for s in (seq, *seq.forks) if not s.finished]
+        self._drop(seq)
+        for s in ending:
+            s.emit(event)
+
+    def _drop(self, seq: Sequence) -> None:
+        """Take ``seq`` and its forks out of the queue and the rows: finished, without an event."""
+        for s in (seq, *seq.forks):
+            if s in self.waiting:
+                self.waiting.remove(s)
+                self._dequeued()
+            if s.row >= 0:
+                self._remove(s)
+            s.finished = True
+        seq.forks = []
 
     def retire(self, predicate: Callable[[Sequence], bool], status: int, message: str) -> None:
         """End every queued or running sequence for which ``predicate`` holds with an error
@@ -415,22 +498,3 @@ def _non_finite(adapter: str | None) -> str:
     who = "the base model" if adapter is None else f"adapter {adapter!r}"
     return (f"{who} produced non-finite logits (NaN or infinity): its weights or scaling overflow; "
             "this request is ended, the others go on")
-
-
-def sample(logits: Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
-    """A token drawn from ``softmax(logits / temperature)`` within the ``top_p`` nucleus.
-
-    ``logits`` must be finite. A temperature so small that ``logits / temperature``
-    overflows is its limit, the argmax; the nucleus always keeps the most likely token (a
-    ``top_p`` under its probability, or under float32's smallest number, is that token)."""
-    scaled = logits.float() / sampling.temperature
-    if not bool(torch.isfinite(scaled).all()):
-        return int(logits.argmax())
-    probs = torch.softmax(scaled, dim=-1)
-    if sampling.top_p < 1:
-        sorted_probs, order = probs.sort(descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs >= sampling.top_p  # mass before a token already >= top_p
-        outside[0] = False
-        sorted_probs[outside] = 0
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
