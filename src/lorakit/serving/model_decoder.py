@@ -24,7 +24,9 @@ Compiled (``compile=True``, or ``LORAKIT_COMPILE=1`` in the environment when the
 single stream's decode step (one row, one new token) runs the model's forward under ``torch.compile``
 (inductor), fusing the norms, rotary embeddings and activations around the matrix products into a few
 generated kernels and dropping the Python of ~400 module calls per token; the quantized products stay one
-C++ operator each (its fake implementation gives inductor their shapes). Two graphs per model (the cache's
+C++ operator each (its fake implementation gives inductor their shapes). Its guards check each module's dict
+tags first (dynamo's ``use_recursive_dict_tags_for_guards``): a module whose attributes did not change skips the
+checks of its ~20 tensors (SmolLM2 int4: 13.6 -> 12.0 ms per token in process, 2 threads, Zen 4). Two graphs per model (the cache's
 length becomes dynamic at the second step), compiled at the first step (about a minute on one core of a
 Zen 4 EPYC, less from inductor's cache), whatever adapter the stream uses: the compiled step reads its adapter
 as data (:class:`_OneRow`: a slot tensor into stacks of every adapter, prepared eagerly before the step), where
@@ -40,6 +42,7 @@ implement (ALiBi, attention sinks, a mask of its own).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -300,11 +303,12 @@ class ModelDecoder:
         cache.reserve(rows.stop, step.end)
         # (compiled: a single stream's decode step only, not a one-token prompt's prefill: a graph of its own)
         body = self._body if B == T == 1 and step.end > 1 else self.body
-        plan = None
+        plan, guards = None, contextlib.nullcontext()
         if body is not self.body:
             _dynamic_sizes(cache)
             plan = self._adapter_as_data()
-        with self._row_attention(), _rows(self.model, plan):
+            guards = torch._dynamo.config.patch(use_recursive_dict_tags_for_guards=True)
+        with self._row_attention(), _rows(self.model, plan), guards:
             hidden = body(input_ids=ids, position_ids=positions, use_cache=False, lorakit_step=step)[0]
         if len(step.layers) != self.layers:  # a layer that attends some other way would be served wrong
             raise ValueError(f"{type(self.model).__name__}: {self.layers - len(step.layers)} of {self.layers} layers "
