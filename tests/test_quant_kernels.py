@@ -1,6 +1,8 @@
 """Block-quantized weights (lorakit.quant.blocks), their C++ kernels (lorakit.quant.kernels: compiled once into
 the user's cache, reused by later sessions) and the layers that use them (lorakit.quant.linear)."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -323,6 +325,52 @@ def test_quantize_linears_computes_the_quantized_model_with_float_adapters(isas,
     torch.testing.assert_close(after, want, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(after, before, atol=1e-4)  # the weights did change
     assert float((after - before).norm() / before.norm()) < (0.02 if fmt == "q8_0" else 0.2)
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_sibling_layers_share_one_product(isas, monkeypatch, per_row):
+    """q, k, v and gate, up compute in one kernel call each (4 calls per layer, not 7), with the same logits as
+    layers quantized apart; their weights are views of one buffer."""
+    from lorakit.quant import linear
+
+    fused, apart = _tiny_llama(), _tiny_llama()
+    quantize_linears(fused, "q4_1")
+    with monkeypatch.context() as m:
+        m.setattr(linear, "fuse_siblings", lambda model: 0)
+        quantize_linears(apart, "q4_1")
+    attn = fused.model.layers[0].self_attn
+    assert attn.k_proj.q.untyped_storage().data_ptr() == attn.q_proj.int8_base.q.untyped_storage().data_ptr()
+    calls = []
+    kernel = linear._linear
+    monkeypatch.setattr(linear, "_linear", lambda *a: calls.append(a[1].shape[0]) or kernel(*a))
+    ids = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(3))
+    names = ["default"] * 3 if per_row else None
+    with torch.inference_mode():
+        for _ in range(3):  # (the same every time: each product is dropped once its siblings read it)
+            calls.clear()
+            with lorakit.adapter_per_row(fused, names) if per_row else contextlib.nullcontext():
+                got = fused(input_ids=ids).logits
+            assert sorted(calls) == sorted([64 + 32 + 32, 64, 2 * 128, 64] * 2 + [256])  # qkv, o, gate+up, down; head
+        with lorakit.adapter_per_row(apart, names) if per_row else contextlib.nullcontext():
+            want = apart(input_ids=ids).logits
+    assert torch.equal(got, want)
+
+
+def test_siblings_given_different_inputs_compute_their_own_rows(isas):
+    """A module whose q, k and v read different inputs (cross-attention) gets each layer's own product, and after
+    two such calls stops sharing."""
+    from lorakit.quant.linear import fuse_siblings
+
+    module = torch.nn.Module()
+    for name in ("q_proj", "k_proj", "v_proj"):
+        setattr(module, name, QuantLinear.from_float(_weight(32, 64, seed=len(name) + ord(name[0])), fmt="q8_0"))
+    apart = {name: QuantLinear(getattr(module, name).block_weight()) for name in ("q_proj", "k_proj", "v_proj")}
+    assert fuse_siblings(module) == 1
+    xs = [torch.randn(2, 64, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    for _ in range(3):
+        for name, x in zip(("q_proj", "k_proj", "v_proj"), xs):
+            torch.testing.assert_close(getattr(module, name)(x), apart[name](x), rtol=0, atol=0)
+    assert not module.q_proj.fused.shared
 
 
 def test_greedy_tokens_mostly_agree_with_the_float_model(isas):

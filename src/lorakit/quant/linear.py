@@ -19,13 +19,15 @@ from torch import Tensor, nn
 from . import kernels
 from .blocks import BLOCK, BlockWeight, Format, check_shape, dequantize, quantize
 
-__all__ = ["QuantLinear", "quantize_linears", "quantize_model", "SCHEMES"]
+__all__ = ["QuantLinear", "quantize_linears", "fuse_siblings", "quantize_model", "SCHEMES"]
 
 # --quantize: (linear layers, LM head). int4's head in q8_0 as GGUF files keep it (docs/KERNELS.md: on SmolLM2 a
 # 4-bit head drops teacher-forced top-1 agreement with the float model from 100% to 83%; the head is 21% of its weights).
 SCHEMES: dict[str, tuple[Format, Format]] = {"int8": ("q8_0", "q8_0"), "int4": ("q4_1", "q8_0")}
 _BITS = {"q8_0": 8, "q4_0": 4, "q4_1": 4}
 _linear = None  # torch.ops.lorakit_quant.linear.default once the kernels are loaded (an overload: no lookup per call)
+# Sibling layers that read the same input (children of one module): one product each group (fuse_siblings)
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 class QuantLinear(nn.Module):
@@ -68,6 +70,9 @@ class QuantLinear(nn.Module):
         return dequantize(self.block_weight())
 
     def forward(self, x: Tensor) -> Tensor:
+        fused = self.__dict__.get("fused")
+        if fused is not None and fused.shared and not torch.compiler.is_compiling():
+            return fused.part(x, self.span)
         b = self._buffers
         return _linear(x, b["q"], b["d"], b["m"], b["bias"], self.code, self.isa, self.act)
 
@@ -82,8 +87,9 @@ def quantize_linears(model: nn.Module, fmt: Format, head_fmt: Format | None = No
     q8_0 under 4-bit layers), and give the LoRA linear layers a quantized copy of their weight, in place;
     returns how many layers. ``blocks``: ready-made weights by module name (``named_modules()``), used as they
     are in place of quantizing that layer's weight (a GGUF's, :func:`quantize_model`). Layers whose
-    ``in_features`` is not a multiple of 32 stay as they are. Attach the adapters first: a layer replaced here
-    cannot take an adapter later. Builds the kernels first (RuntimeError naming what to install when it cannot)."""
+    ``in_features`` is not a multiple of 32 stay as they are. Sibling layers then share one weight
+    (:func:`fuse_siblings`). Attach the adapters first: a layer replaced here cannot take an adapter later.
+    Builds the kernels first (RuntimeError naming what to install when it cannot)."""
     from .. import quant
     from ..layers import LoraLayer, LoraLinear
 
@@ -117,6 +123,83 @@ def quantize_linears(model: nn.Module, fmt: Format, head_fmt: Format | None = No
             weight = None if isinstance(child, LoraLayer) else float_weight(child)
             if weight is not None and weight.shape[1] % BLOCK == 0:
                 setattr(module, name, quantized(child))
+                count += 1
+    fuse_siblings(model)
+    return count
+
+
+class _Fused:
+    """Sibling layers' weights (q, k and v; gate and up) stored as one block weight, each layer's buffers row
+    views of it (no extra memory), so that the first sibling called with an input computes every sibling's
+    output in one product and the others slice it (:meth:`part`): one kernel call instead of three, with more
+    output rows for the threads to share (SmolLM2 int4 decoding: 7 calls per layer become 4).
+
+    Siblings are matched by identity of their input tensor: the product is kept until each sibling has read its
+    part, then dropped. A module whose siblings do not share an input (a new input arrives before the others
+    read the last one) turns the sharing off after two such misses, each layer then computing its own rows.
+    Under ``torch.compile`` each layer computes its own rows (the graph holds no cache)."""
+
+    def __init__(self, members: list[QuantLinear]) -> None:
+        first = members[0]
+        self.code, self.isa, self.act, self.count = first.code, first.isa, first.act, len(members)
+        self.q = torch.cat([m.q for m in members])
+        self.d = torch.cat([m.d for m in members])
+        self.m = None if first.m is None else torch.cat([m.m for m in members])
+        self.bias = None if first.bias is None else torch.cat([m.bias for m in members])
+        self.x: Tensor | None = None
+        self.y: Tensor | None = None
+        self.left, self.misses = 0, 0
+        lo = 0
+        for member in members:
+            hi = lo + member.out_features
+            member.q, member.d, member.span = self.q[lo:hi], self.d[lo:hi], (lo, hi)
+            if self.m is not None:
+                member.m = self.m[lo:hi]
+            if self.bias is not None:
+                member.bias = self.bias[lo:hi]
+            member.__dict__["fused"] = self
+            lo = hi
+
+    @property
+    def shared(self) -> bool:
+        return self.misses < 2
+
+    def part(self, x: Tensor, span: tuple[int, int]) -> Tensor:
+        if x is not self.x:
+            if self.left:  # the last input was not read by every sibling
+                self.misses += 1
+            self.x, self.left = x, self.count
+            self.y = _linear(x, self.q, self.d, self.m, self.bias, self.code, self.isa, self.act)
+        y = self.y[..., span[0] : span[1]]
+        self.left -= 1
+        if self.left == 0:
+            self.x = self.y = None
+        return y
+
+
+def fuse_siblings(model: nn.Module) -> int:
+    """Give each group of sibling quantized layers (:data:`SIBLINGS`: plain :class:`QuantLinear` children or
+    LoRA layers' quantized bases, of one format, code path and activation type, all with a bias or none) one
+    shared weight (:class:`_Fused`), in place; returns how many groups. Outputs are unchanged: the same kernel
+    computes the same rows."""
+    from ..layers import LoraLinear
+
+    def quantized(child: nn.Module | None) -> QuantLinear | None:
+        if isinstance(child, LoraLinear):
+            child = child.__dict__.get("int8_base")
+        return child if isinstance(child, QuantLinear) and "fused" not in child.__dict__ else None
+
+    count = 0
+    for module in model.modules():
+        children = module._modules
+        for names in SIBLINGS:
+            members = [quantized(children.get(name)) for name in names]
+            if any(m is None for m in members) or len({id(m) for m in members}) < len(members):
+                continue
+            kinds = {(m.fmt, m.isa, m.act, m.in_features, m.bias is None, m.bias.dtype if m.bias is not None else None)
+                     for m in members}
+            if len(kinds) == 1:
+                _Fused(members)
                 count += 1
     return count
 
