@@ -373,6 +373,21 @@ def test_siblings_given_different_inputs_compute_their_own_rows(isas):
     assert not module.q_proj.fused.shared
 
 
+def test_siblings_compile_into_one_graph_with_their_shared_product(isas):
+    from lorakit.quant.linear import fuse_siblings
+
+    module = torch.nn.Module()
+    for i, name in enumerate(("gate_proj", "up_proj")):
+        setattr(module, name, QuantLinear.from_float(_weight(64, 64, seed=i), torch.randn(64), "q4_1"))
+    apart = [QuantLinear(m.block_weight(), m.bias) for m in (module.gate_proj, module.up_proj)]
+    fuse_siblings(module)
+    x = torch.randn(3, 64)
+    compiled = torch.compile(lambda x: F.silu(module.gate_proj(x)) * module.up_proj(x), fullgraph=True, backend="eager")
+    for _ in range(2):
+        torch.testing.assert_close(compiled(x), F.silu(apart[0](x)) * apart[1](x), rtol=0, atol=0)
+    assert module.gate_proj.fused.x is None and module.gate_proj.fused.shared  # (read by both, dropped)
+
+
 def test_greedy_tokens_mostly_agree_with_the_float_model(isas):
     """Teacher-forced top-1 agreement with the float model over a few prompts (not asserted to be 100%)."""
     model = _tiny_llama()

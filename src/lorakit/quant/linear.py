@@ -71,7 +71,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         fused = self.__dict__.get("fused")
-        if fused is not None and fused.shared and not torch.compiler.is_compiling():
+        if fused is not None and fused.shared:
             return fused.part(x, self.span)
         b = self._buffers
         return _linear(x, b["q"], b["d"], b["m"], b["bias"], self.code, self.isa, self.act)

@@ -20,20 +20,20 @@ and ``softcap``. For query ``t`` of row ``b`` at position ``p = p[b, t]``, over 
 SDPA's ``enable_gqa``. Masks are made once per forward and window, none where every query sees
 the whole cache (one stream decoding).
 
-Compiled (``compile=True``, or ``LORAKIT_COMPILE=1`` in the environment when the argument is left out): a
-single stream's decode step (one row, one new token) runs the model's forward under ``torch.compile``
-(inductor), fusing the norms, rotary embeddings and activations around the matrix products into a few
-generated kernels and dropping the Python of ~400 module calls per token; the quantized products stay one
-C++ operator each (its fake implementation gives inductor their shapes). Its guards check each module's dict
-tags first (dynamo's ``use_recursive_dict_tags_for_guards``): a module whose attributes did not change skips the
-checks of its ~20 tensors (SmolLM2 int4: 13.6 -> 12.0 ms per token in process, 2 threads, Zen 4). Two graphs per model (the cache's
-length becomes dynamic at the second step), compiled at the first step (about a minute on one core of a
-Zen 4 EPYC, less from inductor's cache), whatever adapter the stream uses: the compiled step reads its adapter
-as data (:class:`_OneRow`: a slot tensor into stacks of every adapter, prepared eagerly before the step), where
-reading it by name gave two graphs per adapter and, from the fifth adapter on, dynamo's recompile limit sent
-every step back to eager. Prefills and batches of rows stay eager: their per-row adapters
-(``LoraLinear.add_rows``' cached stacks) break the graph at every layer, and 30 layers' resumed frames exceed
-dynamo's recompile limit, so compiled batches ran 1.2-1.7x slower. Off by default for that minute.
+Compiled (``compile=True``, or ``LORAKIT_COMPILE=1`` in the environment when the argument is left out): a single
+stream's decode step (one row, one new token) runs the model's forward under ``torch.compile`` (inductor), fusing
+the norms, rotary embeddings and activations around the matrix products into a few generated kernels and dropping
+the Python of ~400 module calls per token; the quantized products stay one C++ operator each (its fake
+implementation gives inductor their shapes). Its guards check each module's dict tags first (dynamo's
+``use_recursive_dict_tags_for_guards``): a module whose attributes did not change skips the checks of its ~20
+tensors (SmolLM2 int4: 13.6 -> 12.0 ms per token in process, 2 threads, Zen 4). Two graphs per model (the cache's
+length becomes dynamic at the second step), compiled at the first step (about a minute on one core of a Zen 4 EPYC,
+less from inductor's cache), whatever adapter the stream uses: the compiled step reads its adapter as data
+(:class:`_OneRow`: a slot tensor into stacks of every adapter, prepared eagerly before the step), where reading it
+by name gave two graphs per adapter and, from the fifth adapter on, dynamo's recompile limit sent every step back
+to eager. Prefills and batches of rows stay eager: their per-row adapters (``LoraLinear.add_rows``' cached stacks)
+break the graph at every layer, and 30 layers' resumed frames exceed dynamo's recompile limit, so compiled batches
+ran 1.2-1.7x slower. Off by default for that minute.
 
 Served (``config.model_type``): see ``SERVED``; every other architecture is refused by name, as
 are bidirectional attention and a layer whose attention passes anything this function does not
