@@ -75,6 +75,19 @@ def test_a_shared_prefix_is_read_from_the_cache_and_changes_no_greedy_token(lm, 
     assert len({tuple(s.tokens) for s in second}) == 4  # the adapters change the completions
 
 
+def test_a_sliding_window_family_reads_its_prefix_from_the_cache_too(tiny_gemma2_lm, tmp_path):
+    """Gemma 2 (only the model engine serves it): a window of 4 on every other layer, soft-capping; the row keeps
+    every position, so a cached prefix serves both kinds of layer."""
+    folders = _adapter_folders(tiny_gemma2_lm, tmp_path)
+    tokenizer, model = _model(tiny_gemma2_lm, folders)
+    scheduler = Scheduler(model, tokenizer, eos=set(), max_length=128, prefill_chunk=9)
+    system = _ids(2 * BLOCK + 3, seed=2)
+    seqs = [_run(scheduler, [(system + _ids(4, seed=40 + i), a)])[0] for i, a in enumerate(["wide", None, "wide", None])]
+    assert [s.cached for s in seqs] == [0, 0, 2 * BLOCK, 2 * BLOCK] and scheduler.engine == "model"
+    for seq in seqs:
+        assert seq.tokens == _alone(model, seq.prompt, seq.adapter, 8), seq.adapter
+
+
 def test_the_prefix_cache_off_prefills_everything(lm):
     tokenizer, model = _model(*lm)
     scheduler = Scheduler(model, tokenizer, eos=set(), max_length=128, prefix_cache_tokens=0)
