@@ -226,6 +226,8 @@ def test_an_adapter_reloaded_under_its_name_reuses_no_stale_keys(served):
 
 @pytest.mark.parametrize("quantize, engine", [("int8", "auto"), ("int4", "model")])
 def test_quantized_layers_give_the_same_text_with_the_prefix_cache(installed, quantize, engine):  # noqa: F811
+    """The same text with the cache on and off; and a prompt read from the cache on adapter "a" holds in its row the
+    keys and values a whole prefill on the quantized layers writes (this tiny model's text hardly depends on them)."""
     folder, adapters = installed
     texts = []
     for tokens in (0, 4096):
@@ -235,6 +237,25 @@ def test_quantized_layers_give_the_same_text_with_the_prefix_cache(installed, qu
             texts.append({(m, t): _served_text(client, m, SYSTEM + t) for t in TURNS[:3] for m in (folder, "a", "b")})
             assert (app.scheduler.prefix.hits > 0) == (tokens > 0)
     assert texts[0] == texts[1] and len({texts[0][(m, TURNS[0])] for m in (folder, "a", "b")}) == 3
+    prompt = app.tokenizer(SYSTEM + TURNS[0])["input_ids"]  # (served on "a" above: its blocks are cached)
+    cached, fresh = (Scheduler(app.model, app.tokenizer, eos=set(), max_length=128, engine=engine, prefix_cache_tokens=n)
+                     for n in (4096, 0))
+    cached.prefix = app.scheduler.prefix  # (the server's scheduler has stopped)
+    seq, row = _prefill(cached, prompt, "a")
+    assert seq.cached == (len(prompt) - 1) // BLOCK * BLOCK > 0
+    torch.testing.assert_close(row, _prefill(fresh, prompt, "a")[1], rtol=1e-5, atol=1e-5)
+
+
+def _prefill(scheduler: Scheduler, prompt: list[int], adapter: str | None) -> tuple[Sequence, torch.Tensor]:
+    """``prompt`` admitted and prefilled (in one chunk) on the calling thread; its sequence and its row's keys and
+    values."""
+    seq = Sequence(prompt, adapter, Sampling(max_tokens=2, temperature=0), lambda e: None)  # (not ended: keeps its row)
+    scheduler.submit(seq)
+    scheduler._drain(block=False)
+    scheduler._admit()
+    scheduler._prefill()
+    assert seq.length == len(prompt)
+    return seq, scheduler.cache.read(seq.row, 0, len(prompt))
 
 
 def _served_text(client, model: str, prompt: str) -> str:
@@ -243,18 +264,16 @@ def _served_text(client, model: str, prompt: str) -> str:
     return r.json()["choices"][0]["text"]
 
 
-def test_prefix_blocks_hold_the_keys_and_values_of_a_fresh_prefill(tiny_llama):
-    """The row a cached prefix is copied into holds what prefilling the whole prompt writes (to float32 rounding)."""
+@pytest.mark.parametrize("engine", ["decoder", "model"])
+def test_a_row_read_from_the_cache_holds_the_keys_and_values_of_a_whole_prefill(tiny_llama, engine):
+    """A prompt that starts with another's three blocks (prefilled in chunks of 20) holds in its row, its prefix
+    copied and the rest prefilled after it, what prefilling it whole writes (to float32 rounding)."""
     tokenizer, model = load_causal_lm(tiny_llama)
-    scheduler = Scheduler(model, tokenizer, eos=set(), max_length=128)
-    fresh = Scheduler(model, tokenizer, eos=set(), max_length=128, prefix_cache_tokens=0)
-    prompt = _ids(3 * BLOCK + 2, seed=8)
-    _run(scheduler, [(prompt[:-1] + [3], None)], n=1)
-    kv = scheduler.prefix.lookup(None, prompt)
-    seq = Sequence(prompt, None, Sampling(max_tokens=2, temperature=0), lambda e: None)  # (not ended: keeps its row)
-    fresh.submit(seq)
-    fresh._drain(block=False)
-    fresh._admit()
-    fresh._prefill()
-    assert kv is not None and kv.shape[3] == 3 * BLOCK
-    torch.testing.assert_close(kv, fresh.cache.read(seq.row, 0, 3 * BLOCK), rtol=1e-5, atol=1e-5)
+    scheduler = Scheduler(model, tokenizer, eos=set(), max_length=128, prefill_chunk=20, engine=engine)
+    prompt = _ids(3 * BLOCK + 5, seed=8)
+    _run(scheduler, [(prompt[: 3 * BLOCK] + [3, 4], None)], n=1)
+    scheduler.prefill_chunk = 256
+    seq, row = _prefill(scheduler, prompt, None)
+    assert seq.cached == 3 * BLOCK
+    fresh = Scheduler(model, tokenizer, eos=set(), max_length=128, engine=engine, prefix_cache_tokens=0)
+    torch.testing.assert_close(row, _prefill(fresh, prompt, None)[1], rtol=1e-5, atol=1e-5)
