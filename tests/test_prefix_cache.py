@@ -24,6 +24,7 @@ from test_serve_process import cli_server
 
 BLOCK = PrefixCache.BLOCK
 ADAPTERS = [None, "small", "mid", "wide"]
+TOKENS = 4096  # the prefix cache's bound where a test turns it on (a Scheduler's default is off)
 
 
 @pytest.fixture(scope="module", params=["tiny_llama", "tiny_gpt2_lm"])
@@ -64,7 +65,8 @@ def test_a_shared_prefix_is_read_from_the_cache_and_changes_no_greedy_token(lm, 
     wave prefills it (chunks of 7: a later prompt finds what an earlier one's chunks stored), the second reads its
     two whole blocks; every completion is the one transformers generates alone."""
     tokenizer, model = _model(*lm)
-    scheduler = Scheduler(model, tokenizer, eos=set(), max_rows=8, max_length=128, prefill_chunk=7, engine=engine)
+    scheduler = Scheduler(model, tokenizer, eos=set(), max_rows=8, max_length=128, prefill_chunk=7, engine=engine,
+                          prefix_cache_tokens=TOKENS)
     system = _ids(2 * BLOCK + 8, seed=1)
     first = _run(scheduler, [(system + _ids(5, seed=10 + i), a) for i, a in enumerate(ADAPTERS)])
     second = _run(scheduler, [(system + _ids(3 + i, seed=20 + i), a) for i, a in enumerate(ADAPTERS)])
@@ -80,7 +82,7 @@ def test_a_sliding_window_family_reads_its_prefix_from_the_cache_too(tiny_gemma2
     every position, so a cached prefix serves both kinds of layer."""
     folders = _adapter_folders(tiny_gemma2_lm, tmp_path)
     tokenizer, model = _model(tiny_gemma2_lm, folders)
-    scheduler = Scheduler(model, tokenizer, eos=set(), max_length=128, prefill_chunk=9)
+    scheduler = Scheduler(model, tokenizer, eos=set(), max_length=128, prefill_chunk=9, prefix_cache_tokens=TOKENS)
     system = _ids(2 * BLOCK + 3, seed=2)
     seqs = [_run(scheduler, [(system + _ids(4, seed=40 + i), a)])[0] for i, a in enumerate(["wide", None, "wide", None])]
     assert [s.cached for s in seqs] == [0, 0, 2 * BLOCK, 2 * BLOCK] and scheduler.engine == "model"
@@ -89,8 +91,10 @@ def test_a_sliding_window_family_reads_its_prefix_from_the_cache_too(tiny_gemma2
 
 
 def test_the_prefix_cache_off_prefills_everything(lm):
+    """0 turns it off, and a Scheduler made in Python has it off unless asked (lorakit serve turns it on)."""
     tokenizer, model = _model(*lm)
-    scheduler = Scheduler(model, tokenizer, eos=set(), max_length=128, prefix_cache_tokens=0)
+    scheduler = Scheduler(model, tokenizer, eos=set(), max_length=128)
+    assert ServeConfig().prefix_cache_tokens > 0 and not scheduler.prefix.enabled
     prompt = _ids(3 * BLOCK, seed=3)
     seqs = _run(scheduler, [(prompt, "small")]) + _run(scheduler, [(prompt, "small")])
     assert [s.cached for s in seqs] == [0, 0] and scheduler.prefix.hits == 0 and not scheduler.prefix.blocks
@@ -99,7 +103,7 @@ def test_the_prefix_cache_off_prefills_everything(lm):
 
 def test_two_adapters_with_one_prompt_share_no_block(lm):
     tokenizer, model = _model(*lm)
-    scheduler = Scheduler(model, tokenizer, eos=set(), max_length=128)
+    scheduler = Scheduler(model, tokenizer, eos=set(), max_length=128, prefix_cache_tokens=TOKENS)
     prompt = _ids(3 * BLOCK, seed=4)
     seqs = [_run(scheduler, [(prompt, a)])[0] for a in ("small", "mid", None, "small", "mid", None)]
     assert [s.cached for s in seqs] == [0, 0, 0, 2 * BLOCK, 2 * BLOCK, 2 * BLOCK]
@@ -140,7 +144,8 @@ def test_a_compiled_decode_step_with_cached_prefixes_gives_the_eager_tokens(tiny
     tokenizer, model = load_causal_lm(tiny_llama)
     lorakit.add_lora(model, lorakit.LoraConfig(r=4, alpha=8), "a")
     randomize(model, seed=5, std=0.3)
-    compiled = Scheduler(model, tokenizer, eos=set(), max_length=128, engine="model", compile=True)
+    compiled = Scheduler(model, tokenizer, eos=set(), max_length=128, engine="model", compile=True,
+                         prefix_cache_tokens=TOKENS)
     eager = Scheduler(model, tokenizer, eos=set(), max_length=128, engine="model", compile=False, prefix_cache_tokens=0)
     prompt = _ids(2 * BLOCK, seed=6)
     for tail, adapter in [([5], "a"), ([5], "a"), ([6, 7, 8], None), ([9], None)]:
@@ -269,7 +274,8 @@ def test_a_row_read_from_the_cache_holds_the_keys_and_values_of_a_whole_prefill(
     """A prompt that starts with another's three blocks (prefilled in chunks of 20) holds in its row, its prefix
     copied and the rest prefilled after it, what prefilling it whole writes (to float32 rounding)."""
     tokenizer, model = load_causal_lm(tiny_llama)
-    scheduler = Scheduler(model, tokenizer, eos=set(), max_length=128, prefill_chunk=20, engine=engine)
+    scheduler = Scheduler(model, tokenizer, eos=set(), max_length=128, prefill_chunk=20, engine=engine,
+                          prefix_cache_tokens=TOKENS)
     prompt = _ids(3 * BLOCK + 5, seed=8)
     _run(scheduler, [(prompt[: 3 * BLOCK] + [3, 4], None)], n=1)
     scheduler.prefill_chunk = 256

@@ -112,14 +112,15 @@ class Scheduler:
     (:class:`lorakit.serving.ModelDecoder`, the model's own modules, every served family) or
     ``"auto"`` (:func:`pick_engine`); :attr:`engine` names the one chosen. ``compile``: a single
     stream's decode step under ``torch.compile`` (model engine; default: ``LORAKIT_COMPILE``).
-    ``prefix_cache_tokens`` bounds the :class:`~lorakit.serving.prefix_cache.PrefixCache` (0: off); whoever
-    changes an adapter's weights in place, or unloads it, calls ``scheduler.prefix.invalidate(name)``.
+    ``prefix_cache_tokens`` bounds the :class:`~lorakit.serving.prefix_cache.PrefixCache` (0, the default here: off;
+    ``lorakit serve`` turns it on); whoever changes an adapter's weights in place, or unloads it, calls
+    ``scheduler.prefix.invalidate(name)``.
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, eos: set[int], max_rows: int = 64, max_queue: int = 256,
                  max_length: int = 2048, prefill_chunk: int = 256,
                  engine: Literal["auto", "decoder", "model"] = "auto", compile: bool | None = None,
-                 prefix_cache_tokens: int = 16384) -> None:
+                 prefix_cache_tokens: int = 0) -> None:
         compile = compile_wanted() if compile is None else compile
         self.engine = pick_engine(model, engine, compile)
         self.model = model.eval()
