@@ -49,6 +49,7 @@ bench: install
 	$(BENCH_ENV) $(PY) bench/lm_step.py --memory
 	$(BENCH_ENV) $(PY) bench/generation.py
 	$(BENCH_ENV) $(PY) bench/serve_gen.py
+	$(BENCH_ENV) $(PY) bench/prefix_cache.py
 	$(BENCH_ENV) $(PY) bench/padding.py
 	$(BENCH_ENV) $(PY) bench/packing.py
 	$(BENCH_ENV) $(PY) bench/qlora.py
@@ -67,6 +68,7 @@ bench-quick: install
 	$(BENCH_ENV) $(PY) bench/lm_step.py --quick --memory
 	$(BENCH_ENV) $(PY) bench/generation.py --quick
 	$(BENCH_ENV) $(PY) bench/serve_gen.py --quick
+	$(BENCH_ENV) $(PY) bench/prefix_cache.py --quick
 	$(BENCH_ENV) $(PY) bench/padding.py --quick
 	$(BENCH_ENV) $(PY) bench/packing.py --quick
 	$(BENCH_ENV) $(PY) bench/qlora.py --quick

@@ -131,6 +131,27 @@ def serve_gen(r: dict) -> list[str]:
     return rows
 
 
+def prefix_cache(r: dict) -> list[str]:
+    res, cfg = r["results"], r["config"]
+    rows = [f"model: {cfg['model']}, adapters r={cfg['r']} q/v, {cfg['clients']} closed-loop clients (client i names "
+            f"adapter a(i mod A)), prompts: a {cfg['system_tokens']}-token system prompt + an E2E dev MR (SmolLM2's chat "
+            f"template), {cfg['max_tokens']} new tokens (greedy, ignore_eos), server precision {cfg['precision']}, "
+            f"{cfg['seconds']} s x {cfg['rounds']} rounds per case, CPU flags {', '.join(cfg['cpu_flags'])}; greedy "
+            f"completions identical with and without the cache: {res['identical_completions']} of {cfg['check']}", "",
+            "| adapters | prefix cache | tokens/s | TTFT p50 ms | TTFT p99 ms | per token p50 ms | failed | hit rate |",
+            "|---|---|---|---|---|---|---|---|"]
+    for key, v in res.items():
+        if key.startswith("adapters_"):
+            hits = {"on": f"{v['hit_rate']:.3f}", "off": "—"}
+            rows += [f"| {key.split('_')[1]} | {case} | {c['tokens_per_s']:.1f} | {c['ttft_p50_ms']:.0f} | "
+                     f"{c['ttft_p99_ms']:.0f} | {c['per_token_p50_ms']:.1f} | {c['failed']} | {hits[case]} |"
+                     for case, c in v["cases"].items()]
+    rows += ["", "| adapters | TTFT p50 off / on | tokens/s on / off |", "|---|---|---|"]
+    rows += [f"| {k.split('_')[1]} | {v['ratios']['ttft_p50 off/on']:.2f} | {v['ratios']['tokens/s on/off']:.2f} |"
+             for k, v in res.items() if k.startswith("adapters_")]
+    return rows
+
+
 def _ratio_rows(ratios: dict[str, float]) -> list[str]:
     return ["", "| ratio | value |", "|---|---|", *[f"| {k} | {v:.3f} |" for k, v in ratios.items()]]
 
@@ -405,6 +426,8 @@ SECTIONS = [("train_step", "Training step (batch 16 x 128, forward + backward + 
             ("generation", "Generation latency, batch 1, greedy, fixed new tokens, E2E dev prompts", generation),
             ("serve_gen", "lorakit serve with a causal LM: OpenAI completions, continuous batching over adapters",
              serve_gen),
+            ("prefix_cache", "Prefix caching in lorakit serve (#29 item 3): a shared system prompt, SmolLM2-135M",
+             prefix_cache),
             ("padding", "A long training process: batches padded to the longest row or to a multiple of 8", padding),
             ("packing", "lorakit train --packing against unpacked batches (#28): row tokens per second of the "
              "training step, SmolLM2-135M, E2E demo recipe", packing),
@@ -434,6 +457,7 @@ COMMANDS = {"serve_bf16": "serve.py --precision bf16", "decode_step": "decode_st
             "engine_design_compiled": "engine_design.py --compile --dtypes int8 q4_1", "lm_memory": "lm_step.py --memory",
             "kernels": "quant_kernels.py", "cb_design": "cb_design.py --repeats 3",
             "serve_gen": "serve_gen.py --seconds 15 --rounds 2 --llama-server PATH",
+            "prefix_cache": "prefix_cache.py --seconds 20 --rounds 3",
             "quant_quality": "quant_quality.py --adapter e2e-1500=RUN/adapter --adapter e2e-demo=RUN/adapter",
             "gguf_export": "gguf_export.py --adapter e2e-1500=RUN/adapter --adapter e2e-demo=RUN/adapter "
                            "--base f32=smollm2-f32.gguf"}
@@ -495,6 +519,11 @@ TARGETS = [
      ("clients_1", "ratios", "int4/llamacpp"), (">=", 0.7)),
     *[(f"#27 {c} clients over 32 adapters --quantize {q}: tokens/s / llama.cpp", "serve_gen",
        (f"clients_{c}", "ratios", f"{q}/llamacpp"), (">=", 1.0)) for c in (8, 32) for q in ("int4", "int8")],
+    # Issue #29 item 3: prefix caching, 32 clients sharing a ~300-token system prompt, cache on against off.
+    *[(f"#29 prefix cache, 32 clients over {a} adapter(s): TTFT p50 off / on", "prefix_cache",
+       (f"adapters_{a}", "ratios", "ttft_p50 off/on"), (">=", 3.0)) for a in (1, 32)],
+    *[(f"#29 prefix cache, 32 clients over {a} adapter(s): tokens/s on / off", "prefix_cache",
+       (f"adapters_{a}", "ratios", "tokens/s on/off"), (">=", 1.5)) for a in (1, 32)],
     ("MRPC epochs, batches padded to a multiple of 8: epoch time / to the longest (reported, no target)", "padding",
      ("multiple=8", "epoch time / multiple=1"), None),
     ("As above: resident memory after the last epoch / to the longest (reported, no target)", "padding",

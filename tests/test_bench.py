@@ -122,6 +122,24 @@ def test_generation_load_test_runs_its_servers_and_the_peft_comparison(tiny_llam
     assert "| 2 | spread |" in text and "| 2 | int4 |" in text and "ms per token" in text
 
 
+def test_prefix_cache_bench_times_both_servers_and_checks_their_text(tiny_llama, tmp_path):
+    import prefix_cache
+    import report
+
+    results = prefix_cache.run(model=tiny_llama, adapter_counts=(1, 2), clients=2, seconds=1, rounds=1, max_tokens=4,
+                               precision="fp32", check=2, system=prefix_cache.SYSTEM[:400], out_dir=str(tmp_path))
+    assert results["identical_completions"] == 2
+    for a in (1, 2):
+        v = results[f"adapters_{a}"]
+        assert set(v["cases"]) == {"on", "off"} and set(v["ratios"]) == {"ttft_p50 off/on", "tokens/s on/off"}
+        assert all(c["failed"] == 0 and c["tokens_per_s"] > 0 for c in v["cases"].values())
+        assert 0 < v["hit_rate"] < 1  # the on server read the shared system prompt from its cache
+    config = json.loads((tmp_path / "prefix_cache.json").read_text())["config"]
+    assert config["system_tokens"] > 2 * 16 and isinstance(config["cpu_flags"], list)
+    text = report.build(tmp_path)
+    assert "| 2 | on |" in text and "| 2 | off |" in text and "| adapters | TTFT p50 off / on |" in text
+
+
 def test_serve_gen_command_line_passes_quantize_and_the_binary_on(tmp_path, monkeypatch):
     import serve_gen
 

@@ -381,3 +381,23 @@ def test_prompt_logprobs_over_chunks_and_beside_other_rows_equal_transformers(lm
         torch.testing.assert_close(torch.tensor([e.logprob for e in got[1:]]),
                                    want[torch.arange(len(got) - 1), torch.tensor(seq.prompt[1:])], atol=1e-4, rtol=0)
         assert all(len(e.top) == k for e in got[1:])
+
+
+def test_prompt_logprobs_are_whole_when_the_prompt_is_in_the_prefix_cache(lm):
+    """An echoed prompt whose prefix another request stored is prefilled whole (every position's logits),
+    while a plain one reuses the stored keys and values."""
+    tokenizer, model, scheduler = _scheduler_with_adapters(*lm, max_rows=4, prefill_chunk=64,
+                                                           prefix_cache_tokens=1024)
+    prompt = tokenizer(" ".join([PROMPTS[5]] * 3 + [PROMPTS[1]]))["input_ids"]
+    assert len(prompt) > 2 * 16  # (whole blocks of 16 tokens are stored)
+    first, plain, echoed = (Sequence(prompt, "wide", Sampling(max_tokens=1, temperature=0, prompt_logprobs=k),
+                                     lambda e: None) for k in (None, None, 1))
+    for seq in (first, plain, echoed):
+        scheduler.submit(seq)
+        scheduler.run_until_done()
+    assert plain.cached > 0 and echoed.cached == 0
+    with torch.no_grad(), lorakit.adapter_per_row(model, ["wide"]):
+        want = model(torch.tensor([prompt])).logits[0].float().log_softmax(-1)
+    assert [e.token for e in echoed.prompt_logprobs] == prompt
+    torch.testing.assert_close(torch.tensor([e.logprob for e in echoed.prompt_logprobs[1:]]),
+                               want[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])], atol=1e-4, rtol=0)

@@ -9,8 +9,8 @@ import lorakit.serving
 
 PACKAGE = Path(lorakit.serving.__file__).parent
 # Bottom to top: a module may import only the ones before it (so there is no import circle).
-LAYERS = ["config", "adapters", "metrics", "classify", "decoder", "model_decoder", "sampling", "scheduler", "generation",
-          "tokens", "openai_requests", "http", "classify_api", "openai", "server"]
+LAYERS = ["config", "adapters", "metrics", "classify", "decoder", "model_decoder", "prefix_cache", "sampling",
+          "scheduler", "generation", "tokens", "openai_requests", "http", "classify_api", "openai", "server"]
 
 
 def _imports(name: str, path: Path | None = None) -> set[str]:

@@ -10,6 +10,7 @@
     generation.py      the generation engine: a causal LM, its adapters, its scheduler
     scheduler.py       continuous batching: sequences of many adapters advanced together, a token per step
     sampling.py        how each next token is drawn from a row of logits
+    prefix_cache.py    keys and values of prompt prefixes, reused by later prompts on the same adapter
     model_decoder.py   a decode step through the model's own transformers modules (every served family)
     decoder.py         lorakit's lean decode step (Llama-style, GPT-2) and the row KV cache
     classify.py        the classification engine: a base classifier, adapters with their heads

@@ -102,6 +102,20 @@ class RowCache:
                 layer[dst, :, :length] = layer[src, :, :length]
 
     @torch.inference_mode()
+    def read(self, row: int, start: int, end: int) -> Tensor:
+        """Positions ``start:end`` of row ``row``: ``(2, layers, kv_heads, end - start, head_dim)``, keys then values."""
+        return torch.stack([torch.stack([layer[row, :, start:end] for layer in cache]) for cache in (self.k, self.v)])
+
+    @torch.inference_mode()
+    def write(self, row: int, kv: Tensor) -> None:
+        """``kv`` (as :meth:`read` gives it, ``n`` positions) into the first ``n`` positions of row ``row``."""
+        n = kv.shape[3]
+        self.reserve(row + 1, n)
+        for cache, part in zip((self.k, self.v), kv):
+            for layer, values in zip(cache, part):
+                layer[row, :, :n] = values
+
+    @torch.inference_mode()
     def clear(self, row: int) -> None:
         """Zero row ``row``: a masked position is read with weight 0, harmless only if finite."""
         if row < self.rows:

@@ -69,7 +69,7 @@ class GenerationEngine:
         c = self.config
         return Scheduler(self.model, self.tokenizer, eos=eos, max_rows=c.max_batch_rows if c.batching else 1,
                          max_queue=c.max_queue, max_length=c.max_length + c.max_new_tokens, prefill_chunk=c.prefill_chunk,
-                         engine=c.engine, compile=c.compile or None)
+                         engine=c.engine, compile=c.compile or None, prefix_cache_tokens=c.prefix_cache_tokens)
 
     async def call(self, fn, *args):
         """``fn(*args)`` on the scheduler's thread, between two decode steps."""
@@ -135,6 +135,7 @@ class GenerationEngine:
         self.scheduler.retire(lambda s: s.adapter == name, 404, f"adapter {name!r} was unloaded")
         del self.adapters[name]
         remove_adapter(self.model, name)
+        self.scheduler.prefix.invalidate(name)  # (a later adapter of this name gets a new root)
 
     def resolve(self, model: str) -> str | None:
         """The adapter a request's ``model`` names (None: the base model)."""

@@ -9,6 +9,7 @@ the engine's state when scraped.
 
 import math
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 __all__ = ["CONTENT_TYPE", "Counter", "Gauge", "Histogram", "RequestMetrics", "GenerationMetrics", "render"]
 
@@ -126,9 +127,17 @@ class GenerationMetrics(RequestMetrics):
     shared by the tokens the later one carries. A token whose text is held back (half a character, the start
     of a possible stop string) is timed with the text it comes out with, as a streaming client sees it."""
 
-    def __init__(self, waiting: Callable[[], int], adapters: Callable[[], int], running: Callable[[], int]) -> None:
+    def __init__(self, waiting: Callable[[], int], adapters: Callable[[], int], running: Callable[[], int],
+                 prefix: Callable[[], Any] | None = None) -> None:
         super().__init__(waiting, adapters)
         self.gauges.insert(0, Gauge("lorakit:num_requests_running", "Completions decoding or prefilling (rows)", running))
+        if prefix is not None:  # the scheduler's PrefixCache (read when scraped: the engine may replace it)
+            self.gauges += [
+                Gauge("lorakit:prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache",
+                      lambda: prefix().queries, kind="counter"),
+                Gauge("lorakit:prefix_cache_hits_total", "Prompt tokens whose keys and values came from the prefix "
+                      "cache (not prefilled)", lambda: prefix().hits, kind="counter"),
+                Gauge("lorakit:prefix_cache_tokens", "Tokens held in the prefix cache", lambda: prefix().tokens)]
         self.generation_tokens = Counter("lorakit:generation_tokens_total", "Tokens generated (a final EOS included)",
                                          ("model_name",))
         self.finished = Counter("lorakit:request_success_total", "Completions ended, by finish reason (stop, length, "

@@ -49,7 +49,7 @@ class OpenAIApi:
     def __init__(self, engine: GenerationEngine, config: ServeConfig) -> None:
         self.engine, self.config = engine, config
         self.stats = GenerationMetrics(waiting=lambda: engine.scheduler.queued, adapters=lambda: len(engine.adapters),
-                                       running=lambda: len(engine.scheduler.rows))
+                                       running=lambda: len(engine.scheduler.rows), prefix=lambda: engine.scheduler.prefix)
 
     def start(self) -> None:
         self.engine.start()

@@ -6,7 +6,9 @@ streams for long) and then advances every running sequence by one token in a sin
 pass, each row through its own adapter (:func:`lorakit.adapter_per_row`). Sequences join
 and leave the running batch between any two steps. Rows of the cache are kept compact —
 running sequences first, then the ones being prefilled, in arrival order — so a step reads
-its rows as one slice, with no copy.
+its rows as one slice, with no copy. A prompt whose first blocks were prefilled before on the
+same adapter starts from their keys and values (:class:`lorakit.serving.prefix_cache.PrefixCache`)
+and prefills the rest.
 
 A sequence may carry forks (OpenAI's ``n``): they take rows right after it and share its prefill;
 once its prompt is read, each gets a copy of its cache row and draws its own first token from the
@@ -19,6 +21,7 @@ Other threads talk to it through :meth:`Scheduler.submit`, :meth:`Scheduler.canc
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import queue
 import threading
 from collections import deque
@@ -31,6 +34,7 @@ from torch import Tensor, nn
 from ..model import adapter_per_row
 from .decoder import Decoder, Positions
 from .model_decoder import ModelDecoder, compile_wanted
+from .prefix_cache import PrefixCache
 from .sampling import Logprob, Sampling, logprobs_of, next_token
 
 __all__ = ["Sampling", "Sequence", "Scheduler", "Busy", "ENGINES", "pick_engine"]
@@ -88,6 +92,7 @@ class Sequence:
         self.tokens: list[int] = []  # generated so far (without a final EOS)
         self.sampled = 0  # tokens drawn, a final EOS included
         self.length = 0  # positions in the cache
+        self.cached = 0  # prompt tokens whose keys and values came from the prefix cache
         self.row = -1
         self.sent = 0  # characters of the text already emitted
         self.finished = False
@@ -110,11 +115,15 @@ class Scheduler:
     (:class:`lorakit.serving.ModelDecoder`, the model's own modules, every served family) or
     ``"auto"`` (:func:`pick_engine`); :attr:`engine` names the one chosen. ``compile``: a single
     stream's decode step under ``torch.compile`` (model engine; default: ``LORAKIT_COMPILE``).
+    ``prefix_cache_tokens`` bounds the :class:`~lorakit.serving.prefix_cache.PrefixCache` (0, the default here: off;
+    ``lorakit serve`` turns it on); whoever changes an adapter's weights in place, or unloads it, calls
+    ``scheduler.prefix.invalidate(name)``.
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, eos: set[int], max_rows: int = 64, max_queue: int = 256,
                  max_length: int = 2048, prefill_chunk: int = 256,
-                 engine: Literal["auto", "decoder", "model"] = "auto", compile: bool | None = None) -> None:
+                 engine: Literal["auto", "decoder", "model"] = "auto", compile: bool | None = None,
+                 prefix_cache_tokens: int = 0) -> None:
         compile = compile_wanted() if compile is None else compile
         self.engine = pick_engine(model, engine, compile)
         self.model = model.eval()
@@ -122,6 +131,7 @@ class Scheduler:
         self.decoder = ModelDecoder(model, compile) if self.engine == "model" else Decoder(model)
         self.max_length = min(max_length, self.decoder.max_positions)
         self.cache = self.decoder.cache(max_rows, self.max_length)
+        self.prefix = PrefixCache(prefix_cache_tokens)
         self.eos = eos
         self.max_rows, self.max_queue, self.prefill_chunk = max_rows, max_queue, prefill_chunk
         self.rows: list[Sequence] = []  # running (self.running of them), then being prefilled
@@ -189,7 +199,7 @@ class Scheduler:
         tokens = max(1, min(tokens, self.max_length - len(prompt)))
         self.submit(Sequence(prompt, None, Sampling(max_tokens=tokens, temperature=0, ignore_eos=True), lambda e: None))
         self.run_until_done()
-        self.steps = self.tokens = 0
+        self.steps = self.tokens = self.prefix.queries = self.prefix.hits = 0
 
     def run_until_done(self) -> None:
         """Run every submitted sequence to its end on the calling thread (offline use, without :meth:`start`)."""
@@ -293,6 +303,8 @@ class Scheduler:
         """The next ``prefill_chunk`` prompt tokens of the sequences waiting for their first token."""
         budget, chunks = self.prefill_chunk, []
         for seq in self.rows[self.running:]:
+            if seq.length == 0 and seq.sampling.prompt_logprobs is None:  # (here, not at admission: what the
+                self._reuse_prefix(seq)  # chunks before it stored counts; echo needs every position's logits)
             n = min(len(seq.prompt) - seq.length, budget)
             chunks.append((seq, n))
             budget -= n
@@ -324,6 +336,9 @@ class Scheduler:
                 seq.forks = [f for f in seq.forks if f.row >= 0]  # (those cancelled meanwhile left their rows)
                 self.running += 1 + len(seq.forks)  # (its forks' rows follow its own)
                 done.append(seq)
+        for seq, ok in zip(seqs, finite):
+            if ok:
+                self.prefix.store(seq.adapter, seq.prompt, seq.length, functools.partial(self.cache.read, seq.row))
         for seq, ok in zip(seqs[len(done) :], finite[len(done) :]):  # (the last, when prefilled in part)
             if not ok:
                 self._fail(seq, 500, _non_finite(seq.adapter))
@@ -362,6 +377,13 @@ class Scheduler:
             rows += [i] * (1 + len(forks))
             ok += [finite[i]] * (1 + len(forks))
         self._advance(group, logits[rows], ok)
+
+    def _reuse_prefix(self, seq: Sequence) -> None:
+        """Start ``seq`` from the cached keys and values of its prompt's longest stored prefix, if any."""
+        kv = self.prefix.lookup(seq.adapter, seq.prompt)
+        if kv is not None:
+            self.cache.write(seq.row, kv)
+            seq.length = seq.cached = kv.shape[3]
 
     def _decode(self) -> None:
         seqs = self.rows[: self.running]
