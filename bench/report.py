@@ -124,11 +124,30 @@ def serve_gen(r: dict) -> list[str]:
     def ms(c: dict) -> str:  # records before #27 hold no ms per token
         return f" ({c['ms_per_token']:.1f} ms per token)" if "ms_per_token" in c else ""
 
+    rows += _anchor_check(res.get("llamacpp_lora_check"), cfg)
     rows += ["", f"Offline, one batch of {cfg['adapters']} prompts over {cfg['adapters']} adapters, fp32: lorakit scheduler "
              f"{ours['tokens_per_s']:.0f} tokens/s{ms(ours)}, PEFT `generate(adapter_names=...)` "
              f"{peft['tokens_per_s']:.0f} tokens/s{ms(peft)} (ratio {off['lorakit/peft tokens/s']:.3f}); greedy "
              f"completions identical for {off['identical_completions']} of {cfg['adapters']}."]
     return rows
+
+
+def _anchor_check(check: dict | None, cfg: dict) -> list[str]:
+    """How ``llamacpp-lora`` was served, and the check that it applies the adapters lorakit does (#29 item 6)."""
+    if not check:
+        return []
+    n = check["prompts"]
+    return ["", f"`llamacpp-lora`: llama-server, {cfg['llama_server_slots']} slots (as `llamacpp`), with the "
+            f"{cfg['adapters']} adapters exported by `lorakit export gguf` (`--lora a0.gguf ... "
+            f"--lora-init-without-apply`); request i names a{{i mod {cfg['adapters']}}} in its `lora` field "
+            "(`cache_prompt: false`: llama.cpp's prompt cache is not keyed by adapter). Check, "
+            f"{n} prompts each through its own adapter, greedy, {check['max_tokens']} tokens: the adapter changes "
+            f"{check['adapter_changes_llamacpp_text']} / {n} of llama.cpp's texts "
+            f"({check['adapter_changes_lorakit_text']} / {n} of lorakit's); llama.cpp's text is lorakit's "
+            f"(`{check['lorakit_case']}`) for {check['same_text_adapted']} / {n} with the adapter "
+            f"({check['same_text_where_adapter_changes_lorakit']} of the {check['adapter_changes_lorakit_text']} the "
+            f"adapter changes), {check['same_text_base']} / {n} base alone (the floor: llama.cpp's Q4_1 kernels "
+            "against lorakit's weights dequantized from them)."]
 
 
 def _ratio_rows(ratios: dict[str, float]) -> list[str]:
@@ -495,6 +514,9 @@ TARGETS = [
      ("clients_1", "ratios", "int4/llamacpp"), (">=", 0.7)),
     *[(f"#27 {c} clients over 32 adapters --quantize {q}: tokens/s / llama.cpp", "serve_gen",
        (f"clients_{c}", "ratios", f"{q}/llamacpp"), (">=", 1.0)) for c in (8, 32) for q in ("int4", "int8")],
+    # Issue #29 item 6: llama.cpp serving the same 32 adapters, each request naming its own (per-request `lora`).
+    ("#29 32 clients over 32 adapters: tokens/s / llama.cpp with the same adapters exported (llamacpp-lora)",
+     "serve_gen", ("clients_32", "ratios", "spread/llamacpp-lora"), (">=", 2.0)),
     ("MRPC epochs, batches padded to a multiple of 8: epoch time / to the longest (reported, no target)", "padding",
      ("multiple=8", "epoch time / multiple=1"), None),
     ("As above: resident memory after the last epoch / to the longest (reported, no target)", "padding",
