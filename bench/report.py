@@ -137,17 +137,18 @@ def _anchor_check(check: dict | None, cfg: dict) -> list[str]:
     if not check:
         return []
     n = check["prompts"]
+    against = [f"`{case}`: {c['same_text_adapted']} / {n} with the adapter ({c['same_text_where_adapter_changes_lorakit']}"
+               f" of the {c['adapter_changes_lorakit_text']} its adapter changes), {c['same_text_base']} / {n} base alone"
+               for case, c in check["against"].items()]
     return ["", f"`llamacpp-lora`: llama-server, {cfg['llama_server_slots']} slots (as `llamacpp`), with the "
             f"{cfg['adapters']} adapters exported by `lorakit export gguf` (`--lora a0.gguf ... "
             f"--lora-init-without-apply`); request i names a{{i mod {cfg['adapters']}}} in its `lora` field "
-            "(`cache_prompt: false`: llama.cpp's prompt cache is not keyed by adapter). Check, "
+            "(`cache_prompt: false`: llama.cpp's prompt cache is not keyed by adapter; lorakit caches no prefix "
+            "either). llama.cpp decodes together only the slots with the same adapters. Check, "
             f"{n} prompts each through its own adapter, greedy, {check['max_tokens']} tokens: the adapter changes "
-            f"{check['adapter_changes_llamacpp_text']} / {n} of llama.cpp's texts "
-            f"({check['adapter_changes_lorakit_text']} / {n} of lorakit's); llama.cpp's text is lorakit's "
-            f"(`{check['lorakit_case']}`) for {check['same_text_adapted']} / {n} with the adapter "
-            f"({check['same_text_where_adapter_changes_lorakit']} of the {check['adapter_changes_lorakit_text']} the "
-            f"adapter changes), {check['same_text_base']} / {n} base alone (the floor: llama.cpp's Q4_1 kernels "
-            "against lorakit's weights dequantized from them)."]
+            f"{check['adapter_changes_llamacpp_text']} / {n} of llama.cpp's texts; llama.cpp's text is lorakit's on "
+            + "; ".join(against) + " (base alone: the floor, other kernels; `int4` holds the Q4_1 blocks llama.cpp "
+            "computes with)."]
 
 
 def _ratio_rows(ratios: dict[str, float]) -> list[str]:

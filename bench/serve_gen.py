@@ -20,13 +20,14 @@ completion has the same length whatever the adapter). Cases, alternated in each 
   binary in another kind's build folder is refused (an AVX-512 build dies with SIGILL on AVX2).
 - ``llamacpp-lora`` (with ``llamacpp``): the same ``llama-server``, slots and GGUF, with the 32 adapters
   exported by ``lorakit export gguf`` (``--lora a0.gguf ... --lora a31.gguf --lora-init-without-apply``:
-  none applied unless a request names it); request i names a{i mod 32} through llama.cpp's per-request
-  ``"lora": [{"id": i mod 32, "scale": 1.0}]`` (ids are positions among the ``--lora`` files), as ``spread``
-  names it through ``model``. llama.cpp batches only slots with equal adapter scales into one decode
-  (``server_slot::can_batch_with``). Checked first (``llamacpp_lora_check`` in the record): prompt k through
-  adapter a{k} (k < 32), greedy, on the ``spread`` server and on llama.cpp with and without the adapter; the
-  counts of texts the adapter changes on llama.cpp and of texts equal to lorakit's (and, the floor, llama.cpp's
-  base against lorakit's base: different kernels, Q4_1 blocks against bf16/fp32 weights dequantized from them).
+  none applied at start-up); request i names a{i mod 32} through llama.cpp's per-request ``"lora": [{"id":
+  i mod 32, "scale": 1.0}]`` (ids are positions among the ``--lora`` files; the others at scale 0), as
+  ``spread`` names it through ``model``. llama.cpp batches only slots with equal adapter scales into one decode
+  (``server_slot::can_batch_with``); ``cache_prompt: false``, as its prompt cache is not keyed by adapter.
+  Checked first (``llamacpp_lora_check`` in the record): prompt k through adapter a{k} (k < 32), greedy, on
+  llama.cpp and on the ``spread`` server (and ``int4``'s, if run: the very Q4_1 blocks), with and without the
+  adapter; the counts of texts the adapter changes on llama.cpp and of texts equal to lorakit's (and, the
+  floor, llama.cpp's base against lorakit's: other kernels).
 
 Reported per case: tokens/s (streamed chunks, each one token, received within the
 window), p50/p99 time to first token and per-token latency in ms (time between a completion's
@@ -172,41 +173,40 @@ async def complete_all(url: str, bodies: list[dict]) -> list[dict]:
         return list(await asyncio.gather(*(one(b) for b in bodies)))
 
 
-def check_lora_anchor(ours: str, llama: str, prompts: list[str], adapters: int, max_tokens: int) -> dict:
-    """Prompt k (k < ``adapters``) through adapter a{k}, greedy, ``max_tokens`` at most: on lorakit's server
-    ``ours`` and on ``llama`` (llama-server with the exported adapters) with the adapter named and without;
-    the counts that make ``llamacpp-lora`` a fair anchor (the adapter changes llama.cpp's text; llama.cpp's
+def check_lora_anchor(ours: dict[str, str], llama: str, prompts: list[str], adapters: int, max_tokens: int) -> dict:
+    """Prompt k (k < ``adapters``) through adapter a{k}, greedy, ``max_tokens`` at most, on ``llama`` (llama-server
+    with the exported adapters) and on each of lorakit's servers ``ours`` (case -> URL), with the adapter named and
+    without: the counts that make ``llamacpp-lora`` a fair anchor (the adapter changes llama.cpp's text; llama.cpp's
     adapted text is lorakit's) and the floor of the measure (the base on both)."""
     import httpx
 
-    base = httpx.get(f"{ours}/v1/models").json()["data"][0]["id"]  # the base model comes first
-    common = {"max_tokens": max_tokens, "temperature": 0}
-    asked = [dict(common, prompt=p) for p in prompts[:adapters]]
-    lorakit_adapted = asyncio.run(complete_all(ours, [dict(b, model=f"a{k}") for k, b in enumerate(asked)]))
-    lorakit_base = asyncio.run(complete_all(ours, [dict(b, model=base) for b in asked]))
+    asked = [{"prompt": p, "max_tokens": max_tokens, "temperature": 0} for p in prompts[:adapters]]
     llama_adapted = asyncio.run(complete_all(llama, [dict(b, **lora_fields(k, adapters)) for k, b in enumerate(asked)]))
     llama_base = asyncio.run(complete_all(llama, [dict(b, **lora_fields(k, adapters, 0.0)) for k, b in enumerate(asked)]))
 
     def same(xs: list[dict], ys: list[dict]) -> list[bool]:
         return [x["text"] == y["text"] for x, y in zip(xs, ys)]
 
-    changed = [not s for s in same(lorakit_adapted, lorakit_base)]
-    result = {"prompts": len(asked), "max_tokens": max_tokens,
-              "adapter_changes_llamacpp_text": len(asked) - sum(same(llama_adapted, llama_base)),
-              "adapter_changes_lorakit_text": sum(changed),
-              "same_text_adapted": sum(same(llama_adapted, lorakit_adapted)),
-              # where lorakit's adapter changes its text, llama.cpp's adapter changes it the same way
-              "same_text_where_adapter_changes_lorakit": sum(c and s for c, s in zip(changed, same(llama_adapted,
-                                                                                                  lorakit_adapted))),
-              "same_text_base": sum(same(llama_base, lorakit_base)),
-              "same_prompt_tokens": sum(x["prompt_tokens"] == y["prompt_tokens"]
-                                        for x, y in zip(llama_adapted, lorakit_adapted))}
-    print(f"llamacpp-lora check, {len(asked)} prompts x their own adapter, greedy, {max_tokens} tokens: the adapter "
-          f"changes {result['adapter_changes_llamacpp_text']} of llama.cpp's texts "
-          f"({result['adapter_changes_lorakit_text']} of lorakit's); llama.cpp's text is lorakit's for "
-          f"{result['same_text_adapted']} with the adapter ({result['same_text_where_adapter_changes_lorakit']} of "
-          f"those the adapter changes), {result['same_text_base']} base alone (the floor: other kernels); same prompt "
-          f"token counts {result['same_prompt_tokens']}", flush=True)
+    result: dict = {"prompts": len(asked), "max_tokens": max_tokens,
+                    "adapter_changes_llamacpp_text": len(asked) - sum(same(llama_adapted, llama_base)), "against": {}}
+    for case, url in ours.items():
+        base = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]  # the base model comes first
+        adapted = asyncio.run(complete_all(url, [dict(b, model=f"a{k}") for k, b in enumerate(asked)]))
+        alone = asyncio.run(complete_all(url, [dict(b, model=base) for b in asked]))
+        changed, agree = [not s for s in same(adapted, alone)], same(llama_adapted, adapted)
+        result["against"][case] = {
+            "adapter_changes_lorakit_text": sum(changed), "same_text_adapted": sum(agree),
+            # where lorakit's adapter changes its text, llama.cpp's adapter changes it the same way
+            "same_text_where_adapter_changes_lorakit": sum(c and a for c, a in zip(changed, agree)),
+            "same_text_base": sum(same(llama_base, alone)),
+            "same_prompt_tokens": sum(x["prompt_tokens"] == y["prompt_tokens"] for x, y in zip(llama_adapted, adapted))}
+        r = result["against"][case]
+        print(f"llamacpp-lora check against {case}, {len(asked)} prompts x their own adapter, greedy, {max_tokens} "
+              f"tokens: the adapter changes {result['adapter_changes_llamacpp_text']} of llama.cpp's texts "
+              f"({r['adapter_changes_lorakit_text']} of lorakit's); llama.cpp's text is lorakit's for "
+              f"{r['same_text_adapted']} with the adapter ({r['same_text_where_adapter_changes_lorakit']} of those the "
+              f"adapter changes), {r['same_text_base']} base alone (the floor: other kernels); same prompt token "
+              f"counts {r['same_prompt_tokens']}", flush=True)
     return result
 
 
@@ -369,8 +369,9 @@ def run(model: str = "smollm2", adapters: int = 32, concurrency: tuple[int, ...]
             loras = export_adapters(model, paths, Path(tmp) / "gguf")
             url = stack.enter_context(llama_server(llama_binary, smollm2_gguf(), max(concurrency), 256, threads, loras))
             cases["llamacpp-lora"] = (url, lambda i: lora_fields(i, adapters))
-            results["llamacpp_lora_check"] = {"lorakit_case": "spread",
-                                              **check_lora_anchor(batched, url, prompts, adapters, check_tokens)}
+            # against the measured server, and int4 if run: the very Q4_1 blocks llama.cpp computes with
+            ours = {k: cases[k][0] for k in ("spread", "int4") if k in cases}
+            results["llamacpp_lora_check"] = check_lora_anchor(ours, url, prompts, adapters, check_tokens)
         else:
             print("llama.cpp: no llama-server binary (--llama-server, $LLAMA_SERVER); its cases are skipped", flush=True)
         for url, fields_of in cases.values():  # warm-up (one stream alone first: --compile compiles its step then)

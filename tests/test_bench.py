@@ -194,9 +194,11 @@ def test_llamacpp_lora_names_each_adapter_by_its_lora_position_and_checks_it_aga
 
     async def complete_all(url, bodies):  # lorakit: a0, a2 change the text; llama.cpp: a3 is wrong, one base differs
         sent.extend((url, b) for b in bodies)
-        if url == "ours":
+        if url != "llama":
             k = [int(b["model"][1:]) if b["model"] != "smol" else None for b in bodies]
             texts = ["base" if i is None or i % 2 else f"a{i}" for i in k]
+            if url == "int4":
+                texts = [t.replace("a2", "z") for t in texts]
         else:
             lora = [b["lora"][0] for b in bodies]
             texts = [(f"a{x['id']}" if x["id"] < 3 else "x") if x["scale"] else ("b" if x["id"] == 3 else "base")
@@ -205,10 +207,12 @@ def test_llamacpp_lora_names_each_adapter_by_its_lora_position_and_checks_it_aga
 
     monkeypatch.setattr(serve_gen, "complete_all", complete_all)
     monkeypatch.setattr(httpx, "get", lambda url: httpx.Response(200, json={"data": [{"id": "smol"}, {"id": "a0"}]}))
-    check = serve_gen.check_lora_anchor("ours", "llama", ["p0", "p1", "p2", "p3", "p4"], 4, 16)
-    assert check == {"prompts": 4, "max_tokens": 16, "adapter_changes_llamacpp_text": 4, "adapter_changes_lorakit_text": 2,
-                     "same_text_adapted": 2, "same_text_where_adapter_changes_lorakit": 2, "same_text_base": 3,
-                     "same_prompt_tokens": 4}
+    check = serve_gen.check_lora_anchor({"spread": "ours", "int4": "int4"}, "llama", ["p0", "p1", "p2", "p3", "p4"], 4, 16)
+    assert check["prompts"] == 4 and check["max_tokens"] == 16 and check["adapter_changes_llamacpp_text"] == 4
+    assert check["against"]["spread"] == {"adapter_changes_lorakit_text": 2, "same_text_adapted": 2,
+                                          "same_text_where_adapter_changes_lorakit": 2, "same_text_base": 3,
+                                          "same_prompt_tokens": 4}
+    assert check["against"]["int4"]["same_text_adapted"] == 1  # its a2 text differs from llama.cpp's
     to_llama = [b for url, b in sent if url == "llama"]
     assert len(to_llama) == 8 and all(len(b["lora"]) == 1 and b["cache_prompt"] is False for b in to_llama)
     assert [b["prompt"] for b in to_llama[:4]] == ["p0", "p1", "p2", "p3"]
@@ -219,9 +223,10 @@ def test_serve_gen_report_renders_the_llamacpp_lora_anchor_and_its_target(tmp_pa
 
     case = {"tokens_per_s": 100.0, "ttft_p50_ms": 10, "ttft_p99_ms": 20, "per_token_p50_ms": 5, "per_token_p99_ms": 9,
             "failed": 0}
-    check = {"lorakit_case": "spread", "prompts": 32, "max_tokens": 16, "adapter_changes_llamacpp_text": 24,
-             "adapter_changes_lorakit_text": 27, "same_text_adapted": 17, "same_text_where_adapter_changes_lorakit": 13,
-             "same_text_base": 17, "same_prompt_tokens": 32}
+    against = {"adapter_changes_lorakit_text": 27, "same_text_adapted": 17, "same_text_where_adapter_changes_lorakit": 13,
+               "same_text_base": 17, "same_prompt_tokens": 32}
+    check = {"prompts": 32, "max_tokens": 16, "adapter_changes_llamacpp_text": 24,
+             "against": {"spread": against, "int4": dict(against, same_text_adapted=25)}}
     offline = {"cases": {k: {"tokens_per_s": 1.0, "ms_per_token": 1.0} for k in ("lorakit", "peft")},
                "lorakit/peft tokens/s": 1.0, "identical_completions": 32}
     config = {"model": "smollm2", "adapters": 32, "r": 4, "max_tokens": 64, "precision": "auto", "seconds": 15,
@@ -233,8 +238,8 @@ def test_serve_gen_report_renders_the_llamacpp_lora_anchor_and_its_target(tmp_pa
     text = report.build(tmp_path)
     assert "| 32 | llamacpp-lora | 40.0 |" in text
     assert "llama-server, 32 slots (as `llamacpp`), with the 32 adapters exported by `lorakit export gguf`" in text
-    assert ("the adapter changes 24 / 32 of llama.cpp's texts (27 / 32 of lorakit's); llama.cpp's text is lorakit's "
-            "(`spread`) for 17 / 32 with the adapter (13 of the 27 the adapter changes), 17 / 32 base alone") in text
+    assert ("the adapter changes 24 / 32 of llama.cpp's texts; llama.cpp's text is lorakit's on `spread`: 17 / 32 with "
+            "the adapter (13 of the 27 its adapter changes), 17 / 32 base alone; `int4`: 25 / 32 with the adapter") in text
     assert "llama.cpp with the same adapters exported (llamacpp-lora) | >= 2.00 | 2.500 | yes |" in text
 
 
