@@ -124,6 +124,7 @@ def serve_gen(r: dict) -> list[str]:
     def ms(c: dict) -> str:  # records before #27 hold no ms per token
         return f" ({c['ms_per_token']:.1f} ms per token)" if "ms_per_token" in c else ""
 
+    rows += _anchor_check(res.get("llamacpp_lora_check"), cfg)
     rows += ["", f"Offline, one batch of {cfg['adapters']} prompts over {cfg['adapters']} adapters, fp32: lorakit scheduler "
              f"{ours['tokens_per_s']:.0f} tokens/s{ms(ours)}, PEFT `generate(adapter_names=...)` "
              f"{peft['tokens_per_s']:.0f} tokens/s{ms(peft)} (ratio {off['lorakit/peft tokens/s']:.3f}); greedy "
@@ -150,6 +151,25 @@ def prefix_cache(r: dict) -> list[str]:
     rows += [f"| {k.split('_')[1]} | {v['ratios']['ttft_p50 off/on']:.2f} | {v['ratios']['tokens/s on/off']:.2f} |"
              for k, v in res.items() if k.startswith("adapters_")]
     return rows
+
+
+def _anchor_check(check: dict | None, cfg: dict) -> list[str]:
+    """How ``llamacpp-lora`` was served, and the check that it applies the adapters lorakit does (#29 item 6)."""
+    if not check:
+        return []
+    n = check["prompts"]
+    against = [f"`{case}`: {c['same_text_adapted']} / {n} with the adapter ({c['same_text_where_adapter_changes_lorakit']}"
+               f" of the {c['adapter_changes_lorakit_text']} its adapter changes), {c['same_text_base']} / {n} base alone"
+               for case, c in check["against"].items()]
+    return ["", f"`llamacpp-lora`: llama-server, {cfg['llama_server_slots']} slots (as `llamacpp`), with the "
+            f"{cfg['adapters']} adapters exported by `lorakit export gguf` (`--lora a0.gguf ... "
+            f"--lora-init-without-apply`); request i names a{{i mod {cfg['adapters']}}} in its `lora` field "
+            "(`cache_prompt: false`: llama.cpp's prompt cache is not keyed by adapter, and would hand a request KV "
+            "computed under another). llama.cpp decodes together only the slots with the same adapters. Check, "
+            f"{n} prompts each through its own adapter, greedy, {check['max_tokens']} tokens: the adapter changes "
+            f"{check['adapter_changes_llamacpp_text']} / {n} of llama.cpp's texts; llama.cpp's text is lorakit's on "
+            + "; ".join(against) + " (base alone: the floor, other kernels; `int4` holds the Q4_1 blocks llama.cpp "
+            "computes with)."]
 
 
 def _ratio_rows(ratios: dict[str, float]) -> list[str]:
@@ -524,6 +544,9 @@ TARGETS = [
        (f"adapters_{a}", "ratios", "ttft_p50 off/on"), (">=", 3.0)) for a in (1, 32)],
     *[(f"#29 prefix cache, 32 clients over {a} adapter(s): tokens/s on / off", "prefix_cache",
        (f"adapters_{a}", "ratios", "tokens/s on/off"), (">=", 1.5)) for a in (1, 32)],
+    # Issue #29 item 6: llama.cpp serving the same 32 adapters, each request naming its own (per-request `lora`).
+    ("#29 32 clients over 32 adapters: tokens/s / llama.cpp with the same adapters exported (llamacpp-lora)",
+     "serve_gen", ("clients_32", "ratios", "spread/llamacpp-lora"), (">=", 2.0)),
     ("MRPC epochs, batches padded to a multiple of 8: epoch time / to the longest (reported, no target)", "padding",
      ("multiple=8", "epoch time / multiple=1"), None),
     ("As above: resident memory after the last epoch / to the longest (reported, no target)", "padding",

@@ -18,6 +18,16 @@ completion has the same length whatever the adapter). Cases, alternated in each 
   ``llama-server`` binary is given (``--llama-server``, ``$LLAMA_SERVER``) or was built for this
   CPU by ``bench/build_llama_server.sh``. Builds are per CPU kind (``bench/llama_build.py``): a
   binary in another kind's build folder is refused (an AVX-512 build dies with SIGILL on AVX2).
+- ``llamacpp-lora`` (with ``llamacpp``): the same ``llama-server``, slots and GGUF, with the 32 adapters
+  exported by ``lorakit export gguf`` (``--lora a0.gguf ... --lora a31.gguf --lora-init-without-apply``:
+  none applied at start-up); request i names a{i mod 32} through llama.cpp's per-request ``"lora": [{"id":
+  i mod 32, "scale": 1.0}]`` (ids are positions among the ``--lora`` files; the others at scale 0), as
+  ``spread`` names it through ``model``. llama.cpp batches only slots with equal adapter scales into one decode
+  (``server_slot::can_batch_with``); ``cache_prompt: false``, as its prompt cache is not keyed by adapter.
+  Checked first (``llamacpp_lora_check`` in the record): prompt k through adapter a{k} (k < 32), greedy, on
+  llama.cpp and on the ``spread`` server (and ``int4``'s, if run: the very Q4_1 blocks), with and without the
+  adapter; the counts of texts the adapter changes on llama.cpp and of texts equal to lorakit's (and, the
+  floor, llama.cpp's base against lorakit's: other kernels).
 
 Reported per case: tokens/s (streamed chunks, each one token, received within the
 window), p50/p99 time to first token and per-token latency in ms (time between a completion's
@@ -27,7 +37,8 @@ Separately (``offline``): the lorakit scheduler against PEFT's ``generate(adapte
 on the same 32 prompts over 32 adapters in one batch, fp32, in this process (tokens/s, and ms
 per token: one decoding step of the batch).
 
-    python bench/serve_gen.py [--quick] [--seconds 20] [--rounds 2] [--quantize int8] [--compile] [--llama-server PATH]
+    python bench/serve_gen.py [--quick] [--seconds 20] [--rounds 2] [--clients 1 8 32] [--quantize int8] [--compile]
+        [--llama-server PATH]
 """
 
 from __future__ import annotations
@@ -101,12 +112,44 @@ def find_llama_server(given: str | None, flags: frozenset[str] | None = None) ->
     return str(found)
 
 
-@contextlib.contextmanager
-def llama_server(binary: str, gguf: Path, slots: int, context: int, threads: int):
-    """llama.cpp's server on loopback; yields its base URL."""
-    port = _free_port()
+def llama_server_command(binary: str, gguf: Path, port: int, slots: int, context: int, threads: int,
+                         loras: list[Path] | None = None) -> list[str]:
+    """``llama-server`` on loopback with ``slots`` parallel slots of ``context`` tokens each; every file of
+    ``loras`` loaded at scale 0 (``--lora-init-without-apply``), so that the base serves a request unless it
+    names an adapter by its position in ``loras``: ``"lora": [{"id": position, "scale": 1.0}]``."""
     cmd = [binary, "-m", str(gguf), "--port", str(port), "--host", "127.0.0.1", "-np", str(slots),
            "-c", str(slots * context), "-t", str(threads), "-tb", str(threads), "--no-webui"]
+    for lora in loras or []:
+        cmd += ["--lora", str(lora)]
+    return cmd + (["--lora-init-without-apply"] if loras else [])
+
+
+def lora_fields(i: int, adapters: int, scale: float = 1.0) -> dict:
+    """Request i's fields naming adapter a{i mod adapters} at ``scale`` to llama-server (ids: ``--lora`` positions).
+
+    Every other adapter is at scale 0 only while the list is not empty: a request without it (or with ``[]``)
+    gets every ``--lora`` at its start-up scale, 1 (``--lora-init-without-apply`` only leaves them out of the
+    context until a request comes). ``cache_prompt: false``: llama-server's prompt cache is not keyed by adapter
+    (a slot can take KV computed under another adapter from its RAM cache), so each prompt is prefilled under its
+    own adapter, as lorakit does."""
+    return {"model": "base", "lora": [{"id": i % adapters, "scale": scale}], "cache_prompt": False}
+
+
+def export_adapters(model: str, paths: dict[str, str], folder: Path) -> list[Path]:
+    """Each adapter of ``paths`` as llama.cpp's LoRA GGUF (``lorakit export gguf``), in ``paths``' order."""
+    from transformers import AutoConfig
+
+    from lorakit.export import export_gguf
+
+    config = AutoConfig.from_pretrained(resolve_model(model))
+    return [export_gguf(path, folder / f"{name}.gguf", config) for name, path in paths.items()]
+
+
+@contextlib.contextmanager
+def llama_server(binary: str, gguf: Path, slots: int, context: int, threads: int, loras: list[Path] | None = None):
+    """llama.cpp's server on loopback (:func:`llama_server_command`); yields its base URL."""
+    port = _free_port()
+    cmd = llama_server_command(binary, gguf, port, slots, context, threads, loras)
     url = f"http://127.0.0.1:{port}"
     # Its libraries lie beside it; a build moved since (or made before build_llama_server.sh set $ORIGIN) has a
     # run path to where it was built
@@ -115,8 +158,61 @@ def llama_server(binary: str, gguf: Path, slots: int, context: int, threads: int
         yield url
 
 
-async def load(url: str, clients: int, seconds: float, prompts: list[str], model_of, max_tokens: int) -> dict:
-    """``clients`` loops streaming completions for ``seconds``; tokens/s and latencies."""
+async def complete_all(url: str, bodies: list[dict]) -> list[dict]:
+    """Each of ``bodies`` to ``/v1/completions`` at once, unstreamed: the answers' first choices' text, and the
+    prompt tokens the server counted."""
+    import httpx
+
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        async def one(body: dict) -> dict:
+            reply = await client.post("/v1/completions", json=body)
+            reply.raise_for_status()
+            answer = reply.json()
+            return {"text": answer["choices"][0]["text"], "prompt_tokens": answer["usage"]["prompt_tokens"]}
+
+        return list(await asyncio.gather(*(one(b) for b in bodies)))
+
+
+def check_lora_anchor(ours: dict[str, str], llama: str, prompts: list[str], adapters: int, max_tokens: int) -> dict:
+    """Prompt k (k < ``adapters``) through adapter a{k}, greedy, ``max_tokens`` at most, on ``llama`` (llama-server
+    with the exported adapters) and on each of lorakit's servers ``ours`` (case -> URL), with the adapter named and
+    without: the counts that make ``llamacpp-lora`` a fair anchor (the adapter changes llama.cpp's text; llama.cpp's
+    adapted text is lorakit's) and the floor of the measure (the base on both)."""
+    import httpx
+
+    asked = [{"prompt": p, "max_tokens": max_tokens, "temperature": 0} for p in prompts[:adapters]]
+    llama_adapted = asyncio.run(complete_all(llama, [dict(b, **lora_fields(k, adapters)) for k, b in enumerate(asked)]))
+    llama_base = asyncio.run(complete_all(llama, [dict(b, **lora_fields(k, adapters, 0.0)) for k, b in enumerate(asked)]))
+
+    def same(xs: list[dict], ys: list[dict]) -> list[bool]:
+        return [x["text"] == y["text"] for x, y in zip(xs, ys)]
+
+    result: dict = {"prompts": len(asked), "max_tokens": max_tokens,
+                    "adapter_changes_llamacpp_text": len(asked) - sum(same(llama_adapted, llama_base)), "against": {}}
+    for case, url in ours.items():
+        base = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]  # the base model comes first
+        adapted = asyncio.run(complete_all(url, [dict(b, model=f"a{k}") for k, b in enumerate(asked)]))
+        alone = asyncio.run(complete_all(url, [dict(b, model=base) for b in asked]))
+        changed, agree = [not s for s in same(adapted, alone)], same(llama_adapted, adapted)
+        result["against"][case] = {
+            "adapter_changes_lorakit_text": sum(changed), "same_text_adapted": sum(agree),
+            # where lorakit's adapter changes its text, llama.cpp's adapter changes it the same way
+            "same_text_where_adapter_changes_lorakit": sum(c and a for c, a in zip(changed, agree)),
+            "same_text_base": sum(same(llama_base, alone)),
+            "same_prompt_tokens": sum(x["prompt_tokens"] == y["prompt_tokens"] for x, y in zip(llama_adapted, adapted))}
+        r = result["against"][case]
+        print(f"llamacpp-lora check against {case}, {len(asked)} prompts x their own adapter, greedy, {max_tokens} "
+              f"tokens: the adapter changes {result['adapter_changes_llamacpp_text']} of llama.cpp's texts "
+              f"({r['adapter_changes_lorakit_text']} of lorakit's); llama.cpp's text is lorakit's for "
+              f"{r['same_text_adapted']} with the adapter ({r['same_text_where_adapter_changes_lorakit']} of those the "
+              f"adapter changes), {r['same_text_base']} base alone (the floor: other kernels); same prompt token "
+              f"counts {r['same_prompt_tokens']}", flush=True)
+    return result
+
+
+async def load(url: str, clients: int, seconds: float, prompts: list[str], fields_of, max_tokens: int) -> dict:
+    """``clients`` loops streaming completions for ``seconds``; tokens/s and latencies. ``fields_of(i)``: the
+    fields of request i that name its model or adapter."""
     import httpx
 
     ttft: list[float] = []
@@ -130,7 +226,7 @@ async def load(url: str, clients: int, seconds: float, prompts: list[str], model
         async def worker(i: int) -> None:
             nonlocal tokens, failed, resent
             while time.perf_counter() < end:
-                body = {"model": model_of(i), "prompt": prompts[i % len(prompts)], "max_tokens": max_tokens,
+                body = {**fields_of(i), "prompt": prompts[i % len(prompts)], "max_tokens": max_tokens,
                         "temperature": 0, "stream": True, "ignore_eos": True}
                 sent, first, last, n, answered = time.perf_counter(), None, None, 0, False
                 try:
@@ -238,10 +334,10 @@ def offline(model: str, paths: dict[str, str], prompts: list[str], max_tokens: i
 
 def run(model: str = "smollm2", adapters: int = 32, concurrency: tuple[int, ...] = (1, 8, 32), seconds: float = 20.0,
         rounds: int = 2, max_tokens: int = 64, precision: str = "auto", llama_binary: str | None = None,
-        quantize: list[str] | None = None, compile: bool = False, name: str = "serve_gen",
+        quantize: list[str] | None = None, compile: bool = False, check_tokens: int = 16, name: str = "serve_gen",
         out_dir: str = "bench/results") -> dict:
     """``quantize``: a ``--quantize`` case per value (None: ``int8`` and ``int4``); ``compile``: each
-    also with ``--compile``."""
+    also with ``--compile``; ``check_tokens``: the greedy tokens per prompt of ``llamacpp-lora``'s check."""
     threads = torch.get_num_threads()
     try:
         resolve_model(model)
@@ -259,29 +355,35 @@ def run(model: str = "smollm2", adapters: int = 32, concurrency: tuple[int, ...]
         flags = ("--precision", precision, "--max-batch-rows", str(max(concurrency)), "--max-new-tokens", str(max_tokens))
         batched = stack.enter_context(server(model, paths, *flags))
         unbatched = stack.enter_context(server(model, paths, *flags, "--no-batching"))
-        cases = {"spread": (batched, lambda i: f"a{i % adapters}"), "one": (batched, lambda i: "a0"),
-                 "nobatch": (unbatched, lambda i: f"a{i % adapters}")}
+        cases = {"spread": (batched, lambda i: {"model": f"a{i % adapters}"}), "one": (batched, lambda i: {"model": "a0"}),
+                 "nobatch": (unbatched, lambda i: {"model": f"a{i % adapters}"})}
         for q in quantize:
             cases[q] = (stack.enter_context(server(model, paths, *flags, "--quantize", q)), cases["spread"][1])
         compiled = [f"{q}-compiled" for q in quantize] if compile else []
         for q in quantize if compile else []:
             cases[f"{q}-compiled"] = (stack.enter_context(server(model, paths, *flags, "--quantize", q, "--compile")),
                                       cases["spread"][1])
-        if llama_binary:
+        if llama_binary:  # as many slots as the lorakit servers' rows
             url = stack.enter_context(llama_server(llama_binary, smollm2_gguf(), max(concurrency), 256, threads))
-            cases["llamacpp"] = (url, lambda i: "base")
+            cases["llamacpp"] = (url, lambda i: {"model": "base"})
+            loras = export_adapters(model, paths, Path(tmp) / "gguf")
+            url = stack.enter_context(llama_server(llama_binary, smollm2_gguf(), max(concurrency), 256, threads, loras))
+            cases["llamacpp-lora"] = (url, lambda i: lora_fields(i, adapters))
+            # against the measured server, and int4 if run: the very Q4_1 blocks llama.cpp computes with
+            ours = {k: cases[k][0] for k in ("spread", "int4") if k in cases}
+            results["llamacpp_lora_check"] = check_lora_anchor(ours, url, prompts, adapters, check_tokens)
         else:
             print("llama.cpp: no llama-server binary (--llama-server, $LLAMA_SERVER); its cases are skipped", flush=True)
-        for url, model_of in cases.values():  # warm-up (one stream alone first: --compile compiles its step then)
-            asyncio.run(load(url, 1, 3, prompts, model_of, max_tokens))
-            asyncio.run(load(url, 4, 3, prompts, model_of, max_tokens))
+        for url, fields_of in cases.values():  # warm-up (one stream alone first: --compile compiles its step then)
+            asyncio.run(load(url, 1, 3, prompts, fields_of, max_tokens))
+            asyncio.run(load(url, 4, 3, prompts, fields_of, max_tokens))
         samples: dict[int, dict[str, list[dict]]] = {c: {k: [] for k in cases} for c in concurrency}
         for r in range(rounds):
             for c in concurrency:
                 names = list(cases)
                 for case in names[r % len(names):] + names[: r % len(names)]:
-                    url, model_of = cases[case]
-                    samples[c][case].append(asyncio.run(load(url, c, seconds, prompts, model_of, max_tokens)))
+                    url, fields_of = cases[case]
+                    samples[c][case].append(asyncio.run(load(url, c, seconds, prompts, fields_of, max_tokens)))
                     print(f"round {r} C={c} {case}: {samples[c][case][-1]}", flush=True)
     for c in concurrency:
         s = samples[c]
@@ -294,8 +396,9 @@ def run(model: str = "smollm2", adapters: int = 32, concurrency: tuple[int, ...]
                 return None
             return statistics.median(x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(s[a], s[b]))
 
-        pairs = [("spread", "one"), ("spread", "nobatch"), ("spread", "llamacpp"),
-                 *((q, b) for q in quantize + compiled for b in ("llamacpp", "spread"))]
+        pairs = [("spread", "one"), ("spread", "nobatch"), ("spread", "llamacpp"), ("spread", "llamacpp-lora"),
+                 ("llamacpp-lora", "llamacpp"), *((q, b) for q in quantize + compiled for b in ("llamacpp", "spread")),
+                 *((q, "llamacpp-lora") for q in quantize + compiled)]
         ratios = {f"{a}/{b}": ratio(a, b) for a, b in pairs}
         results[f"clients_{c}"] = {"cases": per_case, "ratios": {k: v for k, v in ratios.items() if v is not None}}
         print(f"{c} clients: " + "; ".join(f"{k} {v['tokens_per_s']:.0f} tok/s, TTFT p50 {v['ttft_p50_ms']:.0f} "
@@ -303,9 +406,14 @@ def run(model: str = "smollm2", adapters: int = 32, concurrency: tuple[int, ...]
                                              f"p99 {v['per_token_p99_ms']:.1f} ms, failed {v['failed']}"
                                              for k, v in per_case.items()),
               {k: round(v, 3) for k, v in results[f"clients_{c}"]["ratios"].items()}, flush=True)
+    if "llamacpp_lora_check" in results:
+        print(f"anchor (#29): lorakit spread / llama.cpp with the same {adapters} adapters (llamacpp-lora), tokens/s: "
+              + ", ".join(f"{c} clients {results[f'clients_{c}']['ratios']['spread/llamacpp-lora']:.2f}x"
+                          for c in concurrency) + " (target >= 2 at 32 clients over 32 adapters)", flush=True)
     config = dict(model=model, adapters=adapters, concurrency=list(concurrency), seconds=seconds, rounds=rounds,
                   max_tokens=max_tokens, precision=precision, quantize=quantize, compile=compile, r=4, threads=threads,
                   llama_server=llama_binary, llama_server_build=binary_key(llama_binary) if llama_binary else None,
+                  llama_server_slots=max(concurrency) if llama_binary else None,
                   cpu_build_key=build_key(cpu_flags()), cpu_flags=sorted(KEY_FLAGS & cpu_flags()))
     write_record(name, config, results, out_dir)
     return results
@@ -316,6 +424,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="8 adapters, 1 and 8 clients, 1 round of 5 s, 16 tokens")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32], metavar="C",
+                        help="concurrent clients of each measurement (default: 1 8 32); the largest is also the "
+                        "servers' batch rows and llama-server's slots")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     parser.add_argument("--llama-server", help="path of llama.cpp's llama-server binary (the llama.cpp cases; default: "
                         "$LLAMA_SERVER, else the one bench/build_llama_server.sh built for this CPU)")
@@ -332,7 +443,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         run(adapters=8, concurrency=(1, 8), seconds=5, rounds=1, max_tokens=16, name="serve_gen_quick", **common)
     else:
-        run(seconds=args.seconds, rounds=args.rounds, name=args.name, **common)
+        run(concurrency=tuple(args.clients), seconds=args.seconds, rounds=args.rounds, name=args.name, **common)
 
 
 if __name__ == "__main__":

@@ -189,9 +189,76 @@ def test_generation_load_test_sends_again_where_a_kept_alive_connection_was_clos
         httpd.daemon_threads = True
         threading.Thread(target=httpd.serve_forever, daemon=True).start()
         url = f"http://127.0.0.1:{httpd.server_address[1]}"
-        result = asyncio.run(serve_gen.load(url, 1, 1.0, ["p"], lambda i: "base", 4))
+        result = asyncio.run(serve_gen.load(url, 1, 1.0, ["p"], lambda i: {"model": "base"}, 4))
         httpd.shutdown()
     assert result["failed"] == 0 and result["resent"] >= 1 and result["completions"] >= 1 and result["tokens"] >= 4
+
+
+def test_llamacpp_lora_names_each_adapter_by_its_lora_position_and_checks_it_against_lorakit(monkeypatch):
+    # llama-server's adapter ids are positions among its --lora files; a request with no (or an empty) `lora` list gets
+    # every adapter at its start-up scale 1, so the base is asked for with a listed adapter at scale 0
+    import httpx
+
+    import serve_gen
+
+    cmd = serve_gen.llama_server_command("llama-server", Path("m.gguf"), 8080, 4, 256, 2, [Path("a0.gguf"), Path("a1.gguf")])
+    assert [cmd[i + 1] for i, x in enumerate(cmd) if x == "--lora"] == ["a0.gguf", "a1.gguf"]
+    assert "--lora-init-without-apply" in cmd and cmd[cmd.index("-np") + 1] == "4"
+    plain = serve_gen.llama_server_command("llama-server", Path("m.gguf"), 8080, 4, 256, 2)
+    assert not {"--lora", "--lora-init-without-apply"} & set(plain)
+    assert serve_gen.lora_fields(33, 32) == {"model": "base", "lora": [{"id": 1, "scale": 1.0}], "cache_prompt": False}
+
+    sent = []
+
+    async def complete_all(url, bodies):  # lorakit: a0, a2 change the text; llama.cpp: a3 is wrong, one base differs
+        sent.extend((url, b) for b in bodies)
+        if url != "llama":
+            k = [int(b["model"][1:]) if b["model"] != "smol" else None for b in bodies]
+            texts = ["base" if i is None or i % 2 else f"a{i}" for i in k]
+            if url == "int4":
+                texts = [t.replace("a2", "z") for t in texts]
+        else:
+            lora = [b["lora"][0] for b in bodies]
+            texts = [(f"a{x['id']}" if x["id"] < 3 else "x") if x["scale"] else ("b" if x["id"] == 3 else "base")
+                     for x in lora]
+        return [{"text": t, "prompt_tokens": 5} for t in texts]
+
+    monkeypatch.setattr(serve_gen, "complete_all", complete_all)
+    monkeypatch.setattr(httpx, "get", lambda url: httpx.Response(200, json={"data": [{"id": "smol"}, {"id": "a0"}]}))
+    check = serve_gen.check_lora_anchor({"spread": "ours", "int4": "int4"}, "llama", ["p0", "p1", "p2", "p3", "p4"], 4, 16)
+    assert check["prompts"] == 4 and check["max_tokens"] == 16 and check["adapter_changes_llamacpp_text"] == 4
+    assert check["against"]["spread"] == {"adapter_changes_lorakit_text": 2, "same_text_adapted": 2,
+                                          "same_text_where_adapter_changes_lorakit": 2, "same_text_base": 3,
+                                          "same_prompt_tokens": 4}
+    assert check["against"]["int4"]["same_text_adapted"] == 1  # its a2 text differs from llama.cpp's
+    to_llama = [b for url, b in sent if url == "llama"]
+    assert len(to_llama) == 8 and all(len(b["lora"]) == 1 and b["cache_prompt"] is False for b in to_llama)
+    assert [b["prompt"] for b in to_llama[:4]] == ["p0", "p1", "p2", "p3"]
+
+
+def test_serve_gen_report_renders_the_llamacpp_lora_anchor_and_its_target(tmp_path):
+    import report
+
+    case = {"tokens_per_s": 100.0, "ttft_p50_ms": 10, "ttft_p99_ms": 20, "per_token_p50_ms": 5, "per_token_p99_ms": 9,
+            "failed": 0}
+    against = {"adapter_changes_lorakit_text": 27, "same_text_adapted": 17, "same_text_where_adapter_changes_lorakit": 13,
+               "same_text_base": 17, "same_prompt_tokens": 32}
+    check = {"prompts": 32, "max_tokens": 16, "adapter_changes_llamacpp_text": 24,
+             "against": {"spread": against, "int4": dict(against, same_text_adapted=25)}}
+    offline = {"cases": {k: {"tokens_per_s": 1.0, "ms_per_token": 1.0} for k in ("lorakit", "peft")},
+               "lorakit/peft tokens/s": 1.0, "identical_completions": 32}
+    config = {"model": "smollm2", "adapters": 32, "r": 4, "max_tokens": 64, "precision": "auto", "seconds": 15,
+              "rounds": 2, "cpu_flags": ["avx2"], "llama_server_build": "build-x", "llama_server_slots": 32}
+    results = {"offline": offline, "llamacpp_lora_check": check,
+               "clients_32": {"cases": {"spread": case, "llamacpp-lora": dict(case, tokens_per_s=40.0)},
+                              "ratios": {"spread/llamacpp-lora": 2.5}}}
+    benchtools.write_record("serve_gen", config, results, tmp_path)
+    text = report.build(tmp_path)
+    assert "| 32 | llamacpp-lora | 40.0 |" in text
+    assert "llama-server, 32 slots (as `llamacpp`), with the 32 adapters exported by `lorakit export gguf`" in text
+    assert ("the adapter changes 24 / 32 of llama.cpp's texts; llama.cpp's text is lorakit's on `spread`: 17 / 32 with "
+            "the adapter (13 of the 27 its adapter changes), 17 / 32 base alone; `int4`: 25 / 32 with the adapter") in text
+    assert "llama.cpp with the same adapters exported (llamacpp-lora) | >= 2.00 | 2.500 | yes |" in text
 
 
 AVX2 = {"sse4_2", "avx", "avx2", "bmi2", "fma", "f16c"}
