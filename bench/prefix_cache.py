@@ -108,14 +108,15 @@ def run(model: str = "smollm2", adapter_counts: tuple[int, ...] = (1, 32), clien
         identical = same_completions(cases["on"], cases["off"], prompts[:check], max(adapter_counts), max_tokens)
         print(f"greedy completions identical with and without the prefix cache: {identical}/{check}", flush=True)
         for url in cases.values():  # warm-up
-            asyncio.run(load(url, 4, 3, prompts, lambda i: "a0", max_tokens))
+            asyncio.run(load(url, 4, 3, prompts, lambda i: {"model": "a0"}, max_tokens))
         samples: dict[int, dict[str, list[dict]]] = {a: {k: [] for k in cases} for a in adapter_counts}
         counts = {a: [0.0, 0.0] for a in adapter_counts}  # prefix-cache hits and queries in the measured rounds
         for r in range(rounds):
             for a in adapter_counts:
                 for case in (["on", "off"] if r % 2 == 0 else ["off", "on"]):
                     before = prefix_counts(cases["on"])
-                    out = asyncio.run(load(cases[case], clients, seconds, prompts, lambda i, a=a: f"a{i % a}", max_tokens))
+                    fields = lambda i, a=a: {"model": f"a{i % a}"}  # noqa: E731
+                    out = asyncio.run(load(cases[case], clients, seconds, prompts, fields, max_tokens))
                     samples[a][case].append(out)
                     if case == "on":
                         after = prefix_counts(cases["on"])
