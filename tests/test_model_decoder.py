@@ -282,6 +282,39 @@ def test_a_warmed_up_compiled_scheduler_serves_adapters_without_compiling_again(
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
+def test_a_one_token_prefill_after_a_prefix_cache_hit_on_another_row_compiles_nothing():
+    """A prompt whose every token but the last is in the prefix cache prefills one token, on whatever row it got:
+    beside a running stream (row 0) that is row 1, which the compiled single-stream step (row 0) does not take."""
+    pytest.importorskip("torch._inductor")
+    cfg = T.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(cfg).eval()
+    lorakit.add_lora(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), "a")
+    randomize(model, seed=5, std=0.3)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = Scheduler(model, _Tokens(), eos=set(), max_length=200, engine="model", compile=True,
+                         prefix_cache_tokens=256)
+    compiled.warm_up()
+    prompt = list(range(3, 3 + 17))  # 16 tokens stored, the 17th prefilled
+    runs = {}
+    for name in ("first", "again"):
+        seq = Sequence(prompt, "a", Sampling(max_tokens=6, temperature=0), lambda e: None)
+        if name == "again":  # beside a running stream, which holds row 0
+            other = Sequence([5, 6, 7], "a", Sampling(max_tokens=30, temperature=0), lambda e: None)
+            compiled.submit(other)
+            for _ in range(3):
+                compiled._drain(block=False)
+                compiled._step()
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        compiled.submit(seq)
+        compiled.run_until_done()
+        runs[name] = seq
+    assert runs["again"].cached == 16 and runs["again"].tokens == runs["first"].tokens
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
 def test_lorakit_compile_in_the_environment_compiles_unless_told_otherwise(monkeypatch):
     _, model = _adapted(FAMILIES["llama"])
     monkeypatch.setenv("LORAKIT_COMPILE", "1")

@@ -302,7 +302,9 @@ class ModelDecoder:
         step = _Step(cache, rows, positions)
         cache.reserve(rows.stop, step.end)
         # (compiled: a single stream's decode step only, not a one-token prompt's prefill: a graph of its own)
-        body = self._body if B == T == 1 and step.end > 1 else self.body
+        # (and at the cache's first row: a one-token prefill after a prefix-cache hit lands on any row, and a graph
+        # per row index recompiled for a minute each; the single stream decodes in row 0)
+        body = self._body if B == T == 1 and step.end > 1 and rows.start == 0 else self.body
         plan, guards = None, contextlib.nullcontext()
         if body is not self.body:
             _dynamic_sizes(cache)
