@@ -6,7 +6,8 @@ prefilled, then greedy tokens decoded one at a time as the Scheduler decodes the
 ``lorakit.adapter_per_row`` at every step, adapter ``a0``). Weight formats: ``fp32``; ``q8_0`` and ``q4_1``
 (``lorakit.quant.linear.quantize_linears``, the LM head in q8_0 under q4_1 as GGUF files keep it; skipped where the
 kernels cannot be built) with the kernels' int8 activations, and ``q8_0 fp32-x`` / ``q4_1 fp32-x`` with float32
-ones (``LORAKIT_QUANT_ACT=fp32``); ``bf16`` where the CPU has native bf16.
+ones (``LORAKIT_QUANT_ACT=fp32``); ``bf16`` where the CPU has native bf16. ``<format> unfused`` (asked by
+``--formats``): q/k/v and gate/up each their own product, as before :func:`lorakit.quant.linear.fuse_siblings`.
 
 Floor: the bytes one token reads of the weights — every linear layer's weights in its format (codes and scales),
 the LM head, the norms, one embedding row and the used adapter's factors — over a bandwidth measured in the same
@@ -35,6 +36,7 @@ import os
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from unittest import mock
 
@@ -61,11 +63,12 @@ def build(model: nn.Module, fmt: str) -> nn.Module:
     if fmt == "bf16":
         model.to(torch.bfloat16)
     elif fmt != "fp32":
-        from lorakit.quant.linear import quantize_linears
+        from lorakit.quant import linear
 
-        weights, _, act = fmt.partition(" ")  # "q4_1": the kernels' default (int8 activations); "q4_1 fp32-x": float
-        with mock.patch.dict(os.environ, {"LORAKIT_QUANT_ACT": "fp32" if act == "fp32-x" else "int8"}):  # (read as
-            quantize_linears(model, weights, "q8_0")  # the layers are built)
+        weights, *options = fmt.split()  # "q4_1": the kernels' default (int8 activations); "q4_1 fp32-x": float;
+        unfused = mock.patch.object(linear, "fuse_siblings", lambda m: 0) if "unfused" in options else nullcontext()
+        with mock.patch.dict(os.environ, {"LORAKIT_QUANT_ACT": "fp32" if "fp32-x" in options else "int8"}), unfused:
+            linear.quantize_linears(model, weights, "q8_0")  # ("unfused": q/k/v and gate/up apart, one product each)
     return model.eval()
 
 

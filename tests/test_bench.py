@@ -438,6 +438,7 @@ def test_decode_step_bench_counts_the_bytes_each_format_reads_and_reports(tiny_l
     import report
 
     fmts = [f for f in decode_step.formats() if f in ("fp32", "q4_1")]
+    fmts += ["q4_1 unfused"] if "q4_1" in fmts else []  # (q/k/v and gate/up apart: the same bytes)
     results = decode_step.run(tiny_llama, repeats=1, steps=2, mb=4, fmts=fmts)
     _, model = lorakit.tasks.lm.load_causal_lm(tiny_llama)
     linears = {n: m.weight.shape for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
