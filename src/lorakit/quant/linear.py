@@ -137,7 +137,8 @@ class _Fused:
     Siblings are matched by identity of their input tensor: the product is kept until each sibling has read its
     part, then dropped. A module whose siblings do not share an input (a new input arrives before the others
     read the last one) turns the sharing off after two such misses, each layer then computing its own rows.
-    Under ``torch.compile`` each layer computes its own rows (the graph holds no cache)."""
+    ``torch.compile`` traces the same: a compiled step calls one product per group, and the cache is empty
+    again when the graph returns."""
 
     def __init__(self, members: list[QuantLinear]) -> None:
         first = members[0]

@@ -42,10 +42,9 @@ implement (ALiBi, attention sinks, a mask of its own).
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -305,7 +304,7 @@ class ModelDecoder:
         # (and at the cache's first row: a one-token prefill after a prefix-cache hit lands on any row, and a graph
         # per row index recompiled for a minute each; the single stream decodes in row 0)
         body = self._body if B == T == 1 and step.end > 1 and rows.start == 0 else self.body
-        plan, guards = None, contextlib.nullcontext()
+        plan, guards = None, nullcontext()
         if body is not self.body:
             _dynamic_sizes(cache)
             plan = self._adapter_as_data()
