@@ -47,15 +47,12 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_batch_rows", "max_queue", "max_rows_per_request", "max_length", "max_body_bytes",
-                     "max_batch_tokens", "max_new_tokens", "prefill_chunk"):
+                     "max_batch_tokens", "max_new_tokens", "prefill_chunk", "max_connections"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            if not _is_int(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(self.prefix_cache_tokens, bool) or not isinstance(self.prefix_cache_tokens, int) \
-                or self.prefix_cache_tokens < 0:
+        if not _is_int(self.prefix_cache_tokens) or self.prefix_cache_tokens < 0:
             raise ValueError(f"prefix_cache_tokens must be 0 (off) or a positive integer, got {self.prefix_cache_tokens!r}")
-        if isinstance(self.max_connections, bool) or not isinstance(self.max_connections, int) or self.max_connections <= 0:
-            raise ValueError(f"max_connections must be a positive integer, got {self.max_connections!r}")
         if self.engine not in ("auto", "decoder", "model"):
             raise ValueError(f"engine must be auto, decoder or model, got {self.engine!r}")
         if not self.max_wait_ms >= 0:
@@ -63,6 +60,10 @@ class ServeConfig:
         for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class ClientError(Exception):
