@@ -128,7 +128,34 @@ def test_stacked_factors_follow_the_sum_of_the_ranks():
             mixed = layer.add_rows(out, x, names, slot)
             torch.testing.assert_close(mixed, LoraLayer.add_rows(layer, out, x, names, slot), **TOL[torch.float32])
         assert not torch.allclose(mixed[[0, 1, 3, 4, 5]], out[[0, 1, 3, 4, 5]]) and torch.equal(mixed[2], out[2])
-        assert _stacked_numbers(layer._stacked[1]) == sum(ranks) * (24 + 16)
+        assert _stacked_numbers(layer._stacked) == sum(ranks) * (24 + 16)
+
+
+def test_stacked_factors_follow_in_place_changes_of_the_adapters_a_batch_uses():
+    """The stacks are kept between batches and only the factors a batch reads are checked for
+    changes: an adapter changed in place while unused is restacked when a batch next uses it."""
+    model, names = bert_with_adapters(3)
+    inputs = batch(2)
+
+    def mixed(rows):
+        with torch.no_grad(), lorakit.adapter_per_row(model, rows):
+            return model(**inputs).logits
+
+    def alone(rows):
+        with torch.no_grad():
+            return torch.cat([row_alone(model, inputs, i, name) for i, name in enumerate(rows)])
+
+    before = mixed(["a0", "a0"])
+    value = model.bert.encoder.layer[0].attention.self.value  # every adapter targets it (TARGETS)
+    with torch.no_grad():
+        value.lora_B["a2"].mul_(3)  # a2, unused by the next batch
+    torch.testing.assert_close(mixed(["a0", "a0"]), before)
+    torch.testing.assert_close(mixed(["a2", "a0"]), alone(["a2", "a0"]), **MODEL_TOL)
+    with torch.no_grad():
+        value.lora_A["a0"].mul_(-2)  # a0, used by the next batch
+    changed = mixed(["a2", "a0"])
+    torch.testing.assert_close(changed, alone(["a2", "a0"]), **MODEL_TOL)
+    assert not torch.allclose(changed[1], before[1])
 
 
 def _stacked_numbers(stacks) -> int:

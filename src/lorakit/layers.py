@@ -127,13 +127,16 @@ class LoraLayer(nn.Module):
         self.lora_dropout = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters' m (PEFT's name)
         self.configs: dict[str, LoraConfig] = {}
+        self._adapters: tuple[str, ...] = ()  # the configs' names (a tuple: see ``adapters``)
         self.ranks: dict[str, int] = {}  # each adapter's rank and scaling here (rank_pattern, alpha_pattern)
         self.scalings: dict[str, float] = {}
         self.active: tuple[str, ...] = ()
         self.disabled = False
         self.merged = False
         self.rows: RowPlan | None = None  # set by lorakit.adapter_per_row
-        self._stacked: tuple | None = None  # LoraLinear.add_rows' stacked factors while they stay valid
+        # LoraLinear.add_rows' stacked factors while they stay valid, and what they were stacked from (see _stacks)
+        self._stacked: tuple[tuple[Tensor, Tensor, Tensor], ...] | None = None
+        self._stacked_from: tuple | None = None
         self.register_buffer("unmerged_weight", None, persistent=False)
         self.__dict__["tied_weight"] = None  # while merged: the weight shared with another module (see merge)
         self.train(base.training)  # a model in eval mode stays in eval mode (no dropout at inference)
@@ -164,11 +167,12 @@ class LoraLayer(nn.Module):
         self.init_factors(name, config, r)
         self.lora_dropout[name] = (nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()).train(self.training)
         self.configs[name] = config
+        self._adapters = tuple(self.configs)
         self.ranks[name], self.scalings[name] = r, config.scaling_of(r, alpha)
         if config.use_dora:  # after the factors: m = ||W0 + scaling B A||, B random with init "random"
             shape = self.magnitude_shape()
             self.lora_magnitude_vector[name] = nn.Parameter(variants.initial_magnitude(self, name, shape))
-        self._stacked = None
+        self._stacked = self._stacked_from = None
 
     @torch.no_grad()
     def init_factors(self, name: str, config: LoraConfig, r: int) -> None:
@@ -184,15 +188,18 @@ class LoraLayer(nn.Module):
 
     def remove_adapter(self, name: str) -> None:
         del self.lora_A[name], self.lora_B[name], self.lora_dropout[name], self.configs[name]
+        self._adapters = tuple(self.configs)
         del self.ranks[name], self.scalings[name]
         if name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[name]
-        self._stacked = None
+        self._stacked = self._stacked_from = None
         self.active = tuple(a for a in self.active if a != name)
 
     @property
     def adapters(self) -> tuple[str, ...]:
-        return tuple(self.configs)
+        # (kept as a tuple, not read from ``configs`` at each forward: torch.compile then guards on one tuple
+        # of names instead of on every adapter's config, 2 x 32 per layer of a server's decode step)
+        return self._adapters
 
     def scaling(self, name: str) -> float:
         return self.scalings[name]
@@ -383,6 +390,9 @@ class LoraLinear(LoraLayer):
     """
 
     rows_over_every_adapter = True
+    # Set by lorakit.quant.linear for decoding (in the instance's __dict__, not a submodule: no new state-dict
+    # keys): the weight block-quantized. Read as an attribute: see QuantLinear.fused.
+    int8_base: nn.Module | None = None
 
     def __init__(self, base: nn.Module) -> None:
         base = quant.adopt(base)  # a bitsandbytes layer: lorakit's forward and dequantize() (lorakit.quant)
@@ -434,7 +444,7 @@ class LoraLinear(LoraLayer):
         return blocks.new_zeros(self.out_features, blocks.shape[1]).index_copy(0, rows, blocks)
 
     def base_forward(self, x: Tensor, weight: Tensor) -> Tensor:
-        quantized = self.__dict__.get("int8_base")  # set by lorakit.quant.linear (decoding): the weight block-quantized
+        quantized = self.int8_base
         if quantized is not None and weight is self.weight and not self.merged:
             return quantized(x)
         if self.quantized and weight is self.original_weight:  # the quantized weight: its module computes W x + b
@@ -500,7 +510,7 @@ class LoraLinear(LoraLayer):
         # Inference in bf16/fp16 (a server): the factors in the activations' dtype too.
         low = not torch.is_grad_enabled() and x.dtype in (torch.bfloat16, torch.float16)
         prepared = self.rows is not None and self.rows.prepared  # (add_rows is also called without a plan)
-        stacks = self._stacked[1] if prepared else self._stacks(names, x.dtype if low else None)
+        stacks = self._stacked if prepared else self._stacks(names, x.dtype if low else None, self.rows and self.rows.used)
         rows = self._rows_dropout(x.to(stacks[0][1].dtype), names, slot).reshape(len(slot), -1, self.in_features)
         if len(stacks) == 1:
             where, As, Bs = stacks[0]
@@ -539,20 +549,26 @@ class LoraLinear(LoraLayer):
                              device=slot.device)
         return plain, remap[slot], out
 
-    def _stacks(self, names: tuple[str, ...], dtype: torch.dtype | None = None) -> list[tuple[Tensor, Tensor, Tensor]]:
+    def _stacks(self, names: tuple[str, ...], dtype: torch.dtype | None = None,
+                used: Sequence[str] | None = None) -> tuple[tuple[Tensor, Tensor, Tensor], ...]:
         """Per rank among ``names``: ``(where, As, Bs)``, the ``A`` and ``scaling * B`` of its
         adapters stacked (cast to ``dtype`` if given), and ``where[i]`` the place of
         ``names[i]`` in them, -1 if of another rank. ``where[-1]`` is for rows without
         adapter: -1, or with a single rank a zero pair stacked last.
 
-        Without autograd the stacks are kept for the next call until the adapters or a
-        factor's contents change, and ``names`` are all the layer's adapters: a server's
-        decode steps, whose batches mix different adapters from one step to the next,
-        reuse one set of stacks."""
+        Without autograd the stacks are kept for the next call until the adapters change or
+        the contents of a factor the caller reads do (``used``: the adapters of its rows,
+        default all ``names``; a factor changed in place is restacked when a batch next uses
+        it), and ``names`` are all the layer's adapters: a server's decode steps, whose batches
+        mix different adapters from one step to the next, reuse one set of stacks and check
+        only the versions of the factors they read (a single stream over 32 adapters: 2 per
+        layer, not 64)."""
         A, B = self.lora_A._parameters, self.lora_B._parameters  # (plain dicts: fast to read at every step)
-        key = (names, dtype, tuple(A[n]._version for n in names), tuple(B[n]._version for n in names))
-        if self._stacked is not None and self._stacked[0] == key and not torch.is_grad_enabled():
-            return self._stacked[1]
+        if self._stacked is not None and self._stacked_from[0] == (names, dtype) and not torch.is_grad_enabled():
+            versions = self._stacked_from[1]
+            if all(versions[n] == (A[n]._version, B[n]._version) for n in (names if used is None else used)
+                   if n in versions):
+                return self._stacked
         ranks: dict[int, list[int]] = {}
         for i, name in enumerate(names):
             ranks.setdefault(A[name].shape[0], []).append(i)
@@ -570,7 +586,14 @@ class LoraLinear(LoraLayer):
             if dtype is not None:
                 As, Bs = As.to(dtype), Bs.to(dtype)
             stacks.append((where.to(self.weight.device), As, Bs))
-        self._stacked = None if torch.is_grad_enabled() else (key, stacks)
+        # (a tuple of tuples of tensors, kept apart from the versions' dict: an immutable value, which lets
+        # torch.compile skip a layer's guards while its dict is unchanged)
+        stacks = tuple(stacks)
+        versions = {n: (A[n]._version, B[n]._version) for n in names}
+        if torch.is_grad_enabled():
+            self._stacked = self._stacked_from = None
+        else:
+            self._stacked, self._stacked_from = stacks, ((names, dtype), versions)
         return stacks
 
     def _rows_dropout(self, x: Tensor, names: tuple[str, ...], slot: Tensor) -> Tensor:

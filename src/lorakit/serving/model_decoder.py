@@ -206,8 +206,9 @@ class _OneRow(RowPlan):
         """Point ``slot`` at ``adapter`` and bring each layer's stacks up to date (eager: cached until a factor
         changes)."""
         self.slot.fill_(len(self.names) if adapter is None else self.names.index(adapter))
+        used = () if adapter is None else (adapter,)
         for layer in self.layers:
-            layer._stacks(tuple(layer.adapters), dtype)
+            layer._stacks(layer.adapters, dtype, used)
 
     def for_layer(self, present, x: Tensor, every: bool = False) -> tuple[tuple[str, ...], Tensor]:
         names = tuple(present)
