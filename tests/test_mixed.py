@@ -158,6 +158,33 @@ def test_stacked_factors_follow_in_place_changes_of_the_adapters_a_batch_uses():
     assert not torch.allclose(changed[1], before[1])
 
 
+def test_a_caller_that_never_changes_factors_in_place_skips_the_check_and_sees_adds_and_removes():
+    """check_factors=False (a server): the stacks are not checked for in-place changes, so such a
+    change is not seen (the contract the caller takes on); adding or removing an adapter still is."""
+    model, names = bert_with_adapters(2)
+    inputs = batch(2)
+
+    def mixed(rows):
+        with torch.no_grad(), lorakit.adapter_per_row(model, rows, check_factors=False):
+            return model(**inputs).logits
+
+    before = mixed(["a0", "a1"])
+    value = model.bert.encoder.layer[0].attention.self.value
+    with torch.no_grad():
+        value.lora_B["a0"].mul_(3)
+    torch.testing.assert_close(mixed(["a0", "a1"]), before)  # stale, as promised
+    lorakit.add_lora(model, LoraConfig(r=2, target_modules=["value"]), "new")
+    with torch.no_grad():
+        for _, p in lorakit.lora_parameters(model, "new"):
+            p.normal_()
+        expected = torch.cat([row_alone(model, inputs, 0, "a0"), row_alone(model, inputs, 1, "new")])
+    torch.testing.assert_close(mixed(["a0", "new"]), expected, **MODEL_TOL)  # restacked: a0's change is in
+    lorakit.set_adapter(model, "a0")
+    lorakit.delete_adapter(model, "new")
+    with pytest.raises(ValueError, match="unknown adapter"):
+        mixed(["new", "a0"])
+
+
 def _stacked_numbers(stacks) -> int:
     """Numbers in the 3-D tensors (the stacked ``A`` and ``B``) of a nest of tuples and lists."""
     if isinstance(stacks, torch.Tensor):

@@ -72,10 +72,12 @@ class RowPlan:
     :func:`lorakit.adapter_per_row`."""
 
     prepared = False  # True: each LoRA layer's stacks are up to date (LoraLinear._stacks) before the forward
+    check_factors = True
 
-    def __init__(self, names: Sequence[str | None]) -> None:
+    def __init__(self, names: Sequence[str | None], check_factors: bool = True) -> None:
         self.names = list(names)
         self.used = tuple(dict.fromkeys(n for n in self.names if n is not None))
+        self.check_factors = check_factors  # see lorakit.adapter_per_row
         self._slots: dict[tuple, Tensor | int] = {}
 
     def for_layer(self, present: Sequence[str], x: Tensor, every: bool = False) -> tuple[tuple[str, ...], Tensor | int]:
@@ -510,7 +512,7 @@ class LoraLinear(LoraLayer):
         # Inference in bf16/fp16 (a server): the factors in the activations' dtype too.
         low = not torch.is_grad_enabled() and x.dtype in (torch.bfloat16, torch.float16)
         prepared = self.rows is not None and self.rows.prepared  # (add_rows is also called without a plan)
-        stacks = self._stacked if prepared else self._stacks(names, x.dtype if low else None, self.rows and self.rows.used)
+        stacks = self._stacked if prepared else self._stacks(names, x.dtype if low else None, self._checked())
         rows = self._rows_dropout(x.to(stacks[0][1].dtype), names, slot).reshape(len(slot), -1, self.in_features)
         if len(stacks) == 1:
             where, As, Bs = stacks[0]
@@ -595,6 +597,12 @@ class LoraLinear(LoraLayer):
         else:
             self._stacked, self._stacked_from = stacks, ((names, dtype), versions)
         return stacks
+
+    def _checked(self) -> Sequence[str] | None:
+        """The adapters whose factors :meth:`_stacks` checks for in-place changes under the row plan (None: all)."""
+        if self.rows is None:
+            return None
+        return self.rows.used if self.rows.check_factors else ()
 
     def _rows_dropout(self, x: Tensor, names: tuple[str, ...], slot: Tensor) -> Tensor:
         """Each row through its adapter's dropout (one call per distinct dropout rate)."""

@@ -385,7 +385,7 @@ def set_adapter(model: nn.Module, adapter: str | Sequence[str]) -> None:
 
 
 @contextmanager
-def adapter_per_row(model: nn.Module, adapters: Sequence[str | None]) -> Iterator[nn.Module]:
+def adapter_per_row(model: nn.Module, adapters: Sequence[str | None], check_factors: bool = True) -> Iterator[nn.Module]:
     """Within the block, row ``i`` of every batch goes through adapter ``adapters[i]``
     (``None``: the base model), whatever ``set_adapter`` says (paper section 4.2)::
 
@@ -395,6 +395,12 @@ def adapter_per_row(model: nn.Module, adapters: Sequence[str | None]) -> Iterato
     One batched multiply serves all adapters (ranks may differ); saved modules such as
     classifier heads run per adapter on their rows. Works in training: gradients reach
     the adapters used by some row (make them trainable with :func:`mark_trainable`).
+
+    Without autograd, the adapters' stacked factors are kept between batches and checked for
+    in-place changes to the factors a batch reads. ``check_factors=False`` skips that check, for
+    a caller whose adapters are only added and removed (:func:`load_adapter`,
+    :func:`remove_adapter`: both drop the stacks), never changed in place: a server (over 32
+    adapters, ~3,800 version reads a step).
     """
     names = list(adapters)
     layers = [m for m in _adapter_modules(model) if isinstance(m, LoraLayer)]
@@ -404,7 +410,7 @@ def adapter_per_row(model: nn.Module, adapters: Sequence[str | None]) -> Iterato
         raise ValueError(f"unknown adapter(s) {unknown}; the model has {adapter_names(model)}")
     if any(layer.merged for layer in layers):
         _check_not_merged(model, "use per-row adapters")
-    with _set_on_adapter_modules(model, "rows", RowPlan(names)):
+    with _set_on_adapter_modules(model, "rows", RowPlan(names, check_factors)):
         yield model
 
 

@@ -69,7 +69,8 @@ class GenerationEngine:
         c = self.config
         return Scheduler(self.model, self.tokenizer, eos=eos, max_rows=c.max_batch_rows if c.batching else 1,
                          max_queue=c.max_queue, max_length=c.max_length + c.max_new_tokens, prefill_chunk=c.prefill_chunk,
-                         engine=c.engine, compile=c.compile or None, prefix_cache_tokens=c.prefix_cache_tokens)
+                         engine=c.engine, compile=c.compile or None, prefix_cache_tokens=c.prefix_cache_tokens,
+                         check_factors=False)  # (adapters change only through load and unload)
 
     async def call(self, fn, *args):
         """``fn(*args)`` on the scheduler's thread, between two decode steps."""

@@ -202,11 +202,11 @@ class _OneRow(RowPlan):
         return all(isinstance(m, LoraLinear) and not m.lora_magnitude_vector
                    and len({m.lora_A[n].shape[0] for n in m.adapters}) <= 1 for m in layers)
 
-    def prepare(self, adapter: str | None, dtype: torch.dtype | None) -> None:
+    def prepare(self, adapter: str | None, dtype: torch.dtype | None, check_factors: bool = True) -> None:
         """Point ``slot`` at ``adapter`` and bring each layer's stacks up to date (eager: cached until a factor
-        changes)."""
+        changes; ``check_factors``: see :func:`lorakit.adapter_per_row`)."""
         self.slot.fill_(len(self.names) if adapter is None else self.names.index(adapter))
-        used = () if adapter is None else (adapter,)
+        used = (adapter,) if adapter is not None and check_factors else ()
         for layer in self.layers:
             layer._stacks(layer.adapters, dtype, used)
 
@@ -282,7 +282,8 @@ class ModelDecoder:
             self._one_row = _OneRow(modules) if _OneRow.serves(modules) else None
         if self._one_row is not None:
             dtype = next(self.model.parameters()).dtype
-            self._one_row.prepare(plan.names[0], dtype if dtype in (torch.bfloat16, torch.float16) else None)
+            self._one_row.prepare(plan.names[0], dtype if dtype in (torch.bfloat16, torch.float16) else None,
+                                  plan.check_factors)
         return self._one_row
 
     @contextmanager

@@ -117,14 +117,17 @@ class Scheduler:
     stream's decode step under ``torch.compile`` (model engine; default: ``LORAKIT_COMPILE``).
     ``prefix_cache_tokens`` bounds the :class:`~lorakit.serving.prefix_cache.PrefixCache` (0, the default here: off;
     ``lorakit serve`` turns it on); whoever changes an adapter's weights in place, or unloads it, calls
-    ``scheduler.prefix.invalidate(name)``.
+    ``scheduler.prefix.invalidate(name)``. ``check_factors=False``: adapters are only added and removed,
+    never changed in place, so steps skip checking the stacked copies of their factors
+    (:func:`lorakit.adapter_per_row`).
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, eos: set[int], max_rows: int = 64, max_queue: int = 256,
                  max_length: int = 2048, prefill_chunk: int = 256,
                  engine: Literal["auto", "decoder", "model"] = "auto", compile: bool | None = None,
-                 prefix_cache_tokens: int = 0) -> None:
+                 prefix_cache_tokens: int = 0, check_factors: bool = True) -> None:
         compile = compile_wanted() if compile is None else compile
+        self.check_factors = check_factors
         self.engine = pick_engine(model, engine, compile)
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -296,7 +299,7 @@ class Scheduler:
 
     def _forward(self, seqs: list[Sequence], ids: Tensor, start: Tensor, last: Positions = None) -> Tensor:
         rows = slice(seqs[0].row, seqs[0].row + len(seqs))
-        with adapter_per_row(self.model, [s.adapter for s in seqs]):
+        with adapter_per_row(self.model, [s.adapter for s in seqs], self.check_factors):
             return self.decoder.forward(ids, self.cache, rows, start, last)
 
     def _prefill(self) -> None:
