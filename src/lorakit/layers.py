@@ -393,7 +393,7 @@ class LoraLinear(LoraLayer):
 
     rows_over_every_adapter = True
     # Set by lorakit.quant.linear for decoding (in the instance's __dict__, not a submodule: no new state-dict
-    # keys): the weight block-quantized. Read as an attribute: see QuantLinear.fused.
+    # keys): the weight block-quantized. Read as a plain attribute, as QuantLinear.fused.
     int8_base: nn.Module | None = None
 
     def __init__(self, base: nn.Module) -> None:
@@ -588,8 +588,7 @@ class LoraLinear(LoraLayer):
             if dtype is not None:
                 As, Bs = As.to(dtype), Bs.to(dtype)
             stacks.append((where.to(self.weight.device), As, Bs))
-        # (a tuple of tuples of tensors, kept apart from the versions' dict: an immutable value, which lets
-        # torch.compile skip a layer's guards while its dict is unchanged)
+        # (tuples, the versions kept apart: a compiled step reads, and dynamo guards, only the tensors)
         stacks = tuple(stacks)
         versions = {n: (A[n]._version, B[n]._version) for n in names}
         if torch.is_grad_enabled():

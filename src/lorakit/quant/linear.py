@@ -42,8 +42,8 @@ class QuantLinear(nn.Module):
     around it shows (a reshape, a cast and a view cost about as much as the product of a small matrix; reading
     four buffers as module attributes and the operator through ``torch.ops`` doubled a small product's 4.5 us)."""
 
-    # Set by fuse_siblings (in the instance's __dict__). Read as an attribute, not through ``self.__dict__``: an
-    # explicit ``__dict__`` read keeps torch.compile from skipping the module's guards while its dict is unchanged.
+    # Set by fuse_siblings (in the instance's __dict__); read as a plain attribute (not ``self.__dict__.get``), which
+    # dynamo guards like the module's other attributes.
     fused: _Fused | None = None
 
     def __init__(self, weight: BlockWeight, bias: Tensor | None = None, isa: str | None = None,
