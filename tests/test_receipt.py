@@ -158,3 +158,22 @@ def test_compare_restores_mode_and_adapters_and_rejects_a_corrupt_receipt(adapte
     (tmp_path / RECEIPT_NAME).write_bytes((adapter / RECEIPT_NAME).read_bytes()[:100])
     with pytest.raises(ValueError, match="is not a readable receipt"):
         read_receipt(tmp_path)
+
+
+def test_a_lower_precision_or_quantized_copy_of_the_base_is_the_same_base_and_another_is_not(adapter, tiny_llama):
+    pytest.importorskip("bitsandbytes")
+    from lorakit.tasks import lm
+
+    reference = read_receipt(adapter)
+    half = lorakit.load_adapter(_base(tiny_llama), adapter).to(torch.bfloat16)
+    report = compare(reference, half, "default")
+    assert report["fingerprint"]["status"] == "same base, quantized" and report["tolerance"]["key"] == "bf16"
+    nf4 = lorakit.load_adapter(lm.load_causal_lm(tiny_llama, "nf4")[1], adapter)
+    report = compare(reference, nf4, "default")
+    assert report["fingerprint"]["status"] == "same base, quantized" and report["tolerance"]["key"] == "nf4"
+    assert report["passed"], report  # within the documented 4-bit tolerance
+    torch.manual_seed(3)
+    other = lorakit.load_adapter(type(_base(tiny_llama))(_base(tiny_llama).config).eval(), adapter)
+    report = compare(reference, other, "default")
+    assert report["fingerprint"]["status"] == "different" and len(report["fingerprint"]["differ"]) == 4
+    assert not report["passed"]

@@ -42,18 +42,22 @@ PROBE_SEED, PROBE_SHAPE, TOP_K, SKETCH_COLUMNS = 0, (4, 32), 8, 4
 # Pass / fail by the coarsest precision or quantization in which the two runs differ (docs/RECEIPTS.md):
 # top1: least fraction of positions whose top-1 token agrees; max_abs: largest |Δ log-prob| over the stored
 # top-k entries (None: not checked); kl: largest mean KL lower bound (nats per position). Loosest last.
+# Chosen at about twice what an fp32 reference moved to on SmolLM2-135M (q_proj, v_proj; random-token probes,
+# where distributions are flat and top-1 fragile): bf16 top-1 0.93, KL 0.0017; bnb-int8 0.90, 0.0052; q8_0 0.875,
+# 0.0042; q4_1 0.945, 0.0034; nf4 0.45, 0.26; fp4 0.30, 0.59; another base: 0.0, 2.7.
 TOLERANCES: dict[str, dict[str, float | None]] = {
     "fp32": {"top1": 1.0, "max_abs": 1e-3, "kl": 1e-6},
-    "fp16": {"top1": 0.97, "max_abs": 0.05, "kl": 1e-3},
-    "bf16": {"top1": 0.95, "max_abs": 0.1, "kl": 5e-3},
-    "int8": {"top1": 0.95, "max_abs": None, "kl": 1e-2},
-    "int4": {"top1": 0.8, "max_abs": None, "kl": 0.1},
-    "nf4": {"top1": 0.8, "max_abs": None, "kl": 0.1},
+    "fp16": {"top1": 0.9, "max_abs": 1.0, "kl": 5e-3},
+    "bf16": {"top1": 0.85, "max_abs": 2.0, "kl": 1e-2},
+    "int8": {"top1": 0.75, "max_abs": None, "kl": 2e-2},
+    "int4": {"top1": 0.75, "max_abs": None, "kl": 5e-2},
+    "nf4": {"top1": 0.3, "max_abs": None, "kl": 0.5},
+    "fp4": {"top1": 0.2, "max_abs": None, "kl": 1.0},
 }
-_KIND_KEY = {"bnb-int8": "int8", "q8_0": "int8", "nf4": "nf4", "fp4": "int4", "q4_0": "int4", "q4_1": "int4"}
+_KIND_KEY = {"bnb-int8": "int8", "q8_0": "int8", "nf4": "nf4", "fp4": "fp4", "q4_0": "int4", "q4_1": "int4"}
 # Relative sketch error ||S_new - S_ref|| / ||S_ref|| under which a differently stored copy counts as the same
 # base quantized (~ the relative weight error: ~0.01 for 8 bits, ~0.1 for 4; independent weights: ~1.4).
-SKETCH_TOLERANCE = {"int8": 0.05, "int4": 0.3, "nf4": 0.3, "merged": 1e-4}
+SKETCH_TOLERANCE = {"16-bit": 0.02, "int8": 0.05, "int4": 0.3, "nf4": 0.3, "fp4": 0.3, "merged": 1e-4}
 
 
 @dataclasses.dataclass
@@ -298,9 +302,9 @@ def _module_status(name: str, info: dict, module: nn.Module | None, reference: R
     kinds = {info["quantization"], new_info["quantization"]} - {"none"}
     if merged and error <= SKETCH_TOLERANCE["merged"] and new_info["quantization"] == "none":
         return "equal"
-    limit = max((SKETCH_TOLERANCE[_KIND_KEY.get(k, "int4")] for k in kinds), default=0.0)
-    if merged and new_info["dtype"] in ("bfloat16", "float16"):
-        limit = max(limit, SKETCH_TOLERANCE["int8"])  # a merged model rounded to 16 bits
+    limit = max((SKETCH_TOLERANCE[_KIND_KEY.get(k, "fp4")] for k in kinds), default=0.0)
+    if new_info["dtype"] != info["dtype"] and new_info["dtype"] in ("bfloat16", "float16", "float32"):
+        limit = max(limit, SKETCH_TOLERANCE["16-bit"])  # the base (or the merged model) rounded to 16 bits
     return "same base, quantized" if error <= limit else "different"
 
 
@@ -335,7 +339,7 @@ def tolerance_key(reference: Receipt, model: nn.Module) -> str:
     """The key of :data:`TOLERANCES` for comparing ``model`` with ``reference``: the loosest of the precisions
     the two forwards ran in and of the quantizations in which they differ."""
     keys = [reference.metadata["forward_dtype"], _forward_dtype(model)]
-    keys += [_KIND_KEY.get(k, "int4") for k in set(reference.metadata["quantization"]) ^ set(_model_quantization(model))]
+    keys += [_KIND_KEY.get(k, "fp4") for k in set(reference.metadata["quantization"]) ^ set(_model_quantization(model))]
     order = list(TOLERANCES)
     return max(keys, key=lambda k: order.index(k) if k in order else len(order) - 1)
 
