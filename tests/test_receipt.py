@@ -177,3 +177,19 @@ def test_a_lower_precision_or_quantized_copy_of_the_base_is_the_same_base_and_an
     report = compare(reference, other, "default")
     assert report["fingerprint"]["status"] == "different" and len(report["fingerprint"]["differ"]) == 4
     assert not report["passed"]
+
+
+def test_a_model_without_a_vocabulary_gets_a_receipt_of_fingerprint_and_checksum(tmp_path):
+    from helpers import conv_net
+
+    model = conv_net()
+    lorakit.add_lora(model, lorakit.LoraConfig(r=2, target_modules=["conv1", "head"]))
+    lorakit.save_adapter(model, tmp_path)
+    reference = read_receipt(tmp_path)
+    assert reference.metadata["probes"] == "none" and "probe.ids" not in reference.tensors
+    assert sorted(reference.metadata["fingerprints"]) == ["conv1", "head"]
+    assert compare(reference, model, "default")["passed"]
+    with torch.no_grad():
+        model.conv1.weight[0, 0, 0, 0] += 1
+    report = compare(reference, model, "default")
+    assert report["fingerprint"]["differ"] == ["conv1"] and not report["passed"]

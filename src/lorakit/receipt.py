@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -144,23 +145,23 @@ def _sketch(rows: Tensor) -> Tensor:
     return (rows @ _gaussian(rows.shape[1], rows.device)).cpu()
 
 
-def _fingerprint(module: nn.Module) -> tuple[dict[str, Any], Tensor]:
+def _fingerprint(module: nn.Module) -> tuple[dict[str, Any], Tensor, Tensor]:
+    """The weight's record (sha256, dtype, shape, quantization, norm), its sketch, and the float32 rows."""
     stored, rows = _stored_and_float(module)
     info = {"sha256": _sha(stored), "dtype": str(stored[0][1].dtype).removeprefix("torch."),
             "shape": list(stored[0][1].shape), "quantization": _quant_kind(module) or "none",
             "norm": float(rows.norm())}
-    return info, _sketch(rows)
+    return info, _sketch(rows), rows
 
 
 def _fingerprints(model: nn.Module, adapter: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Every layer holding ``adapter``: its record, and the sketches of ``W`` and of ``W + ΔW``."""
     infos, tensors = {}, {}
     for name, layer in lora_layers(model):
-        if adapter not in layer.adapters:
-            continue
-        infos[name], tensors[f"base.{name}"] = _fingerprint(layer)
-        delta = layer.weight_rows(layer.delta_weight(adapter)).float()
-        _, rows = _stored_and_float(layer)
-        tensors[f"merged.{name}"] = _sketch(rows + delta.to(rows.device))
+        if adapter in layer.adapters:
+            infos[name], tensors[f"base.{name}"], rows = _fingerprint(layer)
+            delta = layer.weight_rows(layer.delta_weight(adapter)).float()
+            tensors[f"merged.{name}"] = _sketch(rows + delta.to(rows.device))
     return infos, tensors
 
 
@@ -240,6 +241,20 @@ def _log_rest(values: Tensor) -> Tensor:
 # ---- the receipt ---------------------------------------------------------------------------------------------
 
 
+def _reference_outputs(model: nn.Module, adapter: str, ids: Tensor, explicit: bool) -> dict[str, Tensor]:
+    """The probes' top-k outputs and ids; none, with a warning, for a model whose forward does not take token ids
+    alone (speech, vision): the receipt then holds the fingerprint and checksum only."""
+    try:
+        with _probing(model, adapter):
+            return {**_top_k(_log_probs(model, ids)), "probe.ids": ids}
+    except (TypeError, ValueError, RuntimeError, IndexError) as e:
+        if explicit:
+            raise
+        warnings.warn(f"the receipt of adapter {adapter!r} holds no reference outputs: the model's forward on token ids "
+                      f"failed ({type(e).__name__}: {' '.join(str(e).split())[:200]})", stacklevel=4)
+        return {}
+
+
 def make_receipt(model: nn.Module, adapter: str, probe_text_ids: Tensor | None = None, *,
                  tensors: dict[str, Tensor] | None = None) -> Receipt:
     """The receipt of ``adapter`` on ``model`` as it is now. ``probe_text_ids``: the caller's own token ids
@@ -251,9 +266,8 @@ def make_receipt(model: nn.Module, adapter: str, probe_text_ids: Tensor | None =
     ids = _probe_ids(model) if probe_text_ids is None else torch.as_tensor(probe_text_ids).long().reshape(
         len(probe_text_ids), -1)
     if ids is not None:
-        with _probing(model, adapter):
-            stored.update(_top_k(_log_probs(model, ids)))
-        stored["probe.ids"] = ids
+        stored.update(_reference_outputs(model, adapter, ids, explicit=probe_text_ids is not None))
+    ids = stored.get("probe.ids")
     probes = {"seed": PROBE_SEED, "shape": list(ids.shape)} if probe_text_ids is None and ids is not None else (
         "text" if ids is not None else "none")
     written = tensors if tensors is not None else adapter_state_dict(model, adapter)
@@ -294,7 +308,7 @@ def read_receipt(directory: str | Path) -> Receipt | None:
 def _module_status(name: str, info: dict, module: nn.Module | None, reference: Receipt, merged: bool) -> str:
     if module is None:
         return "missing"
-    new_info, sketch = _fingerprint(module)
+    new_info, sketch, _ = _fingerprint(module)
     if not merged and new_info["sha256"] == info["sha256"]:
         return "equal"
     ref = reference.tensors[f"{'merged' if merged else 'base'}.{name}"]
