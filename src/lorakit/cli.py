@@ -385,7 +385,8 @@ def _verify_lines(report: dict) -> list[str]:
         return [f"{report['adapter']}: {report['reason']}: nothing to check it against (save it with lorakit "
                 "to write one)"]
     fp, tol = report["fingerprint"], report["tolerance"]
-    base = fp["status"] + (f": {', '.join(fp['differ'])}" if fp["differ"] else "")
+    differ = fp["differ"][:8] + ([f"... ({len(fp['differ'])} in all)"] if len(fp["differ"]) > 8 else [])
+    base = fp["status"] + (f": {', '.join(differ)}" if differ else "")
     unmatched = report["unmatched_tensors"]
     lines = [f"adapter {report['adapter']} on {report['model']}",
              f"base fingerprint: {base}" + (f" (missing: {', '.join(fp['missing'])})" if fp["missing"] else ""),
