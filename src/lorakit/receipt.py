@@ -45,11 +45,12 @@ PROBE_SEED, PROBE_SHAPE, TOP_K, SKETCH_COLUMNS = 0, (4, 32), 8, 4
 # top-k entries (None: not checked); kl: largest mean KL lower bound (nats per position). Loosest last.
 # Chosen at about twice what an fp32 reference moved to on SmolLM2-135M (q_proj, v_proj; random-token probes,
 # where distributions are flat and top-1 fragile): bf16 top-1 0.93, KL 0.0017; bnb-int8 0.90, 0.0052; q8_0 0.875,
-# 0.0042; q4_1 0.945, 0.0034; nf4 0.45, 0.26; fp4 0.30, 0.59; another base: 0.0, 2.7.
+# 0.0042; q4_1 0.945, 0.0034; nf4 0.45, 0.26; fp4 0.30, 0.59; another base: 0.0, 2.7. max |Δ| is checked at fp32
+# only: on flat distributions a low-ranked top-k entry moves by up to 1.7 nats in bf16 (a merged bf16 copy).
 TOLERANCES: dict[str, dict[str, float | None]] = {
     "fp32": {"top1": 1.0, "max_abs": 1e-3, "kl": 1e-6},
-    "fp16": {"top1": 0.9, "max_abs": 1.0, "kl": 5e-3},
-    "bf16": {"top1": 0.85, "max_abs": 2.0, "kl": 1e-2},
+    "fp16": {"top1": 0.9, "max_abs": None, "kl": 5e-3},
+    "bf16": {"top1": 0.85, "max_abs": None, "kl": 1e-2},
     "int8": {"top1": 0.75, "max_abs": None, "kl": 2e-2},
     "int4": {"top1": 0.75, "max_abs": None, "kl": 5e-2},
     "nf4": {"top1": 0.3, "max_abs": None, "kl": 0.5},
