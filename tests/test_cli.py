@@ -32,6 +32,10 @@ def test_train_eval_merge(tiny_model, tmp_path, capsys):
 
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
     assert not any("lora" in n for n, _ in merged.named_parameters())
+    capsys.readouterr()  # the trained adapter carries a receipt that verifies, on its base and merged
+    assert cli.main(["verify", "--adapter", str(adapter)]) == 0, capsys.readouterr()
+    assert cli.main(["verify", "--adapter", str(adapter), "--merged", str(tmp_path / "merged")]) == 0, capsys.readouterr()
+    assert "reproduces" in capsys.readouterr().out
     # the adapter names a base PEFT can load (a folder), not lorakit's alias
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == tiny_model
     # no silent overwrite, no false success

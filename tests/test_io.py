@@ -27,7 +27,7 @@ def saved(tmp_path):
 
 def test_round_trip_gives_the_same_outputs(saved):
     model, path = saved
-    assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "receipt.safetensors"]
     config = json.loads((path / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
     keys = load_file(path / "adapter_model.safetensors")

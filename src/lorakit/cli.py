@@ -1,4 +1,4 @@
-"""lorakit command line: train, eval, merge, generate, score, models, serve, sweep, analyze, report."""
+"""lorakit command line: train, eval, merge, verify, generate, score, models, serve, sweep, analyze, report."""
 
 from __future__ import annotations
 
@@ -289,6 +289,122 @@ def _merge(args: argparse.Namespace) -> int:
     kind = f"quantized with bitsandbytes {args.requantize}" if args.requantize else "a plain Hugging Face folder"
     print(f"merged model written to {out} ({kind})")
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """``lorakit verify``: the adapter's receipt (:mod:`lorakit.receipt`) checked against the base in use (or a
+    merged model); exit 0 when it reproduces, 1 when not (or when there is no receipt)."""
+    from .io import read_weights
+    from .receipt import checksum, compare, read_receipt
+
+    reference = read_receipt(args.adapter)
+    if reference is None:
+        return _verify_report(args, {"verified": False, "reason": "unverified: no receipt", "adapter": args.adapter})
+    file_sum = checksum(read_weights(args.adapter))
+    info, model, unmatched = _verify_model(args)
+    report = compare(reference, model, None if args.merged else "default", _tolerances(args.tolerance, reference, model))
+    report.update(adapter=args.adapter, model=args.merged or info["model"], unmatched_tensors=unmatched,
+                  checksum="equal" if file_sum == reference.metadata["adapter_sha256"] else "different")
+    reasons = [why for why, bad in (("adapter file checksum differs from the receipt", report["checksum"] != "equal"),
+                                    (f"{len(unmatched)} adapter tensor(s) matched no layer", bool(unmatched)),
+                                    ("outputs or base fingerprint beyond tolerance", not report["passed"])) if bad]
+    report.update(verified=not reasons, reason="; ".join(reasons) or "reproduces")
+    return _verify_report(args, report)
+
+
+def _verify_model(args: argparse.Namespace):
+    """(info, model to check, adapter tensors of the file that matched no layer): the base with the adapter loaded
+    non-strictly, or the --merged folder; ``--quantize`` then rounds its linear layers for decoding."""
+    from .tasks import classify, glue, lm
+
+    info = _run_info(args.adapter, args.task, args.model)
+    info["quantize_base"] = _quantize_base(args.quantize_base, info)
+    unmatched: list[str] = []
+    name = args.merged or info["model"]
+    quantize_base = (None if args.quantize_base == "none" else args.quantize_base) if args.merged else info["quantize_base"]
+    if _is_lm(info["task"]):
+        model = lm.load_causal_lm(name, quantize_base)[1]
+    else:
+        model = glue.load_classifier(name, classify.task_of(info), info.get("pooling", "cls"), quantize_base)[1]
+    if not args.merged:  # (a merged folder: dequant(W) + ΔW in float, quantized only when --quantize-base says so)
+        unmatched = _load_nonstrict(model, args.adapter)
+    if args.quantize:
+        from .quant.linear import quantize_model
+
+        _say(quantize_model(model, args.quantize))
+    return info, model, unmatched
+
+
+def _load_nonstrict(model, adapter: str) -> list[str]:
+    """Attach the adapter in ``adapter`` as "default", copying the file's tensors that fit; returns the file's
+    tensors that matched no tensor of the adapter (renamed keys, other layers), sorted."""
+    import torch
+
+    from .config import LoraConfig
+    from .io import _with_prefix, adapter_state_dict, read_weights
+    from .model import add_lora
+
+    found = _with_prefix(read_weights(adapter))
+    add_lora(model, LoraConfig.load(adapter), "default")
+    expected = adapter_state_dict(model, "default")
+    with torch.no_grad():
+        for key in expected.keys() & found.keys():
+            if expected[key].shape == found[key].shape:
+                expected[key].copy_(found[key])
+    return sorted(k for k in found if k not in expected or expected[k].shape != found[k].shape)
+
+
+def _tolerances(given: str | None, reference, model) -> dict | None:
+    """TOLERANCES with ``--tolerance top1=0.99,kl=1e-3`` applied to the key this comparison uses."""
+    from .receipt import TOLERANCES, tolerance_key
+
+    if not given:
+        return None
+    key, changed = tolerance_key(reference, model), dict(TOLERANCES[tolerance_key(reference, model)])
+    for item in given.split(","):
+        name, _, value = item.partition("=")
+        if name.strip() not in changed:
+            raise ValueError(f"--tolerance takes {', '.join(changed)} (name=value, comma-separated), got {item!r}")
+        try:
+            changed[name.strip()] = None if value.strip() == "none" else float(value)
+        except ValueError:
+            raise ValueError(f"--tolerance {name}: expected a number or none, got {value!r}") from None
+    return {**TOLERANCES, key: changed}
+
+
+def _verify_report(args: argparse.Namespace, report: dict) -> int:
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print("\n".join(_verify_lines(report)))
+    return 0 if report["verified"] else 1
+
+
+def _verify_lines(report: dict) -> list[str]:
+    if "fingerprint" not in report:
+        return [f"{report['adapter']}: {report['reason']}: nothing to check it against (save it with lorakit "
+                "to write one)"]
+    fp, tol = report["fingerprint"], report["tolerance"]
+    differ = fp["differ"][:8] + ([f"... ({len(fp['differ'])} in all)"] if len(fp["differ"]) > 8 else [])
+    base = fp["status"] + (f": {', '.join(differ)}" if differ else "")
+    unmatched = report["unmatched_tensors"]
+    lines = [f"adapter {report['adapter']} on {report['model']}",
+             f"base fingerprint: {base}" + (f" (missing: {', '.join(fp['missing'])})" if fp["missing"] else ""),
+             "adapter file checksum: " + ("equal to the receipt's" if report["checksum"] == "equal" else
+                                          "DIFFERS from the receipt's (the file changed after it was saved)"),
+             f"adapter tensors that matched no layer: {len(unmatched)}" + (f": {', '.join(unmatched[:8])}"
+                                                                           + (" ..." if len(unmatched) > 8 else "")
+                                                                           if unmatched else "")]
+    if "top1_agreement" in report:
+        probes = report["probes"]
+        probes = f"{probes['shape'][0]} x {probes['shape'][1]} seeded token ids" if isinstance(probes, dict) else probes
+        lines.append(f"outputs on the probes ({probes}): top-1 agreement {100 * report['top1_agreement']:.2f}%, "
+                     f"max |Δ log-prob| {report['max_abs_logprob']:.3g}, KL lower bound {report['kl_bound']:.3g} "
+                     f"nats/position (largest {report['kl_bound_max']:.3g})")
+    limit = "" if tol["max_abs"] is None else f", max |Δ| <= {tol['max_abs']:g}"
+    lines.append(f"tolerance ({tol['key']}): top-1 >= {100 * tol['top1']:g}%{limit}, KL <= {tol['kl']:g}")
+    lines.append(("reproduces" if report["verified"] else f"DOES NOT reproduce: {report['reason']}"))
+    return lines
 
 
 def _dequantize_rest(model, quantize_base: str, dtype, requantize: str | None) -> None:
@@ -747,6 +863,17 @@ def _merge_parser(sub) -> None:
                         "prints how far the outputs move on a batch")
 
 
+def _verify_parser(sub) -> None:
+    p = _adapted_parser(sub, "verify", _verify, "check an adapter's receipt: re-run its probes on the base in use (or a "
+                                                "merged model) and compare; exit 0 when it reproduces, 1 when not")
+    p.add_argument("--merged", metavar="DIR", help="check this merged model folder (lorakit merge) instead of the "
+                                                   "adapter on its base")
+    p.add_argument("--tolerance", metavar="NAME=VALUE,...", help="override the tolerance used: top1, max_abs, kl "
+                                                                 "(none: not checked); docs/RECEIPTS.md")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    _add_quantize_flag(p)
+
+
 def _export_parser(sub) -> None:
     p = sub.add_parser("export", help="export an adapter for llama.cpp: its LoRA adapter GGUF (llama-server --lora)")
     p.add_argument("format", choices=["gguf"])
@@ -860,7 +987,7 @@ def _report_parser(sub) -> None:
     p.set_defaults(func=_report)
 
 
-_COMMANDS = (_train_parser, _eval_parser, _merge_parser, _export_parser, _generate_parser, _score_parser,
+_COMMANDS = (_train_parser, _eval_parser, _merge_parser, _verify_parser, _export_parser, _generate_parser, _score_parser,
              _models_parser, _serve_parser, _sweep_parser, _analyze_parser, _report_parser)
 
 

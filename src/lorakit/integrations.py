@@ -8,9 +8,10 @@ format. :class:`SaveAdapterCallback` writes it there::
     trainer = Trainer(model=model, args=args, train_dataset=ds,
                       callbacks=[lorakit.integrations.SaveAdapterCallback()])
 
-Every ``checkpoint-<step>/`` then holds ``adapter_config.json`` and
+Every ``checkpoint-<step>/`` then holds ``adapter_config.json``,
 ``adapter_model.safetensors`` (loadable by ``peft.PeftModel.from_pretrained`` and
-:func:`lorakit.load_adapter`), and ``output_dir`` gets the adapter at the end of training.
+:func:`lorakit.load_adapter`) and ``receipt.safetensors`` (:mod:`lorakit.receipt`), and
+``output_dir`` gets the adapter at the end of training.
 The checkpoint's own ``model.safetensors`` holds the trainable tensors only (lorakit's
 names), not the frozen base: ``Trainer.train(resume_from_checkpoint=...)`` loads that file
 non-strictly into the model, so resuming restores the factors, and a checkpoint weighs
@@ -59,8 +60,10 @@ class SaveAdapterCallback(TrainerCallback):
             model._keys_to_ignore_on_save = own
             self._changed = None
 
-    def _save(self, model, folder: Path) -> None:
-        save_adapter(getattr(model, "module", model), folder, self.adapter)  # (unwrapped from DDP)
+    def _save(self, model, folder: Path, args) -> None:
+        # A receipt's probes are a forward of this process alone: none under FSDP or DeepSpeed (sharded weights).
+        sharded = bool(getattr(args, "fsdp", None)) or bool(getattr(args, "deepspeed", None))
+        save_adapter(getattr(model, "module", model), folder, self.adapter, receipt=not sharded)  # (unwrapped from DDP)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self._leave_frozen_out(model)
@@ -81,11 +84,11 @@ class SaveAdapterCallback(TrainerCallback):
     def on_save(self, args, state, control, model=None, **kwargs):
         self._put_back()
         if state.is_world_process_zero:
-            self._save(model, Path(args.output_dir) / f"checkpoint-{state.global_step}")
+            self._save(model, Path(args.output_dir) / f"checkpoint-{state.global_step}", args)
         return control
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self._put_back()
         if state.is_world_process_zero:
-            self._save(model, Path(args.output_dir))
+            self._save(model, Path(args.output_dir), args)
         return control

@@ -36,7 +36,7 @@ from .model import (
 )
 
 __all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "read_weights", "copy_strict", "atomic_write",
-           "WEIGHTS_NAME", "PREFIX"]
+           "WEIGHTS_NAME", "PREFIX", "SaveVerificationError"]
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -82,7 +82,8 @@ def _state_tensors(module: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def save_adapter(model: nn.Module, directory: str | Path, adapter: str | None = None, *, compact: bool = False) -> Path:
+def save_adapter(model: nn.Module, directory: str | Path, adapter: str | None = None, *, compact: bool = False,
+                 receipt: bool = True) -> Path:
     """Write ``adapter`` (default: the active one) to ``directory`` in PEFT's format.
 
     An adapter on some output slices of fused projections (``enable_lora``, e.g. GPT-2's
@@ -92,6 +93,11 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter: str | None = 
     lorakit's own form instead (``B`` without the zero rows: half the bytes on GPT-2,
     readable by lorakit only). Both files are written to temporary names and renamed
     into place, so a crash never leaves a half-written adapter behind.
+
+    The weights file is then read back and compared with the tensors written: a file that differs
+    (a torn or partial write) raises :class:`SaveVerificationError` naming the tensors, instead of
+    failing later at resume. With ``receipt`` (the default) ``receipt.safetensors`` is written beside
+    them (:mod:`lorakit.receipt`: base fingerprint, checksum, reference outputs on fixed probes).
     """
     if adapter is None:
         active = active_adapters(model)
@@ -105,8 +111,36 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter: str | None = 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    _read_back(directory / WEIGHTS_NAME, tensors)
     atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(config.to_json()))
+    from . import receipt as receipts  # (lorakit.receipt builds on this module)
+
+    if receipt:
+        receipts.write_receipt(directory, receipts.make_receipt(model, adapter, tensors=tensors))
+    else:
+        (directory / receipts.RECEIPT_NAME).unlink(missing_ok=True)  # an old receipt would vouch for other tensors
     return directory
+
+
+class SaveVerificationError(OSError):
+    """The adapter file read back after saving differs from the tensors that were written."""
+
+
+def _read_back(path: Path, tensors: dict[str, Tensor]) -> None:
+    """Compare the file at ``path`` with ``tensors``: the same keys, and every tensor equal (dtype, shape, values)."""
+    try:
+        found = load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise SaveVerificationError(f"{path} cannot be read back after saving (torn write?): {e}") from None
+    differ = sorted(k for k in tensors.keys() & found.keys() if found[k].dtype != tensors[k].dtype
+                    or found[k].shape != tensors[k].shape or not torch.equal(found[k], tensors[k].cpu()))
+    missing, extra = sorted(tensors.keys() - found.keys()), sorted(found.keys() - tensors.keys())
+    problems = [f"{len(items)} {what}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
+                for what, items in (("tensors differ", differ), ("tensors missing", missing),
+                                    ("unexpected tensors", extra)) if items]
+    if problems:
+        raise SaveVerificationError(f"{path} read back after saving does not hold the tensors written (a torn or "
+                                    f"partial write): {'; '.join(problems)}; save again")
 
 
 def _peft_form(model: nn.Module, adapter: str, config: LoraConfig,

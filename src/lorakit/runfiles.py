@@ -30,11 +30,14 @@ def weights_path(run: Path, method: str) -> Path:
 def save_weights(model: nn.Module, method: str, run: Path, info: dict[str, Any]) -> int:
     """Write the trained part: an adapter folder, or the trainable tensors next to a
     ``task.json``; ``task.json`` holds ``info``. Returns the weights' bytes. The adapter
-    folder is replaced atomically."""
+    folder is replaced atomically, with its receipt (:mod:`lorakit.receipt`) unless the model is
+    FSDP-sharded: the receipt's probes would be a forward of this process alone."""
     if method == "lora":
+        from .distributed import is_sharded
+
         tmp = run / ".adapter.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        save_adapter(model, tmp)
+        save_adapter(model, tmp, receipt=not is_sharded(model))
         (tmp / "task.json").write_text(json.dumps(info) + "\n")
         shutil.rmtree(run / "adapter", ignore_errors=True)
         os.replace(tmp, run / "adapter")
