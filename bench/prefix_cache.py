@@ -107,8 +107,8 @@ def run(model: str = "smollm2", adapter_counts: tuple[int, ...] = (1, 32), clien
                  "off": stack.enter_context(server(model, paths, *flags, "--prefix-cache-tokens", "0"))}
         identical = same_completions(cases["on"], cases["off"], prompts[:check], max(adapter_counts), max_tokens)
         print(f"greedy completions identical with and without the prefix cache: {identical}/{check}", flush=True)
-        for url in cases.values():  # warm-up
-            asyncio.run(load(url, 4, 3, prompts, lambda i: {"model": "a0"}, max_tokens))
+        for url in cases.values():  # warm-up, 3 s (no longer than a measured load: the tests' 1 s)
+            asyncio.run(load(url, 4, min(3.0, seconds), prompts, lambda i: {"model": "a0"}, max_tokens))
         samples: dict[int, dict[str, list[dict]]] = {a: {k: [] for k in cases} for a in adapter_counts}
         counts = {a: [0.0, 0.0] for a in adapter_counts}  # prefix-cache hits and queries in the measured rounds
         for r in range(rounds):

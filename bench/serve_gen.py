@@ -374,9 +374,10 @@ def run(model: str = "smollm2", adapters: int = 32, concurrency: tuple[int, ...]
             results["llamacpp_lora_check"] = check_lora_anchor(ours, url, prompts, adapters, check_tokens)
         else:
             print("llama.cpp: no llama-server binary (--llama-server, $LLAMA_SERVER); its cases are skipped", flush=True)
+        warmup = min(3.0, seconds)  # seconds per warm-up load; no longer than a measured one (the tests' 1 s)
         for url, fields_of in cases.values():  # warm-up (one stream alone first: --compile compiles its step then)
-            asyncio.run(load(url, 1, 3, prompts, fields_of, max_tokens))
-            asyncio.run(load(url, 4, 3, prompts, fields_of, max_tokens))
+            asyncio.run(load(url, 1, warmup, prompts, fields_of, max_tokens))
+            asyncio.run(load(url, 4, warmup, prompts, fields_of, max_tokens))
         samples: dict[int, dict[str, list[dict]]] = {c: {k: [] for k in cases} for c in concurrency}
         for r in range(rounds):
             for c in concurrency:

@@ -4,6 +4,7 @@ built on the meta device and each process fills only its shards, from the checkp
 with only a config) from seeded random weights."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -26,6 +27,23 @@ BASE = dict(task="e2e", data_dir=str(E2E), epochs=2, lr=1e-2, max_length=64, max
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
+def without_java(path: str) -> str:
+    """``path`` (a PATH) without the folders that hold ``java``. E2E scoring then skips METEOR and splits text with
+    lorakit's Python PTB tokenizer (nlg_metrics) instead of starting the Java jars in every process after every
+    epoch, which took ~15 of a launch's ~40 s here. These tests compare adapters, dev losses and outputs, never
+    scores; the Java scorer is checked by test_nlg_metrics and test_lm."""
+    return os.pathsep.join(d for d in path.split(os.pathsep) if not os.access(os.path.join(d, "java"), os.X_OK))
+
+
+ENV = {**ENV, "PATH": without_java(ENV.get("PATH", ""))}
+
+
+@pytest.fixture
+def no_java(monkeypatch):
+    """The same for the runs inside this process (nlg_metrics looks java up on PATH at each scoring)."""
+    monkeypatch.setenv("PATH", without_java(os.environ.get("PATH", "")))
+
+
 def _args(model: str, out, **kw) -> list[str]:
     flags = []
     for k, v in {**BASE, "model": model, "out": str(out), **kw}.items():
@@ -43,7 +61,7 @@ def _torchrun(launch: list[str], args: list[str]) -> subprocess.CompletedProcess
                           timeout=900)
 
 
-def test_fsdp_gives_the_adapter_of_ddp_and_of_one_process(tiny_llama, tmp_path):
+def test_fsdp_gives_the_adapter_of_ddp_and_of_one_process(tiny_llama, tmp_path, no_java):
     # one process with batches of 8; two processes with 2 rows each, accumulating 2 micro-batches per step
     train.train(train.TrainConfig(**{**BASE, "model": tiny_llama, "out": str(tmp_path / "one"), "batch_size": 8,
                                      "progress": False}), seed=0)
@@ -66,11 +84,22 @@ def test_fsdp_gives_the_adapter_of_ddp_and_of_one_process(tiny_llama, tmp_path):
     assert [p.read_text() for p in sorted(outputs[0])] == [p.read_text() for p in sorted(outputs[1])]
 
 
-def test_fsdp_resumes_bit_identically_after_sigkill(tiny_llama, tmp_path):
-    common = dict(fsdp=True, batch_size=2, lora_dropout=0.1, save_steps=2)
-    whole = _torchrun(["--standalone", "--nproc_per_node", "2"], _args(tiny_llama, tmp_path / "whole", **common))
+# dropout on: the resumed run and the two-node launch must also restore / draw each process's dropout masks
+WHOLE = dict(fsdp=True, batch_size=2, lora_dropout=0.1, save_steps=2)
+
+
+@pytest.fixture(scope="module")
+def fsdp_whole(tiny_llama, tmp_path_factory) -> dict[str, torch.Tensor]:
+    """The adapter of one uninterrupted 2-process FSDP launch (``WHOLE``), which the SIGKILLed and resumed run
+    and the two-node launch must each give bit for bit: one launch for both tests."""
+    out = tmp_path_factory.mktemp("fsdp-whole")
+    whole = _torchrun(["--standalone", "--nproc_per_node", "2"], _args(tiny_llama, out, **WHOLE))
     assert whole.returncode == 0, whole.stderr[-3000:]
-    args = _args(tiny_llama, tmp_path / "killed", **common)
+    return _adapter(out)
+
+
+def test_fsdp_resumes_bit_identically_after_sigkill(tiny_llama, fsdp_whole, tmp_path):
+    args = _args(tiny_llama, tmp_path / "killed", **WHOLE)
     # the main process (the one that writes checkpoints) SIGKILLs itself after its 3rd checkpoint, mid-epoch 2
     (tmp_path / "killer.py").write_text(KILLER)
     killed = subprocess.run([*TORCHRUN, "--standalone", "--nproc_per_node", "2", str(tmp_path / "killer.py"), "after",
@@ -79,7 +108,7 @@ def test_fsdp_resumes_bit_identically_after_sigkill(tiny_llama, tmp_path):
     assert not (tmp_path / "killed" / "seed0" / "summary.json").exists()
     again = _torchrun(["--standalone", "--nproc_per_node", "2"], [*args, "--resume"])
     assert again.returncode == 0 and "resumed from" in again.stdout, again.stderr[-3000:]
-    a, b = _adapter(tmp_path / "whole"), _adapter(tmp_path / "killed")
+    a, b = fsdp_whole, _adapter(tmp_path / "killed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -89,9 +118,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_nodes_on_one_host_equal_one_launch(tiny_llama, tmp_path):
+def test_two_nodes_on_one_host_equal_one_launch(tiny_llama, fsdp_whole, tmp_path):
     """The many-machine launch (docs/DISTRIBUTED.md) with both "machines" on localhost."""
-    args = _args(tiny_llama, tmp_path / "nodes", fsdp=True, batch_size=2)
+    args = _args(tiny_llama, tmp_path / "nodes", **WHOLE)
     endpoint = f"127.0.0.1:{_free_port()}"
     nodes = [subprocess.Popen([*TORCHRUN, "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",
                                "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "lorakit-test",
@@ -99,10 +128,7 @@ def test_two_nodes_on_one_host_equal_one_launch(tiny_llama, tmp_path):
                               text=True) for rank in (0, 1)]
     results = [(node.communicate(timeout=900), node.returncode) for node in nodes]
     assert [code for _, code in results] == [0, 0], results[0][0][1][-2000:] + results[1][0][1][-2000:]
-    single = _torchrun(["--standalone", "--nproc_per_node", "2"], _args(tiny_llama, tmp_path / "single", fsdp=True,
-                                                                        batch_size=2))
-    assert single.returncode == 0, single.stderr[-3000:]
-    a, b = _adapter(tmp_path / "nodes"), _adapter(tmp_path / "single")
+    a, b = _adapter(tmp_path / "nodes"), fsdp_whole  # the same run as one --standalone launch of 2 processes
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

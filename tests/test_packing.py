@@ -5,6 +5,7 @@ loss and the trained adapter equal the unpacked ones (with accumulation, --metho
 FSDP); resume is bit-identical; classifiers and models whose attention crosses rows are refused."""
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -266,8 +267,10 @@ def test_train_packing_on_the_command_line(tiny_gpt2_lm, tmp_path, capsys):
 
 
 @pytest.mark.skipif(not E2E.is_dir(), reason="../shared/data/e2e not present")
-def test_packing_under_ddp_and_fsdp_trains_the_adapter_of_one_process(tiny_llama, tmp_path):
-    from test_distributed_lm import BASE, _adapter, _args, _torchrun
+def test_packing_under_ddp_and_fsdp_trains_the_adapter_of_one_process(tiny_llama, tmp_path, monkeypatch):
+    from test_distributed_lm import BASE, _adapter, _args, _torchrun, without_java
+
+    monkeypatch.setenv("PATH", without_java(os.environ.get("PATH", "")))  # as _torchrun's processes: no METEOR
 
     common = dict(packing=True, max_length=96, gradient_checkpointing=False)
     train.train(train.TrainConfig(**{**BASE, **common, "model": tiny_llama, "out": str(tmp_path / "one"),
