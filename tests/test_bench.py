@@ -112,7 +112,10 @@ def test_generation_load_test_runs_its_servers_and_the_peft_comparison(tiny_llam
     assert set(cases) == {"spread", "one", "nobatch", "int4"}
     assert started[-1][-2:] == ("--quantize", "int4") and not any("--quantize" in f for f in started[:-1])
     assert {"int4/spread", "spread/one"} <= set(results["clients_2"]["ratios"])
-    assert all(c["failed"] == 0 and c["tokens_per_s"] > 0 and c["per_token_p50_ms"] > 0 for c in cases.values())
+    assert all(c["failed"] == 0 and c["tokens_per_s"] > 0 for c in cases.values())
+    # (a completion's per-token time needs one finished within the window: on a loaded machine a case may have none)
+    assert all(c["per_token_p50_ms"] > 0 for c in cases.values() if c["completions"])
+    assert any(c["completions"] for c in cases.values())
     assert results["offline"]["identical_completions"] == 3  # fp32, tiny model: the same greedy tokens as PEFT
     assert all(c["ms_per_token"] > 0 for c in results["offline"]["cases"].values())
     config = json.loads((tmp_path / "serve_gen.json").read_text())["config"]
