@@ -28,6 +28,7 @@ def test_train_eval_merge(tiny_model, tmp_path, capsys):
     table = capsys.readouterr().out.splitlines()
     assert table[2].startswith("| rte | ") and len(table) == 3
     assert cli.main(["merge", "--adapter", str(adapter), "--out", str(tmp_path / "merged")]) == 0
+    assert "merged model against the adapter's receipt: base fingerprint equal" in capsys.readouterr().out
     from transformers import AutoModelForSequenceClassification
 
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")

@@ -121,7 +121,7 @@ def test_a_torn_write_fails_the_save(tiny_llama, tmp_path, monkeypatch):
 
 def test_a_merged_folder_of_the_right_base_passes_and_of_another_base_fails(adapter, tiny_llama, tmp_path, capsys):
     assert cli.main(["merge", "--adapter", str(adapter), "--out", str(tmp_path / "merged")]) == 0
-    capsys.readouterr()
+    assert "base fingerprint equal, top-1 agreement 100.00%" in capsys.readouterr().out  # said before writing
     code, report = _verify(capsys, "--adapter", adapter, "--merged", tmp_path / "merged")
     assert code == 0 and report["fingerprint"]["status"] == "equal", report
     torch.manual_seed(1)
@@ -129,7 +129,7 @@ def test_a_merged_folder_of_the_right_base_passes_and_of_another_base_fails(adap
     _save_base(other, tiny_llama, tmp_path / "other")
     assert cli.main(["merge", "--adapter", str(adapter), "--model", str(tmp_path / "other"),
                      "--out", str(tmp_path / "wrong")]) == 0
-    capsys.readouterr()
+    assert "base fingerprint different" in capsys.readouterr().err and (tmp_path / "wrong").is_dir()
     code, report = _verify(capsys, "--adapter", adapter, "--merged", tmp_path / "wrong")
     assert code == 1 and report["fingerprint"]["status"] == "different"
     assert "model.layers.0.self_attn.q_proj" in report["fingerprint"]["differ"]

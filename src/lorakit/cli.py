@@ -281,6 +281,7 @@ def _merge(args: argparse.Namespace) -> int:
         _cast_merged(merged, args.dtype)
     if args.requantize:
         merged = _requantize(merged, tokenizer, info, args.requantize, out)
+    _merge_agreement(args.adapter, merged)
     try:
         merged.save_pretrained(out)
         tokenizer.save_pretrained(out)
@@ -289,6 +290,28 @@ def _merge(args: argparse.Namespace) -> int:
     kind = f"quantized with bitsandbytes {args.requantize}" if args.requantize else "a plain Hugging Face folder"
     print(f"merged model written to {out} ({kind})")
     return 0
+
+
+def _merge_agreement(adapter: str, merged) -> None:
+    """Before ``lorakit merge`` writes: the merged model against the adapter's receipt, one line (a line on
+    standard error where there is no receipt, or where it does not reproduce; it is written either way)."""
+    from .receipt import compare, read_receipt
+
+    reference = read_receipt(adapter)
+    if reference is None:
+        print(f"lorakit: note: {adapter} has no receipt (unverified): the merged model is not checked against it",
+              file=sys.stderr)
+        return
+    report = compare(reference, merged, None)
+    figures = ("" if "top1_agreement" not in report else f", top-1 agreement {100 * report['top1_agreement']:.2f}%, "
+               f"KL lower bound {report['kl_bound']:.3g} nats/position")
+    line = (f"merged model against the adapter's receipt: base fingerprint {report['fingerprint']['status']}{figures} "
+            f"(tolerance {report['tolerance']['key']})")
+    if report["passed"]:
+        print(f"{line}: reproduces")
+    else:
+        print(f"lorakit: warning: {line}: DOES NOT reproduce; lorakit verify --adapter {adapter} --merged OUT "
+              "says where", file=sys.stderr)
 
 
 def _verify(args: argparse.Namespace) -> int:
