@@ -281,7 +281,7 @@ def _merge(args: argparse.Namespace) -> int:
         _cast_merged(merged, args.dtype)
     if args.requantize:
         merged = _requantize(merged, tokenizer, info, args.requantize, out)
-    _merge_agreement(args.adapter, merged)
+    _merge_agreement(args.adapter, merged, out)
     try:
         merged.save_pretrained(out)
         tokenizer.save_pretrained(out)
@@ -292,7 +292,7 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _merge_agreement(adapter: str, merged) -> None:
+def _merge_agreement(adapter: str, merged, out: Path) -> None:
     """Before ``lorakit merge`` writes: the merged model against the adapter's receipt, one line (a line on
     standard error where there is no receipt, or where it does not reproduce; it is written either way)."""
     from .receipt import compare, read_receipt
@@ -310,7 +310,7 @@ def _merge_agreement(adapter: str, merged) -> None:
     if report["passed"]:
         print(f"{line}: reproduces")
     else:
-        print(f"lorakit: warning: {line}: DOES NOT reproduce; lorakit verify --adapter {adapter} --merged OUT "
+        print(f"lorakit: warning: {line}: DOES NOT reproduce; lorakit verify --adapter {adapter} --merged {out} "
               "says where", file=sys.stderr)
 
 
@@ -383,7 +383,8 @@ def _tolerances(given: str | None, reference, model) -> dict | None:
 
     if not given:
         return None
-    key, changed = tolerance_key(reference, model), dict(TOLERANCES[tolerance_key(reference, model)])
+    key = tolerance_key(reference, model)
+    changed = dict(TOLERANCES[key])
     for item in given.split(","):
         name, _, value = item.partition("=")
         if name.strip() not in changed:
