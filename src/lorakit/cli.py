@@ -379,21 +379,12 @@ def _load_nonstrict(model, adapter: str) -> list[str]:
 
 def _tolerances(given: str | None, reference, model) -> dict | None:
     """TOLERANCES with ``--tolerance top1=0.99,kl=1e-3`` applied to the key this comparison uses."""
-    from .receipt import TOLERANCES, tolerance_key
+    from .receipt import override, tolerance_key
 
-    if not given:
-        return None
-    key = tolerance_key(reference, model)
-    changed = dict(TOLERANCES[key])
-    for item in given.split(","):
-        name, _, value = item.partition("=")
-        if name.strip() not in changed:
-            raise ValueError(f"--tolerance takes {', '.join(changed)} (name=value, comma-separated), got {item!r}")
-        try:
-            changed[name.strip()] = None if value.strip() == "none" else float(value)
-        except ValueError:
-            raise ValueError(f"--tolerance {name}: expected a number or none, got {value!r}") from None
-    return {**TOLERANCES, key: changed}
+    try:
+        return override(given, tolerance_key(reference, model)) if given else None
+    except ValueError as e:
+        raise ValueError(f"--tolerance: {e}") from None
 
 
 def _verify_report(args: argparse.Namespace, report: dict) -> int:
@@ -972,7 +963,8 @@ def _serve_parser(sub) -> None:
         if hints[f.name] is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         elif f.name != "token":
-            p.add_argument(flag, type=hints[f.name], help=help_text)
+            kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
+            p.add_argument(flag, type=kind, help=help_text)
     p.add_argument("--precision", choices=["fp32", "bf16", "auto"],
                    help="the server computes on the CPU: bf16 (AMX / AVX-512 BF16 matmuls; emulated and slow "
                         "elsewhere); auto (default): bf16 where the CPU has it natively, else fp32")

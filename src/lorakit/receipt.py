@@ -35,7 +35,7 @@ from .layers import LoraLayer
 from .model import active_adapters, lora_layers, set_adapter
 
 __all__ = ["Receipt", "make_receipt", "write_receipt", "read_receipt", "compare", "checksum", "RECEIPT_NAME",
-           "TOLERANCES", "FORMAT_VERSION"]
+           "TOLERANCES", "FORMAT_VERSION", "override", "tolerance_key"]
 
 RECEIPT_NAME = "receipt.safetensors"
 FORMAT_VERSION = 1
@@ -366,10 +366,28 @@ def _passes(figures: dict[str, float], tolerance: dict[str, float | None]) -> bo
     return all(checks) and all(math.isfinite(v) for v in figures.values())
 
 
+def override(tolerances: str | None, key: str) -> dict[str, dict[str, float | None]]:
+    """:data:`TOLERANCES` with ``"top1=0.99,kl=1e-3"`` (``name=value``, comma-separated; ``none`` turns a
+    check off) applied to ``key``; a ValueError names what it cannot read."""
+    changed = dict(TOLERANCES[key])
+    for item in (tolerances or "").split(",") if tolerances else ():
+        name, _, value = item.partition("=")
+        if name.strip() not in changed:
+            raise ValueError(f"a tolerance takes {', '.join(changed)} (name=value, comma-separated), got {item!r}")
+        try:
+            changed[name.strip()] = None if value.strip() == "none" else float(value)
+        except ValueError:
+            raise ValueError(f"tolerance {name}: expected a number or none, got {value!r}") from None
+    return {**TOLERANCES, key: changed}
+
+
 def compare(reference: Receipt, model: nn.Module, adapter: str | None,
-            tolerances: dict[str, dict[str, float | None]] | None = None) -> dict[str, Any]:
+            tolerances: dict[str, dict[str, float | None]] | None = None,
+            log_probs: Tensor | None = None) -> dict[str, Any]:
     """Re-run ``reference``'s probes on ``model`` with ``adapter`` active (None: a merged model, no adapter)
-    and compare: base fingerprint, top-1 agreement, max |Δ log-prob|, KL lower bound, pass / fail."""
+    and compare: base fingerprint, top-1 agreement, max |Δ log-prob|, KL lower bound, pass / fail.
+    ``log_probs``: the probes' log-probabilities ``(positions, V)`` as another engine computed them on
+    ``model`` (the server's own rows, :mod:`lorakit.serving.verify`), in place of ``model``'s forward."""
     report: dict[str, Any] = {"fingerprint": _compare_fingerprints(reference, model, adapter)}
     key = tolerance_key(reference, model)
     tolerance = (tolerances or TOLERANCES)[key]
@@ -377,8 +395,10 @@ def compare(reference: Receipt, model: nn.Module, adapter: str | None,
     if "probe.ids" not in reference.tensors:
         report.update(probes="none", passed=report["fingerprint"]["status"] != "different")
         return report
-    with _probing(model, adapter):
-        figures = _agreement(reference, _log_probs(model, reference.tensors["probe.ids"]))
+    if log_probs is None:
+        with _probing(model, adapter):
+            log_probs = _log_probs(model, reference.tensors["probe.ids"])
+    figures = _agreement(reference, log_probs)
     report.update(figures, probes=reference.metadata["probes"])
     report["passed"] = _passes(figures, tolerance) and report["fingerprint"]["status"] != "different"
     return report

@@ -166,6 +166,9 @@ class ClassifyApi:
     async def call(self, fn, *args):
         return await self.batcher.call(fn, *args)
 
+    async def load(self, name: str, path: str, task: str | None):
+        return await self.call(self.engine.load, name, path, task)
+
     def health(self) -> dict[str, Any]:
         return {"queued": self.batcher.queue.qsize(), "forwards": self.batcher.forwards}
 

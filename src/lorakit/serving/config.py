@@ -43,6 +43,12 @@ class ServeConfig:
                                            "that begin the same way on the same adapter (least recently used "
                                            "dropped first; blocks of 16 tokens; SmolLM2-135M fp32: 45 KB a token); 0 turns it "
                                            "off")
+    verify_adapters: str = _opt("strict", "check each adapter's receipt (receipt.safetensors) through this server's own "
+                                          "engine at start-up and on load: strict refuses an adapter that does not "
+                                          "reproduce, warn serves it with a warning, off reads no receipt; an adapter "
+                                          "without a receipt is served as unverified in every mode")
+    verify_tolerance: str | None = _opt(None, "the receipt check's tolerance in place of the documented one for the "
+                                              "precision in use, as lorakit verify's --tolerance (top1=0.99,kl=1e-3)")
     token: str | None = _opt(None, "bearer token of the admin routes (default: $LORAKIT_TOKEN; none: open on loopback)")
 
     def __post_init__(self) -> None:
@@ -55,6 +61,12 @@ class ServeConfig:
             raise ValueError(f"prefix_cache_tokens must be 0 (off) or a positive integer, got {self.prefix_cache_tokens!r}")
         if self.engine not in ("auto", "decoder", "model"):
             raise ValueError(f"engine must be auto, decoder or model, got {self.engine!r}")
+        if self.verify_adapters not in ("strict", "warn", "off"):
+            raise ValueError(f"verify_adapters must be strict, warn or off, got {self.verify_adapters!r}")
+        if self.verify_tolerance is not None:
+            from ..receipt import override
+
+            override(self.verify_tolerance, "fp32")  # (a ValueError for what it cannot read, before loading anything)
         if not self.max_wait_ms >= 0:
             raise ValueError(f"max_wait_ms must be 0 or more, got {self.max_wait_ms!r}")
         for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s"):

@@ -3,7 +3,8 @@ decodes every request's sequences together (continuous batching across adapters)
 
 import asyncio
 import functools
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -13,7 +14,9 @@ from ..io import load_adapter
 from ..model import remove_adapter
 from ..models import resolve_model
 from ..precision import resolve_precision
+from ..receipt import Receipt, read_receipt
 from ..tasks.lm import load_causal_lm
+from . import verify
 from .adapters import adapter_folder, check_name, clip, task_info
 from .config import ClientError, ServeConfig
 from .scheduler import Busy, Scheduler
@@ -26,9 +29,11 @@ class GenAdapter:
     name: str
     path: str
     task: str | None
+    receipt: dict[str, Any] = field(default_factory=dict)  # its receipt's check (lorakit.serving.verify.summary)
 
     def public(self, with_path: bool = False) -> dict[str, Any]:
-        return {"name": self.name, **({"path": self.path} if with_path else {}), "task": self.task}
+        return {"name": self.name, **({"path": self.path} if with_path else {}), "task": self.task,
+                "receipt": self.receipt}
 
 
 class GenerationEngine:
@@ -56,6 +61,7 @@ class GenerationEngine:
         self.model, self.config = model.eval(), config
         self.scheduler = self._scheduler()
         self.adapters: dict[str, GenAdapter] = {}
+        self.pending: dict[str, tuple[GenAdapter, Receipt]] = {}  # loaded, their receipt's probes not yet run
         self.vocab = model.get_input_embeddings().weight.shape[0]  # token ids a prompt may hold
         self.token_text = functools.cache(self._token_text)
 
@@ -98,6 +104,80 @@ class GenerationEngine:
             print("lorakit serve: compiling the decode step (--compile; about a minute per graph on 2 cores)", flush=True)
             self.scheduler.warm_up()
             self.warmed = True
+        if self.pending:
+            self._verify_start_up()
+
+    def _verify_start_up(self) -> None:
+        """The start-up adapters' receipt checks, before serving (on the calling thread); a ValueError naming
+        those that do not reproduce under ``strict``."""
+        refused = []
+        for name, (adapter, _) in list(self.pending.items()):
+            probes = self._probes(name)
+            self.scheduler.run_until_done()
+            try:
+                self._settle(adapter, self._check(probes, adapter))
+            except ClientError as e:
+                refused.append(str(e))
+        s = self.scheduler
+        s.steps = s.tokens = s.prefix.queries = s.prefix.hits = 0
+        if refused:
+            raise ValueError("\n".join(refused))
+        checked = {a.name: a.receipt["status"] for a in self.adapters.values()}
+        print(f"lorakit serve: receipts: {', '.join(f'{k} {v}' for k, v in sorted(checked.items()))}", flush=True)
+
+    def _probes(self, name: str) -> verify.Probes:
+        """The probes of pending adapter ``name``, submitted (cut to the scheduler's sequence length)."""
+        reference = verify.first_positions(self.pending[name][1], self.scheduler.max_length)
+        probes = verify.Probes(reference, name)
+        for seq in probes.sequences:
+            self.scheduler.submit(seq, limit=False)  # (four rows of an admin's load; never refused as a client's)
+        return probes
+
+    def _check(self, probes: verify.Probes, adapter: GenAdapter) -> dict[str, Any]:
+        """The receipt check of ``adapter`` from its ``probes`` (done)."""
+        try:
+            log_probs = probes.future.result()
+        except RuntimeError as e:
+            return verify.failed(str(e))
+        return verify.check(probes.reference, self.model, adapter.name, adapter.path, log_probs,
+                            self.config.verify_tolerance)
+
+    def _settle(self, adapter: GenAdapter, report: dict[str, Any] | None) -> GenAdapter:
+        """Serve ``adapter`` with its check's ``report`` (None: no receipt), or, under ``strict`` where it
+        fails, detach it and raise a 400 that says why."""
+        self.pending.pop(adapter.name, None)
+        mode = self.config.verify_adapters
+        adapter.receipt = verify.summary(report, mode)
+        if report is not None and not report["verified"]:
+            message = verify.describe(adapter.name, report)
+            if mode == "strict":
+                remove_adapter(self.model, adapter.name)
+                raise ClientError(400, f"{message} (--verify-adapters strict refuses it; warn would serve it)")
+            print(f"lorakit serve: warning: {message}", file=sys.stderr, flush=True)
+        self.adapters[adapter.name] = adapter
+        return adapter
+
+    async def verify(self, name: str) -> GenAdapter:
+        """Check the receipt of ``name``, just loaded while serving: its probes as scheduler rows (running
+        streams go on), then serve it or refuse it (:meth:`_settle`). The adapter waits, unnamed by requests."""
+        adapter = self.pending[name][0]
+        probes = None
+        try:
+            probes = self._probes(name)
+            await asyncio.wrap_future(probes.future)
+            report = await asyncio.to_thread(self._check, probes, adapter)
+        except BaseException as e:  # a stopped scheduler, a cancelled request: detach it
+            for seq in probes.sequences if probes else ():
+                self.scheduler.cancel(seq)
+            self.scheduler.call(self._discard, name)
+            if isinstance(e, Busy):
+                raise ClientError(503, f"adapter {name!r} was not loaded: {e}") from None
+            raise
+        return await self.call(self._settle, adapter, report)
+
+    def _discard(self, name: str) -> None:
+        if self.pending.pop(name, None) is not None:
+            remove_adapter(self.model, name)
 
     def start(self) -> None:
         self.prepare()
@@ -113,7 +193,7 @@ class GenerationEngine:
 
     def load(self, name: str, path: str, task: str | None = None) -> GenAdapter:
         check_name(name)
-        if name in self.adapters or name == self.model_name:
+        if name in self.adapters or name in self.pending or name == self.model_name:
             raise ClientError(409, f"the name {name!r} is taken; DELETE that adapter first or choose another name")
         folder = adapter_folder(path)
         info = task_info(folder)
@@ -127,8 +207,16 @@ class GenerationEngine:
             hint = f" (the server's {self.quantize} layers take no new adapters: adapt the layers the start-up adapters " \
                 "adapt)" if self.quantize else ""
             raise ClientError(400, " ".join(str(e).split())[:1000] + hint) from None
-        self.adapters[name] = GenAdapter(name, str(folder), task or info.get("task"))
-        return self.adapters[name]
+        adapter = GenAdapter(name, str(folder), task or info.get("task"))
+        try:
+            reference = read_receipt(folder) if self.config.verify_adapters != "off" else None
+        except ValueError as e:  # unreadable
+            return self._settle(adapter, verify.failed(str(e)))
+        if reference is None or "probe.ids" not in reference.tensors:
+            return self._settle(adapter, reference and verify.check(reference, self.model, name, folder, None,
+                                                                    self.config.verify_tolerance))
+        self.pending[name] = (adapter, reference)  # (verify() or prepare() runs its probes)
+        return adapter
 
     def unload(self, name: str) -> None:
         if name not in self.adapters:

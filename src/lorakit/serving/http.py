@@ -37,7 +37,7 @@ __all__ = ["Api", "build_app", "uvicorn_options"]
 class Api(Protocol):
     """What an API gives the shell."""
 
-    engine: Any  # model_name, adapters (name -> info with .public(with_path)), load(name, path, task), unload(name)
+    engine: Any  # model_name, adapters (name -> info with .public(with_path)), load(name, path, task) at start-up, unload(name)
     openai_paths: frozenset[str]  # its routes that answer errors in OpenAI's shape
 
     def mount(self, app, parse: Callable[..., Awaitable[Any]]) -> None:
@@ -50,6 +50,9 @@ class Api(Protocol):
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)`` on the thread that runs the model, between two of its forward passes."""
+
+    async def load(self, name: str, path: str, task: str | None) -> Any:
+        """Load an adapter while serving (checking its receipt); its info (``.public(with_path)``)."""
 
     def health(self) -> dict[str, Any]:
         """The API's part of ``/healthz``."""
@@ -259,7 +262,7 @@ def _adapter_routes(app, api: Api, authorized, admin) -> None:
     @app.post("/v1/adapters", status_code=201, dependencies=[Depends(admin)])
     async def add(request: Request):
         body = await _parse(request, LoadAdapter)
-        info = await api.call(engine.load, body.name, body.path, body.task)
+        info = await api.load(body.name, body.path, body.task)
         return info.public(with_path=True)
 
     @app.delete("/v1/adapters/{name}", dependencies=[Depends(admin)])
@@ -291,7 +294,7 @@ def _vllm_adapter_routes(app, api: Api, admin) -> None:
         body = await _parse(request, LoadLoRA)
         if body.load_inplace:
             raise ClientError(400, "load_inplace is not supported: unload the adapter first (/v1/unload_lora_adapter)")
-        await api.call(api.engine.load, body.lora_name, body.lora_path, None)
+        await api.load(body.lora_name, body.lora_path, None)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter", dependencies=[Depends(admin)])

@@ -60,6 +60,10 @@ class OpenAIApi:
     async def call(self, fn, *args):
         return await self.engine.call(fn, *args)
 
+    async def load(self, name: str, path: str, task: str | None):
+        await self.call(self.engine.load, name, path, task)
+        return await self.engine.verify(name) if name in self.engine.pending else self.engine.adapters[name]
+
     def health(self) -> dict[str, Any]:
         return self.engine.health()
 
@@ -217,10 +221,10 @@ def add_routes(app, engine: GenerationEngine, config: ServeConfig, parse, stats:
 
     @app.get("/v1/models")
     async def models():
-        names = [engine.model_name, *engine.adapters]
-        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "lorakit",
-                                            **({"parent": engine.model_name} if n != engine.model_name else {})}
-                                           for n in names]}
+        adapters = list(engine.adapters.values())
+        base = {"id": engine.model_name, "object": "model", "created": 0, "owned_by": "lorakit"}
+        return {"object": "list", "data": [base, *({**base, "id": a.name, "parent": engine.model_name,
+                                                    "receipt": a.receipt} for a in adapters)]}
 
 
 class _Shapes:

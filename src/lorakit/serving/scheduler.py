@@ -77,10 +77,16 @@ class Sequence:
     ``forks``: more completions of the same prompt and adapter (their own sampling and seeds), submitted
     with this one and not on their own; they share its prefill. Ending it before its prompt is read
     ends them too.
+
+    ``observe(first, logits)``: called with the raw logits ``(n, vocab)`` of every prompt position as each
+    chunk of the prompt is prefilled (``first``: the chunk's first position; finite logits only). Such a
+    sequence starts from no cached prefix and stores none: the receipt probes of
+    :mod:`lorakit.serving.verify` are sequences of this kind with ``max_tokens`` 0.
     """
 
     def __init__(self, prompt: list[int], adapter: str | None, sampling: Sampling,
-                 emit: Callable[[tuple[str, Any]], None], forks: list[Sequence] | tuple[()] = ()) -> None:
+                 emit: Callable[[tuple[str, Any]], None], forks: list[Sequence] | tuple[()] = (),
+                 observe: Callable[[int, Tensor], None] | None = None) -> None:
         if not prompt:
             raise ValueError("a prompt needs at least one token")
         if any(f.prompt != prompt or f.adapter != adapter or f.forks for f in forks):
@@ -101,8 +107,14 @@ class Sequence:
         self.prompt_logprobs: list[Logprob] = []
         self.forks = list(forks)  # until the prompt is read (then they run on their own)
         self.parent: Sequence | None = None  # a fork's, until then
+        self.observe = observe
         for fork in forks:
             fork.parent = self
+
+    @property
+    def every_position(self) -> bool:
+        """Whether prefilling reads the logits of every prompt position (not only the last)."""
+        return self.sampling.prompt_logprobs is not None or self.observe is not None
 
 
 class Scheduler:
@@ -164,8 +176,8 @@ class Scheduler:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
 
-    def submit(self, seq: Sequence) -> None:
-        """Queue ``seq`` (and its forks)."""
+    def submit(self, seq: Sequence, limit: bool = True) -> None:
+        """Queue ``seq`` (and its forks); beyond ``max_queue`` only without ``limit`` (the server's own rows)."""
         if seq.parent is not None:
             raise ValueError("a fork is submitted with its sequence, not on its own")
         if 1 + len(seq.forks) > self.max_rows:
@@ -174,7 +186,7 @@ class Scheduler:
         with self._lock:
             if self._closed:
                 raise Busy(SHUTTING_DOWN)
-            if self.queued >= self.max_queue:
+            if limit and self.queued >= self.max_queue:
                 raise Busy(f"server busy: {self.max_queue} completions already queued; retry later")
             self.queued += 1
             self.inbox.put(("add", seq))  # (under the lock: nothing is added once closed)
@@ -306,8 +318,8 @@ class Scheduler:
         """The next ``prefill_chunk`` prompt tokens of the sequences waiting for their first token."""
         budget, chunks = self.prefill_chunk, []
         for seq in self.rows[self.running:]:
-            if seq.length == 0 and seq.sampling.prompt_logprobs is None:  # (here, not at admission: what the
-                self._reuse_prefix(seq)  # chunks before it stored counts; echo needs every position's logits)
+            if seq.length == 0 and not seq.every_position:  # (here, not at admission: what the chunks before
+                self._reuse_prefix(seq)  # it stored counts; echo and probes need every position's logits)
             n = min(len(seq.prompt) - seq.length, budget)
             chunks.append((seq, n))
             budget -= n
@@ -322,7 +334,7 @@ class Scheduler:
         # each row's last token; every token of the prompts whose log-probabilities are asked for
         rows, index, last = [], [], []
         for i, (seq, n) in enumerate(chunks):
-            every = seq.sampling.prompt_logprobs is not None
+            every = seq.every_position
             rows += [i] * (n if every else 1)
             index += range(n) if every else [n - 1]
             last.append(len(index) - 1)
@@ -332,6 +344,8 @@ class Scheduler:
         for i, (seq, n) in enumerate(chunks):
             if seq.sampling.prompt_logprobs is not None and finite[i]:
                 finite[i] = self._prompt_logprobs(seq, out[last[i] - n + 1 : last[i] + 1])
+            if seq.observe is not None and finite[i]:
+                seq.observe(seq.length, out[last[i] - n + 1 : last[i] + 1])
         done = []
         for seq, n in chunks:
             seq.length += n
@@ -340,7 +354,7 @@ class Scheduler:
                 self.running += 1 + len(seq.forks)  # (its forks' rows follow its own)
                 done.append(seq)
         for seq, ok in zip(seqs, finite):
-            if ok:
+            if ok and seq.observe is None:
                 self.prefix.store(seq.adapter, seq.prompt, seq.length, functools.partial(self.cache.read, seq.row))
         for seq, ok in zip(seqs[len(done) :], finite[len(done) :]):  # (the last, when prefilled in part)
             if not ok:
