@@ -96,6 +96,8 @@ def test_a_csv_classifier_trains_evaluates_merges_and_serves_with_its_label_name
     engine = Engine(tiny_model, "fp32")
     with TestClient(create_app(engine, ServeConfig(), {"nli": str(adapter)})) as client:
         listed = client.get("/v1/adapters").json()["adapters"]
+        receipt = listed[0].pop("receipt")  # the trained adapter, checked through the engine at start-up
+        assert receipt["status"] == "verified" and receipt["tolerance"] == "fp32", receipt
         assert listed == [{"name": "nli", "task": "classify", "labels": info["labels"], "inputs_per_row": 2,
                            "pooling": "cls"}]
         reply = client.post("/v1/classify", json={"adapter": "nli", "inputs": [list(p) for p in pairs]}).json()

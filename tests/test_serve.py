@@ -411,7 +411,10 @@ def test_mean_pooled_classifiers_are_served_beside_first_token_ones(tiny_model, 
         with torch.inference_mode():
             expected[name] = model.eval()(**tokenizer(*zip(*PAIRS), return_tensors="pt", padding=True)).logits.softmax(-1)
     assert not torch.allclose(expected["mean"], expected["cls"], atol=1e-3)  # the pooling matters here
-    engine = Engine(tiny_model, "fp32")
+    # the "mean" adapter's receipt was made with first-token pooling (its task.json was edited above): seen at load
+    with pytest.raises(ClientError, match="adapter 'mean' does not reproduce its receipt on this server"):
+        Engine(tiny_model, "fp32").load("mean", str(tmp_path / "mean"))
+    engine = Engine(tiny_model, "fp32", ServeConfig(verify_adapters="off"))
     with running(create_app(engine, ServeConfig(max_wait_ms=50), {n: str(tmp_path / n) for n in ("cls", "mean")})) as c:
         assert {a["name"]: a["pooling"] for a in c.get("/v1/adapters").json()["adapters"]} == {"cls": "cls", "mean": "mean"}
         with concurrent.futures.ThreadPoolExecutor(4) as pool:  # both adapters' rows in shared forward passes

@@ -18,10 +18,12 @@ from ..layers import ModulesToSave
 from ..model import adapter_per_row, remove_adapter
 from ..models import resolve_model
 from ..precision import precision_context, resolve_precision
+from ..receipt import Receipt
 from ..tasks.classify import task_of
 from ..tasks.glue import POOLINGS, load_classifier, mean_pooling
+from . import verify
 from .adapters import adapter_folder, check_name, clip, task_info
-from .config import ClientError
+from .config import ClientError, ServeConfig
 
 __all__ = ["AdapterInfo", "Job", "Engine", "length_groups"]
 
@@ -32,11 +34,13 @@ class AdapterInfo:
     path: str
     task: data.Task
     pooling: str = "cls"
+    receipt: dict[str, Any] = field(default_factory=dict)  # its receipt's check (lorakit.serving.verify.settle)
 
     def public(self, with_path: bool = False) -> dict[str, Any]:
         """What clients see; the server's file path only for admins."""
         return {"name": self.name, **({"path": self.path} if with_path else {}), "task": self.task.name,
-                "labels": self.task.labels, "inputs_per_row": len(self.task.text_columns), "pooling": self.pooling}
+                "labels": self.task.labels, "inputs_per_row": len(self.task.text_columns), "pooling": self.pooling,
+                "receipt": self.receipt}
 
 
 @dataclass(eq=False)
@@ -52,7 +56,8 @@ class Job:
 class Engine:
     """One base classifier and its adapters; every method runs on the single worker thread."""
 
-    def __init__(self, model_name: str, precision: str = "auto") -> None:
+    def __init__(self, model_name: str, precision: str = "auto", config: ServeConfig | None = None) -> None:
+        self.config = config or ServeConfig()  # (its verify_adapters and verify_tolerance)
         precision = resolve_precision(precision)
         self.model_name = model_name
         self.precision = precision
@@ -103,8 +108,28 @@ class Engine:
         if problem:
             remove_adapter(self.model, name)
             raise ClientError(400, f"adapter {name!r} {problem}")
-        self.adapters[name] = AdapterInfo(name, str(folder), glue_task, pooling)
+        receipt = self._check_receipt(name, folder, pooling)
+        self.adapters[name] = AdapterInfo(name, str(folder), glue_task, pooling, receipt)
         return self.adapters[name]
+
+    def _check_receipt(self, name: str, folder, pooling: str) -> dict[str, Any]:
+        """Adapter ``name``'s receipt checked through this engine's per-row forward (:mod:`lorakit.serving.verify`):
+        its result, or under ``strict`` a 400 once the adapter is detached."""
+        reference, mode = verify.receipt_of(folder, self.config.verify_adapters), self.config.verify_adapters
+        report = reference if not isinstance(reference, Receipt) else verify.check(
+            reference, self.model, name, folder, self._probe_log_probs(reference, name, pooling),
+            self.config.verify_tolerance)
+        return verify.settle(name, report, mode, lambda: remove_adapter(self.model, name))
+
+    @torch.inference_mode()
+    def _probe_log_probs(self, reference: Receipt, name: str, pooling: str) -> torch.Tensor | None:
+        ids = reference.tensors.get("probe.ids")
+        if ids is None:
+            return None
+        self.mean_rows = torch.tensor([pooling == "mean"] * len(ids))
+        with adapter_per_row(self.model, [name] * len(ids)), precision_context(self.precision):
+            logits = self.model(input_ids=ids.long()).logits.float()
+        return torch.log_softmax(logits, dim=-1).reshape(-1, logits.shape[-1])
 
     def _head_problem(self, name: str, task: data.Task, pooling: str) -> str | None:
         """Why adapter ``name`` cannot classify ``task`` (None if it can): it must bring its

@@ -3,7 +3,6 @@ decodes every request's sequences together (continuous batching across adapters)
 
 import asyncio
 import functools
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +13,7 @@ from ..io import load_adapter
 from ..model import remove_adapter
 from ..models import resolve_model
 from ..precision import resolve_precision
-from ..receipt import Receipt, read_receipt
+from ..receipt import Receipt
 from ..tasks.lm import load_causal_lm
 from . import verify
 from .adapters import adapter_folder, check_name, clip, task_info
@@ -146,14 +145,8 @@ class GenerationEngine:
         """Serve ``adapter`` with its check's ``report`` (None: no receipt), or, under ``strict`` where it
         fails, detach it and raise a 400 that says why."""
         self.pending.pop(adapter.name, None)
-        mode = self.config.verify_adapters
-        adapter.receipt = verify.summary(report, mode)
-        if report is not None and not report["verified"]:
-            message = verify.describe(adapter.name, report)
-            if mode == "strict":
-                remove_adapter(self.model, adapter.name)
-                raise ClientError(400, f"{message} (--verify-adapters strict refuses it; warn would serve it)")
-            print(f"lorakit serve: warning: {message}", file=sys.stderr, flush=True)
+        adapter.receipt = verify.settle(adapter.name, report, self.config.verify_adapters,
+                                        functools.partial(remove_adapter, self.model, adapter.name))
         self.adapters[adapter.name] = adapter
         return adapter
 
@@ -208,10 +201,9 @@ class GenerationEngine:
                 "adapt)" if self.quantize else ""
             raise ClientError(400, " ".join(str(e).split())[:1000] + hint) from None
         adapter = GenAdapter(name, str(folder), task or info.get("task"))
-        try:
-            reference = read_receipt(folder) if self.config.verify_adapters != "off" else None
-        except ValueError as e:  # unreadable
-            return self._settle(adapter, verify.failed(str(e)))
+        reference = verify.receipt_of(folder, self.config.verify_adapters)
+        if isinstance(reference, dict):  # unreadable
+            return self._settle(adapter, reference)
         if reference is None or "probe.ids" not in reference.tensors:
             return self._settle(adapter, reference and verify.check(reference, self.model, name, folder, None,
                                                                     self.config.verify_tolerance))

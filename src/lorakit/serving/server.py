@@ -110,4 +110,4 @@ def _engine(model: str, config: ServeConfig, precision: str, quantize: str | Non
         return GenerationEngine(model, config, precision, quantize)
     if quantize:
         raise ValueError("--quantize applies to causal LMs (generation) only")
-    return Engine(model, precision)
+    return Engine(model, precision, config)

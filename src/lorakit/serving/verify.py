@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +30,12 @@ import torch
 from torch import Tensor, nn
 
 from ..io import read_weights
-from ..receipt import Receipt, checksum, compare, override, tolerance_key
+from ..receipt import Receipt, checksum, compare, override, read_receipt, tolerance_key
+from .config import ClientError
 from .sampling import Sampling
 from .scheduler import Sequence
 
-__all__ = ["MODES", "Probes", "first_positions", "check", "failed", "summary", "describe"]
+__all__ = ["MODES", "Probes", "first_positions", "receipt_of", "check", "failed", "settle", "summary", "describe"]
 
 MODES = ("strict", "warn", "off")
 
@@ -84,6 +87,14 @@ def first_positions(reference: Receipt, length: int) -> Receipt:
     return Receipt(tensors, {**reference.metadata, "probes": probes})
 
 
+def receipt_of(folder: str | Path, mode: str) -> Receipt | dict[str, Any] | None:
+    """The receipt in ``folder`` to check (None: none, or ``mode`` off), or the failed report of an unreadable one."""
+    try:
+        return read_receipt(folder) if mode != "off" else None
+    except ValueError as e:
+        return failed(str(e))
+
+
 def check(reference: Receipt, model: nn.Module, adapter: str, folder: str | Path, log_probs: Tensor | None,
           tolerance: str | None = None) -> dict[str, Any]:
     """``reference`` compared with ``adapter`` as served by ``model`` (``log_probs``: its probes' log-probabilities
@@ -97,6 +108,18 @@ def check(reference: Receipt, model: nn.Module, adapter: str, folder: str | Path
 def failed(reason: str) -> dict[str, Any]:
     """The report of a check that could not run (an unreadable receipt, a probe row that failed)."""
     return {"verified": False, "reason": reason}
+
+
+def settle(name: str, report: dict[str, Any] | None, mode: str, detach: Callable[[], None]) -> dict[str, Any]:
+    """The result of adapter ``name``'s check (``report``; None: no receipt) under ``mode``, for ``/v1/models``.
+    One that failed: under ``strict``, ``detach()`` it and raise a 400 that says why; under ``warn``, a warning."""
+    if report is not None and not report["verified"]:
+        message = describe(name, report)
+        if mode == "strict":
+            detach()
+            raise ClientError(400, f"{message} (--verify-adapters strict refuses it; warn would serve it)")
+        print(f"lorakit serve: warning: {message}", file=sys.stderr, flush=True)
+    return summary(report, mode)
 
 
 def summary(report: dict[str, Any] | None, mode: str) -> dict[str, Any]:
