@@ -9,7 +9,7 @@ import lorakit.serving
 
 PACKAGE = Path(lorakit.serving.__file__).parent
 # Bottom to top: a module may import only the ones before it (so there is no import circle).
-LAYERS = ["config", "adapters", "metrics", "classify", "decoder", "model_decoder", "prefix_cache", "sampling",
+LAYERS = ["config", "adapters", "verify", "metrics", "classify", "decoder", "model_decoder", "prefix_cache", "sampling",
           "scheduler", "generation", "tokens", "openai_requests", "http", "classify_api", "openai", "server"]
 
 

@@ -2,7 +2,9 @@
 decodes every request's sequences together (continuous batching across adapters)."""
 
 import asyncio
+import concurrent.futures
 import functools
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,9 +20,10 @@ from ..tasks.lm import load_causal_lm
 from . import verify
 from .adapters import adapter_folder, check_name, clip, task_info
 from .config import ClientError, ServeConfig
-from .scheduler import Busy, Scheduler
+from .sampling import Sampling
+from .scheduler import Busy, Scheduler, Sequence
 
-__all__ = ["GenAdapter", "GenerationEngine"]
+__all__ = ["GenAdapter", "GenerationEngine", "Probes"]
 
 
 @dataclass
@@ -33,6 +36,38 @@ class GenAdapter:
     def public(self, with_path: bool = False) -> dict[str, Any]:
         return {"name": self.name, **({"path": self.path} if with_path else {}), "task": self.task,
                 "receipt": self.receipt}
+
+
+class Probes:
+    """A receipt's probe rows as scheduler :class:`Sequence` s that read their prompts only (``max_tokens`` 0);
+    :attr:`future` gets their log-probabilities ``(rows x length, V)``, or an exception if a row fails."""
+
+    def __init__(self, reference: Receipt, adapter: str) -> None:
+        ids = reference.tensors["probe.ids"].long()
+        self.rows, self.length = ids.shape
+        self.reference = reference
+        self.log_probs: torch.Tensor | None = None
+        self.left = self.rows
+        self.future: concurrent.futures.Future = concurrent.futures.Future()
+        self.sequences = [Sequence(ids[i].tolist(), adapter, Sampling(max_tokens=0), functools.partial(self._emit, i),
+                                   observe=functools.partial(self._observe, i)) for i in range(self.rows)]
+
+    def _observe(self, row: int, first: int, logits: torch.Tensor) -> None:
+        if self.log_probs is None:
+            self.log_probs = torch.empty(self.rows * self.length, logits.shape[-1])
+        at = row * self.length + first
+        self.log_probs[at : at + len(logits)] = torch.log_softmax(logits.float(), dim=-1)
+
+    def _emit(self, row: int, event: tuple[str, Any]) -> None:
+        kind, value = event
+        if self.future.done():
+            return
+        if kind == "error":
+            self.future.set_exception(RuntimeError(f"probe row {row} failed: {value[1]}"))
+        elif kind == "done":
+            self.left -= 1
+            if self.left == 0:
+                self.future.set_result(self.log_probs)
 
 
 class GenerationEngine:
@@ -87,6 +122,7 @@ class GenerationEngine:
     main_thread = False  # True: the caller runs self.scheduler.run() on the main thread (lorakit serve)
     quantized: str | None = None  # prepare() has run --quantize: what it did, in one line
     warmed = False  # prepare() has compiled the decode step (--compile)
+    check_s = 0.0  # seconds prepare() took to check the start-up adapters' receipts
 
     def prepare(self) -> None:
         """Quantize (once) now that the start-up adapters are loaded, then cast to bf16 if asked; compile the
@@ -109,7 +145,7 @@ class GenerationEngine:
     def _verify_start_up(self) -> None:
         """The start-up adapters' receipt checks, before serving (on the calling thread); a ValueError naming
         those that do not reproduce under ``strict``."""
-        refused = []
+        refused, start = [], time.perf_counter()
         for name, (adapter, _) in list(self.pending.items()):
             probes = self._probes(name)
             self.scheduler.run_until_done()
@@ -121,18 +157,20 @@ class GenerationEngine:
         s.steps = s.tokens = s.prefix.queries = s.prefix.hits = 0
         if refused:
             raise ValueError("\n".join(refused))
+        self.check_s = time.perf_counter() - start
         checked = {a.name: a.receipt["status"] for a in self.adapters.values()}
-        print(f"lorakit serve: receipts: {', '.join(f'{k} {v}' for k, v in sorted(checked.items()))}", flush=True)
+        print(f"lorakit serve: receipts: {', '.join(f'{k} {v}' for k, v in sorted(checked.items()))} "
+              f"(checked in {self.check_s:.1f} s)", flush=True)
 
-    def _probes(self, name: str) -> verify.Probes:
+    def _probes(self, name: str) -> Probes:
         """The probes of pending adapter ``name``, submitted (cut to the scheduler's sequence length)."""
         reference = verify.first_positions(self.pending[name][1], self.scheduler.max_length)
-        probes = verify.Probes(reference, name)
+        probes = Probes(reference, name)
         for seq in probes.sequences:
             self.scheduler.submit(seq, limit=False)  # (four rows of an admin's load; never refused as a client's)
         return probes
 
-    def _check(self, probes: verify.Probes, adapter: GenAdapter) -> dict[str, Any]:
+    def _check(self, probes: Probes, adapter: GenAdapter) -> dict[str, Any]:
         """The receipt check of ``adapter`` from its ``probes`` (done)."""
         try:
             log_probs = probes.future.result()

@@ -4,7 +4,8 @@
 (``POST /v1/adapters``, ``/v1/load_lora_adapter``), an adapter whose folder holds a receipt
 (:mod:`lorakit.receipt`) is checked before any request can name it:
 
-- its probes are prefilled as ordinary rows of the generation scheduler (:class:`Probes`), batched with
+- its probes are prefilled as ordinary rows of the generation scheduler
+  (:class:`lorakit.serving.generation.Probes`; the classification engine: its per-row forward), batched with
   the other requests' prompts within the same per-step prefill budget, through the per-row adapter path and
   ``--quantize``'s int8 / int4 layers: what requests get. Running streams keep advancing meanwhile;
 - their log-probabilities are compared with the receipt's (top-1 agreement, max |Δ log-prob|, KL bound) at the
@@ -19,58 +20,18 @@ served as ``unverified`` in every mode. ``/v1/models`` and ``/v1/adapters`` show
 
 from __future__ import annotations
 
-import concurrent.futures
-import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from ..io import read_weights
 from ..receipt import Receipt, checksum, compare, override, read_receipt, tolerance_key
 from .config import ClientError
-from .sampling import Sampling
-from .scheduler import Sequence
 
-__all__ = ["MODES", "Probes", "first_positions", "receipt_of", "check", "failed", "settle", "summary", "describe"]
-
-MODES = ("strict", "warn", "off")
-
-
-class Probes:
-    """A receipt's probe rows as scheduler :class:`Sequence` s that read their prompts only (``max_tokens`` 0);
-    :attr:`future` gets their log-probabilities ``(rows x length, V)``, or an exception if a row fails."""
-
-    def __init__(self, reference: Receipt, adapter: str) -> None:
-        ids = reference.tensors["probe.ids"].long()
-        self.rows, self.length = ids.shape
-        self.reference = reference
-        self.log_probs: Tensor | None = None
-        self.left = self.rows
-        self.future: concurrent.futures.Future = concurrent.futures.Future()
-        self.sequences = [Sequence(ids[i].tolist(), adapter, Sampling(max_tokens=0), functools.partial(self._emit, i),
-                                   observe=functools.partial(self._observe, i)) for i in range(self.rows)]
-
-    def _observe(self, row: int, first: int, logits: Tensor) -> None:
-        if self.log_probs is None:
-            self.log_probs = torch.empty(self.rows * self.length, logits.shape[-1])
-        at = row * self.length + first
-        self.log_probs[at : at + len(logits)] = torch.log_softmax(logits.float(), dim=-1)
-
-    def _emit(self, row: int, event: tuple[str, Any]) -> None:
-        kind, value = event
-        if self.future.done():
-            return
-        if kind == "error":
-            self.future.set_exception(RuntimeError(f"probe row {row} failed: {value[1]}"))
-        elif kind == "done":
-            self.left -= 1
-            if self.left == 0:
-                self.future.set_result(self.log_probs)
-
+__all__ = ["first_positions", "receipt_of", "check", "failed", "settle", "summary", "describe"]
 
 def first_positions(reference: Receipt, length: int) -> Receipt:
     """``reference`` cut to its probes' first ``length`` positions (a server whose sequences are shorter than the
