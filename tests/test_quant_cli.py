@@ -104,7 +104,10 @@ def test_generate_and_merge_load_the_base_as_it_was_trained(lm_run, tmp_path, ca
     assert completion == tokenizer.decode(expected, skip_special_tokens=True).strip()
 
     assert main(["merge", "--adapter", str(adapter), "--out", str(tmp_path / "merged")]) == 0
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
+    # dequant(W) + ΔW is the trained function: held to fp32's tolerance against the receipt made on the nf4 base
+    assert "merged model against the adapter's receipt: base fingerprint equal, top-1 agreement 100.00%" in out
+    assert "(tolerance fp32): reproduces" in out
     assert "the base was quantized (nf4): the merged model holds dequant(W) + ΔW in float32" in err
     assert "exactly the function the adapter was trained against; --requantize nf4 stores it" in err
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
@@ -121,6 +124,9 @@ def test_merge_requantize_prints_the_measured_error_and_saves_4bit(lm_run, tmp_p
     adapter, _ = lm_run
     assert main(["merge", "--adapter", str(adapter), "--out", str(tmp_path / "q"), "--requantize", "nf4"]) == 0
     out = capsys.readouterr().out
+    # its receipt (made on the nf4 base) against the requantized merge: nf4's rounding of W + ΔW, held to nf4's tolerance
+    assert "merged model against the adapter's receipt: base fingerprint same base, quantized" in out
+    assert "(tolerance nf4): reproduces" in out
     assert "requantized to nf4: on a batch of 8 x 64 random tokens the outputs differ from the merged model's by" in out
     assert "merged model written to" in out and "(quantized with bitsandbytes nf4)" in out
     saved = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]

@@ -325,7 +325,8 @@ def _verify(args: argparse.Namespace) -> int:
         return _verify_report(args, {"verified": False, "reason": "unverified: no receipt", "adapter": args.adapter})
     file_sum = checksum(read_weights(args.adapter))
     info, model, unmatched = _verify_model(args)
-    report = compare(reference, model, None if args.merged else "default", _tolerances(args.tolerance, reference, model))
+    tolerances = _tolerances(args.tolerance, reference, model, bool(args.merged))
+    report = compare(reference, model, None if args.merged else "default", tolerances)
     report.update(adapter=args.adapter, model=args.merged or info["model"], unmatched_tensors=unmatched,
                   checksum="equal" if file_sum == reference.metadata["adapter_sha256"] else "different")
     reasons = [why for why, bad in (("adapter file checksum differs from the receipt", report["checksum"] != "equal"),
@@ -377,12 +378,12 @@ def _load_nonstrict(model, adapter: str) -> list[str]:
     return sorted(k for k in found if k not in expected or expected[k].shape != found[k].shape)
 
 
-def _tolerances(given: str | None, reference, model) -> dict | None:
+def _tolerances(given: str | None, reference, model, merged: bool = False) -> dict | None:
     """TOLERANCES with ``--tolerance top1=0.99,kl=1e-3`` applied to the key this comparison uses."""
     from .receipt import override, tolerance_key
 
     try:
-        return override(given, tolerance_key(reference, model)) if given else None
+        return override(given, tolerance_key(reference, model, merged)) if given else None
     except ValueError as e:
         raise ValueError(f"--tolerance: {e}") from None
 

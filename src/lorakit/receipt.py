@@ -350,11 +350,14 @@ def _agreement(reference: Receipt, log_probs: Tensor) -> dict[str, float]:
             "kl_bound_max": float(kl.max())}
 
 
-def tolerance_key(reference: Receipt, model: nn.Module) -> str:
+def tolerance_key(reference: Receipt, model: nn.Module, merged: bool = False) -> str:
     """The key of :data:`TOLERANCES` for comparing ``model`` with ``reference``: the loosest of the precisions
-    the two forwards ran in and of the quantizations in which they differ."""
+    the two forwards ran in and of the quantizations in which they differ. A ``merged`` model holds
+    ``dequant(W) + ΔW``, the trained function whatever the base's quantization was: its own quantizations
+    count, as its merged weights were rounded anew (``lorakit merge --requantize``)."""
     keys = [reference.metadata["forward_dtype"], _forward_dtype(model)]
-    keys += [_KIND_KEY.get(k, "fp4") for k in set(reference.metadata["quantization"]) ^ set(_model_quantization(model))]
+    theirs, mine = set(reference.metadata["quantization"]), set(_model_quantization(model))
+    keys += [_KIND_KEY.get(k, "fp4") for k in (mine if merged else theirs ^ mine)]
     order = list(TOLERANCES)
     return max(keys, key=lambda k: order.index(k) if k in order else len(order) - 1)
 
@@ -389,7 +392,7 @@ def compare(reference: Receipt, model: nn.Module, adapter: str | None,
     ``log_probs``: the probes' log-probabilities ``(positions, V)`` as another engine computed them on
     ``model`` (the server's own rows, :mod:`lorakit.serving.verify`), in place of ``model``'s forward."""
     report: dict[str, Any] = {"fingerprint": _compare_fingerprints(reference, model, adapter)}
-    key = tolerance_key(reference, model)
+    key = tolerance_key(reference, model, merged=adapter is None)
     tolerance = (tolerances or TOLERANCES)[key]
     report["tolerance"] = {"key": key, **tolerance}
     if "probe.ids" not in reference.tensors:
