@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorakit import train
+from lorakit import cli, train
 from lorakit.distributed import World, shard_rows
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -61,6 +61,9 @@ def test_two_processes_equal_one_process_with_the_double_batch(tiny_no_dropout, 
     assert sorted(p.name for p in run.iterdir()) == ["adapter", "checkpoint-1-0.pt", "checkpoint-2-0.pt", "config.yaml",
                                                      "curve.png", "log.jsonl", "summary.json"]
     assert len((run / "log.jsonl").read_text().splitlines()) == 2  # one record per epoch, not one per process
+    # the adapter's receipt (under FSDP made by both processes together) reproduces on one process
+    assert (run / "adapter" / "receipt.safetensors").is_file()
+    assert cli.main(["verify", "--adapter", str(run / "adapter")]) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["trainable_params"] == one["trainable_params"]
     for a, b in zip(one["epochs"], summary["epochs"]):  # the gathered evaluation covers every dev example

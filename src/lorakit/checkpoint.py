@@ -5,7 +5,8 @@ the main process into the run folder, which every process must see (one machine,
 shared file system). After each write the newest ``keep`` are kept (``--save-total-limit``,
 2 unless set), so a damaged newest file still leaves one to resume from. Each holds the trainable weights and the
 optimizer state as whole tensors (also from an FSDP-sharded model), the scheduler, every
-process's random states and loss sums, the position and the finished epochs' records.
+process's random states and loss sums, the position and the finished epochs' records. After writing, every
+process reads the file back and checks its own slice of each trainable tensor (:mod:`lorakit.training.sharded_save`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .distributed import World, reshard
 from .io import atomic_write
 from .model import frozen_parameter_names
 from .training.schedule import LEGACY
+from .training.sharded_save import verify_slices
 
 __all__ = ["Progress", "checkpoints", "save", "resume", "current_names", "completed", "KEEP", "MAY_CHANGE", "ALIASES",
            "PREDATED"]
@@ -114,15 +116,33 @@ def save(run: Path, record: dict[str, Any], progress: Progress, model: nn.Module
     ranks = world.gather({"torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
                           "cuda_rng": torch.cuda.get_rng_state(world.device) if world.device.type == "cuda" else None,
                           "loss_sum": progress.loss_sum, "seen": progress.seen})
-    if not world.main:
-        return
-    state = {"config": record, "world_size": world.size, "epoch": progress.epoch, "step": progress.step,
-             "history": progress.history, "wall_time": progress.wall, "seconds": progress.seconds, "ranks": ranks,
-             "trainable": trainable, "optimizer": optimizer_state, "scheduler": scheduler.state_dict()}
     path = run / f"checkpoint-{progress.epoch}-{progress.step}.pt"
-    _atomic_save(state, path)
-    for old in [p for p in checkpoints(run) if _position(p) < _position(path)][keep - 1:] if keep else []:
-        old.unlink(missing_ok=True)
+    written = None
+    if world.main:
+        state = {"config": record, "world_size": world.size, "epoch": progress.epoch, "step": progress.step,
+                 "history": progress.history, "wall_time": progress.wall, "seconds": progress.seconds, "ranks": ranks,
+                 "trainable": trainable, "optimizer": optimizer_state, "scheduler": scheduler.state_dict()}
+        try:
+            _atomic_save(state, path)
+        except OSError as e:  # said on every process by verify_slices
+            written = " ".join(str(e).split())
+    _read_back(path, model, world, written)
+    if world.main:
+        for old in [p for p in checkpoints(run) if _position(p) < _position(path)][keep - 1:] if keep else []:
+            old.unlink(missing_ok=True)
+
+
+def _read_back(path: Path, model: nn.Module, world: World, written: str | None) -> None:
+    """Every process checks its own slice of each trainable tensor in the checkpoint just written (rank 0 also
+    those it holds whole): a torn or partial checkpoint fails the save on every process, and is set aside as
+    ``*.damaged`` so that no resume ever reads it."""
+    live = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    try:
+        verify_slices(path, live, world, lambda p: torch.load(p, weights_only=True, mmap=True)["trainable"], written)
+    except OSError:
+        if world.main and path.exists():
+            path.rename(path.with_name(path.name + ".damaged"))
+        raise
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -61,7 +61,8 @@ class SaveAdapterCallback(TrainerCallback):
             self._changed = None
 
     def _save(self, model, folder: Path, args) -> None:
-        # A receipt's probes are a forward of this process alone: none under FSDP or DeepSpeed (sharded weights).
+        # Process 0 alone saves here, and a receipt's probes and fingerprints would need every process under the
+        # Trainer's FSDP or DeepSpeed (sharded weights): none there (lorakit train --fsdp makes it with all of them).
         sharded = bool(getattr(args, "fsdp", None)) or bool(getattr(args, "deepspeed", None))
         save_adapter(getattr(model, "module", model), folder, self.adapter, receipt=not sharded)  # (unwrapped from DDP)
 

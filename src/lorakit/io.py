@@ -106,6 +106,7 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter: str | None = 
         adapter = active[0]
     config = _described(model, adapter)
     tensors = {k: v.detach().contiguous() for k, v in adapter_state_dict(model, adapter).items()}
+    _refuse_shards(model, tensors, receipt)
     if config.enable_lora and not compact:
         config, tensors = _peft_form(model, adapter, config, tensors) or (config, tensors)
     directory = Path(directory)
@@ -120,6 +121,20 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter: str | None = 
     else:
         (directory / receipts.RECEIPT_NAME).unlink(missing_ok=True)  # an old receipt would vouch for other tensors
     return directory
+
+
+def _refuse_shards(model: nn.Module, tensors: dict[str, Tensor], receipt: bool) -> None:
+    """A ValueError for an FSDP2-sharded model (DTensor parameters) that one process cannot save alone: its adapter
+    tensors are shards, or its receipt needs every process (gathered weights, one forward of all)."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(t, DTensor) for t in tensors.values()) or (
+            receipt and any(isinstance(p, DTensor) for p in model.parameters())):
+        raise ValueError("the model is FSDP-sharded: call lorakit.training.sharded_save.save_adapter_sharded(model, "
+                         "directory, world) on every process (it gathers the adapter, checks each process's slice "
+                         "and writes the receipt)")
 
 
 class SaveVerificationError(OSError):

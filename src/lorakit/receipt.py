@@ -12,6 +12,11 @@
 
 :func:`compare` re-runs the probes and bounds ``KL(ref || new)`` from below by coarse-graining both
 distributions to the k stored tokens plus one "rest" bin (data-processing inequality).
+
+Under FSDP2 (parameters sharded as DTensors) every process calls :func:`make_receipt` with the same arguments:
+each targeted layer's weights are gathered whole, one layer at a time, so the fingerprint is the one a single
+process computes, and the probes are one forward pass of all processes together; every process gets the same
+receipt (:func:`lorakit.training.sharded_save.save_adapter_sharded` writes it from rank 0).
 """
 
 from __future__ import annotations
@@ -160,10 +165,41 @@ def _fingerprints(model: nn.Module, adapter: str) -> tuple[dict[str, Any], dict[
     infos, tensors = {}, {}
     for name, layer in lora_layers(model):
         if adapter in layer.adapters:
-            infos[name], tensors[f"base.{name}"], rows = _fingerprint(layer)
-            delta = layer.weight_rows(layer.delta_weight(adapter)).float()
+            with _gathered(layer):
+                infos[name], tensors[f"base.{name}"], rows = _fingerprint(layer)
+                delta = layer.weight_rows(layer.delta_weight(adapter)).float()
             tensors[f"merged.{name}"] = _sketch(rows + delta.to(rows.device))
     return infos, tensors
+
+
+def _whole(t: Tensor) -> Tensor:
+    """A DTensor (FSDP2's shard) gathered whole: a collective, every process must call it; other tensors as they are."""
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(t, DTensor):
+            return t.full_tensor()
+    return t
+
+
+@contextmanager
+def _gathered(module: nn.Module):
+    """Within the block, the parameters of ``module`` and its submodules that are FSDP2 shards are whole
+    (gathered; every process must enter), so the fingerprint hashes and sketches the whole weight, as one
+    process does."""
+    swapped = []
+    with torch.no_grad():
+        for sub in module.modules():
+            for name, param in list(sub._parameters.items()):
+                whole = _whole(param) if param is not None else None
+                if whole is not param:
+                    sub._parameters[name] = nn.Parameter(whole, requires_grad=False)
+                    swapped.append((sub, name, param))
+    try:
+        yield
+    finally:
+        for sub, name, param in swapped:
+            sub._parameters[name] = param
 
 
 def _model_quantization(model: nn.Module) -> list[str]:
@@ -260,7 +296,8 @@ def make_receipt(model: nn.Module, adapter: str, probe_text_ids: Tensor | None =
                  tensors: dict[str, Tensor] | None = None) -> Receipt:
     """The receipt of ``adapter`` on ``model`` as it is now. ``probe_text_ids``: the caller's own token ids
     ``(B, T)`` in place of the seeded probes (they are stored in the receipt). ``tensors``: the adapter's tensors
-    as written, where they differ from :func:`lorakit.io.adapter_state_dict` (PEFT's form of ``enable_lora``)."""
+    as written, where they differ from :func:`lorakit.io.adapter_state_dict` (PEFT's form of ``enable_lora``).
+    Under FSDP2 every process calls it (module docstring)."""
     from . import __version__
 
     fingerprints, stored = _fingerprints(model, adapter)
@@ -271,7 +308,7 @@ def make_receipt(model: nn.Module, adapter: str, probe_text_ids: Tensor | None =
     ids = stored.get("probe.ids")
     probes = {"seed": PROBE_SEED, "shape": list(ids.shape)} if probe_text_ids is None and ids is not None else (
         "text" if ids is not None else "none")
-    written = tensors if tensors is not None else adapter_state_dict(model, adapter)
+    written = tensors if tensors is not None else {k: _whole(v) for k, v in adapter_state_dict(model, adapter).items()}
     metadata = {"format_version": FORMAT_VERSION, "adapter": adapter, "lorakit_version": __version__,
                 "base_model": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
                 "probes": probes, "forward_dtype": _forward_dtype(model), "quantization": _model_quantization(model),

@@ -14,8 +14,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from .distributed import World, full_parameters, is_sharded
 from .io import atomic_write, save_adapter
 from .tasks import PERCENT_METRICS
+from .training.sharded_save import save_adapter_sharded
 
 __all__ = ["save_weights", "weights_path", "append_log", "write_summary", "plot_curve", "versions", "Tracker",
            "REPORT_TO"]
@@ -27,25 +29,32 @@ def weights_path(run: Path, method: str) -> Path:
     return run / "adapter" / "adapter_model.safetensors" if method == "lora" else run / "trainable.safetensors"
 
 
-def save_weights(model: nn.Module, method: str, run: Path, info: dict[str, Any]) -> int:
+def save_weights(model: nn.Module, method: str, run: Path, info: dict[str, Any], world: World | None = None) -> int:
     """Write the trained part: an adapter folder, or the trainable tensors next to a
-    ``task.json``; ``task.json`` holds ``info``. Returns the weights' bytes. The adapter
-    folder is replaced atomically, with its receipt (:mod:`lorakit.receipt`) unless the model is
-    FSDP-sharded: the receipt's probes would be a forward of this process alone."""
+    ``task.json``; ``task.json`` holds ``info``. Every process calls it (rank 0 writes); returns the
+    weights' bytes on rank 0. The adapter folder is replaced atomically, with its receipt
+    (:mod:`lorakit.receipt`), once read back; from an FSDP-sharded model every process checks its own
+    slices (:mod:`lorakit.training.sharded_save`)."""
+    world = world or World()
     if method == "lora":
-        from .distributed import is_sharded
-
         tmp = run / ".adapter.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_adapter(model, tmp, receipt=not is_sharded(model))
-        (tmp / "task.json").write_text(json.dumps(info) + "\n")
-        shutil.rmtree(run / "adapter", ignore_errors=True)
-        os.replace(tmp, run / "adapter")
+        if world.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if is_sharded(model):
+            save_adapter_sharded(model, tmp, world)
+        elif world.main:
+            save_adapter(model, tmp)
+        if world.main:
+            (tmp / "task.json").write_text(json.dumps(info) + "\n")
+            shutil.rmtree(run / "adapter", ignore_errors=True)
+            os.replace(tmp, run / "adapter")
     else:
-        tensors = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-        atomic_write(run / "trainable.safetensors", lambda tmp: save_file(tensors, tmp))
-        (run / "task.json").write_text(json.dumps(info) + "\n")
-    return weights_path(run, method).stat().st_size
+        with full_parameters(model):
+            if world.main:
+                tensors = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+                atomic_write(run / "trainable.safetensors", lambda tmp: save_file(tensors, tmp))
+                (run / "task.json").write_text(json.dumps(info) + "\n")
+    return weights_path(run, method).stat().st_size if world.main else 0
 
 
 def append_log(run: Path, record: dict[str, Any]) -> None:

@@ -37,7 +37,7 @@ from torch import nn
 
 from . import baselines, checkpoint, data, quant, runfiles, tasks
 from .config import LoraConfig
-from .distributed import World, full_parameters, fully_shard_model, setup
+from .distributed import World, fully_shard_model, setup
 from .fastops import use_fast_dropout
 from .io import PREFIX, adapter_state_dict, copy_strict, read_weights
 from .model import add_lora, lora_layers, trainable_parameters
@@ -570,12 +570,10 @@ def train(cfg: TrainConfig, seed: int) -> dict[str, Any]:
                                  "lr": scheduler.get_last_lr()[0]})
         progress.loss_sum, progress.seen, progress.seconds = 0.0, 0, 0.0
         if sign * metrics[split][metric] > best:  # the same decision in every process (gathered metrics)
-            with full_parameters(model):
-                if world.main:
-                    info = {**task.info(), "model": cfg.model, "method": cfg.method,
-                            **({"quantize_base": cfg.quantize_base} if cfg.quantize_base else {})}
-                    runfiles.save_weights(model, cfg.method, run, info | ({"adapter_dim": cfg.adapter_dim}
-                                                                          if cfg.method == "adapter" else {}))
+            info = {**task.info(), "model": cfg.model, "method": cfg.method,
+                    **({"quantize_base": cfg.quantize_base} if cfg.quantize_base else {})}
+            runfiles.save_weights(model, cfg.method, run, info | ({"adapter_dim": cfg.adapter_dim}
+                                                                  if cfg.method == "adapter" else {}), world)
         tracker.epoch(step, metrics)
         if world.main:
             runfiles.append_log(run, progress.history[-1])
