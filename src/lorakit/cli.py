@@ -378,13 +378,13 @@ def _load_nonstrict(model, adapter: str) -> list[str]:
 
 
 def _tolerances(given: str | None, reference, model) -> dict | None:
-    """TOLERANCES with ``--tolerance top1=0.99,kl=1e-3`` applied to the key this comparison uses."""
-    from .receipt import TOLERANCES, tolerance_key
+    """The receipt's tolerances with ``--tolerance top1=0.99,kl=1e-3`` applied to the key this comparison uses."""
+    from .receipt import tolerance_key, tolerances_for
 
     if not given:
         return None
-    key = tolerance_key(reference, model)
-    changed = dict(TOLERANCES[key])
+    key, table = tolerance_key(reference, model), tolerances_for(reference)
+    changed = dict(table[key])
     for item in given.split(","):
         name, _, value = item.partition("=")
         if name.strip() not in changed:
@@ -393,7 +393,7 @@ def _tolerances(given: str | None, reference, model) -> dict | None:
             changed[name.strip()] = None if value.strip() == "none" else float(value)
         except ValueError:
             raise ValueError(f"--tolerance {name}: expected a number or none, got {value!r}") from None
-    return {**TOLERANCES, key: changed}
+    return {**table, key: changed}
 
 
 def _verify_report(args: argparse.Namespace, report: dict) -> int:
@@ -421,7 +421,9 @@ def _verify_lines(report: dict) -> list[str]:
                                                                            if unmatched else "")]
     if "top1_agreement" in report:
         probes = report["probes"]
-        probes = f"{probes['shape'][0]} x {probes['shape'][1]} seeded token ids" if isinstance(probes, dict) else probes
+        if isinstance(probes, dict):  # (a receipt without "kind" predates sampled probes: random ids)
+            kind = "token ids sampled from the base" if probes.get("kind") == "sampled" else "random token ids"
+            probes = f"{probes['shape'][0]} x {probes['shape'][1]} {kind}, seed {probes['seed']}"
         lines.append(f"outputs on the probes ({probes}): top-1 agreement {100 * report['top1_agreement']:.2f}%, "
                      f"max |Δ log-prob| {report['max_abs_logprob']:.3g}, KL lower bound {report['kl_bound']:.3g} "
                      f"nats/position (largest {report['kl_bound_max']:.3g})")
