@@ -193,3 +193,82 @@ def test_a_model_without_a_vocabulary_gets_a_receipt_of_fingerprint_and_checksum
         model.conv1.weight[0, 0, 0, 0] += 1
     report = compare(reference, model, "default")
     assert report["fingerprint"]["differ"] == ["conv1"] and not report["passed"]
+
+
+@pytest.mark.parametrize(("folder", "targets", "others"), [("tiny_llama", ["q_proj", "v_proj"], ["q_proj"]),
+                                                           ("tiny_gpt2_lm", ["c_attn"], ["c_fc"])])
+def test_the_default_probes_of_a_causal_lm_are_the_base_models_own_samples(folder, targets, others, request):
+    model = _base(request.getfixturevalue(folder))
+    # every next-token distribution peaked: a sample at temperature 1 is then the argmax, which a plain forward
+    # without KV cache can check (the head's input scaled, not its weight: GPT-2 ties it to the input embedding)
+    model.lm_head.register_forward_pre_hook(lambda module, args: (args[0] * 3e4,))
+    lorakit.add_lora(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=targets))
+    randomize(model, std=1.0)  # an adapter that changes the greedy continuation
+    receipt = make_receipt(model, "default")
+    ids = receipt.tensors["probe.ids"]
+    start = 4
+    with torch.no_grad(), lorakit.disable_adapters(model):
+        base = model(ids).logits.float().log_softmax(-1)
+    with torch.no_grad():
+        adapted = model(ids).logits.float().argmax(-1)
+    peaked = base[:, start - 1:-1].max(-1).values > -1e-4  # where the sample is the argmax
+    assert peaked.float().mean() > 0.9
+    assert (ids[:, start:] == base[:, start - 1:-1].argmax(-1))[peaked].all()  # the base's continuation
+    assert not torch.equal(ids[:, start:], adapted[:, start - 1:-1])  # not the adapter's
+    assert torch.equal(make_receipt(model, "default").tensors["probe.ids"], ids)  # reproducible from the seed
+    lorakit.add_lora(model, lorakit.LoraConfig(r=2, target_modules=others), "other")  # (other layers: sampled again)
+    randomize(model, seed=7, std=1.0)
+    assert torch.equal(make_receipt(model, "other").tensors["probe.ids"], ids)  # every adapter of a base: the same
+    special = {model.config.eos_token_id, model.config.pad_token_id}
+    assert not (set(ids.flatten().tolist()) & special)
+    assert receipt.metadata["probes"] == {"seed": 0, "shape": [4, 32], "kind": "sampled"}
+
+
+def test_probe_generation_leaves_the_models_state_unchanged(tiny_llama):
+    model = lorakit.add_lora(_base(tiny_llama), lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), "mine")
+    lorakit.add_lora(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]), "other")
+    lorakit.set_adapter(model, "other")
+    lorakit.mark_trainable(model, ["mine", "other"])
+    model.train()
+    model.model.layers[1].eval()
+    modes = [m.training for m in model.modules()]
+    grads = [p.requires_grad for p in model.parameters()]
+    rng = torch.get_rng_state()
+    receipt = make_receipt(model, "mine")
+    assert lorakit.active_adapters(model) == ("other",)
+    assert [m.training for m in model.modules()] == modes
+    assert [p.requires_grad for p in model.parameters()] == grads
+    assert not any(layer.disabled for _, layer in lorakit.lora_layers(model))
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert receipt.metadata["probes"]["kind"] == "sampled"
+
+
+def test_probes_of_bf16_and_quantized_models_of_a_classifier_and_of_old_receipts(tiny_llama, tiny_model):
+    from transformers import AutoModelForSequenceClassification
+
+    from lorakit.quant.linear import quantize_model
+    from lorakit.receipt import RANDOM_PROBE_TOLERANCES, TOLERANCES, tolerances_for
+
+    half = lorakit.add_lora(_base(tiny_llama).to(torch.bfloat16), lorakit.LoraConfig(r=4, target_modules=["q_proj"]))
+    receipt = make_receipt(half, "default")
+    assert receipt.metadata["probes"]["kind"] == "sampled" and receipt.metadata["forward_dtype"] == "bf16"
+    assert compare(receipt, half, "default")["passed"]
+    model = lorakit.add_lora(_base(tiny_llama), lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    randomize(model)
+    reference = make_receipt(model, "default")
+    quantize_model(model, "int8")
+    report = compare(reference, model, "default")
+    assert report["tolerance"]["key"] == "int8" and report["passed"], report
+    assert make_receipt(model, "default").metadata["probes"]["kind"] == "sampled"  # sampled on the int8 layers
+    old = read_receipt_like(reference, probes={"seed": 0, "shape": [4, 32]})  # written before sampled probes
+    assert tolerances_for(old) is RANDOM_PROBE_TOLERANCES and tolerances_for(reference) is TOLERANCES
+    assert compare(old, model, "default")["tolerance"] == {"key": "int8", **RANDOM_PROBE_TOLERANCES["int8"]}
+    classifier = AutoModelForSequenceClassification.from_pretrained(tiny_model).eval()
+    lorakit.add_lora(classifier, lorakit.LoraConfig(r=4, target_modules=["query", "value"]))
+    assert make_receipt(classifier, "default").metadata["probes"] == {"seed": 0, "shape": [4, 32], "kind": "random"}
+
+
+def read_receipt_like(receipt, **metadata):
+    from lorakit.receipt import Receipt
+
+    return Receipt(receipt.tensors, {**receipt.metadata, **metadata})

@@ -379,11 +379,11 @@ def _load_nonstrict(model, adapter: str) -> list[str]:
 
 
 def _tolerances(given: str | None, reference, model, merged: bool = False) -> dict | None:
-    """TOLERANCES with ``--tolerance top1=0.99,kl=1e-3`` applied to the key this comparison uses."""
-    from .receipt import override, tolerance_key
+    """The receipt's tolerances with ``--tolerance top1=0.99,kl=1e-3`` applied to the key this comparison uses."""
+    from .receipt import override, tolerance_key, tolerances_for
 
     try:
-        return override(given, tolerance_key(reference, model, merged)) if given else None
+        return override(given, tolerance_key(reference, model, merged), tolerances_for(reference)) if given else None
     except ValueError as e:
         raise ValueError(f"--tolerance: {e}") from None
 
@@ -413,7 +413,9 @@ def _verify_lines(report: dict) -> list[str]:
                                                                            if unmatched else "")]
     if "top1_agreement" in report:
         probes = report["probes"]
-        probes = f"{probes['shape'][0]} x {probes['shape'][1]} seeded token ids" if isinstance(probes, dict) else probes
+        if isinstance(probes, dict):  # (a receipt without "kind" predates sampled probes: random ids)
+            kind = "token ids sampled from the base" if probes.get("kind") == "sampled" else "random token ids"
+            probes = f"{probes['shape'][0]} x {probes['shape'][1]} {kind}, seed {probes['seed']}"
         lines.append(f"outputs on the probes ({probes}): top-1 agreement {100 * report['top1_agreement']:.2f}%, "
                      f"max |Δ log-prob| {report['max_abs_logprob']:.3g}, KL lower bound {report['kl_bound']:.3g} "
                      f"nats/position (largest {report['kl_bound_max']:.3g})")

@@ -28,7 +28,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..io import read_weights
-from ..receipt import Receipt, checksum, compare, override, read_receipt, tolerance_key
+from ..receipt import Receipt, checksum, compare, override, read_receipt, tolerance_key, tolerances_for
 from .config import ClientError
 
 __all__ = ["first_positions", "receipt_of", "check", "failed", "settle", "summary", "describe"]
@@ -60,7 +60,8 @@ def check(reference: Receipt, model: nn.Module, adapter: str, folder: str | Path
           tolerance: str | None = None) -> dict[str, Any]:
     """``reference`` compared with ``adapter`` as served by ``model`` (``log_probs``: its probes' log-probabilities
     from the serving engine), and the checksum of the adapter file in ``folder``; ``verified`` says whether all agree."""
-    report = compare(reference, model, adapter, override(tolerance, tolerance_key(reference, model)), log_probs=log_probs)
+    tolerances = override(tolerance, tolerance_key(reference, model), tolerances_for(reference))
+    report = compare(reference, model, adapter, tolerances, log_probs=log_probs)
     report["checksum"] = "equal" if checksum(read_weights(folder)) == reference.metadata["adapter_sha256"] else "different"
     report["verified"] = report["passed"] and report["checksum"] == "equal"
     return report
