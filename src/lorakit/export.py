@@ -33,7 +33,7 @@ continues each greedily for ``NEW_TOKENS`` = 16 tokens, never a special id (no E
 same ids banned), and stores its logit margin of each token over the runner-up. The check asks llama.cpp for
 the next token after the prompt and lorakit's first ``j`` tokens, at every ``j`` (teacher-forced on lorakit's
 path), rather than for one free greedy run per prompt: a free run leaves lorakit's for good at its first near
-tie (on SmolLM2's Q4_1 base 8 or 9 of 16 runs did, each where lorakit's margin was below 0.2, as llama.cpp
+tie (on SmolLM2's Q4_1 base 8 or 9 of 16 runs did, each where lorakit's margin was below 0.3, as llama.cpp
 rounds activations to 8 bits there), so whole-run equality mostly measures rounding luck. Per position, the
 near ties are set aside by lorakit's margin (:func:`agreement`; figures in docs/RECEIPTS.md).
 """
