@@ -135,3 +135,231 @@ def test_cli_export_reads_the_base_from_the_adapter(tiny_llama, tmp_path, capsys
     assert cli.main(["export", "gguf", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "b.gguf"),
                      "--model", str(tiny_llama)]) == 0
     assert (tmp_path / "b.gguf").read_bytes() == (tmp_path / "a.gguf").read_bytes()
+
+
+def _greedy_by_hand(model, prompt: list[int], steps: int, banned: list[int]) -> tuple[list[int], list[float]]:
+    """Greedy tokens and top-1 - top-2 logit margins, each step a full forward of the whole sequence (no cache)."""
+    ids, margins = list(prompt), []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+            logits[banned] = float("-inf")
+            top = logits.topk(2)
+            ids.append(int(top.indices[0]))
+            margins.append(float(top.values[0] - top.values[1]))
+    return ids[len(prompt):], margins
+
+
+def test_gguf_export_records_the_probes_expected_greedy_tokens(tmp_path):
+    from lorakit.receipt import read_receipt
+
+    model = _llama(lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    model.config.bos_token_id, model.config.eos_token_id = 1, 2
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    reference = read_receipt(tmp_path / "adapter")
+    record = export.probe_record(model, reference)
+    out = export.export_gguf(tmp_path / "adapter", tmp_path / "a.gguf", model.config, record)
+    fields, tensors = _read(out)
+    assert len(tensors) == 4 * 2  # the adapter as before
+    assert fields["lorakit.adapter_sha256"] == reference.metadata["adapter_sha256"]
+    assert (fields["lorakit.probe.count"], fields["lorakit.probe.prompt_length"], fields["lorakit.probe.new_tokens"]) \
+        == (16, export.PROMPT_LENGTH, export.NEW_TOKENS)
+    prompts = torch.tensor(fields["lorakit.probe.prompt_ids"]).reshape(16, 8)
+    assert torch.equal(prompts, reference.tensors["probe.ids"].reshape(16, 8))  # each 4 x 32 row: 4 windows of 8
+    assert fields["lorakit.probe.banned_ids"] == [1, 2]
+    greedy = torch.tensor(fields["lorakit.probe.greedy_ids"]).reshape(16, 16)
+    margins = torch.tensor(fields["lorakit.probe.margins"]).reshape(16, 16)
+    for i in (0, 5, 15):  # the adapter's greedy run, recomputed without the KV cache
+        tokens, by_hand = _greedy_by_hand(model, prompts[i].tolist(), 16, [1, 2])
+        assert greedy[i].tolist() == tokens
+        torch.testing.assert_close(margins[i], torch.tensor(by_hand), rtol=1e-4, atol=1e-4)
+    with lorakit.disable_adapters(model):
+        assert _greedy_by_hand(model, prompts[0].tolist(), 16, [1, 2])[0] != greedy[0].tolist()  # the adapter matters
+    read = export.read_probe_record(out)
+    assert torch.equal(read.prompt_ids, prompts) and torch.equal(read.greedy_ids, greedy)
+    assert torch.equal(read.margins, margins) and read.banned_ids == [1, 2]
+    assert read.adapter_sha256 == reference.metadata["adapter_sha256"]
+
+
+def test_a_probe_record_of_another_adapter_is_refused(tmp_path):
+    from lorakit.receipt import read_receipt
+
+    model = _llama(lorakit.LoraConfig(r=2, target_modules=["q_proj"]))
+    lorakit.save_adapter(model, tmp_path / "a")
+    record = export.probe_record(model, read_receipt(tmp_path / "a"))
+    randomize(model, 3, std=0.3)
+    lorakit.save_adapter(model, tmp_path / "b")
+    with pytest.raises(ValueError, match=r"probes: the record is of adapter sha256 .* has another checksum"):
+        export.export_gguf(tmp_path / "b", tmp_path / "b.gguf", model.config, record)
+    assert export.read_probe_record(export.export_gguf(tmp_path / "b", tmp_path / "b.gguf", model.config)) is None
+
+
+def test_the_pass_rule_forgives_near_ties_only():
+    greedy = torch.arange(4 * 16).reshape(4, 16)
+    margins = torch.full((4, 16), 3.0)
+    margins[1, 5] = margins[2, 9] = 0.1  # lorakit's two best tokens within 0.1 logits: rounding may flip them
+    record = export.ProbeRecord(torch.zeros(4, 8, dtype=torch.long), greedy, margins, [], "0" * 64)
+    report = export.agreement(record, greedy.tolist())
+    assert report["passed"] and (report["same"], report["equal"], report["equal_confident"]) == (4, 1.0, 1.0)
+    near_ties = greedy.clone()
+    near_ties[1, 5] = near_ties[2, 9] = 999
+    report = export.agreement(record, near_ties)
+    assert report["passed"] and report["same"] == 2 and report["equal_confident"] == 1.0
+    assert report["probes"][1] == {"first_difference": 5, "margin": pytest.approx(0.1)}
+    assert report["confident_positions"] == 62 and report["equal"] == 62 / 64
+    confident = near_ties.clone()
+    confident[3, 2] = 999  # 1 of 62 where lorakit was sure: 98.4% still passes
+    assert export.agreement(record, confident)["passed"]
+    confident[0, 0] = 999  # 2 of 62: 96.8% < 98%, another function
+    report = export.agreement(record, confident)
+    assert not report["passed"] and report["equal_confident"] == pytest.approx(60 / 62)
+    assert report["probes"][0] == {"first_difference": 0, "margin": 3.0} and report["largest_margin_differing"] == 3.0
+
+
+def test_cli_export_says_whether_the_gguf_carries_expected_tokens(tiny_llama, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    lorakit.add_lora(model, lorakit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    randomize(model, 1)
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    (tmp_path / "adapter" / "task.json").write_text(json.dumps({"task": "e2e", "model": str(tiny_llama)}))
+    args = ["export", "gguf", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "a.gguf")]
+    assert cli.main(args) == 0
+    assert "with the expected greedy tokens of 16 probes" in capsys.readouterr().out
+    record = export.read_probe_record(tmp_path / "a.gguf")
+    assert record.greedy_ids.shape == (16, 16) and {0, 100, 101, 102} <= set(record.banned_ids)  # the tokenizer's too
+    (tmp_path / "adapter" / "receipt.safetensors").unlink()
+    assert cli.main(args) == 0
+    assert "no expected greedy tokens in the GGUF: " in capsys.readouterr().out
+    assert export.read_probe_record(tmp_path / "a.gguf") is None
+
+
+FAKE_SERVER = '''#!{python}
+"""A stand-in for llama-server: /health, and /completion answering the expected next token (another one
+when the adapter's scale is not 1), after checking the request asks for what lorakit.export sends."""
+import json, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+args = sys.argv[1:]
+with open({answers!r}) as f:
+    record = json.load(f)
+expected = {{tuple(k): v for k, v in record["next"]}}
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send(200 if self.path == "/health" else 404, {{"status": "ok"}})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        assert self.path == "/completion" and body["n_predict"] == 1 and body["temperature"] == 0, body
+        assert sorted(i for i, bias in body["logit_bias"] if bias is False) == record["banned"], body
+        token = expected[tuple(body["prompt"])] + (0 if body["lora"] == [{{"id": 0, "scale": 1.0}}] else 1)
+        self.send(200, {{"tokens": [token], "tokens_evaluated": len(body["prompt"])}})
+
+    def send(self, code, answer):
+        data = json.dumps(answer).encode()
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+assert args[args.index("--lora") + 1] == {lora!r}
+HTTPServer(("127.0.0.1", int(args[args.index("--port") + 1])), Handler).serve_forever()
+'''
+
+
+def _fake_llama_server(tmp_path, gguf_file) -> str:
+    import sys
+
+    record = export.read_probe_record(gguf_file)
+    paths, length = torch.cat([record.prompt_ids, record.greedy_ids], 1).tolist(), record.prompt_ids.shape[1]
+    answers = {"banned": record.banned_ids,
+               "next": [[p[: length + j], p[length + j]] for p in paths for j in range(record.greedy_ids.shape[1])]}
+    (tmp_path / "answers.json").write_text(json.dumps(answers))
+    server = tmp_path / "llama-server"
+    server.write_text(FAKE_SERVER.format(python=sys.executable, answers=str(tmp_path / "answers.json"),
+                                         lora=str(gguf_file)))
+    server.chmod(0o755)
+    return str(server)
+
+
+def test_lorakit_verify_gguf_asks_llama_server_for_each_next_token(tiny_llama, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    with torch.no_grad():
+        model.lm_head.weight *= 30  # a random tiny model's logits are flat: make most of its choices clear
+    model.save_pretrained(tmp_path / "base")
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(tmp_path / "base")
+    lorakit.add_lora(model, lorakit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    randomize(model, 1)
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    (tmp_path / "adapter" / "task.json").write_text(json.dumps({"task": "e2e", "model": str(tmp_path / "base")}))
+    gguf_file = tmp_path / "a.gguf"
+    assert cli.main(["export", "gguf", "--adapter", str(tmp_path / "adapter"), "--out", str(gguf_file)]) == 0
+    server, base = _fake_llama_server(tmp_path, gguf_file), tmp_path / "base.gguf"
+    base.write_bytes(b"")  # the stand-in never reads it
+    capsys.readouterr()
+    args = ["verify", "--gguf", str(gguf_file), "--base-gguf", str(base), "--llama-server", server]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "next token equal to lorakit's greedy token: 100.0% of 256 positions" in out and "reproduces" in out
+    dropped = export.check_gguf(gguf_file, base, server, scale=0.0)  # the adapter off: every next token differs
+    assert not dropped["passed"] and dropped["equal"] == 0.0 and dropped["same"] == 0
+    assert cli.main([*args, "--json"]) == 0 and json.loads(capsys.readouterr().out)["verified"] is True
+    assert cli.main(["verify", "--gguf", str(gguf_file), "--llama-server", server]) == 2
+    assert "--gguf needs --base-gguf FILE" in capsys.readouterr().err
+    assert cli.main([*args[:-1], str(tmp_path / "nothing")]) == 2
+    assert "llama-server binary" in capsys.readouterr().err
+    assert cli.main(["verify"]) == 2 and "lorakit verify needs --adapter DIR" in capsys.readouterr().err
+
+
+def _real_llama_server() -> str | None:
+    """$LLAMA_SERVER, else the llama-server bench/build_llama_server.sh built here for this CPU; None if neither."""
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    if os.environ.get("LLAMA_SERVER"):
+        return os.environ["LLAMA_SERVER"]
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("llama_build", root / "bench" / "llama_build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    found = build.default_binary(root, build.build_key(build.cpu_flags()))
+    return str(found) if found else None
+
+
+@pytest.mark.slow
+def test_a_smollm2_export_passes_in_llama_server_and_fails_without_its_adapter(tmp_path):
+    from pathlib import Path
+
+    from lorakit.models import resolve_model
+    from lorakit.tasks import lm
+
+    server = _real_llama_server()
+    try:
+        folder = Path(resolve_model("smollm2"))
+    except ValueError:
+        pytest.skip("SmolLM2 is not installed (lorakit models install smollm2)")
+    if server is None or not (folder / "gguf.json").is_file():
+        pytest.skip("no llama-server (bench/build_llama_server.sh, or $LLAMA_SERVER) or no SmolLM2 GGUF")
+    base = folder / json.loads((folder / "gguf.json").read_text())["file"]  # Q4_1: lorakit's weights, dequantized
+    model = lm.load_causal_lm("smollm2")[1]
+    lorakit.add_lora(model, lorakit.LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"]))
+    randomize(model, 2, std=0.06)  # strong enough to change most greedy tokens (bench/gguf_probes.py: random-0.06)
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    (tmp_path / "adapter" / "task.json").write_text(json.dumps({"task": "e2e", "model": "smollm2"}))
+    del model
+    gguf_file = tmp_path / "a.gguf"
+    assert cli.main(["export", "gguf", "--adapter", str(tmp_path / "adapter"), "--out", str(gguf_file)]) == 0
+    honest = export.check_gguf(gguf_file, base, server, threads=1)
+    assert honest["passed"] and honest["equal_confident"] == 1.0 and honest["equal"] > 0.85, honest
+    dropped = export.check_gguf(gguf_file, base, server, scale=0.0, threads=1)
+    assert not dropped["passed"] and dropped["equal_confident"] < 0.9, dropped

@@ -236,9 +236,52 @@ def _export(args: argparse.Namespace) -> int:
     model = model or LoraConfig.load(args.adapter).base_model_name_or_path
     if not model:
         raise ValueError(f"cannot tell the base model of {args.adapter!r}; pass --model")
-    out = export_gguf(args.adapter, args.out, AutoConfig.from_pretrained(resolve_model(model)))
+    probes = _gguf_probes(args.adapter, model)
+    out = export_gguf(args.adapter, args.out, AutoConfig.from_pretrained(resolve_model(model)), probes)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB): llama-server -m BASE.gguf --lora {out}")
+    if probes is not None:
+        print(f"with the expected greedy tokens of {len(probes.prompt_ids)} probes; check it in llama.cpp: lorakit verify "
+              f"--gguf {out} --base-gguf BASE.gguf")
     return 0
+
+
+def _gguf_probes(adapter: str, model_name: str):
+    """The expected greedy tokens of ``lorakit export gguf`` (:func:`lorakit.export.probe_record`): lorakit's
+    float32 model of the base with the adapter, once it reproduces the adapter's receipt; None, with a line
+    saying why, where there is no receipt with probes, no causal LM, or no reproduction."""
+    from .export import probe_record
+    from .io import load_adapter
+    from .receipt import compare, read_receipt, special_ids
+    from .tasks import lm
+
+    reference = read_receipt(adapter)
+    why = _why_no_probes(adapter, reference)
+    if why is None:
+        tokenizer, model = lm.load_causal_lm(model_name, None)
+        load_adapter(model, adapter)
+        if compare(reference, model, "default")["passed"]:
+            return probe_record(model, reference, "default", special_ids(model.config) | set(tokenizer.all_special_ids))
+        why = f"{model_name} with the adapter does not reproduce its receipt (lorakit verify --adapter {adapter})"
+    print(f"no expected greedy tokens in the GGUF: {adapter}: {why}")
+    return None
+
+
+def _why_no_probes(adapter: str, reference) -> str | None:
+    """Why ``lorakit export gguf`` records no expected tokens for ``adapter``; None where it can."""
+    from .io import read_weights
+    from .receipt import checksum
+
+    if reference is None:
+        return "it has no receipt"
+    if "probe.ids" not in reference.tensors:
+        return "its receipt has no probes"
+    info_path = Path(adapter) / "task.json"
+    task = (json.loads(info_path.read_text()).get("task") if info_path.is_file() else None) or _task_of_peft_adapter(adapter)
+    if not (task and _is_lm(task)):
+        return "it is not a causal LM adapter"
+    if checksum(read_weights(adapter)) != reference.metadata["adapter_sha256"]:
+        return "its file differs from its receipt (lorakit verify says more)"
+    return None
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -316,10 +359,15 @@ def _merge_agreement(adapter: str, merged, out: Path) -> None:
 
 def _verify(args: argparse.Namespace) -> int:
     """``lorakit verify``: the adapter's receipt (:mod:`lorakit.receipt`) checked against the base in use (or a
-    merged model); exit 0 when it reproduces, 1 when not (or when there is no receipt)."""
+    merged model; or, with ``--gguf``, an export's expected greedy tokens in llama-server); exit 0 when it
+    reproduces, 1 when not (or when there is no receipt)."""
     from .io import read_weights
     from .receipt import checksum, compare, read_receipt
 
+    if args.gguf:
+        return _verify_report(args, _verify_gguf(args))
+    if not args.adapter:
+        raise ValueError("lorakit verify needs --adapter DIR (or --gguf FILE --base-gguf FILE for a llama.cpp export)")
     reference = read_receipt(args.adapter)
     if reference is None:
         return _verify_report(args, {"verified": False, "reason": "unverified: no receipt", "adapter": args.adapter})
@@ -334,6 +382,20 @@ def _verify(args: argparse.Namespace) -> int:
                                     ("outputs or base fingerprint beyond tolerance", not report["passed"])) if bad]
     report.update(verified=not reasons, reason="; ".join(reasons) or "reproduces")
     return _verify_report(args, report)
+
+
+def _verify_gguf(args: argparse.Namespace) -> dict:
+    """``lorakit verify --gguf``: :func:`lorakit.export.check_gguf`, as a report of ``lorakit verify``."""
+    from .export import check_gguf
+
+    if not args.base_gguf:
+        raise ValueError("--gguf needs --base-gguf FILE: the model GGUF llama-server runs the adapter on")
+    server = args.llama_server or os.environ.get("LLAMA_SERVER") or "llama-server"
+    report = check_gguf(args.gguf, args.base_gguf, server)
+    reason = ("reproduces" if report["passed"] else "no position where lorakit's choice is clear (all near ties): "
+              "nothing to check" if not report["confident_positions"] else
+              "llama.cpp's next tokens differ from lorakit's where it was not near a tie")
+    return {**report, "gguf": args.gguf, "base_gguf": args.base_gguf, "verified": report["passed"], "reason": reason}
 
 
 def _verify_model(args: argparse.Namespace):
@@ -397,6 +459,8 @@ def _verify_report(args: argparse.Namespace, report: dict) -> int:
 
 
 def _verify_lines(report: dict) -> list[str]:
+    if "gguf" in report:
+        return _gguf_lines(report)
     if "fingerprint" not in report:
         return [f"{report['adapter']}: {report['reason']}: nothing to check it against (save it with lorakit "
                 "to write one)"]
@@ -423,6 +487,19 @@ def _verify_lines(report: dict) -> list[str]:
     lines.append(f"tolerance ({tol['key']}): top-1 >= {100 * tol['top1']:g}%{limit}, KL <= {tol['kl']:g}")
     lines.append(("reproduces" if report["verified"] else f"DOES NOT reproduce: {report['reason']}"))
     return lines
+
+
+def _gguf_lines(report: dict) -> list[str]:
+    differing = [f"#{i} at token {p['first_difference']} (lorakit's margin {p['margin']:.2g})"
+                 for i, p in enumerate(report["probes"]) if p["first_difference"] is not None]
+    rule = report["rule"]
+    return [f"{report['gguf']} on {report['base_gguf']} in llama-server (adapter sha256 {report['adapter_sha256'][:12]}...)",
+            f"next token equal to lorakit's greedy token: {100 * report['equal']:.1f}% of {report['positions']} "
+            f"positions, {100 * report['equal_confident']:.1f}% of the {report['confident_positions']} where lorakit's "
+            f"margin is >= {rule['near_tie']:g} logits (needed: {100 * rule['min_confident']:g}%)",
+            f"free greedy runs equal to lorakit's: {report['same']} / {report['count']} probes; the others leave it at: "
+            + (", ".join(differing) or "-"),
+            "reproduces" if report["verified"] else f"DOES NOT reproduce: {report['reason']}"]
 
 
 def _dequantize_rest(model, quantize_base: str, dtype, requantize: str | None) -> None:
@@ -826,10 +903,10 @@ def _train_parser(sub) -> None:
     p.set_defaults(func=_train)
 
 
-def _adapted_parser(sub, name: str, func, help_text: str) -> argparse.ArgumentParser:
+def _adapted_parser(sub, name: str, func, help_text: str, adapter_required: bool = True) -> argparse.ArgumentParser:
     """``eval`` and ``merge``: an adapter, its task and base model."""
     p = sub.add_parser(name, help=help_text)
-    p.add_argument("--adapter", required=True, help="adapter folder written by lorakit train (or PEFT)")
+    p.add_argument("--adapter", required=adapter_required, help="adapter folder written by lorakit train (or PEFT)")
     p.add_argument("--task", help="task (default: from the adapter's task.json, or a PEFT CAUSAL_LM config); a PEFT "
                                   "SEQ_CLS adapter (no task.json) needs its GLUE task named here")
     p.add_argument("--model", help="base model (default: from the adapter: task.json, else base_model_name_or_path)")
@@ -883,13 +960,19 @@ def _merge_parser(sub) -> None:
 
 def _verify_parser(sub) -> None:
     p = _adapted_parser(sub, "verify", _verify, "check an adapter's receipt: re-run its probes on the base in use (or a "
-                                                "merged model) and compare; exit 0 when it reproduces, 1 when not")
+                                                "merged model) and compare; exit 0 when it reproduces, 1 when not",
+                        adapter_required=False)
     p.add_argument("--merged", metavar="DIR", help="check this merged model folder (lorakit merge) instead of the "
                                                    "adapter on its base")
     p.add_argument("--tolerance", metavar="NAME=VALUE,...", help="override the tolerance used: top1, max_abs, kl "
                                                                  "(none: not checked); docs/RECEIPTS.md")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     _add_quantize_flag(p)
+    p.add_argument("--gguf", metavar="FILE", help="instead: check a LoRA GGUF of lorakit export gguf in llama.cpp, its "
+                                                  "expected greedy tokens against llama-server's (docs/RECEIPTS.md)")
+    p.add_argument("--base-gguf", metavar="FILE", help="with --gguf: the model GGUF llama-server runs the adapter on")
+    p.add_argument("--llama-server", metavar="BIN", help="with --gguf: llama.cpp's llama-server (default: "
+                                                         "$LLAMA_SERVER, else llama-server on PATH)")
 
 
 def _export_parser(sub) -> None:

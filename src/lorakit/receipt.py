@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import warnings
@@ -41,8 +42,9 @@ from .io import adapter_state_dict, atomic_write
 from .layers import LoraLayer
 from .model import active_adapters, disable_adapters, lora_layers, set_adapter
 
-__all__ = ["Receipt", "make_receipt", "write_receipt", "read_receipt", "compare", "checksum", "RECEIPT_NAME",
-           "TOLERANCES", "RANDOM_PROBE_TOLERANCES", "tolerances_for", "FORMAT_VERSION", "override", "tolerance_key"]
+__all__ = ["Receipt", "make_receipt", "write_receipt", "read_receipt", "compare", "checksum", "greedy_probes",
+           "special_ids", "RECEIPT_NAME", "TOLERANCES", "RANDOM_PROBE_TOLERANCES", "tolerances_for", "FORMAT_VERSION",
+           "override", "tolerance_key"]
 
 RECEIPT_NAME = "receipt.safetensors"
 FORMAT_VERSION = 1
@@ -224,10 +226,15 @@ def _model_quantization(model: nn.Module) -> list[str]:
 # ---- probes -------------------------------------------------------------------------------------------------
 
 
+def special_ids(config: Any) -> set[int]:
+    """The special token ids a model config names (bos, eos, pad, unk, sep, cls, mask; lists flattened)."""
+    special = {getattr(config, f"{k}_token_id", None) for k in ("bos", "eos", "pad", "unk", "sep", "cls", "mask")}
+    return {i for s in special for i in (s if isinstance(s, list | tuple) else [s]) if isinstance(i, int)}
+
+
 def _allowed_ids(config: Any, vocab: int) -> Tensor:
     """Ids from the first non-special id to the vocabulary's end, none of the config's special ids."""
-    special = {getattr(config, f"{k}_token_id", None) for k in ("bos", "eos", "pad", "unk", "sep", "cls", "mask")}
-    special = {i for s in special for i in (s if isinstance(s, list | tuple) else [s]) if isinstance(i, int)}
+    special = special_ids(config)
     first = next(i for i in range(vocab) if i not in special)
     return torch.tensor([i for i in range(first, vocab) if i not in special])
 
@@ -331,6 +338,28 @@ def _log_probs(model: nn.Module, ids: Tensor) -> Tensor:
     out = model(input_ids=ids, **extra)
     logits = out if isinstance(out, Tensor) else (out.logits if hasattr(out, "logits") else out[0])
     return torch.log_softmax(logits.float(), dim=-1).reshape(-1, logits.shape[-1]).cpu()
+
+
+def greedy_probes(model: nn.Module, adapter: str | None, prompts: Tensor, new_tokens: int,
+                  banned: list[int] | tuple[int, ...] = ()) -> tuple[Tensor, Tensor]:
+    """Greedy continuations of ``prompts: (P, L)`` by ``model`` (eval mode, ``adapter`` active; None: as it is),
+    ``new_tokens`` each, never a ``banned`` id (no stop at EOS): the tokens ``(P, N)`` and, per token, the logit
+    margin over the runner-up ``(P, N)`` (float32; a small margin is a near tie that rounding can flip)."""
+    ids = prompts.long().to(_device(model))
+    # the KV cache: newer transformers (5.24 here) name it ``cache``, in and out; older ones ``past_key_values``
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    tokens, margins = [], []
+    with _probing(model, adapter):
+        out = model(input_ids=ids, use_cache=True)
+        for step in range(new_tokens):
+            logits = out.logits[:, -1].float()  # (P, V)
+            logits[:, list(banned)] = -math.inf
+            top = logits.topk(2, dim=-1)
+            tokens.append(top.indices[:, 0])
+            margins.append(top.values[:, 0] - top.values[:, 1])
+            if step + 1 < new_tokens:
+                out = model(input_ids=tokens[-1][:, None], use_cache=True, **{name: getattr(out, name)})
+    return torch.stack(tokens, 1).cpu(), torch.stack(margins, 1).cpu()
 
 
 def _top_k(log_probs: Tensor) -> dict[str, Tensor]:
