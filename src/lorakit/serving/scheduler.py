@@ -81,7 +81,7 @@ class Sequence:
     ``observe(first, logits)``: called with the raw logits ``(n, vocab)`` of every prompt position as each
     chunk of the prompt is prefilled (``first``: the chunk's first position; finite logits only). Such a
     sequence starts from no cached prefix and stores none: the receipt probes of
-    :mod:`lorakit.serving.verify` are sequences of this kind with ``max_tokens`` 0.
+    :class:`lorakit.serving.generation.Probes` are sequences of this kind with ``max_tokens`` 0.
     """
 
     def __init__(self, prompt: list[int], adapter: str | None, sampling: Sampling,
