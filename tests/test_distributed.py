@@ -292,17 +292,31 @@ if world.main:
 """
 
 
-def test_evaluation_gathers_every_prediction(tiny_model, tmp_path):
+def test_evaluation_gathers_every_prediction(tiny_model, tmp_path, monkeypatch):
+    import runpy
+
     from helpers import GLUE
 
     script = tmp_path / "evaluate.py"
     script.write_text(EVALUATE)
-    one = subprocess.run([sys.executable, str(script), tiny_model, str(tmp_path / "one.json"), str(GLUE)], env=ENV,
-                         capture_output=True, text=True, timeout=600)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(script), tiny_model, str(tmp_path / "two.json"), str(GLUE)], env=ENV, capture_output=True,
-                         text=True, timeout=600)
-    assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-3000:]
+    two = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            str(script), tiny_model, str(tmp_path / "two.json"), str(GLUE)], env=ENV,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # the one-process side needs no process of its own (no launcher environment: setup() gives one process); it runs
+    # here while the launch starts, one thread as in the launched processes, leaving this process's random state
+    monkeypatch.setattr(sys, "argv", [str(script), tiny_model, str(tmp_path / "one.json"), str(GLUE)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng():
+            runpy.run_path(str(script), run_name="__main__")
+        _, err = two.communicate(timeout=600)
+    finally:
+        torch.set_num_threads(threads)
+        if two.poll() is None:
+            two.kill()
+            two.wait()
+    assert two.returncode == 0, err[-3000:]
     a, b = json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text())
     assert abs(a["pearson"]) > 0.05  # the predictions are not constant
     assert a == pytest.approx(b, abs=1e-6)
