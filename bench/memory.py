@@ -43,16 +43,23 @@ def child(case: str, model_kind: str, steps: int, batch: int, seq: int) -> dict:
 
 
 def run(model_kind: str, steps: int = 3, batch: int = 16, seq: int = 128, name: str = "memory",
-        out_dir: str = "bench/results") -> dict:
+        out_dir: str = "bench/results", jobs: int = 1) -> dict:
+    """``jobs``: cases run at once (each process's own peak is measured, so they need not take turns where the
+    memory of ``jobs`` of them fits; the tests' tiny model: 2)."""
     from lorakit.benchtools import write_record
 
     results = {}
-    for case in CASES:
-        cmd = [sys.executable, __file__, "--child", case, "--model", model_kind, "--steps", str(steps),
-               "--batch", str(batch), "--seq", str(seq)]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        results[case] = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"{model_kind} {case}: peak RSS {results[case]['peak_rss_mb']:.0f} MB", flush=True)
+    for first in range(0, len(CASES), jobs):
+        cases = CASES[first:first + jobs]
+        procs = [subprocess.Popen([sys.executable, __file__, "--child", case, "--model", model_kind, "--steps", str(steps),
+                                   "--batch", str(batch), "--seq", str(seq)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for case in cases]
+        for case, proc in zip(cases, procs):  # (a child writes a line or two: the pipes never fill)
+            out, err = proc.communicate()
+            if proc.returncode:
+                raise subprocess.CalledProcessError(proc.returncode, proc.args, out, err)
+            results[case] = json.loads(out.strip().splitlines()[-1])
+            print(f"{model_kind} {case}: peak RSS {results[case]['peak_rss_mb']:.0f} MB", flush=True)
     ratios = {f"{a}/full": results[a]["peak_rss_mb"] / results["full"]["peak_rss_mb"] for a in CASES[:-1]}
     write_record(name, dict(model=model_kind, steps=steps, batch=batch, seq=seq), {"cases": results, "ratios": ratios}, out_dir)
     print(f"ratios: {ratios}")

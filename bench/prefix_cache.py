@@ -36,7 +36,7 @@ from lorakit.benchtools import write_record
 from lorakit.models import resolve_model
 from lorakit.precision import cpu_flags
 from lorakit.tasks.lm import read_e2e
-from serve import server
+from serve import servers
 from serve_gen import DATA, load, make_adapters
 
 # About 300 tokens with SmolLM2's tokenizer (the record holds the exact count).
@@ -103,8 +103,8 @@ def run(model: str = "smollm2", adapter_counts: tuple[int, ...] = (1, 32), clien
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         paths = make_adapters(model, max(adapter_counts), Path(tmp))
         flags = ("--precision", precision, "--max-batch-rows", str(clients), "--max-new-tokens", str(max_tokens))
-        cases = {"on": stack.enter_context(server(model, paths, *flags)),
-                 "off": stack.enter_context(server(model, paths, *flags, "--prefix-cache-tokens", "0"))}
+        cases = dict(zip(("on", "off"), stack.enter_context(servers(model, paths, flags,
+                                                                    (*flags, "--prefix-cache-tokens", "0")))))
         identical = same_completions(cases["on"], cases["off"], prompts[:check], max(adapter_counts), max_tokens)
         print(f"greedy completions identical with and without the prefix cache: {identical}/{check}", flush=True)
         for url in cases.values():  # warm-up, 3 s (no longer than a measured load: the tests' 1 s)

@@ -71,41 +71,66 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
+def running_processes(runs: list[tuple[list[str], str]], what: str, timeout: float = 300, env: dict | None = None):
+    """Run each ``(cmd, health_url)`` of ``runs`` (in ``env``, default this process's) until the block ends, after
+    every ``health_url`` answers 200 (else the log's end of the one that exited). All are started at once: their
+    start-ups (never timed) overlap on the machine's cores instead of following one another."""
+    import httpx
+
+    logs = [tempfile.TemporaryFile("w+") for _ in runs]  # not pipes: nobody reads them while the servers run
+    procs = []
+    try:
+        for (cmd, _), log in zip(runs, logs):
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env))
+        deadline = time.time() + timeout
+        for (_, health_url), proc, log in zip(runs, procs, logs):
+            while True:
+                if proc.poll() is not None:
+                    log.seek(0)
+                    raise RuntimeError(f"{what} exited: {log.read()[-2000:]}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(health_url, timeout=1).status_code == 200:
+                        break
+                if time.time() > deadline:
+                    raise RuntimeError(f"{what} did not start in {timeout:.0f} s")
+                time.sleep(0.2)
+        yield
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(30)
+        for log in logs:
+            log.close()
+
+
+@contextlib.contextmanager
 def running_process(cmd: list[str], health_url: str, what: str, timeout: float = 300, env: dict | None = None):
     """Run ``cmd`` (in ``env``, default this process's) until the block ends, after ``health_url``
     answers 200 (else the log's end)."""
-    import httpx
-
-    log = tempfile.TemporaryFile("w+")  # not a pipe: nobody reads it while the server runs
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
-    try:
-        deadline = time.time() + timeout
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                raise RuntimeError(f"{what} exited: {log.read()[-2000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(health_url, timeout=1).status_code == 200:
-                    break
-            if time.time() > deadline:
-                raise RuntimeError(f"{what} did not start in {timeout:.0f} s")
-            time.sleep(0.2)
+    with running_processes([(cmd, health_url)], what, timeout, env):
         yield
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
+
+
+@contextlib.contextmanager
+def servers(model: str, adapters: dict[str, str], *flag_sets: tuple[str, ...]):
+    """A ``lorakit serve`` process on loopback per entry of ``flag_sets``, started together; yields their base URLs."""
+    runs, urls = [], []
+    for flags in flag_sets:
+        port = _free_port()
+        cmd = [sys.executable, "-m", "lorakit", "serve", "--model", model, "--port", str(port), *flags]
+        for name, path in adapters.items():
+            cmd += ["--adapter", f"{name}={path}"]
+        urls.append(f"http://127.0.0.1:{port}")
+        runs.append((cmd, f"{urls[-1]}/healthz"))
+    with running_processes(runs, "server"):
+        yield urls
 
 
 @contextlib.contextmanager
 def server(model: str, adapters: dict[str, str], *flags: str):
     """A ``lorakit serve`` process on loopback; yields its base URL."""
-    port = _free_port()
-    cmd = [sys.executable, "-m", "lorakit", "serve", "--model", model, "--port", str(port), *flags]
-    for name, path in adapters.items():
-        cmd += ["--adapter", f"{name}={path}"]
-    url = f"http://127.0.0.1:{port}"
-    with running_process(cmd, f"{url}/healthz", "server"):
+    with servers(model, adapters, flags) as (url,):
         yield url
 
 
@@ -154,7 +179,7 @@ def run(model: str = "minilm", adapters: int = 32, concurrency: tuple[int, ...] 
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_adapters(model, adapters, Path(tmp))
         flags = ("--precision", precision)
-        with server(model, paths, *flags) as batched, server(model, paths, *flags, "--no-batching") as unbatched:
+        with servers(model, paths, flags, (*flags, "--no-batching")) as (batched, unbatched):
             cases = {"one": (batched, lambda i: "a0"),
                      "spread": (batched, lambda i: f"a{i % adapters}"),
                      "spread_nobatch": (unbatched, lambda i: f"a{i % adapters}")}

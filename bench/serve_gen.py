@@ -62,7 +62,7 @@ from lorakit.benchtools import write_record
 from lorakit.models import cache_dir, resolve_model
 from lorakit.precision import cpu_flags
 from lorakit.tasks.lm import load_causal_lm, read_e2e
-from serve import _free_port, running_process, save_random_adapters, server
+from serve import _free_port, running_process, save_random_adapters, servers
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "e2e"
@@ -353,16 +353,13 @@ def run(model: str = "smollm2", adapters: int = 32, concurrency: tuple[int, ...]
         paths = make_adapters(model, adapters, Path(tmp))
         results: dict = {"offline": offline(model, paths, prompts, max_tokens, rounds=3)}
         flags = ("--precision", precision, "--max-batch-rows", str(max(concurrency)), "--max-new-tokens", str(max_tokens))
-        batched = stack.enter_context(server(model, paths, *flags))
-        unbatched = stack.enter_context(server(model, paths, *flags, "--no-batching"))
-        cases = {"spread": (batched, lambda i: {"model": f"a{i % adapters}"}), "one": (batched, lambda i: {"model": "a0"}),
-                 "nobatch": (unbatched, lambda i: {"model": f"a{i % adapters}"})}
-        for q in quantize:
-            cases[q] = (stack.enter_context(server(model, paths, *flags, "--quantize", q)), cases["spread"][1])
         compiled = [f"{q}-compiled" for q in quantize] if compile else []
-        for q in quantize if compile else []:
-            cases[f"{q}-compiled"] = (stack.enter_context(server(model, paths, *flags, "--quantize", q, "--compile")),
-                                      cases["spread"][1])
+        flag_sets = [flags, (*flags, "--no-batching"), *((*flags, "--quantize", q) for q in quantize),
+                     *((*flags, "--quantize", q, "--compile") for q in (quantize if compile else []))]
+        batched, unbatched, *others = stack.enter_context(servers(model, paths, *flag_sets))
+        spread = lambda i: {"model": f"a{i % adapters}"}  # noqa: E731
+        cases = {"spread": (batched, spread), "one": (batched, lambda i: {"model": "a0"}), "nobatch": (unbatched, spread)}
+        cases.update({name: (url, spread) for name, url in zip([*quantize, *compiled], others)})
         if llama_binary:  # as many slots as the lorakit servers' rows
             url = stack.enter_context(llama_server(llama_binary, smollm2_gguf(), max(concurrency), 256, threads))
             cases["llamacpp"] = (url, lambda i: {"model": "base"})

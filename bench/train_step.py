@@ -58,13 +58,15 @@ def make_batch(model, batch: int, seq: int) -> dict[str, torch.Tensor]:
 
 
 def attach(case: str, base, r: int, lora_dropout: float):
-    """``base`` (changed in place) with LoRA from lorakit or PEFT, or fully trainable."""
-    import peft
-
+    """``base`` (changed in place) with LoRA from lorakit or PEFT, or fully trainable. PEFT is imported for its case
+    only: bench/memory.py runs each case in a process of its own, whose peak memory then holds no library it
+    does not use (bench/results/memory*.json recorded before this counted PEFT's import in every case)."""
     if case == "lorakit":
         return lorakit.add_lora(base, lorakit.LoraConfig(r=r, alpha=2 * r, dropout=lora_dropout, target_modules=TARGETS,
                                                          modules_to_save=["classifier"]))
     if case == "peft":
+        import peft
+
         return peft.get_peft_model(base, peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=lora_dropout,
                                                          target_modules=TARGETS, modules_to_save=["classifier"]))
     return base

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
 GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
+
+
+def without_java(path: str) -> str:
+    """``path`` (a PATH) without the folders that hold ``java``. E2E scoring then skips METEOR and splits text with
+    lorakit's Python PTB tokenizer (nlg_metrics) instead of starting the Java jars after every epoch and evaluation
+    (seconds each): for tests that compare adapters, dev losses and outputs, never scores. The Java scorer is
+    checked by test_nlg_metrics and test_lm."""
+    return os.pathsep.join(d for d in path.split(os.pathsep) if not os.access(os.path.join(d, "java"), os.X_OK))
 
 # torch.testing.assert_close's defaults, by dtype. Whole-model comparisons use
 # MODEL_TOL: a few layers of float32 arithmetic in a different order drift by ~1e-6.

@@ -76,7 +76,7 @@ def test_latency_scaling_memory_and_report(tmp_path):
 
     latency.run("tiny", [1], repeats=1, seq=8, out_dir=str(tmp_path))
     scaling.run("tiny", [1, 8], [8], [1, 2], repeats=1, out_dir=str(tmp_path))
-    memory.run("tiny", steps=1, batch=2, seq=8, out_dir=str(tmp_path))
+    memory.run("tiny", steps=1, batch=2, seq=8, out_dir=str(tmp_path), jobs=2)
     text = report.build(tmp_path)
     for title in ("Inference latency", "Scaling with rank", "Peak memory"):
         assert f"## {title}" in text
@@ -99,13 +99,13 @@ def test_generation_load_test_runs_its_servers_and_the_peft_comparison(tiny_llam
     from llama_build import build_key
 
     monkeypatch.setattr(serve_gen, "find_llama_server", lambda given: None)  # no llama.cpp in CI
-    started, real_server = [], serve_gen.server
+    started, real_servers = [], serve_gen.servers
 
-    def server(model, paths, *flags):
-        started.append(flags)
-        return real_server(model, paths, *flags)
+    def servers(model, paths, *flag_sets):
+        started.extend(flag_sets)
+        return real_servers(model, paths, *flag_sets)
 
-    monkeypatch.setattr(serve_gen, "server", server)
+    monkeypatch.setattr(serve_gen, "servers", servers)
     results = serve_gen.run(model=tiny_llama, adapters=3, concurrency=(2,), seconds=1, rounds=1, max_tokens=4,
                             precision="fp32", quantize=["int4"], out_dir=str(tmp_path))
     cases = results["clients_2"]["cases"]

@@ -3,6 +3,7 @@ real processes: SIGKILL mid-epoch and mid-write, then --resume."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -42,16 +43,24 @@ def test_shard_rows_deals_rows_and_weights_them_to_the_global_mean():
     assert shard_rows([7], World(rank=1, size=2)) == ([7], 0.0)  # a process without rows contributes nothing
 
 
+@pytest.fixture(scope="module")
+def one_process(tiny_no_dropout, tmp_path_factory):
+    """One process with the double batch (8 rows per step), no dropout: the run that each 2-process launch
+    below (DDP, FSDP, DDP accumulating) must give; trained once for all three."""
+    out = tmp_path_factory.mktemp("one")
+    summary = train.train(_cfg(tiny_no_dropout, out, batch_size=8), seed=0)
+    return summary, torch.load(out / "seed0" / "checkpoint-2-0.pt", weights_only=True)
+
+
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
-def test_two_processes_equal_one_process_with_the_double_batch(tiny_no_dropout, tmp_path, engine):
-    one = train.train(_cfg(tiny_no_dropout, tmp_path / "one", batch_size=8), seed=0)
+def test_two_processes_equal_one_process_with_the_double_batch(tiny_no_dropout, one_process, tmp_path, engine):
+    one, ours = one_process
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "lorakit", "train", *_args(tiny_no_dropout, tmp_path / "two", batch_size=4),
            *(["--fsdp"] if engine == "fsdp" else [])]
     done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("epoch 1: train loss") == 1  # only the main process prints
-    ours = torch.load(tmp_path / "one" / "seed0" / "checkpoint-2-0.pt", weights_only=True)
     theirs = torch.load(tmp_path / "two" / "seed0" / "checkpoint-2-0.pt", weights_only=True)
     assert theirs["world_size"] == 2 and len(theirs["ranks"]) == 2
     assert ours["trainable"].keys() == theirs["trainable"].keys()
@@ -107,11 +116,10 @@ sys.exit(code)
 """
 
 
-def test_two_processes_accumulating_equal_one_process_and_sync_once_per_step(tiny_no_dropout, tmp_path):
+def test_two_processes_accumulating_equal_one_process_and_sync_once_per_step(tiny_no_dropout, one_process, tmp_path):
     """2 processes x 2 rows x 2 accumulated micro-batches = one process's batch of 8: the same weights;
     DDP synchronises the gradients in the last micro-step of each optimizer step only; resuming mid-run ends
     bit-identical."""
-    train.train(_cfg(tiny_no_dropout, tmp_path / "one", batch_size=8), seed=0)
     script = tmp_path / "count_syncs.py"
     script.write_text(COUNT_SYNCS)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
@@ -121,7 +129,7 @@ def test_two_processes_accumulating_equal_one_process_and_sync_once_per_step(tin
     assert done.returncode == 0, done.stderr[-3000:]
     # 29 rows, 8 per optimizer step: 4 steps per epoch (the last of 5 rows: micro-batches of 4 and 1), 2 epochs
     assert [int((tmp_path / f"synced.{rank}").read_text()) for rank in (0, 1)] == [8, 8]  # not 16
-    ours = torch.load(tmp_path / "one" / "seed0" / "checkpoint-2-0.pt", weights_only=True)["trainable"]
+    ours = one_process[1]["trainable"]
     run = tmp_path / "two" / "seed0"
     theirs = torch.load(run / "checkpoint-2-0.pt", weights_only=True)["trainable"]
     assert ours.keys() == theirs.keys()
@@ -198,11 +206,29 @@ def whole_run(tiny_model, tmp_path_factory):
     return root, json.loads((root / "whole" / "seed0" / "summary.json").read_text())
 
 
-def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tiny_model, whole_run):
-    root, whole = whole_run
+@pytest.fixture(scope="module")
+def killed_after_4(tiny_model, whole_run):
+    """A run SIGKILLed after its 4th checkpoint, as it was left, for each test below that resumes it: killed once."""
+    root, _ = whole_run
     args = _args(tiny_model, root / "killed", save_every=3, lora_dropout=0.1)
     _killed_run(args, "after", 4)  # 8 steps per epoch: saves after steps 3, 6, 8 (the epoch's end), then 9
-    run = root / "killed" / "seed0"
+    shutil.copytree(root / "killed", root / "killed-as-left")
+    return args
+
+
+@pytest.fixture
+def killed(killed_after_4, whole_run):
+    """(its arguments, its run folder): a fresh copy of the killed run, at the --out it recorded (which a resume
+    checks)."""
+    root, _ = whole_run
+    shutil.rmtree(root / "killed", ignore_errors=True)
+    shutil.copytree(root / "killed-as-left", root / "killed")
+    return killed_after_4, root / "killed" / "seed0"
+
+
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(whole_run, killed):
+    _, whole = whole_run
+    args, run = killed
     assert {"checkpoint-1-0.pt", "checkpoint-1-1.pt"} <= {p.name for p in run.glob("checkpoint-*")}
     out = _resume_matches(args, whole, run)
     assert "resumed from" in out and "checkpoint-1-1.pt: 1 epochs and 1 steps done" in out
@@ -218,11 +244,9 @@ def test_sigkill_during_a_checkpoint_write_then_resume(tiny_model, whole_run):
     assert "checkpoint-1-0.pt: 1 epochs and 0 steps done" in out
 
 
-def test_a_damaged_newest_checkpoint_is_skipped(tiny_model, whole_run):
-    root, whole = whole_run
-    args = _args(tiny_model, root / "damaged", save_every=3, lora_dropout=0.1)
-    _killed_run(args, "after", 4)
-    run = root / "damaged" / "seed0"
+def test_a_damaged_newest_checkpoint_is_skipped(whole_run, killed):
+    _, whole = whole_run
+    args, run = killed
     newest = run / "checkpoint-1-1.pt"
     newest.write_bytes(newest.read_bytes()[:1000])  # e.g. a disk that filled up
     out = _resume_matches(args, whole, run)
@@ -268,17 +292,31 @@ if world.main:
 """
 
 
-def test_evaluation_gathers_every_prediction(tiny_model, tmp_path):
+def test_evaluation_gathers_every_prediction(tiny_model, tmp_path, monkeypatch):
+    import runpy
+
     from helpers import GLUE
 
     script = tmp_path / "evaluate.py"
     script.write_text(EVALUATE)
-    one = subprocess.run([sys.executable, str(script), tiny_model, str(tmp_path / "one.json"), str(GLUE)], env=ENV,
-                         capture_output=True, text=True, timeout=600)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(script), tiny_model, str(tmp_path / "two.json"), str(GLUE)], env=ENV, capture_output=True,
-                         text=True, timeout=600)
-    assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-3000:]
+    two = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            str(script), tiny_model, str(tmp_path / "two.json"), str(GLUE)], env=ENV,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # the one-process side needs no process of its own (no launcher environment: setup() gives one process); it runs
+    # here while the launch starts, one thread as in the launched processes, leaving this process's random state
+    monkeypatch.setattr(sys, "argv", [str(script), tiny_model, str(tmp_path / "one.json"), str(GLUE)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng():
+            runpy.run_path(str(script), run_name="__main__")
+        _, err = two.communicate(timeout=600)
+    finally:
+        torch.set_num_threads(threads)
+        if two.poll() is None:
+            two.kill()
+            two.wait()
+    assert two.returncode == 0, err[-3000:]
     a, b = json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text())
     assert abs(a["pearson"]) > 0.05  # the predictions are not constant
     assert a == pytest.approx(b, abs=1e-6)

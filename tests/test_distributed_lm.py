@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import without_java
 from lorakit import train
 from test_distributed import ENV, KILLER
 from test_materialise import _config_only, _tied_llama
@@ -25,14 +26,6 @@ BASE = dict(task="e2e", data_dir=str(E2E), epochs=2, lr=1e-2, max_length=64, max
             eval_batch_size=2, max_new_tokens=6, lora_r=4, lora_alpha=8.0, lora_dropout=0.0, precision="fp32",
             gradient_checkpointing=True)
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
-
-
-def without_java(path: str) -> str:
-    """``path`` (a PATH) without the folders that hold ``java``. E2E scoring then skips METEOR and splits text with
-    lorakit's Python PTB tokenizer (nlg_metrics) instead of starting the Java jars in every process after every
-    epoch, which took ~15 of a launch's ~40 s here. These tests compare adapters, dev losses and outputs, never
-    scores; the Java scorer is checked by test_nlg_metrics and test_lm."""
-    return os.pathsep.join(d for d in path.split(os.pathsep) if not os.access(os.path.join(d, "java"), os.X_OK))
 
 
 ENV = {**ENV, "PATH": without_java(ENV.get("PATH", ""))}

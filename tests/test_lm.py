@@ -3,6 +3,7 @@ computation, JSONL errors, and short E2E / JSONL runs on tiny models."""
 
 import json
 import math
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -210,9 +211,11 @@ def test_right_padding_is_detected():
 
 
 @pytest.mark.skipif(not E2E.is_dir(), reason="../shared/data/e2e not present")
-def test_a_full_fine_tuning_run_reloads_for_eval(tiny_llama, tmp_path, capsys):
+def test_a_full_fine_tuning_run_reloads_for_eval(tiny_llama, tmp_path, capsys, monkeypatch):
+    from helpers import without_java
     from lorakit.cli import main
 
+    monkeypatch.setenv("PATH", without_java(os.environ.get("PATH", "")))  # outputs compared, never scores
     train.train(_run_cfg(tiny_llama, tmp_path, task="e2e", method="full", epochs=1, lr=1e-3, max_eval_examples=3,
                          data_dir=str(E2E)), seed=0)
     run = tmp_path / "e2e" / "seed0"

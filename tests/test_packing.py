@@ -253,7 +253,10 @@ def test_a_packed_run_resumes_bit_identically(tiny_llama, tmp_path, monkeypatch)
 
 
 @pytest.mark.skipif(not E2E.is_dir(), reason="../shared/data/e2e not present")
-def test_train_packing_on_the_command_line(tiny_gpt2_lm, tmp_path, capsys):
+def test_train_packing_on_the_command_line(tiny_gpt2_lm, tmp_path, capsys, monkeypatch):
+    from helpers import without_java
+
+    monkeypatch.setenv("PATH", without_java(os.environ.get("PATH", "")))  # rows, sequences and steps checked, not scores
     args = ["train", "--task", "e2e", "--model", tiny_gpt2_lm, "--data-dir", str(E2E), "--packing", "--preset", "none",
             "--max-train-examples", "24", "--max-eval-examples", "2", "--max-new-tokens", "4", "--max-length", "96",
             "--batch-size", "2", "--epochs", "1", "--out", str(tmp_path), "--no-progress"]

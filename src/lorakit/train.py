@@ -12,7 +12,7 @@ killed run where it stopped. Under ``torchrun`` the same code trains with DDP.
 
 The loop counts optimizer steps as transformers' Trainer does (:mod:`lorakit.training.loop`):
 ``--gradient-accumulation-steps`` batches each, ``--max-steps`` of them or ``--epochs``, the
-learning rate on transformers' ``get_scheduler`` (``--lr-scheduler``); it evaluates after every
+learning rate on a schedule of transformers' ``get_scheduler`` (``--lr-scheduler``); it evaluates after every
 epoch or every ``--eval-steps``, and logs every ``--logging-steps``.
 """
 

@@ -1,6 +1,6 @@
 """The training wing (STYLE.md's layout): the loop's parts that are not tasks or surfaces.
 
-:mod:`.schedule` builds the learning-rate schedule through transformers' ``get_scheduler``;
+:mod:`.schedule` builds the learning-rate schedule: transformers' ``get_scheduler``'s, written out;
 :mod:`.loop` counts a run's optimizer steps (gradient accumulation, ``max_steps``) and says when it
 evaluates, saves and logs, and runs one optimizer step's micro-batches; :mod:`.datasets` reads
 training rows from files, save_to_disk folders and Hub datasets, with a column mapping;
