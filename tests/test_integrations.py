@@ -78,3 +78,18 @@ def test_integrations_is_reached_from_import_lorakit_without_importing_transform
             "assert lorakit.integrations.SaveAdapterCallback.__name__ == 'SaveAdapterCallback'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_under_the_trainers_fsdp_the_checkpoints_adapters_are_saved_unverified_and_it_says_so(tmp_path):
+    from types import SimpleNamespace
+
+    from lorakit.receipt import RECEIPT_NAME
+
+    model, _ = _llama_trainer(tmp_path, seed=1)
+    callback = SaveAdapterCallback()
+    with pytest.warns(UserWarning, match="carry no receipt"):
+        callback._save(model, tmp_path / "a", SimpleNamespace(fsdp="full_shard", deepspeed=None))
+    callback._save(model, tmp_path / "b", SimpleNamespace(fsdp="full_shard", deepspeed=None))  # (said once)
+    assert (tmp_path / "b" / "adapter_model.safetensors").is_file() and not (tmp_path / "b" / RECEIPT_NAME).exists()
+    callback._save(model, tmp_path / "c", SimpleNamespace(fsdp="", deepspeed=None))
+    assert (tmp_path / "c" / RECEIPT_NAME).is_file()

@@ -20,6 +20,7 @@ what a PEFT model's does.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ class SaveAdapterCallback(TrainerCallback):
     def __init__(self, adapter: str | None = None) -> None:
         self.adapter = adapter
         self._changed: tuple[nn.Module, Any] | None = None  # (model, its own list) while it is replaced
+        self._said_unverified = False
 
     def _leave_frozen_out(self, model: nn.Module | None) -> None:
         model = getattr(model, "module", model)  # (unwrapped from DDP)
@@ -64,6 +66,11 @@ class SaveAdapterCallback(TrainerCallback):
         # Process 0 alone saves here, and a receipt's probes and fingerprints would need every process under the
         # Trainer's FSDP or DeepSpeed (sharded weights): none there (lorakit train --fsdp makes it with all of them).
         sharded = bool(getattr(args, "fsdp", None)) or bool(getattr(args, "deepspeed", None))
+        if sharded and not self._said_unverified:
+            warnings.warn("under the Trainer's FSDP or DeepSpeed the adapters saved with its checkpoints carry no receipt "
+                          "(receipt.safetensors): lorakit verify and lorakit serve will call them unverified; lorakit "
+                          "train --fsdp writes one", stacklevel=2)
+            self._said_unverified = True
         save_adapter(getattr(model, "module", model), folder, self.adapter, receipt=not sharded)  # (unwrapped from DDP)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
