@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["World", "setup", "shard_rows", "gradient_sync", "fully_shard_model", "full_parameters", "reshard", "is_sharded",
-           "as_forward"]
+__all__ = ["World", "setup", "shard_rows", "gradient_sync", "fully_shard_model", "full_parameters", "swapped_parameters",
+           "reshard", "is_sharded", "as_forward"]
 
 
 @dataclass(frozen=True)
@@ -185,15 +185,27 @@ def full_parameters(model: nn.Module) -> Iterator[None]:
     """
     from torch.distributed.tensor import DTensor
 
+    def whole(param: nn.Parameter) -> nn.Parameter | None:
+        if not param.requires_grad:
+            return None
+        return nn.Parameter(param.full_tensor() if isinstance(param, DTensor) else param.clone(), requires_grad=True)
+
+    with swapped_parameters(model, whole) if is_sharded(model) else contextlib.nullcontext():
+        yield
+
+
+@contextlib.contextmanager
+def swapped_parameters(model: nn.Module, replace: Callable[[nn.Parameter], nn.Parameter | None]) -> Iterator[None]:
+    """Within the block, each parameter of ``model`` and its submodules for which ``replace`` (called without
+    autograd) returns a parameter is that one; the originals are put back after."""
     swapped = []
-    if is_sharded(model):
-        with torch.no_grad():
-            for module in model.modules():
-                for name, param in list(module._parameters.items()):
-                    if param is not None and param.requires_grad:
-                        whole = param.full_tensor() if isinstance(param, DTensor) else param.clone()
-                        module._parameters[name] = nn.Parameter(whole, requires_grad=True)
-                        swapped.append((module, name, param))
+    with torch.no_grad():
+        for module in model.modules():
+            for name, param in list(module._parameters.items()):
+                new = replace(param) if param is not None else None
+                if new is not None:
+                    module._parameters[name] = new
+                    swapped.append((module, name, param))
     try:
         yield
     finally:

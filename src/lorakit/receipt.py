@@ -38,6 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .distributed import swapped_parameters
 from .io import adapter_state_dict, atomic_write
 from .layers import LoraLayer
 from .model import active_adapters, disable_adapters, lora_layers, set_adapter
@@ -199,24 +200,11 @@ def _whole(t: Tensor) -> Tensor:
     return t
 
 
-@contextmanager
 def _gathered(module: nn.Module):
     """Within the block, the parameters of ``module`` and its submodules that are FSDP2 shards are whole
     (gathered; every process must enter), so the fingerprint hashes and sketches the whole weight, as one
     process does."""
-    swapped = []
-    with torch.no_grad():
-        for sub in module.modules():
-            for name, param in list(sub._parameters.items()):
-                whole = _whole(param) if param is not None else None
-                if whole is not param:
-                    sub._parameters[name] = nn.Parameter(whole, requires_grad=False)
-                    swapped.append((sub, name, param))
-    try:
-        yield
-    finally:
-        for sub, name, param in swapped:
-            sub._parameters[name] = param
+    return swapped_parameters(module, lambda p: None if (w := _whole(p)) is p else nn.Parameter(w, requires_grad=False))
 
 
 def _model_quantization(model: nn.Module) -> list[str]:
